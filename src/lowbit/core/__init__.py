@@ -1,0 +1,30 @@
+"""NumPy-only quantization numerics: :class:`QuantSpec` and pure functions over arrays."""
+
+from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
+from lowbit.core.quant import (
+    binarize,
+    binary_scale,
+    dequantize,
+    fake_quant,
+    qparams,
+    qparams_from_tensor,
+    quantize,
+)
+from lowbit.core.spec import ROUNDINGS, SCALE_KINDS, QuantSpec
+
+__all__ = [
+    "ROUNDINGS",
+    "SCALE_KINDS",
+    "QuantSpec",
+    "binarize",
+    "binary_scale",
+    "broadcast",
+    "dequantize",
+    "fake_quant",
+    "normalize_axis",
+    "param_shape",
+    "qparams",
+    "qparams_from_tensor",
+    "quantize",
+    "reduce",
+]

@@ -1,0 +1,17 @@
+"""Errors lowbit raises on bad input. Each message says what is wrong and what to do about it."""
+
+
+class LowbitError(Exception):
+    """Base class of every error lowbit raises on purpose."""
+
+
+class SpecError(LowbitError, ValueError):
+    """An invalid quantization spec, or parameters that do not fit the tensor they are applied to."""
+
+
+class CalibrationError(LowbitError, ValueError):
+    """Calibration cannot go on: bad data, no data yet, or statistics that do not fit together."""
+
+
+class FormatError(LowbitError, ValueError):
+    """A file is not in the format it claims to be."""
