@@ -90,7 +90,7 @@ def test_pow2_scales_are_powers_of_two_and_cover_the_range():
     lo = -rng.uniform(0.01, 100, 50)
     hi = rng.uniform(0.01, 100, 50)
     for spec in (QuantSpec(axis=0, scale_kind="pow2"), QuantSpec(axis=0, scale_kind="pow2", symmetric=False)):
-        scale, zp = qparams(lo, hi, spec)
+        scale, _zp = qparams(lo, hi, spec)
         mantissa, _ = np.frexp(scale)
         assert np.all(mantissa == 0.5)
         float_scale, _ = qparams(lo, hi, spec.replace(scale_kind="float"))
@@ -105,7 +105,7 @@ def test_zero_range_gets_scale_one():
 
 def test_per_channel_scales_follow_each_channel():
     w = np.array([[1.0, -2.0, 0.5], [0.1, 0.05, -0.02]], np.float32)
-    scale, zp = qparams_from_tensor(w, QuantSpec(axis=0))
+    scale, _zp = qparams_from_tensor(w, QuantSpec(axis=0))
     np.testing.assert_allclose(scale, np.float32([2.0 / 127, 0.1 / 127]))
     scale1, _ = qparams_from_tensor(w, QuantSpec(axis=1))
     np.testing.assert_allclose(scale1, np.float32([1.0, 2.0, 0.5]) / 127)
@@ -116,7 +116,10 @@ def test_per_group_error_is_smaller_than_per_channel_on_outlier_blocks():
     w = rng.standard_normal((16, 128)).astype(np.float32)
     w[:, :4] *= 50  # one block of outliers per row
     errs = {}
-    for name, spec in {"channel": QuantSpec(bits=4, axis=0), "group": QuantSpec(bits=4, axis=1, group_size=32)}.items():
+    for name, spec in {
+        "channel": QuantSpec(bits=4, axis=0),
+        "group": QuantSpec(bits=4, axis=1, group_size=32),
+    }.items():
         scale, zp = qparams_from_tensor(w, spec)
         errs[name] = float(np.mean((fake_quant(w, scale, zp, spec) - w) ** 2))
     assert errs["group"] < 0.5 * errs["channel"]

@@ -44,7 +44,11 @@ def reduce(x: np.ndarray, spec: QuantSpec, how: str) -> np.ndarray:
     array([1., 4.])
     """
     ops = {"min": np.min, "max": np.max, "absmean": lambda a, axis: np.mean(np.abs(a), axis=axis)}
-    nan_ops = {"min": np.nanmin, "max": np.nanmax, "absmean": lambda a, axis: np.nanmean(np.abs(a), axis=axis)}
+    nan_ops = {
+        "min": np.nanmin,
+        "max": np.nanmax,
+        "absmean": lambda a, axis: np.nanmean(np.abs(a), axis=axis),
+    }
     if how not in ops:
         raise ValueError(f"how must be one of {', '.join(ops)}, got {how!r}")
     x = np.asarray(x)

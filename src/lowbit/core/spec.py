@@ -40,8 +40,8 @@ class QuantSpec:
 
     >>> QuantSpec(bits=4, axis=0).qmin, QuantSpec(bits=4, axis=0).qmax
     (-8, 7)
-    >>> QuantSpec(bits=3)
-    QuantSpec(bits=3, signed=True, symmetric=True, narrow_range=False, axis=None, group_size=None, rounding='nearest', seed=None, scale_kind='float')
+    >>> QuantSpec(bits=4, axis=1, group_size=32).granularity
+    'group'
     """
 
     bits: int = 8
@@ -81,8 +81,7 @@ class QuantSpec:
             raise SpecError(f"QuantSpec.seed must be None or a non-negative integer, got {self.seed!r}")
         if self.scale_kind not in SCALE_KINDS:
             raise SpecError(
-                f"QuantSpec.scale_kind must be one of {', '.join(map(repr, SCALE_KINDS))}, "
-                f"got {self.scale_kind!r}"
+                f"QuantSpec.scale_kind must be one of {', '.join(map(repr, SCALE_KINDS))}, got {self.scale_kind!r}"
             )
         if self.bits == 1 and not (self.signed and self.symmetric):
             raise SpecError(

@@ -1,0 +1,198 @@
+"""Calibrators that read one streaming :class:`Histogram`: ``percentile``, ``entropy`` and ``mse``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lowbit.calib import search
+from lowbit.calib.base import Calibrator, Range, register
+from lowbit.calib.histogram import Histogram
+from lowbit.core import QuantSpec
+from lowbit.errors import CalibrationError, SpecError
+
+# Bins over [0, max|x|] of the internal grid (between GRID_BINS and 2 * GRID_BINS; 256 kB of counts a
+# tensor): fine enough that every method reads it as if it were continuous.
+GRID_BINS = 8192
+# MSE reads bins 8 at a time (1024..2048 bins over the data): as accurate for the error, 8x less work.
+_MSE_GROUP = 8
+
+
+class HistogramCalibrator(Calibrator):
+    """Base of the histogram methods: per tensor, raw values never kept, exact merges.
+
+    The statistics are one :class:`Histogram` on a fine power-of-two grid (see :mod:`lowbit.calib.histogram`);
+    each method reads what it needs from it when ``compute()`` is called.
+    """
+
+    def __init__(self, *, tensor: str | None = None, skip_nonfinite: bool = False):
+        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        self.histogram = Histogram(GRID_BINS)
+
+    @property
+    def observed(self) -> Range:
+        """The true min and max seen, whatever range the method chooses."""
+        return Range(self.histogram.lo, self.histogram.hi)
+
+    def _update(self, x: np.ndarray) -> None:
+        if x.dtype.kind != "f" or x.dtype.itemsize < 4:
+            x = x.astype(np.float32)
+        lo, hi = x.min(), x.max()
+        if not (np.isfinite(lo) and np.isfinite(hi)):
+            x = x[self._nonfinite(x)]
+            if x.size == 0:
+                return
+            lo, hi = x.min(), x.max()
+        self.histogram.update(x, lo, hi)
+
+    def _merge(self, other: Calibrator) -> None:
+        assert isinstance(other, HistogramCalibrator)
+        self.histogram.merge(other.histogram)
+
+    def _reset(self) -> None:
+        self.histogram.reset()
+
+    def _state(self) -> dict[str, Any]:
+        return self.histogram.state_dict()
+
+    def _load(self, state: dict[str, np.ndarray]) -> None:
+        try:
+            self.histogram.load_state_dict(state)
+        except (KeyError, ValueError) as exc:
+            raise CalibrationError(f"{self.describe()}: bad histogram state: {exc}") from None
+
+    def compute(self) -> Range:
+        if self.num_batches and self.histogram.total == 0:
+            raise CalibrationError(f"{self.describe()}: every value seen was NaN or Inf; there is nothing to calibrate")
+        return super().compute()
+
+
+@register("percentile")
+class PercentileCalibrator(HistogramCalibrator):
+    """Clip the rarest values: the ``percentile`` of |x| as a symmetric threshold (default), or with
+    ``symmetric=False`` cut (100 - percentile) / 2 percent of the values on each side.
+
+    >>> c = PercentileCalibrator(percentile=99.0)
+    >>> c.update(np.arange(1, 1001, dtype=np.float32))
+    >>> round(c.compute().hi)
+    990
+    """
+
+    def __init__(
+        self,
+        *,
+        percentile: float = 99.99,
+        symmetric: bool = True,
+        tensor: str | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        if not 0.0 < float(percentile) <= 100.0:
+            raise CalibrationError(f"{self.describe()}: percentile must be in (0, 100], got {percentile!r}")
+        self.percentile = float(percentile)
+        self.symmetric = bool(symmetric)
+
+    def _compute(self) -> Range:
+        h = self.histogram
+        if self.symmetric:
+            amax = search.percentile_amax(h.magnitude(), h.width, self.percentile, amax=h.amax)
+            return Range(-amax, amax)
+        counts, edges = h.signed()
+        return Range(*search.percentile_range(counts, edges, self.percentile, lo=h.lo, hi=h.hi))
+
+
+@register("entropy")
+class EntropyCalibrator(HistogramCalibrator):
+    """TensorRT's entropy calibration: the threshold whose 8-bit quantization loses the least information,
+    measured by KL(P || Q) over a histogram of |x|. Returns (-amax, amax).
+
+    As TensorRT: a histogram of ``num_bins`` bins over [0, max|x|] (re-binned from the fine streaming grid),
+    candidates ``num_levels``..num_bins, ``num_levels`` quantized levels. See :func:`search.kl_divergences`.
+
+    >>> rng = np.random.default_rng(0)
+    >>> c = EntropyCalibrator()
+    >>> c.update(rng.standard_normal(100_000))
+    >>> 3.0 < c.compute().hi < c.observed.hi
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        num_bins: int = 2048,
+        num_levels: int = 128,
+        tensor: str | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or not 8 <= num_bins <= GRID_BINS:
+            raise CalibrationError(
+                f"{self.describe()}: num_bins must be an integer from 8 to {GRID_BINS}, got {num_bins!r}"
+            )
+        if not isinstance(num_levels, (int, np.integer)) or not 2 <= num_levels <= num_bins:
+            raise CalibrationError(
+                f"{self.describe()}: num_levels must be an integer from 2 to num_bins ({num_bins}), got {num_levels!r}"
+            )
+        self.num_bins = int(num_bins)
+        self.num_levels = int(num_levels)
+
+    def trt_histogram(self) -> tuple[np.ndarray, float]:
+        """The histogram TensorRT's search reads: ``num_bins`` counts over [0, max|x|], and the bin width."""
+        h = self.histogram
+        return search.rebin(h.magnitude(), h.width, h.amax, self.num_bins), h.amax / self.num_bins
+
+    def divergences(self) -> tuple[np.ndarray, np.ndarray]:
+        """(thresholds, KL divergences) of every candidate, for plots and analysis."""
+        hist, width = self.trt_histogram()
+        candidates, kl = search.kl_divergences(hist, self.num_levels)
+        return candidates * width, kl
+
+    def _compute(self) -> Range:
+        hist, width = self.trt_histogram()
+        amax = search.entropy_amax(hist, width, num_levels=self.num_levels, amax=self.histogram.amax)
+        return Range(-amax, amax)
+
+
+@register("mse")
+class MSECalibrator(HistogramCalibrator):
+    """The range that minimises the expected squared quantization error for ``spec`` (a per-tensor
+    :class:`QuantSpec` or its dict; default int8 symmetric), searched over ``num_candidates`` shrinkings of
+    the observed range. Symmetric specs give (-amax, amax).
+
+    >>> rng = np.random.default_rng(0)
+    >>> c = MSECalibrator(spec=QuantSpec(bits=4))
+    >>> c.update(rng.standard_normal(100_000))
+    >>> 2.0 < c.compute().hi < 3.5
+    True
+    """
+
+    def __init__(
+        self,
+        *,
+        spec: QuantSpec | dict | None = None,
+        num_candidates: int = 256,
+        tensor: str | None = None,
+        skip_nonfinite: bool = False,
+    ):
+        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        try:
+            spec = QuantSpec() if spec is None else spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
+        except (SpecError, TypeError) as exc:
+            raise CalibrationError(f"{self.describe()}: bad spec: {exc}") from None
+        if spec.axis is not None or spec.bits < 2:
+            raise CalibrationError(
+                f"{self.describe()}: the MSE search needs a per-tensor spec of 2 bits or more, got {spec}"
+            )
+        if not isinstance(num_candidates, (int, np.integer)) or num_candidates < 1:
+            raise CalibrationError(
+                f"{self.describe()}: num_candidates must be a positive integer, got {num_candidates!r}"
+            )
+        self.spec = spec
+        self.num_candidates = int(num_candidates)
+
+    def _compute(self) -> Range:
+        h = self.histogram
+        counts, edges = h.signed(group=_MSE_GROUP)
+        lo, hi = search.mse_range(counts, edges, self.spec, lo=h.lo, hi=h.hi, num_candidates=self.num_candidates)
+        return Range(lo, hi)
