@@ -220,6 +220,15 @@ def test_per_channel_nan_is_skipped_per_channel():
     _assert_range_equal(c.compute(), Range(np.array([1.0, -3.0]), np.array([1.0, -3.0])))
 
 
+def test_ema_channel_that_starts_all_nan_recovers():
+    c = create("ema", axis=0, momentum=0.5, skip_nonfinite=True)
+    c.update(np.array([[1.0, 3.0], [np.nan, np.nan]]))
+    c.update(np.array([[1.0, 5.0], [2.0, 4.0]]))
+    c.update(np.array([[1.0, 5.0], [np.nan, np.nan]]))
+    # channel 0: hi 3 -> 3 + 0.5 * (5 - 3) = 4 -> 4.5; channel 1 starts at (2, 4) and keeps it over the NaN batch
+    _assert_range_equal(c.compute(), Range(np.array([1.0, 2.0]), np.array([4.5, 4.0])))
+
+
 def test_channel_count_mismatch_is_a_clear_error():
     c = create("minmax", axis=1, tensor="w")
     c.update(np.zeros((2, 64)))

@@ -51,12 +51,24 @@ class _BatchRange(Calibrator):
             )
         return lo, hi
 
-    def _check_channels(self, other: _BatchRange) -> None:
+    def _merge(self, other: Calibrator) -> None:
+        assert isinstance(other, _BatchRange)
+        if other.lo is None:
+            return
+        if self.lo is None:
+            self.lo, self.hi = other.lo, other.hi
+            return
         if np.shape(self.lo) != np.shape(other.lo):
             raise CalibrationError(
                 f"cannot merge into {self.describe()}: ranges of shape {np.shape(other.lo)} "
                 f"and {np.shape(self.lo)} (different channel counts)"
             )
+        lo, hi = self._combine(other)
+        self.lo, self.hi = (float(lo), float(hi)) if self.axis is None else (lo, hi)
+
+    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
+        """The merged (lo, hi) of two calibrators that both hold ranges of the same shape."""
+        raise NotImplementedError
 
     def _compute(self) -> Range:
         if self.lo is None or np.any(np.isnan(self.lo)):
@@ -102,17 +114,8 @@ class MinMaxCalibrator(_BatchRange):
         else:
             self.lo, self.hi = np.fmin(self.lo, lo), np.fmax(self.hi, hi)
 
-    def _merge(self, other: Calibrator) -> None:
-        assert isinstance(other, MinMaxCalibrator)
-        if other.lo is None:
-            return
-        if self.lo is None:
-            self.lo, self.hi = other.lo, other.hi
-            return
-        self._check_channels(other)
-        self.lo, self.hi = np.fmin(self.lo, other.lo), np.fmax(self.hi, other.hi)
-        if self.axis is None:
-            self.lo, self.hi = float(self.lo), float(self.hi)
+    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
+        return np.fmin(self.lo, other.lo), np.fmax(self.hi, other.hi)
 
 
 @register("ema")
@@ -155,20 +158,13 @@ class EMACalibrator(_BatchRange):
         m = self.momentum
         if self.axis is None:
             self.lo, self.hi = self.lo + m * (lo - self.lo), self.hi + m * (hi - self.hi)
-        else:  # a channel with no finite value in this batch keeps its average
-            self.lo = np.where(np.isnan(lo), self.lo, self.lo + m * (np.nan_to_num(lo) - self.lo))
-            self.hi = np.where(np.isnan(hi), self.hi, self.hi + m * (np.nan_to_num(hi) - self.hi))
+        else:  # a channel with no finite value keeps its average; one with no average yet starts from this batch
+            with np.errstate(invalid="ignore"):
+                self.lo = np.where(np.isnan(lo), self.lo, np.where(np.isnan(self.lo), lo, self.lo + m * (lo - self.lo)))
+                self.hi = np.where(np.isnan(hi), self.hi, np.where(np.isnan(self.hi), hi, self.hi + m * (hi - self.hi)))
 
-    def _merge(self, other: Calibrator) -> None:
-        assert isinstance(other, EMACalibrator)
-        if other.lo is None:
-            return
-        if self.lo is None:
-            self.lo, self.hi = other.lo, other.hi
-            return
-        self._check_channels(other)
+    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
         a, b = self.num_batches, other.num_batches
-        self.lo = (np.asarray(self.lo) * a + np.asarray(other.lo) * b) / (a + b)
-        self.hi = (np.asarray(self.hi) * a + np.asarray(other.hi) * b) / (a + b)
-        if self.axis is None:
-            self.lo, self.hi = float(self.lo), float(self.hi)
+        lo = (np.asarray(self.lo) * a + np.asarray(other.lo) * b) / (a + b)
+        hi = (np.asarray(self.hi) * a + np.asarray(other.hi) * b) / (a + b)
+        return lo, hi
