@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -51,24 +52,35 @@ class _BatchRange(Calibrator):
             )
         return lo, hi
 
-    def _merge(self, other: Calibrator) -> None:
-        assert isinstance(other, _BatchRange)
-        if other.lo is None:
+    def _fold(self, lo: Any, hi: Any, combine: Callable[[Any, Any], tuple[Any, Any]]) -> None:
+        """Fold a range into the state: the first one is taken as it is, later ones through ``combine``."""
+        if lo is None:
             return
         if self.lo is None:
-            self.lo, self.hi = other.lo, other.hi
+            self.lo, self.hi = lo, hi
             return
-        if np.shape(self.lo) != np.shape(other.lo):
+        lo, hi = combine(lo, hi)
+        self.lo, self.hi = (float(lo), float(hi)) if self.axis is None else (lo, hi)
+
+    def _update(self, x: np.ndarray) -> None:
+        self._fold(*self._batch_range(x), self._step)
+
+    def _merge(self, other: Calibrator) -> None:
+        assert isinstance(other, _BatchRange)
+        if self.lo is not None and other.lo is not None and np.shape(self.lo) != np.shape(other.lo):
             raise CalibrationError(
                 f"cannot merge into {self.describe()}: ranges of shape {np.shape(other.lo)} "
                 f"and {np.shape(self.lo)} (different channel counts)"
             )
-        lo, hi = self._combine(other)
-        self.lo, self.hi = (float(lo), float(hi)) if self.axis is None else (lo, hi)
+        self._fold(other.lo, other.hi, lambda lo, hi: self._combine(lo, hi, other.num_batches))
 
-    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
-        """The merged (lo, hi) of two calibrators that both hold ranges of the same shape."""
+    def _step(self, lo: Any, hi: Any) -> tuple[Any, Any]:
+        """The state after one more batch whose range is (lo, hi)."""
         raise NotImplementedError
+
+    def _combine(self, lo: Any, hi: Any, batches: int) -> tuple[Any, Any]:
+        """The state after merging another calibrator's range (lo, hi), seen over ``batches`` batches."""
+        return self._step(lo, hi)
 
     def _compute(self) -> Range:
         if self.lo is None or np.any(np.isnan(self.lo)):
@@ -103,19 +115,8 @@ class MinMaxCalibrator(_BatchRange):
     Range(lo=array([-2.,  3.]), hi=array([1., 4.]))
     """
 
-    def _update(self, x: np.ndarray) -> None:
-        lo, hi = self._batch_range(x)
-        if lo is None:
-            return
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-        elif self.axis is None:
-            self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
-        else:
-            self.lo, self.hi = np.fmin(self.lo, lo), np.fmax(self.hi, hi)
-
-    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
-        return np.fmin(self.lo, other.lo), np.fmax(self.hi, other.hi)
+    def _step(self, lo: Any, hi: Any) -> tuple[Any, Any]:
+        return np.fmin(self.lo, lo), np.fmax(self.hi, hi)
 
 
 @register("ema")
@@ -148,23 +149,14 @@ class EMACalibrator(_BatchRange):
             raise CalibrationError(f"{self.describe()}: momentum must be in (0, 1], got {momentum!r}")
         self.momentum = float(momentum)
 
-    def _update(self, x: np.ndarray) -> None:
-        lo, hi = self._batch_range(x)
-        if lo is None:
-            return
-        if self.lo is None:
-            self.lo, self.hi = lo, hi
-            return
-        m = self.momentum
-        if self.axis is None:
-            self.lo, self.hi = self.lo + m * (lo - self.lo), self.hi + m * (hi - self.hi)
-        else:  # a channel with no finite value keeps its average; one with no average yet starts from this batch
-            with np.errstate(invalid="ignore"):
-                self.lo = np.where(np.isnan(lo), self.lo, np.where(np.isnan(self.lo), lo, self.lo + m * (lo - self.lo)))
-                self.hi = np.where(np.isnan(hi), self.hi, np.where(np.isnan(self.hi), hi, self.hi + m * (hi - self.hi)))
+    def _step(self, lo: Any, hi: Any) -> tuple[Any, Any]:
+        # A channel with no finite value in this batch (NaN) keeps its average; one with no average yet
+        # (NaN) starts from this batch.
+        def ema(avg, batch):
+            return np.where(np.isnan(batch), avg, np.where(np.isnan(avg), batch, avg + self.momentum * (batch - avg)))
 
-    def _combine(self, other: _BatchRange) -> tuple[Any, Any]:
-        a, b = self.num_batches, other.num_batches
-        lo = (np.asarray(self.lo) * a + np.asarray(other.lo) * b) / (a + b)
-        hi = (np.asarray(self.hi) * a + np.asarray(other.hi) * b) / (a + b)
-        return lo, hi
+        return ema(self.lo, lo), ema(self.hi, hi)
+
+    def _combine(self, lo: Any, hi: Any, batches: int) -> tuple[Any, Any]:
+        a, b = self.num_batches, batches
+        return (np.asarray(self.lo) * a + lo * b) / (a + b), (np.asarray(self.hi) * a + hi * b) / (a + b)
