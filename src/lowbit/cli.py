@@ -105,7 +105,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     first = methods[0]
     if args.trt_cache:
-        amax = {tensor: float(by_method[first].compute().amax) for tensor, by_method in calibrators.items()}
+        amax = {r.tensor: r.amax for r in results if r.method == first}
         write_trt_cache(args.trt_cache, amax, algorithm=args.trt_algorithm)
         print(f"wrote TensorRT calibration cache ({first} ranges) to {args.trt_cache}")
     if args.json:

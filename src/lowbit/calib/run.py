@@ -81,9 +81,10 @@ def evaluate(
     """Quantize every tensor with each method's range under ``spec`` and measure the SQNR in dB,
     ``10 * log10(sum x^2 / sum (x - fake_quant(x))^2)``, over all of its batches (a second pass).
     """
+    ranges = {tensor: {m: c.compute() for m, c in by_method.items()} for tensor, by_method in calibrators.items()}
     params = {
-        tensor: {method: (c.compute(), *qparams(*c.compute(), spec)) for method, c in by_method.items()}
-        for tensor, by_method in calibrators.items()
+        tensor: {method: (r, *qparams(*r, spec)) for method, r in by_method.items()}
+        for tensor, by_method in ranges.items()
     }
     results = []
     with tqdm(total=_total(sources), unit="batch", desc="measuring SQNR", disable=not progress) as bar:
