@@ -1,0 +1,83 @@
+"""Stream activations from an ONNX Runtime session into lowbit calibrators, one batch at a time.
+
+The model is run with the tensors to calibrate added as graph outputs; each batch's values go into the
+calibrators and are dropped before the next batch runs, so memory does not grow with the number of samples
+(ONNX Runtime's own calibrator keeps every intermediate output of the whole calibration set).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+from lowbit import calib
+from lowbit.calib.base import Calibrator
+from lowbit.calib.histogram_methods import HistogramCalibrator
+from lowbit.errors import CalibrationError
+from lowbit.onnx.model import session
+
+
+def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
+    """A copy of ``model`` that also outputs ``tensors`` (float32)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    present = {o.name for o in out.graph.output}
+    for name in tensors:
+        if name not in present:
+            out.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return out
+
+
+def collect(
+    model: onnx.ModelProto,
+    tensors: Sequence[str],
+    feeds: Iterable[Mapping[str, np.ndarray]],
+    *,
+    method: str = "entropy",
+    options: Mapping[str, Any] | None = None,
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, Calibrator]:
+    """One calibrator of ``method`` per tensor, fed by running ``model`` on each feed dict of ``feeds``."""
+    options = dict(options or {})
+    calibrators = {t: calib.create(method, tensor=t, **options) for t in tensors}
+    inputs = {i.name for i in model.graph.input}
+    run_names = [t for t in tensors if t not in inputs]
+    sess = session(with_outputs(model, run_names)) if run_names else None
+    seen = 0
+    bar = tqdm(feeds, total=total, desc=f"calibrating ({method})", unit="batch", disable=not progress, leave=False)
+    for feed in bar:
+        if sess is not None:
+            values = sess.run(run_names, dict(feed))
+            for name, value in zip(run_names, values, strict=True):
+                calibrators[name].update(value)
+        for name in tensors:
+            if name in inputs:
+                calibrators[name].update(feed[name])
+        seen += 1
+    bar.close()
+    if seen == 0:
+        raise CalibrationError("the calibration data yielded no batches; give at least one sample")
+    return calibrators
+
+
+def ranges(calibrators: Mapping[str, Calibrator], *, symmetric: bool) -> dict[str, tuple[float, float]]:
+    """The range of every calibrator: (-amax, amax) when ``symmetric``; otherwise the method's range cut to what
+    was observed (a symmetric method's (-amax, amax) on a post-ReLU tensor becomes (0, amax))."""
+    out: dict[str, tuple[float, float]] = {}
+    for name, c in calibrators.items():
+        r = c.compute()
+        lo, hi = float(np.min(r.lo)), float(np.max(r.hi))
+        if symmetric:
+            amax = max(abs(lo), abs(hi))
+            out[name] = (-amax, amax)
+            continue
+        if isinstance(c, HistogramCalibrator):
+            seen = c.observed
+            lo, hi = max(lo, float(seen.lo)), min(hi, float(seen.hi))
+        out[name] = (lo, hi)
+    return out

@@ -1,0 +1,102 @@
+"""A read-only index over an ONNX graph: who produces and who consumes each tensor, its type, its constant value.
+
+Only the main graph is indexed for rewriting; names that subgraphs (If/Loop/Scan bodies) read from the outer
+scope are recorded so that a rewrite never takes a tensor away from them.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def _outer_names(graph: onnx.GraphProto) -> set[str]:
+    """Names a subgraph reads but does not define: tensors of an enclosing scope."""
+    defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}
+    used: set[str] = set()
+    for node in graph.node:
+        used.update(i for i in node.input if i)
+        defined.update(node.output)
+        for sub in _subgraphs(node):
+            used |= _outer_names(sub)
+    used.update(o.name for o in graph.output)
+    return used - defined
+
+
+class Graph:
+    """Producer, consumers, element type and constant value of every tensor of ``model.graph``."""
+
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        g = model.graph
+        self.nodes = list(g.node)
+        self.initializers = {t.name: t for t in g.initializer}
+        self.inputs = [i.name for i in g.input if i.name not in self.initializers]
+        self.outputs = [o.name for o in g.output]
+        self.producer: dict[str, onnx.NodeProto] = {}
+        self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
+        self.subgraph_reads: set[str] = set()
+        self.constants: dict[str, onnx.TensorProto] = dict(self.initializers)
+        for node in self.nodes:
+            for out in node.output:
+                if out:
+                    self.producer[out] = node
+            for name in node.input:
+                if name:
+                    self.consumers[name].append(node)
+            for sub in _subgraphs(node):
+                self.subgraph_reads |= _outer_names(sub)
+            if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None:
+                    self.constants[node.output[0]] = value
+        self.types: dict[str, int] = {}
+        for info in [*g.value_info, *g.input, *g.output]:
+            if info.type.HasField("tensor_type"):
+                self.types[info.name] = info.type.tensor_type.elem_type
+        for name, tensor in self.initializers.items():
+            self.types[name] = tensor.data_type
+        self.shapes: dict[str, tuple] = {}
+        for info in [*g.value_info, *g.input, *g.output]:
+            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+                dims = info.type.tensor_type.shape.dim
+                self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+
+    def is_float(self, name: str) -> bool:
+        """True for a float32 tensor (the only kind lowbit quantizes)."""
+        return self.types.get(name) == FLOAT
+
+    def is_constant(self, name: str) -> bool:
+        return name in self.constants and name not in self.inputs
+
+    def value(self, name: str) -> np.ndarray:
+        """The value of a constant tensor (an initializer or the output of a Constant node)."""
+        return numpy_helper.to_array(self.constants[name])
+
+    def is_activation(self, name: str) -> bool:
+        """A float tensor computed at run time (or fed as a graph input): what activation ranges are for."""
+        return bool(name) and self.is_float(name) and not self.is_constant(name)
+
+    def node_name(self, node: onnx.NodeProto) -> str:
+        """A node's name, or ``OpType(first output)`` for unnamed nodes, as messages and --exclude see it."""
+        return node.name or f"{node.op_type}({node.output[0] if node.output else ''})"
+
+    def rank(self, name: str) -> int | None:
+        if name in self.constants:
+            return len(self.constants[name].dims)
+        shape = self.shapes.get(name)
+        return None if shape is None else len(shape)

@@ -1,0 +1,185 @@
+"""Load, check, preprocess and save ONNX models, with errors that say what is wrong and what to do.
+
+Preprocessing is what ONNX Runtime's own basic graph optimizer does (constant folding, Conv+BatchNormalization and
+Conv+Add/Mul fusion, removal of Identity/Dropout) followed by ONNX shape inference, so that every tensor has a type
+and BatchNormalization is folded into the weights before they are quantized. Models over 2 GB travel as external
+data in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import version_converter
+
+from lowbit.errors import FormatError
+
+# Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
+MIN_OPSET = 13
+# protobuf cannot serialize a message of 2 GB or more; stay well below it.
+_PROTO_LIMIT = 1_800_000_000
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            return op.version
+    return 1
+
+
+def load_model(path: str | os.PathLike) -> onnx.ModelProto:
+    """The model at ``path`` (external data included), with a clear error for anything that is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise FormatError(f"{path} does not exist or is not a file; pass the path of an .onnx model")
+    try:
+        model = onnx.load(str(path))
+    except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning-like or OSError for missing data
+        raise FormatError(f"{path} is not a readable ONNX model ({type(exc).__name__}: {exc})") from None
+    if not model.graph.node:
+        raise FormatError(f"{path} is not an ONNX model with a graph (no nodes found); check the file")
+    highest = onnx.defs.onnx_opset_version()
+    opset = default_opset(model)
+    if opset > highest:
+        raise FormatError(
+            f"{path} uses ONNX opset {opset}, newer than the {highest} this onnx package knows; upgrade onnx "
+            "(pip install -U onnx onnxruntime) or export the model at a lower opset"
+        )
+    return model
+
+
+def upgrade_opset(model: onnx.ModelProto, version: int = MIN_OPSET) -> onnx.ModelProto:
+    """``model`` converted to opset ``version`` when it is below (per-channel Q/DQ needs 13)."""
+    opset = default_opset(model)
+    if opset >= version:
+        return model
+    try:
+        return version_converter.convert_version(model, version)
+    except Exception as exc:
+        raise FormatError(
+            f"the model uses opset {opset}; lowbit needs opset {version} or newer and could not convert it "
+            f"({exc}); export the model again with opset_version={version} or higher"
+        ) from None
+
+
+@contextlib.contextmanager
+def _tempdir() -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lowbit-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() > _PROTO_LIMIT
+
+
+def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Write ``model`` to ``path`` atomically (weights as external data beside it when over 2 GB)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    large = is_large(model)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if large:
+            data = path.name + ".data"
+            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
+        else:
+            with open(tmp, "wb") as f:
+                f.write(model.SerializeToString())
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session over an in-memory model; a clear error when ORT cannot load it."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    try:
+        if not is_large(model):
+            return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        with _tempdir() as tmp:
+            save_model(model, tmp / "model.onnx")
+            return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FormatError(
+            f"ONNX Runtime {ort.__version__} cannot load the model: {message}. Check that it runs in ONNX Runtime "
+            "(python -c \"import onnxruntime as o; o.InferenceSession('model.onnx')\") before quantizing it"
+        ) from None
+
+
+def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant folding, BatchNormalization folded into Conv, Identity/Dropout removed, shapes inferred.
+
+    Runs ONNX Runtime's basic (hardware-independent, standard-ops-only) optimizer, so a model ORT cannot load
+    fails here with a clear message.
+    """
+    model = upgrade_opset(model)
+    with _tempdir() as tmp:
+        src, dst = tmp / "in.onnx", tmp / "out.onnx"
+        save_model(model, src)
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(dst)
+        if is_large(model):
+            options.add_session_config_entry(
+                "session.optimized_model_external_initializers_file_name", "out.onnx.data"
+            )
+            options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
+        try:
+            ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise FormatError(
+                f"ONNX Runtime {ort.__version__} cannot load the model: {message}. lowbit calibrates with ONNX "
+                "Runtime, so the float model must run in it first"
+            ) from None
+        optimized = onnx.load(str(dst))
+    # ORT keeps the producer's opset imports; shape inference gives every intermediate tensor its type.
+    try:
+        return onnx.shape_inference.infer_shapes(optimized)
+    except Exception:
+        return optimized
+
+
+def file_size(path: str | os.PathLike) -> int:
+    """Bytes on disk, external data files included."""
+    path = Path(path)
+    total = path.stat().st_size
+    data = path.with_name(path.name + ".data")
+    return total + (data.stat().st_size if data.exists() else 0)
+
+
+def input_specs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple]]:
+    """(name, dtype, shape with None for free dimensions) of every graph input that is not an initializer."""
+    inits = {t.name for t in model.graph.initializer}
+    specs = []
+    for info in model.graph.input:
+        if info.name in inits:
+            continue
+        t = info.type.tensor_type
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)) if t.elem_type else np.dtype("float32")
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
+        specs.append((info.name, dtype, shape))
+    return specs

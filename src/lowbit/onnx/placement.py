@@ -1,0 +1,194 @@
+"""Where the quantizers go: the plan of which tensors get a QuantizeLinear/DequantizeLinear pair, which weights are
+stored as integers (and along which axis), and which biases become int32, for a target runtime.
+
+``trt`` (TensorRT explicit quantization): Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul and on the skip
+input of a residual Add, nothing on outputs: TensorRT fuses the rest (Conv + bias + Add + Relu, the next Q).
+
+``ort`` (ONNX Runtime CPU): tensors stay integer through every op ORT runs on integers. A Q/DQ pair goes on the
+inputs and outputs of compute and elementwise ops; ops that only move values (MaxPool, Reshape, ...) share the
+scale of their input; Relu/Clip are absorbed by the quantizer after them (zero point 0 clips at 0). Biases become
+int32 with scale s_x * s_w, as QLinearConv needs. ORT's optimizer then turns each DQ -> op -> Q into one integer
+kernel.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import onnx
+
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.rules import rule_for
+
+TARGETS = ("ort", "trt")
+
+
+@dataclass
+class Plan:
+    """The quantizers of one model. ``activations`` maps a tensor to the tensor whose scale it shares (itself if
+    it has its own range); ``weights`` maps a constant to its per-channel axis (``None``: per tensor);
+    ``biases`` maps a bias to (its input activation, its weight); ``float_readers`` are the excluded nodes, which
+    read the float tensors."""
+
+    target: str
+    activations: dict[str, str] = field(default_factory=dict)
+    weights: dict[str, int | None] = field(default_factory=dict)
+    constants: set[str] = field(default_factory=set)  # constant operands of elementwise ops (ort): own range
+    biases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    quantized_nodes: list[str] = field(default_factory=list)
+    excluded_nodes: list[str] = field(default_factory=list)
+
+    @property
+    def calibrated(self) -> list[str]:
+        """Tensors whose range comes from calibration (the others share one)."""
+        return [t for t, root in self.activations.items() if t == root]
+
+
+def _excluded(graph: Graph, node: onnx.NodeProto, patterns: Sequence[re.Pattern], ops: set[str]) -> bool:
+    name = graph.node_name(node)
+    return node.op_type in ops or any(p.search(name) for p in patterns)
+
+
+def plan(
+    graph: Graph,
+    target: str = "ort",
+    *,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    per_channel: bool = True,
+) -> Plan:
+    """The quantizers ``target`` wants in ``graph``; nodes whose name matches a regex in ``exclude`` or whose op
+    type is in ``exclude_ops`` stay in float."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; targets are {', '.join(TARGETS)}")
+    patterns = [re.compile(p) for p in exclude]
+    result = Plan(target)
+    active: list[onnx.NodeProto] = []
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is None:
+            continue
+        if _excluded(graph, node, patterns, set(exclude_ops)):
+            result.excluded_nodes.append(graph.node_name(node))
+            continue
+        active.append(node)
+    (_plan_trt if target == "trt" else _plan_ort)(graph, active, result, per_channel)
+    return result
+
+
+def _add_weights(graph: Graph, node: onnx.NodeProto, result: Plan, per_channel: bool) -> bool:
+    """Record the constant weights of a compute node; False when it has none (a product of two activations)."""
+    rule = rule_for(node)
+    found = False
+    for index in rule.weight_inputs:
+        if index >= len(node.input):
+            continue
+        name = node.input[index]
+        if graph.is_constant(name) and graph.is_float(name):
+            result.weights.setdefault(name, rule.weight_axis(node, graph, index) if per_channel else None)
+            found = True
+        elif graph.is_activation(name):
+            result.activations[name] = name
+    return found
+
+
+def _plan_trt(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool) -> None:
+    order = {id(n): i for i, n in enumerate(graph.nodes)}
+    for node in active:
+        rule = rule_for(node)
+        if rule.kind == "compute":
+            _add_weights(graph, node, result, per_channel)
+            for i in rule.activation_inputs(node):
+                if graph.is_activation(node.input[i]):
+                    result.activations[node.input[i]] = node.input[i]
+            result.quantized_nodes.append(graph.node_name(node))
+        elif node.op_type == "Add":
+            skip = _residual_skip(graph, node, order)
+            if skip is not None:
+                result.activations[skip] = skip
+                result.quantized_nodes.append(graph.node_name(node))
+
+
+def _residual_skip(graph: Graph, node: onnx.NodeProto, order: dict[int, int]) -> str | None:
+    """The input of a residual Add that is not fused into the Conv before it: the one to quantize."""
+    inputs = [t for t in node.input if graph.is_activation(t)]
+    if len(inputs) != 2:
+        return None
+    from_conv = [graph.producer.get(t) is not None and graph.producer[t].op_type == "Conv" for t in inputs]
+    if from_conv == [True, False]:
+        return inputs[1]
+    if from_conv == [False, True]:
+        return inputs[0]
+    if from_conv == [True, True]:  # a projection shortcut: fuse the later Conv (the main branch), quantize the other
+        first, second = (graph.producer[t] for t in inputs)
+        return inputs[0] if order[id(first)] < order[id(second)] else inputs[1]
+    return None
+
+
+def _plain_bias(graph: Graph, node: onnx.NodeProto, bias: str) -> bool:
+    """A bias QLinearConv/QGemm can take as int32: one value per output channel, added as is."""
+    if graph.rank(bias) != 1:
+        return False
+    if node.op_type != "Gemm":
+        return True
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
+
+
+def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool) -> None:
+    quantized_out: set[str] = set()
+    followers: list[onnx.NodeProto] = []
+    for node in active:
+        rule = rule_for(node)
+        if rule.kind in ("share", "activation", "lookup"):
+            followers.append(node)
+            continue
+        if rule.kind == "compute" and not _add_weights(graph, node, result, per_channel) and node.op_type != "MatMul":
+            continue  # a Conv/Gemm with computed weights: leave it in float
+        for i in rule.activation_inputs(node):
+            name = node.input[i]
+            if graph.is_activation(name):
+                result.activations[name] = name
+            elif rule.kind == "elementwise" and graph.is_constant(name) and graph.is_float(name):
+                result.constants.add(name)
+        if rule.bias_input is not None and rule.bias_input < len(node.input):
+            bias = node.input[rule.bias_input]
+            weight = node.input[rule.weight_inputs[0]]
+            if graph.is_constant(bias) and graph.is_float(bias) and weight in result.weights and _plain_bias(graph, node, bias):
+                result.biases[bias] = (node.input[0], weight)
+        out = node.output[0]
+        # A MatMul/Gemm whose result is a graph output keeps a float output (QGemm/MatMulIntegerToFloat give one);
+        # a Conv's needs a quantizer to run as QLinearConv.
+        if graph.is_float(out) and not (node.op_type in ("Gemm", "MatMul") and out in graph.outputs):
+            result.activations[out] = out
+            quantized_out.add(out)
+        result.quantized_nodes.append(graph.node_name(node))
+
+    # Followers in graph (topological) order, so a chain Conv -> Relu -> MaxPool -> Reshape resolves in one pass.
+    absorbed: set[str] = set()
+    absorbing: set[int] = set()
+    for node in followers:
+        rule = rule_for(node)
+        source = node.input[0]
+        if source not in result.activations or not graph.is_float(source):
+            continue
+        outputs = [o for o in node.output if o and graph.is_float(o)]
+        for out in outputs:
+            if rule.kind == "share":
+                result.activations[out] = result.activations[source]
+            else:
+                result.activations[out] = out
+        if rule.kind == "activation" and source in quantized_out:
+            absorbed.add(source)
+            absorbing.add(id(node))
+        result.quantized_nodes.append(graph.node_name(node))
+    # The input of an absorbed Relu needs no quantizer when the Relu is its only reader.
+    for name in absorbed:
+        readers = graph.consumers.get(name, [])
+        if name in graph.outputs or name in graph.subgraph_reads:
+            continue
+        if all(id(c) in absorbing for c in readers):
+            if not any(root == name and t != name for t, root in result.activations.items()):
+                del result.activations[name]

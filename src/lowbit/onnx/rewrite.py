@@ -1,0 +1,194 @@
+"""Apply a :class:`~lowbit.onnx.placement.Plan` and calibrated ranges to a model: explicit QuantizeLinear /
+DequantizeLinear nodes for activations, integer initializers (+ DequantizeLinear) for weights and biases.
+
+Naming keeps the graph's contract: a quantized tensor ``t`` is still called ``t`` after its DequantizeLinear, so
+graph outputs, subgraphs and every reader see the same name; the float value the producer computed is renamed
+``t_float`` and only the quantizer and the excluded (float) nodes read it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lowbit.core import QuantSpec, qparams, qparams_from_tensor, quantize
+from lowbit.errors import CalibrationError, FormatError
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.placement import Plan
+
+INT32_MAX = np.iinfo(np.int32).max
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale and zero point of one quantized tensor (arrays: per channel along ``axis``)."""
+
+    scale: np.ndarray
+    zero_point: np.ndarray
+    axis: int | None = None
+
+
+class _Names:
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        for node in graph.node:
+            self.used.update(node.output)
+            self.used.update(node.input)
+            if node.name:
+                self.used.add(node.name)
+
+    def new(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+
+def activation_spec(target: str) -> QuantSpec:
+    """uint8 asymmetric for ONNX Runtime's CPU kernels, int8 symmetric (zero point 0) for TensorRT."""
+    return QuantSpec(signed=False, symmetric=False) if target == "ort" else QuantSpec()
+
+
+def activation_qparams(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> dict[str, QParams]:
+    """Scale and zero point of every quantized activation; tensors that share a range share these too."""
+    spec = activation_spec(plan.target)
+    roots: dict[str, QParams] = {}
+    for tensor in plan.calibrated:
+        if tensor not in ranges:
+            raise CalibrationError(f"no calibrated range for tensor {tensor!r}; did calibration see it?")
+        lo, hi = ranges[tensor]
+        scale, zp = qparams(float(lo), float(hi), spec)
+        roots[tensor] = QParams(scale, zp)
+    return {t: roots[root] for t, root in plan.activations.items()}
+
+
+def weight_qparams(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[QParams, np.ndarray]:
+    """Symmetric signed per-channel (or per-tensor) parameters of a weight, and its integer codes."""
+    spec = QuantSpec(bits=bits, axis=axis)
+    scale, zp = qparams_from_tensor(w, spec)
+    return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
+
+
+def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> onnx.ModelProto:
+    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name)."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = Graph(out)
+    g = out.graph
+    names = _Names(g)
+    act = activation_qparams(plan, ranges)
+    weights: dict[str, QParams] = {}
+
+    head: list[onnx.NodeProto] = []  # DequantizeLinear of constants: before every node
+    new_inits: list[onnx.TensorProto] = []
+    replaced: set[str] = set()
+
+    def add_init(base: str, array: np.ndarray) -> str:
+        name = names.new(base)
+        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    def dq_constant(name: str, q: np.ndarray, p: QParams) -> None:
+        inputs = [
+            add_init(f"{name}_quantized", q),
+            add_init(f"{name}_scale", p.scale),
+            add_init(f"{name}_zero_point", p.zero_point),
+        ]
+        attrs = {"axis": p.axis} if p.axis is not None and np.ndim(p.scale) > 0 else {}
+        node = helper.make_node("DequantizeLinear", inputs, [name], name=names.new(f"{name}_DequantizeLinear"), **attrs)
+        head.append(node)
+        replaced.add(name)
+
+    for name, axis in plan.weights.items():
+        w = graph.value(name).astype(np.float32)
+        axis = None if axis is None or w.ndim == 0 else axis
+        p, q = weight_qparams(w, axis)
+        weights[name] = p
+        dq_constant(name, q, p)
+
+    for name, (x, w) in plan.biases.items():
+        b = graph.value(name).astype(np.float64)
+        if x not in act:
+            continue
+        s = act[x].scale.astype(np.float64) * np.broadcast_to(weights[w].scale.astype(np.float64), b.shape)
+        q = np.rint(b / s)
+        if np.abs(q).max(initial=0) > INT32_MAX:
+            continue  # a bias too large for int32 at this scale stays float
+        dq_constant(name, q.astype(np.int32), QParams(s.astype(np.float32), np.zeros(b.shape, np.int32), 0))
+
+    uint8 = QuantSpec(signed=False, symmetric=False)
+    for name in sorted(plan.constants - replaced):
+        c = graph.value(name).astype(np.float32)
+        scale, zp = qparams(float(c.min(initial=0.0)), float(c.max(initial=0.0)), uint8)
+        dq_constant(name, quantize(c, scale, zp, uint8), QParams(scale, zp))
+
+    # Activations: producer -> t_float -> Q -> DQ -> t   (a graph input t: t -> Q -> DQ -> t_dequantized)
+    param_names: dict[int, tuple[str, str]] = {}
+    pairs: dict[str, list[onnx.NodeProto]] = {}
+    float_of: dict[str, str] = {}  # what excluded nodes read
+    dequantized_of: dict[str, str] = {}  # what quantized readers of a graph input read
+    for tensor, p in act.items():
+        if id(p) not in param_names:
+            param_names[id(p)] = (add_init(f"{tensor}_scale", p.scale), add_init(f"{tensor}_zero_point", p.zero_point))
+        scale_name, zp_name = param_names[id(p)]
+        if tensor in graph.inputs:
+            src, dst = tensor, names.new(f"{tensor}_dequantized")
+            dequantized_of[tensor] = dst
+        else:
+            src, dst = names.new(f"{tensor}_float"), tensor
+        float_of[tensor] = src
+        q_out = names.new(f"{tensor}_quantized")
+        pairs[tensor] = [
+            helper.make_node(
+                "QuantizeLinear", [src, scale_name, zp_name], [q_out], name=names.new(f"{tensor}_QuantizeLinear")
+            ),
+            helper.make_node(
+                "DequantizeLinear", [q_out, scale_name, zp_name], [dst], name=names.new(f"{tensor}_DequantizeLinear")
+            ),
+        ]
+
+    excluded = set(plan.excluded_nodes)
+    nodes: list[onnx.NodeProto] = []
+    for tensor in dequantized_of:
+        nodes.extend(pairs[tensor])
+    for node in g.node:
+        if node.op_type == "Constant" and node.output[0] in replaced:
+            continue
+        reads_float = graph.node_name(node) in excluded
+        for i, name in enumerate(node.input):
+            if reads_float and name in float_of:
+                node.input[i] = float_of[name]
+            elif not reads_float and name in dequantized_of:
+                node.input[i] = dequantized_of[name]
+        follow: list[onnx.NodeProto] = []
+        for i, name in enumerate(node.output):
+            if name in float_of and name not in dequantized_of:
+                node.output[i] = float_of[name]
+                follow.extend(pairs[name])
+        nodes.append(node)
+        nodes.extend(follow)
+
+    kept = [t for t in g.initializer if t.name not in replaced]
+    del g.initializer[:]
+    g.initializer.extend(kept + new_inits)
+    del g.node[:]
+    g.node.extend(head + nodes)
+    inputs = [i for i in g.input if i.name not in replaced]  # old models list initializers as inputs too
+    del g.input[:]
+    g.input.extend(inputs)
+    _ensure_opset(out, 13)
+    return out
+
+
+def _ensure_opset(model: onnx.ModelProto, version: int) -> None:
+    for op in model.opset_import:
+        if op.domain in ("", "ai.onnx"):
+            if op.version < version:
+                raise FormatError(f"the model's opset {op.version} is below {version}; convert it first")
+            return
+    model.opset_import.append(helper.make_opsetid("", version))

@@ -1,0 +1,115 @@
+"""What quantizing an op means: which inputs are activations, which are weights (and along which axis they get
+per-channel scales), which input is a bias, and how its output relates to its input.
+
+A rule is plain data in a registry keyed by op type; supporting a new op is one :func:`register` call.
+
+Kinds of op:
+- ``compute``: Conv, ConvTranspose, Gemm, MatMul. Integer matrix products; weights per output channel.
+- ``elementwise``: Add, Mul, Concat, AveragePool, ...: integer kernels that take quantized inputs and produce a
+  quantized output with its own range.
+- ``share``: MaxPool, Reshape, Transpose, ...: move or select values, so the output keeps the input's
+  scale and zero point and the op runs on integers for free.
+- ``activation``: Relu, Clip: a quantizer placed after them does their job (a uint8 zero point of 0 clips at 0),
+  so their input needs no quantizer of its own and ONNX Runtime drops them.
+- ``lookup``: Sigmoid, LeakyRelu, ...: quantized input and output with its own range (a table lookup in ORT).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import onnx
+
+from lowbit.onnx.graph import Graph
+
+KINDS = ("compute", "elementwise", "share", "activation", "lookup")
+
+
+@dataclass(frozen=True)
+class OpRule:
+    """How one op type is quantized. ``weight_axis(node, graph, index)`` gives the per-channel axis of a weight
+    input (``None``: per tensor only)."""
+
+    kind: str
+    data_inputs: tuple[int, ...] | None = (0,)  # None: every input
+    weight_inputs: tuple[int, ...] = ()
+    bias_input: int | None = None
+    weight_axis: Callable[[onnx.NodeProto, Graph, int], int | None] = field(default=lambda node, graph, index: None)
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown op kind {self.kind!r}; kinds are {KINDS}")
+
+    def activation_inputs(self, node: onnx.NodeProto) -> list[int]:
+        indices = range(len(node.input)) if self.data_inputs is None else self.data_inputs
+        return [i for i in indices if i < len(node.input) and node.input[i] and i not in self.weight_inputs]
+
+
+RULES: dict[str, OpRule] = {}
+
+
+def register(op_types: str | tuple[str, ...], rule: OpRule) -> None:
+    """Make ``rule`` the rule of each op type in ``op_types`` (default ONNX domain)."""
+    for op in (op_types,) if isinstance(op_types, str) else op_types:
+        RULES[op] = rule
+
+
+def rule_for(node: onnx.NodeProto) -> OpRule | None:
+    if node.domain not in ("", "ai.onnx"):
+        return None
+    return RULES.get(node.op_type)
+
+
+def _attr(node: onnx.NodeProto, name: str, default):
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
+def _conv_axis(node, graph, index):
+    return 0  # W is (C_out, C_in / group, k...)
+
+
+def _conv_transpose_axis(node, graph, index):
+    # W is (C_in, C_out / group, k...): axis 1 names every output channel only when group == 1.
+    return 1 if _attr(node, "group", 1) == 1 else None
+
+
+def _gemm_axis(node, graph, index):
+    if index != 1:
+        return None
+    return 0 if _attr(node, "transB", 0) else 1  # output channels of B: rows when transposed, columns otherwise
+
+
+def _matmul_axis(node, graph, index):
+    # Per column of a 2-D B (the output features); batched weights and a constant A get one scale.
+    return 1 if index == 1 and graph.rank(node.input[1]) == 2 else None
+
+
+register("Conv", OpRule("compute", (0,), (1,), 2, _conv_axis))
+register("ConvTranspose", OpRule("compute", (0,), (1,), 2, _conv_transpose_axis))
+register("Gemm", OpRule("compute", (0, 1), (1,), 2, _gemm_axis))
+register("MatMul", OpRule("compute", (0, 1), (1,), None, _matmul_axis))
+register(("Add", "Mul", "Concat"), OpRule("elementwise", None))
+register(("AveragePool", "GlobalAveragePool"), OpRule("elementwise"))
+register(
+    (
+        "MaxPool",
+        "Reshape",
+        "Flatten",
+        "Transpose",
+        "Squeeze",
+        "Unsqueeze",
+        "Resize",
+        "Slice",
+        "Split",
+        "Gather",
+        "DepthToSpace",
+        "SpaceToDepth",
+    ),
+    OpRule("share"),
+)
+register(("Relu", "Clip"), OpRule("activation"))
+register(("Sigmoid", "LeakyRelu", "HardSigmoid", "Tanh"), OpRule("lookup"))
