@@ -118,6 +118,111 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _floats(text: str) -> tuple[float, ...]:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    try:
+        from lowbit.images import ImageOptions
+        from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
+    except ImportError as exc:
+        raise UsageError(f"lowbit quantize needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
+    if args.dynamic and args.calib is not None:
+        raise UsageError("--dynamic computes activation scales at run time: drop --calib, or drop --dynamic")
+    method = args.method or DEFAULT_METHOD[args.target]
+    spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
+    options = _method_options([method], args.option, spec)[method] if args.option else None
+    size = None if args.image_size is None else args.image_size
+    image_options = ImageOptions(
+        size=size, resize=args.resize, mean=args.mean, std=args.std, scale=args.scale, bgr=args.bgr,
+        layout=args.layout,
+    )  # fmt: skip
+    result = quantize(
+        args.model,
+        args.output,
+        args.calib,
+        method=None if args.dynamic else method,
+        method_options=options,
+        target=args.target,
+        per_channel=args.per_channel,
+        exclude=args.exclude,
+        exclude_ops=args.exclude_op,
+        dynamic=args.dynamic,
+        trt_cache=args.trt_cache,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        eval_data=args.eval,
+        image_options=image_options,
+        compare_models=not args.no_compare,
+        progress=not args.quiet,
+    )
+    kind = "dynamic (run-time activation scales)" if result.dynamic else f"static, {result.method} calibration"
+    print(f"quantized {len(result.quantized_nodes)} nodes for {result.target} ({kind})", end="")
+    if result.calibration_samples:
+        print(f" on {result.calibration_samples} samples in {result.calibration_seconds:.1f} s", end="")
+    print()
+    if result.excluded_nodes:
+        print(f"kept in float: {', '.join(result.excluded_nodes)}")
+    if result.sizes:
+        print(result.table())
+    print(f"wrote {result.output}")
+    print(f"wrote ranges to {result.ranges_path}")
+    if result.trt_cache is not None:
+        print(f"wrote TensorRT calibration cache to {result.trt_cache}")
+    return 0
+
+
+def _add_quantize(commands) -> None:
+    q = commands.add_parser(
+        "quantize",
+        help="quantize an ONNX model (static with calibration data, or dynamic)",
+        description=(
+            "Quantize MODEL.onnx to INT8 and write OUT.onnx with explicit QuantizeLinear/DequantizeLinear nodes: "
+            "laid out for ONNX Runtime's integer CPU kernels (--target ort) or for TensorRT (--target trt). "
+            "Prints file size, latency and the agreement of the outputs, FP32 vs INT8."
+        ),
+    )
+    q.add_argument("model", type=Path, help="the float ONNX model")
+    q.add_argument("-o", "--output", type=Path, required=True, help="where to write the quantized model")
+    q.add_argument(
+        "--calib",
+        help="calibration data: .npz/.npy (arrays keyed by input name, first axis = samples), a folder of them or "
+        "of images, or module:function returning an iterable of feed dicts",
+    )
+    q.add_argument(
+        "--method", "-m", choices=calib.available(),
+        help="calibration method (default: entropy for --target trt, percentile for ort)",
+    )  # fmt: skip
+    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator option")
+    q.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)")
+    group = q.add_mutually_exclusive_group()
+    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                       help="one weight scale per output channel (default)")  # fmt: skip
+    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
+    q.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float")
+    q.add_argument("--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float")
+    q.add_argument("--dynamic", action="store_true", help="dynamic quantization of MatMul/Gemm (no --calib)")
+    q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
+    q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
+    q.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)")
+    q.add_argument("--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)")
+    q.add_argument("--no-compare", action="store_true", help="skip the latency and agreement measurements")
+    images = q.add_argument_group("image folders")
+    images.add_argument("--image-size", type=int, help="crop size (default: the model's input size)")
+    images.add_argument("--resize", type=int, help="shorter side before the centre crop (default: the crop size)")
+    images.add_argument("--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    images.add_argument("--std", type=_floats, default=(1.0,), help="per-channel std, e.g. 0.229,0.224,0.225")
+    images.add_argument("--scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)")
+    images.add_argument("--bgr", action="store_true", help="channels in BGR order")
+    images.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default: from the model)")
+    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    q.set_defaults(func=_cmd_quantize)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lowbit",
@@ -154,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--save-stats", type=Path, help="save the first method's statistics (.npz) for later merging")
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cal.set_defaults(func=_cmd_calibrate)
+    _add_quantize(commands)
     return parser
 
 

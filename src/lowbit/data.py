@@ -1,16 +1,20 @@
 """Calibration data sources.
 
-Today: named tensors saved as NumPy files, streamed in batches along their first axis without loading a whole
-file into memory (.npy files are memory-mapped).
+Named tensors saved as NumPy files, streamed in batches along their first axis without loading a whole file into
+memory (.npy files are memory-mapped); and feeds for a model: batches of its named inputs from arrays, image
+folders or a Python function, each checked against what the model expects.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -96,3 +100,233 @@ def tensor_batches(path: str | os.PathLike, batch_size: int = 32) -> dict[str, B
     if path.suffix == ".npy":
         return {path.stem: _npy_source(path, batch_size)}
     raise DataError(f"{path}: expected a .npz file, a .npy file, or a folder of .npy files")
+
+
+# -- feeds: batches of named model inputs -------------------------------------------------------------------------
+
+
+class InputSpec(NamedTuple):
+    """One model input: its name, dtype, and shape (``None`` for a free dimension such as the batch)."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple
+
+    def describe(self) -> str:
+        dims = ", ".join("?" if d is None else str(d) for d in self.shape)
+        return f"{self.name}: {np.dtype(self.dtype).name}[{dims}]"
+
+
+Feed = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class FeedSource:
+    """Samples for a model, as a re-iterable stream of feed dicts whose arrays share a first (sample) axis.
+
+    ``chunks()`` yields feed dicts of any size; :meth:`batches` re-cuts them into batches of a fixed size and
+    checks each against the model's inputs.
+    """
+
+    chunks: Callable[[], Iterator[Feed]]
+    num_samples: int | None
+    description: str
+    inputs: tuple[InputSpec, ...]
+
+    def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Batches:
+        """Feed dicts of ``batch_size`` samples (the last may be shorter) for samples ``start`` .. ``stop``."""
+        end = self.num_samples if stop is None else stop if self.num_samples is None else min(stop, self.num_samples)
+        length = 0 if end is None else max(0, -(-(end - start) // batch_size))
+        return Batches(lambda: self._cut(batch_size, start, end), length)
+
+    def _cut(self, batch_size: int, start: int, stop: int | None) -> Iterator[Feed]:
+        position = 0
+        pending: list[Feed] = []
+        held = 0
+        for chunk in self.chunks():
+            chunk = check_feed(chunk, self.inputs, self.description)
+            n = _samples(chunk)
+            lo, hi = max(start - position, 0), n if stop is None else min(n, stop - position)
+            position += n
+            if hi <= lo:
+                if stop is not None and position >= stop:
+                    break
+                continue
+            pending.append({k: v[lo:hi] for k, v in chunk.items()})
+            held += hi - lo
+            while held >= batch_size:
+                batch, pending, held = _take(pending, batch_size)
+                yield batch
+            if stop is not None and position >= stop:
+                break
+        if held:
+            yield _take(pending, held)[0]
+
+
+def _samples(feed: Feed) -> int:
+    return next(iter(feed.values())).shape[0]
+
+
+def _take(pending: list[Feed], n: int) -> tuple[Feed, list[Feed], int]:
+    """The first ``n`` samples of ``pending`` as one feed, and what is left."""
+    parts: list[Feed] = []
+    got = 0
+    while got < n:
+        head = pending[0]
+        k = min(n - got, _samples(head))
+        parts.append({name: v[:k] for name, v in head.items()})
+        got += k
+        if k == _samples(head):
+            pending = pending[1:]
+        else:
+            pending = [{name: v[k:] for name, v in head.items()}, *pending[1:]]
+    batch = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+    return batch, pending, sum(_samples(p) for p in pending)
+
+
+def _expected(inputs: Sequence[InputSpec]) -> str:
+    return "; ".join(i.describe() for i in inputs)
+
+
+def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str) -> Feed:
+    """``feed`` as a dict of arrays that fit ``inputs``, or a :class:`DataError` that lists what the model expects.
+
+    One array and a one-input model need not agree on the name. Arrays must already have the model's dtype.
+    """
+    if not isinstance(feed, Mapping):
+        if len(inputs) == 1 and isinstance(feed, np.ndarray):
+            feed = {inputs[0].name: feed}
+        else:
+            raise DataError(f"{where}: expected a dict of input name -> array, got {type(feed).__name__}")
+    feed = {str(k): np.asarray(v) for k, v in feed.items()}
+    names = [i.name for i in inputs]
+    if len(inputs) == 1 and len(feed) == 1 and names[0] not in feed:
+        feed = {names[0]: next(iter(feed.values()))}
+    missing = [n for n in names if n not in feed]
+    extra = [n for n in feed if n not in names]
+    if missing or extra:
+        raise DataError(
+            f"{where}: the data has arrays {sorted(feed)} but the model's inputs are {_expected(inputs)}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (unknown: {', '.join(extra)})" if extra else "")
+        )
+    sizes = set()
+    for spec in inputs:
+        value = feed[spec.name]
+        if value.ndim != len(spec.shape):
+            raise DataError(
+                f"{where}: input {spec.name!r} has shape {value.shape} (rank {value.ndim}) but the model expects "
+                f"rank {len(spec.shape)}: {spec.describe()}; the first axis is the sample axis"
+            )
+        if value.dtype != spec.dtype:
+            raise DataError(
+                f"{where}: input {spec.name!r} is {value.dtype} but the model expects {np.dtype(spec.dtype).name} "
+                f"({spec.describe()}); convert it, e.g. array.astype(np.{np.dtype(spec.dtype).name})"
+            )
+        for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
+            if axis > 0 and want is not None and got != want:
+                raise DataError(
+                    f"{where}: input {spec.name!r} has shape {value.shape} but the model expects "
+                    f"{spec.describe()} (axis {axis} differs)"
+                )
+        sizes.add(value.shape[0])
+    if len(sizes) > 1:
+        raise DataError(f"{where}: the inputs have different numbers of samples {sorted(sizes)}")
+    return feed
+
+
+def _array_chunks(path: Path) -> tuple[Callable[[], Iterator[Feed]], int | None]:
+    """.npz (arrays keyed by input name), .npy (one input), or a folder of .npz chunks or of .npy (one per input)."""
+    if path.is_dir():
+        parts = sorted(path.glob("*.npz"))
+        if parts:
+            readers = [_array_chunks(p) for p in parts]
+            sizes = [n for _, n in readers]
+            total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
+            return (lambda: (feed for chunks, _ in readers for feed in chunks())), total
+    sources = tensor_batches(path, batch_size=_CHUNK)
+    names = list(sources)
+
+    def chunks() -> Iterator[Feed]:
+        for arrays in zip(*(sources[n] for n in names), strict=False):
+            yield dict(zip(names, arrays, strict=True))
+
+    return chunks, _first_axis(path, names)
+
+
+_CHUNK = 256  # samples read from a file at a time
+
+
+def _first_axis(path: Path, names: list[str]) -> int | None:
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return int(archive[names[0]].shape[0])
+        file = path if path.suffix == ".npy" else path / f"{names[0]}.npy"
+        return int(np.load(file, mmap_mode="r", allow_pickle=False).shape[0])
+    except (IndexError, OSError, ValueError):
+        return None
+
+
+def _callable_chunks(spec: str) -> Callable[[], Iterator[Feed]]:
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise DataError(f"{spec!r}: a Python data source is written module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise DataError(f"{spec!r}: cannot import module {module_name!r} ({exc}); run from its folder") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DataError(f"{spec!r}: module {module_name!r} has no function {function_name!r}")
+
+    def chunks() -> Iterator[Feed]:
+        result = function()
+        if isinstance(result, Mapping):
+            yield result
+            return
+        try:
+            yield from result
+        except TypeError:
+            raise DataError(f"{spec!r} returned {type(result).__name__}; return an iterable of feed dicts") from None
+
+    return chunks
+
+
+def open_feeds(source: Any, inputs: Sequence[InputSpec], *, image_options: Any = None) -> FeedSource:
+    """A :class:`FeedSource` for the model inputs ``inputs`` from any supported source:
+
+    - a path: .npz (arrays keyed by input name, first axis = samples), .npy (one-input models), a folder of
+      .npz / .npy files, or a folder of images (preprocessed by ``image_options``, a :class:`lowbit.images.ImageOptions`);
+    - ``"module:function"``: a function that returns an iterable of feed dicts;
+    - in Python: a dict of arrays, an iterable of feed dicts, or a callable returning one.
+    """
+    inputs = tuple(inputs)
+    if isinstance(source, Mapping):
+        feed = check_feed(source, inputs, "calibration data")
+        return FeedSource(lambda: iter([feed]), _samples(feed), "calibration data", inputs)
+    if isinstance(source, str) and ":" in source and not Path(source).exists() and not source[1:3] == ":\\":
+        return FeedSource(_callable_chunks(source), None, source, inputs)
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.exists():
+            raise DataError(
+                f"{path} does not exist; calibration data is a .npz/.npy file, a folder of them or of images, "
+                "or module:function"
+            )
+        from lowbit import images
+
+        if path.is_dir() and images.list_images(path):
+            if len(inputs) != 1:
+                raise DataError(f"{path} holds images, but the model has {len(inputs)} inputs: {_expected(inputs)}")
+            return images.image_source(path, inputs[0], image_options)
+        chunks, n = _array_chunks(path)
+        return FeedSource(chunks, n, str(path), inputs)
+    if callable(source):
+        return FeedSource(lambda: iter(source()), None, getattr(source, "__name__", "data"), inputs)
+    if isinstance(source, Iterable):
+        items = source if isinstance(source, (list, tuple)) else list(source)
+        return FeedSource(lambda: iter(items), None, "calibration data", inputs)
+    raise DataError(f"cannot read calibration data from a {type(source).__name__}")

@@ -1,0 +1,106 @@
+"""A folder of images as model input, with the preprocessing stated explicitly (needs Pillow).
+
+Each image: converted to RGB (or L for one-channel inputs), its shorter side resized to ``resize``, the centre
+``size`` x ``size`` cropped, scaled by ``scale`` (1/255: [0, 1]), normalised ``(x - mean) / std`` per channel,
+channels reversed for ``bgr``, laid out NCHW or NHWC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.data import DataError, Feed, FeedSource, InputSpec
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class ImageOptions:
+    """Preprocessing of an image folder. ``size`` defaults to the model's input size; ``resize`` (the shorter
+    side before the centre crop) to ``size``; ``layout`` to what the input's shape says (channels 1 or 3 on
+    axis 1: NCHW)."""
+
+    size: int | tuple[int, int] | None = None
+    resize: int | None = None
+    mean: Sequence[float] = (0.0,)
+    std: Sequence[float] = (1.0,)
+    scale: float = 1 / 255
+    bgr: bool = False
+    layout: str | None = None
+
+    def __post_init__(self):
+        if self.layout not in (None, "nchw", "nhwc"):
+            raise DataError(f"image layout must be 'nchw' or 'nhwc', got {self.layout!r}")
+        if any(s == 0 for s in self.std):
+            raise DataError("image std must not contain 0")
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` or in its subfolders (class folders), sorted."""
+    return sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
+
+
+def _geometry(spec: InputSpec, options: ImageOptions) -> tuple[str, int, tuple[int, int]]:
+    if len(spec.shape) != 4:
+        raise DataError(
+            f"an image folder feeds a 4-D input (N, C, H, W or N, H, W, C); the model's input is {spec.describe()}"
+        )
+    layout = options.layout or ("nchw" if spec.shape[1] in (1, 3) else "nhwc")
+    channels, h, w = (spec.shape[1], *spec.shape[2:]) if layout == "nchw" else (spec.shape[3], *spec.shape[1:3])
+    if options.size is not None:
+        h, w = (options.size, options.size) if isinstance(options.size, int) else options.size
+    if h is None or w is None:
+        raise DataError(f"the model's input {spec.describe()} has a free image size; give the size (--image-size)")
+    if channels not in (1, 3):
+        raise DataError(f"image input {spec.describe()} must have 1 or 3 channels (layout {layout})")
+    return layout, channels, (int(h), int(w))
+
+
+def load_image(path: Path, channels: int, size: tuple[int, int], options: ImageOptions) -> np.ndarray:
+    """One preprocessed image as float32 (H, W, C)."""
+    try:
+        from PIL import Image
+    except ImportError:
+        raise DataError("reading a folder of images needs Pillow: pip install pillow") from None
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB")
+            h, w = size
+            short = options.resize or max(h, w)
+            ratio = short / min(image.size)
+            image = image.resize(
+                (max(w, round(image.size[0] * ratio)), max(h, round(image.size[1] * ratio))), Image.BILINEAR
+            )
+            left, top = (image.size[0] - w) // 2, (image.size[1] - h) // 2
+            array = np.asarray(image.crop((left, top, left + w, top + h)), dtype=np.float32)
+    except OSError as exc:
+        raise DataError(f"{path}: not a readable image ({exc})") from None
+    if array.ndim == 2:
+        array = array[:, :, None]
+    array = array * np.float32(options.scale)
+    array = (array - np.asarray(options.mean, np.float32)) / np.asarray(options.std, np.float32)
+    if options.bgr:
+        array = array[:, :, ::-1]
+    return array
+
+
+def image_source(folder: Path, spec: InputSpec, options: ImageOptions | None = None) -> FeedSource:
+    options = options or ImageOptions()
+    files = list_images(folder)
+    layout, channels, size = _geometry(spec, options)
+    if np.dtype(spec.dtype) != np.float32:
+        raise DataError(f"an image folder gives float32 input; the model's input is {spec.describe()}")
+
+    def chunks() -> Iterator[Feed]:
+        for start in range(0, len(files), _CHUNK):
+            batch = np.stack([load_image(f, channels, size, options) for f in files[start : start + _CHUNK]])
+            if layout == "nchw":
+                batch = batch.transpose(0, 3, 1, 2)
+            yield {spec.name: np.ascontiguousarray(batch, dtype=np.float32)}
+
+    return FeedSource(chunks, len(files), f"{folder} ({len(files)} images)", (spec,))

@@ -1,0 +1,101 @@
+"""Float vs quantized, side by side: output agreement on held-out samples and latency on ONNX Runtime CPU."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from lowbit.data import Feed, InputSpec
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How closely the quantized model's first output follows the float model's, over ``samples`` samples.
+
+    ``cosine``: mean over samples of the cosine similarity of the flattened outputs; ``max_abs_error``: the
+    largest absolute difference; ``top1``: fraction of samples whose argmax agrees (classifier outputs, else None).
+    """
+
+    samples: int
+    cosine: float
+    max_abs_error: float
+    top1: float | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a = a.reshape(a.shape[0], -1).astype(np.float64)
+    b = b.reshape(b.shape[0], -1).astype(np.float64)
+    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
+    dot = (a * b).sum(axis=1)
+    both_zero = (na == 0) & (nb == 0)
+    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
+
+
+def agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds: Iterable[Feed]) -> Agreement | None:
+    """Compare the first outputs of two sessions over ``feeds``; None when there were no samples."""
+    name = reference.get_outputs()[0].name
+    cosines: list[np.ndarray] = []
+    max_err, agree, n, classifier = 0.0, 0, 0, True
+    for feed in feeds:
+        a = reference.run([name], dict(feed))[0]
+        b = candidate.run([name], dict(feed))[0]
+        if a.dtype.kind != "f" or a.ndim == 0:
+            return None
+        cosines.append(_cosine(a, b))
+        max_err = max(max_err, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
+        classifier = classifier and a.ndim == 2 and a.shape[1] > 1
+        if classifier:
+            agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
+        n += a.shape[0]
+    if n == 0:
+        return None
+    return Agreement(n, float(np.concatenate(cosines).mean()), max_err, agree / n if classifier else None)
+
+
+def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | None:
+    """``sample`` repeated or cut to ``batch`` samples; None when an input's batch dimension is fixed otherwise."""
+    out = {}
+    for spec in inputs:
+        fixed = spec.shape[0] if spec.shape else None
+        if fixed is not None and fixed != batch:
+            return None
+        x = sample[spec.name]
+        reps = -(-batch // x.shape[0])
+        out[spec.name] = np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
+    return out
+
+
+def latency_ms(sess: ort.InferenceSession, feed: Feed, *, warmup: int = 3, budget_s: float = 1.0, runs: int = 7) -> float:
+    """Median wall time of ``sess.run`` on ``feed`` after ``warmup`` runs: at least ``runs`` runs, more while
+    the time budget lasts (up to 50)."""
+    for _ in range(warmup):
+        sess.run(None, feed)
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < runs or (time.perf_counter() - start < budget_s and len(times) < 50):
+        t0 = time.perf_counter()
+        sess.run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1e3)
+
+
+def latencies(
+    sessions: Mapping[str, ort.InferenceSession],
+    sample: Feed,
+    inputs: tuple[InputSpec, ...],
+    batches: Iterable[int] = (1, 8),
+) -> dict[str, dict[int, float | None]]:
+    """``{name: {batch: median ms}}`` for each session; None where the model's batch size is fixed otherwise."""
+    out: dict[str, dict[int, float | None]] = {name: {} for name in sessions}
+    for b in batches:
+        feed = batch_of(sample, inputs, b)
+        for name, sess in sessions.items():
+            out[name][b] = None if feed is None else latency_ms(sess, feed)
+    return out

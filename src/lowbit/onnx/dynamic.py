@@ -1,0 +1,129 @@
+"""Dynamic quantization: weights of MatMul/Gemm quantized offline (int8, per output column), activations quantized
+at run time with a scale computed from each batch, so no calibration data is needed.
+
+    A -> DynamicQuantizeLinear -> (A_q uint8, s_a, z_a)
+    MatMulInteger(A_q, W_q, z_a, z_w) -> int32 -> Cast -> * (s_a * s_w) [-> + bias]
+
+ONNX Runtime fuses this pattern into its DynamicQuantizeMatMul kernel. One DynamicQuantizeLinear serves every
+MatMul that reads the same activation (the Q, K and V projections of a transformer layer).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.rewrite import _Names, weight_qparams
+
+
+@dataclass
+class DynamicPlan:
+    quantized_nodes: list[str] = field(default_factory=list)
+    excluded_nodes: list[str] = field(default_factory=list)
+
+
+def _weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant (K, N) weight of a MatMul/Gemm node, or None when it has none this can use."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("MatMul", "Gemm") or len(node.input) < 2:
+        return None
+    a, b = node.input[0], node.input[1]
+    if not (graph.is_activation(a) and graph.is_constant(b) and graph.is_float(b)):
+        return None
+    w = graph.value(b)
+    if w.ndim != 2:
+        return None
+    if node.op_type == "Gemm":
+        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        if attrs.get("transA", 0):
+            return None
+        if len(node.input) > 2 and node.input[2] and not graph.is_constant(node.input[2]):
+            return None  # a bias computed at run time: leave the node in float
+        w = w.T if attrs.get("transB", 0) else w
+        w = w * np.float32(attrs.get("alpha", 1.0))
+    return np.ascontiguousarray(w, dtype=np.float32)
+
+
+def quantize_dynamic(
+    model: onnx.ModelProto,
+    *,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    per_channel: bool = True,
+) -> tuple[onnx.ModelProto, DynamicPlan]:
+    """A copy of ``model`` whose MatMul/Gemm with constant 2-D weights run on int8 with run-time activation scales."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = Graph(out)
+    g = out.graph
+    names = _Names(g)
+    patterns = [re.compile(p) for p in exclude]
+    plan = DynamicPlan()
+    inits: list[onnx.TensorProto] = []
+    quantized_inputs: dict[str, tuple[str, str, str]] = {}
+    nodes: list[onnx.NodeProto] = []
+    weight_users: dict[str, int] = {}
+    for node in g.node:
+        for name in node.input:
+            weight_users[name] = weight_users.get(name, 0) + 1
+
+    def init(base: str, array: np.ndarray) -> str:
+        name = names.new(base)
+        inits.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
+    for node in g.node:
+        w = _weight(graph, node)
+        label = graph.node_name(node)
+        if w is not None and (node.op_type in exclude_ops or any(p.search(label) for p in patterns)):
+            plan.excluded_nodes.append(label)
+            w = None
+        if w is None:
+            nodes.append(node)
+            continue
+        a, y = node.input[0], node.output[0]
+        if a not in quantized_inputs:
+            outs = [names.new(f"{a}_quantized"), names.new(f"{a}_scale"), names.new(f"{a}_zero_point")]
+            nodes.append(helper.make_node("DynamicQuantizeLinear", [a], outs, name=names.new(f"{a}_DynamicQuantize")))
+            quantized_inputs[a] = tuple(outs)  # type: ignore[assignment]
+        a_q, a_scale, a_zp = quantized_inputs[a]
+        p, w_q = weight_qparams(w, 1 if per_channel else None)
+        w_scale = np.broadcast_to(p.scale, (w.shape[1],)) if per_channel else p.scale
+        base = node.input[1]
+        w_name, zp_name = init(f"{base}_quantized", w_q), init(f"{base}_zero_point", p.zero_point)
+        scale_name = init(f"{base}_scale", np.asarray(w_scale, np.float32))
+        acc, acc_f, scale_ab = names.new(f"{y}_int32"), names.new(f"{y}_int32_float"), names.new(f"{y}_scale")
+        nodes += [
+            helper.make_node("MatMulInteger", [a_q, w_name, a_zp, zp_name], [acc], name=names.new(f"{label}_MatMulInteger")),
+            helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT, name=names.new(f"{label}_Cast")),
+            helper.make_node("Mul", [a_scale, scale_name], [scale_ab], name=names.new(f"{label}_Scale")),
+        ]
+        bias = _gemm_bias(graph, node)
+        if bias is None:
+            nodes.append(helper.make_node("Mul", [acc_f, scale_ab], [y], name=names.new(f"{label}_Rescale")))
+        else:
+            scaled = names.new(f"{y}_no_bias")
+            nodes.append(helper.make_node("Mul", [acc_f, scale_ab], [scaled], name=names.new(f"{label}_Rescale")))
+            nodes.append(helper.make_node("Add", [scaled, init(f"{y}_bias", bias)], [y], name=names.new(f"{label}_Bias")))
+        plan.quantized_nodes.append(label)
+        weight_users[base] -= 1
+
+    unused = {name for name, users in weight_users.items() if users == 0}
+    kept = [t for t in g.initializer if t.name not in unused]
+    del g.initializer[:]
+    g.initializer.extend(kept + inits)
+    del g.node[:]
+    g.node.extend(nodes)
+    return out, plan
+
+
+def _gemm_bias(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
+        return None
+    beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+    return (graph.value(node.input[2]) * np.float32(beta)).astype(np.float32)
