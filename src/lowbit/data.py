@@ -299,7 +299,8 @@ def open_feeds(source: Any, inputs: Sequence[InputSpec], *, image_options: Any =
     """A :class:`FeedSource` for the model inputs ``inputs`` from any supported source:
 
     - a path: .npz (arrays keyed by input name, first axis = samples), .npy (one-input models), a folder of
-      .npz / .npy files, or a folder of images (preprocessed by ``image_options``, a :class:`lowbit.images.ImageOptions`);
+      .npz / .npy files, or a folder of images (preprocessed as ``image_options``, an
+      :class:`lowbit.images.ImageOptions`, says);
     - ``"module:function"``: a function that returns an iterable of feed dicts;
     - in Python: a dict of arrays, an iterable of feed dicts, or a callable returning one.
     """

@@ -38,7 +38,9 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
 
 
-def agreement(reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds: Iterable[Feed]) -> Agreement | None:
+def agreement(
+    reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds: Iterable[Feed]
+) -> Agreement | None:
     """Compare the first outputs of two sessions over ``feeds``; None when there were no samples."""
     name = reference.get_outputs()[0].name
     cosines: list[np.ndarray] = []
@@ -72,7 +74,9 @@ def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | 
     return out
 
 
-def latency_ms(sess: ort.InferenceSession, feed: Feed, *, warmup: int = 3, budget_s: float = 1.0, runs: int = 7) -> float:
+def latency_ms(
+    sess: ort.InferenceSession, feed: Feed, *, warmup: int = 3, budget_s: float = 1.0, runs: int = 7
+) -> float:
     """Median wall time of ``sess.run`` on ``feed`` after ``warmup`` runs: at least ``runs`` runs, more while
     the time budget lasts (up to 50)."""
     for _ in range(warmup):

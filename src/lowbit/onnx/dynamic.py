@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
 
+import onnx
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rewrite import _Names, weight_qparams
+from onnx import helper, numpy_helper
 
 
 @dataclass
@@ -99,7 +99,9 @@ def quantize_dynamic(
         scale_name = init(f"{base}_scale", np.asarray(w_scale, np.float32))
         acc, acc_f, scale_ab = names.new(f"{y}_int32"), names.new(f"{y}_int32_float"), names.new(f"{y}_scale")
         nodes += [
-            helper.make_node("MatMulInteger", [a_q, w_name, a_zp, zp_name], [acc], name=names.new(f"{label}_MatMulInteger")),
+            helper.make_node(
+                "MatMulInteger", [a_q, w_name, a_zp, zp_name], [acc], name=names.new(f"{label}_MatMulInteger")
+            ),
             helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT, name=names.new(f"{label}_Cast")),
             helper.make_node("Mul", [a_scale, scale_name], [scale_ab], name=names.new(f"{label}_Scale")),
         ]
@@ -109,7 +111,9 @@ def quantize_dynamic(
         else:
             scaled = names.new(f"{y}_no_bias")
             nodes.append(helper.make_node("Mul", [acc_f, scale_ab], [scaled], name=names.new(f"{label}_Rescale")))
-            nodes.append(helper.make_node("Add", [scaled, init(f"{y}_bias", bias)], [y], name=names.new(f"{label}_Bias")))
+            nodes.append(
+                helper.make_node("Add", [scaled, init(f"{y}_bias", bias)], [y], name=names.new(f"{label}_Bias"))
+            )
         plan.quantized_nodes.append(label)
         weight_users[base] -= 1
 

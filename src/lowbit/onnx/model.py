@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnxruntime as ort
-from onnx import version_converter
 
+import onnx
 from lowbit.errors import FormatError
+from onnx import version_converter
 
 # Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
 MIN_OPSET = 13
@@ -143,9 +143,7 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
         options.optimized_model_filepath = str(dst)
         if is_large(model):
-            options.add_session_config_entry(
-                "session.optimized_model_external_initializers_file_name", "out.onnx.data"
-            )
+            options.add_session_config_entry("session.optimized_model_external_initializers_file_name", "out.onnx.data")
             options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         try:
             ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
@@ -156,11 +154,29 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
                 "Runtime, so the float model must run in it first"
             ) from None
         optimized = onnx.load(str(dst))
+    _drop_unused_domains(optimized)
     # ORT keeps the producer's opset imports; shape inference gives every intermediate tensor its type.
     try:
         return onnx.shape_inference.infer_shapes(optimized)
     except Exception:
         return optimized
+
+
+def _drop_unused_domains(model: onnx.ModelProto) -> None:
+    """ORT's optimizer declares every domain it knows; keep the ones the graph uses."""
+    used = {""}
+
+    def visit(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            used.add(node.domain)
+            for attr in node.attribute:
+                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                    visit(sub)
+
+    visit(model.graph)
+    keep = [op for op in model.opset_import if op.domain in used or op.domain == "ai.onnx"]
+    del model.opset_import[:]
+    model.opset_import.extend(keep)
 
 
 def file_size(path: str | os.PathLike) -> int:

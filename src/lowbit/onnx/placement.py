@@ -18,7 +18,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
-
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
 
@@ -156,7 +155,12 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
         if rule.bias_input is not None and rule.bias_input < len(node.input):
             bias = node.input[rule.bias_input]
             weight = node.input[rule.weight_inputs[0]]
-            if graph.is_constant(bias) and graph.is_float(bias) and weight in result.weights and _plain_bias(graph, node, bias):
+            if (
+                graph.is_constant(bias)
+                and graph.is_float(bias)
+                and weight in result.weights
+                and _plain_bias(graph, node, bias)
+            ):
                 result.biases[bias] = (node.input[0], weight)
         out = node.output[0]
         # A MatMul/Gemm whose result is a graph output keeps a float output (QGemm/MatMulIntegerToFloat give one);

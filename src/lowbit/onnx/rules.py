@@ -20,7 +20,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
-
 from lowbit.onnx.graph import Graph
 
 KINDS = ("compute", "elementwise", "share", "activation", "lookup")

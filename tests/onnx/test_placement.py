@@ -1,0 +1,157 @@
+"""Where Q/DQ goes for each target, counted on small graphs, and what ONNX Runtime makes of it."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import onnx
+from lowbit.onnx import placement
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.model import preprocess
+from lowbit.onnx.rewrite import quantize_model
+from onnx import TensorProto, helper, numpy_helper
+from tests.onnx import models
+
+
+@pytest.fixture(scope="module")
+def convnet():
+    return preprocess(models.convnet())
+
+
+def _ranges(plan, lo=-2.0, hi=2.0):
+    return {t: (lo, hi) for t in plan.calibrated}
+
+
+def test_preprocess_folds_batchnorm_into_conv(convnet):
+    ops = [n.op_type for n in convnet.graph.node]
+    assert "BatchNormalization" not in ops
+    assert ops.count("Conv") == 2
+
+
+def test_ort_plan_quantizes_through_integer_ops(convnet):
+    graph = Graph(convnet)
+    plan = placement.plan(graph, "ort")
+    relu1 = next(n for n in graph.nodes if n.op_type == "Relu")
+    pool = next(n for n in graph.nodes if n.op_type == "MaxPool")
+    conv1 = graph.producer[relu1.input[0]]
+    assert relu1.input[0] not in plan.activations  # absorbed: the quantizer after Relu does its clipping
+    assert plan.activations[relu1.output[0]] == relu1.output[0]
+    assert plan.activations[pool.output[0]] == relu1.output[0]  # MaxPool keeps its input's scale
+    assert "logits" not in plan.activations  # the Gemm output is a graph output: QGemm gives float
+    assert plan.weights == {conv1.input[1]: 0, graph.producer["c2"].input[1]: 0, "fc_w": 0}
+    assert set(plan.biases) == {conv1.input[2], "b2", "fc_b"}
+
+
+def test_ort_layout_runs_as_integer_kernels(convnet, tmp_path):
+    """ONNX Runtime fuses every DQ -> op -> Q group into an integer kernel: no float Conv or Gemm is left."""
+    plan = placement.plan(Graph(convnet), "ort")
+    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    ops = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1
+    assert ops["Conv"] == ops["Gemm"] == ops["Relu"] == 0
+
+
+def test_ort_activations_are_uint8_and_weights_int8_per_channel(convnet):
+    plan = placement.plan(Graph(convnet), "ort")
+    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    for node in quantized.graph.node:
+        if node.op_type == "QuantizeLinear":
+            assert inits[node.input[2]].dtype == np.uint8
+        if node.op_type == "DequantizeLinear" and node.output[0] in plan.weights:
+            assert inits[node.input[0]].dtype == np.int8
+            assert inits[node.input[1]].shape == (inits[node.input[0]].shape[0],)
+            assert not inits[node.input[2]].any()
+        if node.op_type == "DequantizeLinear" and node.output[0] in plan.biases:
+            assert inits[node.input[0]].dtype == np.int32
+
+
+def test_trt_plan_quantizes_inputs_of_compute_ops_and_the_residual_skip(convnet):
+    graph = Graph(convnet)
+    plan = placement.plan(graph, "trt")
+    pool = next(n for n in graph.nodes if n.op_type == "MaxPool")
+    flatten = next(n for n in graph.nodes if n.op_type == "Flatten")
+    assert set(plan.activations) == {"x", pool.output[0], flatten.output[0]}  # conv2 reads pool too: one pair
+    assert plan.biases == {} and plan.constants == set()
+    quantized = quantize_model(convnet, plan, _ranges(plan))
+    inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
+    zero_points = [
+        inits[n.input[2]] for n in quantized.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
+    ]
+    assert all(z.dtype == np.int8 and not z.any() for z in zero_points)  # INT8 symmetric
+    assert [o.name for o in quantized.graph.output] == ["logits"]
+
+
+def test_trt_residual_add_of_two_convs_quantizes_the_earlier_branch():
+    rng = np.random.default_rng(0)
+    w = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), f"w{i}") for i in range(3)]
+    nodes = [
+        helper.make_node("Conv", ["x", "w0"], ["short"], "shortcut"),
+        helper.make_node("Conv", ["x", "w1"], ["a"], "conv_a"),
+        helper.make_node("Conv", ["a", "w2"], ["main"], "conv_b"),
+        helper.make_node("Add", ["main", "short"], ["y"], "add"),
+    ]
+    vi = helper.make_tensor_value_info
+    model = helper.make_model(
+        helper.make_graph(
+            nodes, "g", [vi("x", TensorProto.FLOAT, [1, 4, 4, 4])], [vi("y", TensorProto.FLOAT, None)], w
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    model = onnx.shape_inference.infer_shapes(model)
+    plan = placement.plan(Graph(model), "trt")
+    assert "short" in plan.activations and "main" not in plan.activations
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs", "w_shape", "axis"),
+    [
+        ("Gemm", {"transB": 1}, (5, 8), 0),
+        ("Gemm", {}, (8, 5), 1),
+        ("MatMul", {}, (8, 5), 1),
+        ("ConvTranspose", {}, (8, 5, 2, 2), 1),
+        ("ConvTranspose", {"group": 2}, (8, 3, 2, 2), None),
+    ],
+)
+def test_weight_axis_is_the_output_channel(op, attrs, w_shape, axis):
+    conv = op == "ConvTranspose"
+    x_shape = [1, 8, 4, 4] if conv else [2, 8]
+    w = numpy_helper.from_array(np.ones(w_shape, np.float32), "w")
+    vi = helper.make_tensor_value_info
+    node = helper.make_node(op, ["x", "w"], ["y"], "op", **attrs)
+    model = helper.make_model(
+        helper.make_graph([node], "g", [vi("x", TensorProto.FLOAT, x_shape)], [vi("y", TensorProto.FLOAT, None)], [w]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    for target in ("ort", "trt"):
+        assert placement.plan(Graph(model), target).weights == {"w": axis}
+        assert placement.plan(Graph(model), target, per_channel=False).weights == {"w": None}
+
+
+def test_excluded_node_reads_the_float_tensor(convnet):
+    graph = Graph(convnet)
+    conv2 = graph.producer["c2"]
+    plan = placement.plan(graph, "ort", exclude=[f"^{conv2.name}$"])
+    assert plan.excluded_nodes == [conv2.name]
+    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    q_graph = Graph(quantized)
+    node = next(n for n in quantized.graph.node if n.name == conv2.name)
+    assert q_graph.producer[node.input[0]].op_type == "MaxPool"  # the float value, not a DequantizeLinear
+    assert node.input[1] in q_graph.initializers  # its weight stays a float initializer
+
+
+def test_exclude_op_type(convnet):
+    plan = placement.plan(Graph(convnet), "trt", exclude_ops=["Gemm"])
+    assert "fc_w" not in plan.weights and plan.excluded_nodes == ["fc"]
+
+
+def test_unknown_target():
+    with pytest.raises(ValueError, match="targets are ort, trt"):
+        placement.plan(Graph(models.convnet()), "tpu")

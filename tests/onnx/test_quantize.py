@@ -1,0 +1,185 @@
+"""``lowbit.onnx.quantize`` and ``lowbit quantize`` end to end on small models built in code."""
+
+from __future__ import annotations
+
+import collections
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+import onnx
+from lowbit.cli import main
+from lowbit.data import DataError
+from lowbit.errors import FormatError
+from lowbit.onnx.quantize import QuantizeError, quantize
+from lowbit.trt_cache import read_trt_cache
+from onnx import numpy_helper
+from tests.onnx import models
+
+
+@pytest.fixture
+def convnet_files(tmp_path):
+    model = models.save(models.convnet(), tmp_path / "convnet.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
+    return tmp_path, model, data
+
+
+def _run(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x})
+
+
+def _cos(a, b):
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_static_quantization_keeps_the_outputs(convnet_files, target):
+    tmp, model, data = convnet_files
+    out = tmp / f"q_{target}.onnx"
+    result = quantize(model, out, data, target=target, progress=False)
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q)
+    assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == ["logits"]
+    x = np.random.default_rng(5).standard_normal((6, 3, 16, 16)).astype(np.float32)
+    assert _cos(_run(model, x)[0], _run(out, x)[0]) > 0.99
+    assert result.agreement is not None and result.agreement.samples == 9  # 48 // 5 held out
+    assert result.agreement.cosine > 0.99
+    assert result.calibration_samples == 39
+    assert set(result.latency) == {"fp32", "int8"} and result.latency["int8"][8] > 0
+    assert "INT8 / FP32" in result.table()
+
+
+def test_ranges_json_matches_the_quantizers_in_the_model(convnet_files):
+    tmp, model, data = convnet_files
+    out = tmp / "q.onnx"
+    result = quantize(model, out, data, compare_models=False, progress=False)
+    record = json.loads(result.ranges_path.read_text())
+    assert result.ranges_path == tmp / "q.ranges.json"
+    q = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
+    q_nodes = [n for n in q.graph.node if n.op_type == "QuantizeLinear"]
+    assert len(q_nodes) == len(record["activations"])
+    scales = sorted(float(inits[n.input[1]]) for n in q_nodes)
+    assert scales == sorted(np.float32(a["scale"]) for a in record["activations"].values())
+    assert record["method"] == "mse" and record["target"] == "ort"
+
+
+def test_trt_cache_agrees_with_the_qdq_scales(convnet_files):
+    tmp, model, data = convnet_files
+    out, cache = tmp / "q.onnx", tmp / "q.cache"
+    quantize(model, out, data, target="trt", trt_cache=cache, compare_models=False, progress=False)
+    scales = read_trt_cache(cache).scales
+    record = json.loads((tmp / "q.ranges.json").read_text())["activations"]
+    for tensor, entry in record.items():
+        assert scales[tensor] == pytest.approx(entry["scale"], rel=1e-6)
+    assert len(scales) > len(record)  # implicit INT8 wants every activation, not only the Q/DQ ones
+
+
+def test_excluded_nodes_stay_float(convnet_files):
+    tmp, model, data = convnet_files
+    result = quantize(model, tmp / "q.onnx", data, exclude=["^conv2$"], exclude_ops=["Gemm"], progress=False,
+                      compare_models=False)  # fmt: skip
+    assert "conv2" in result.excluded_nodes and "fc" in result.excluded_nodes
+    q = onnx.load(str(tmp / "q.onnx"))
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    assert ops["Gemm"] == 1 and "fc_w" in {t.name for t in q.graph.initializer}
+
+
+def test_dynamic_quantization_of_matmul_and_gemm(tmp_path):
+    model = models.save(models.mlp(), tmp_path / "mlp.onnx")
+    out = tmp_path / "mlp_dyn.onnx"
+    data = models.calib_data(tmp_path / "eval.npz", (4, 16), n=16)
+    result = quantize(model, out, dynamic=True, eval_data=data, progress=False)
+    assert sorted(result.quantized_nodes) == ["head", "mm1", "mm2"]
+    q = onnx.load(str(out))
+    ops = collections.Counter(n.op_type for n in q.graph.node)
+    assert ops["MatMulInteger"] == 3 and ops["DynamicQuantizeLinear"] == 3 and ops["MatMul"] == 0
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    sess = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    fused = collections.Counter(n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node)
+    assert fused["DynamicQuantizeMatMul"] >= 2 and fused["MatMulInteger"] == 0
+    x = np.random.default_rng(3).standard_normal((5, 4, 16)).astype(np.float32)
+    ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = sess.run(None, {"x": x})
+    for a, b in zip(ref, got, strict=True):
+        assert _cos(a, b) > 0.995
+    assert result.agreement is not None and result.agreement.cosine > 0.995
+
+
+def test_control_flow_is_quantized_outside_the_subgraphs(tmp_path):
+    model = models.save(models.branching(), tmp_path / "if.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=16)
+    out = tmp_path / "if_q.onnx"
+    quantize(model, out, data, compare_models=False, progress=False)
+    q = onnx.load(str(out))
+    assert any(n.op_type == "If" for n in q.graph.node)
+    x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    for sign in (1, -1):
+        xs = np.abs(x) * sign
+        assert _cos(_run(model, xs)[0], _run(out, xs)[0]) > 0.99
+
+
+def test_refuses_to_overwrite_the_input(convnet_files):
+    tmp, model, data = convnet_files
+    before = (tmp / "convnet.onnx").read_bytes()
+    with pytest.raises(QuantizeError, match="refusing to overwrite the input model"):
+        quantize(model, model, data, progress=False)
+    assert (tmp / "convnet.onnx").read_bytes() == before
+
+
+def test_not_an_onnx_file(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)
+    with pytest.raises(FormatError, match=r"not a readable ONNX model|not an ONNX model"):
+        quantize(bad, tmp_path / "out.onnx", dynamic=True, progress=False)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_model_onnx_runtime_cannot_load(tmp_path):
+    model = models.convnet()
+    model.graph.node[0].op_type = "NoSuchOp"
+    path = models.save(model, tmp_path / "broken.onnx")
+    with pytest.raises(FormatError, match=r"ONNX Runtime .* cannot load the model"):
+        quantize(path, tmp_path / "out.onnx", dynamic=True, progress=False)
+
+
+def test_calibration_data_that_does_not_fit_lists_what_the_model_expects(convnet_files):
+    tmp, model, _ = convnet_files
+    wrong_rank = models.calib_data(tmp / "rank.npz", (3, 16), n=4)
+    with pytest.raises(DataError, match=r"x: float32\[\?, 3, 16, 16\]"):
+        quantize(model, tmp / "q.onnx", wrong_rank, progress=False)
+    np.savez(tmp / "dtype.npz", x=np.zeros((4, 3, 16, 16)))
+    with pytest.raises(DataError, match="is float64 but the model expects float32"):
+        quantize(model, tmp / "q.onnx", tmp / "dtype.npz", progress=False)
+    np.savez(tmp / "names.npz", a=np.zeros((4, 3, 16, 16), np.float32), b=np.zeros((4, 1), np.float32))
+    with pytest.raises(DataError, match="the model's inputs are x"):
+        quantize(model, tmp / "q.onnx", tmp / "names.npz", progress=False)
+
+
+def test_nothing_to_quantize(tmp_path, convnet_files):
+    tmp, model, data = convnet_files
+    with pytest.raises(QuantizeError, match="nothing to quantize"):
+        quantize(model, tmp / "q.onnx", data, exclude=[".*"], progress=False)
+
+
+def test_cli_quantize_prints_the_comparison(convnet_files, capsys):
+    tmp, model, data = convnet_files
+    code = main(["quantize", str(model), "-o", str(tmp / "cli.onnx"), "--calib", str(data), "-q",
+                 "--method", "percentile", "--option", "percentile=99.9"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "static, percentile calibration" in out and "FP32" in out and "top-1 agreement" in out
+    assert (tmp / "cli.onnx").exists() and (tmp / "cli.ranges.json").exists()
+
+
+def test_cli_quantize_errors_exit_2(convnet_files, capsys):
+    tmp, model, data = convnet_files
+    assert main(["quantize", str(model), "-o", str(tmp / "q.onnx")]) == 2
+    assert "needs calibration data" in capsys.readouterr().err
+    assert main(["quantize", str(model), "-o", str(tmp / "q.onnx"), "--calib", str(data), "--dynamic"]) == 2
+    assert "drop --calib" in capsys.readouterr().err
