@@ -3,7 +3,7 @@
     python benchmarks/calib_bench.py            # about 2 minutes on a 2-core machine
     python benchmarks/calib_bench.py --quick    # fewer tensors and repeats
 
-Writes the "calibration" section of docs/BENCHMARKS.md and docs/benchmarks/calib.json.
+Writes the "calibration" section of docs/BENCHMARKS.md and docs/benchmarks/calibration.json.
 Measures:
   1. the entropy threshold search on a 2048-bin histogram: lowbit vs ONNX Runtime's HistogramCollector
      (method="entropy", num_bins=2048, num_quantized_bins=128) on the same tensors;
@@ -16,26 +16,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-from lowbit import calib  # noqa: E402
-from lowbit._table import format_table  # noqa: E402
-from lowbit.calib.search import entropy_amax  # noqa: E402
-
-START, END = "<!-- calibration:start -->", "<!-- calibration:end -->"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_section
+from lowbit import calib
+from lowbit._table import format_table
+from lowbit.calib.search import entropy_amax
 
 
 def activations(count: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -164,30 +159,11 @@ def bench_memory(counts: list[int]) -> dict:
     return out
 
 
-def machine() -> dict:
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    import onnxruntime
-
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
-    }
-
-
 def render(results: dict) -> str:
     e, h, m = results["entropy"], results["histogram"], results["memory"]
     small, large = m[str(min(map(int, m)))], m[str(max(map(int, m)))]
     mach = results["machine"]
     lines = [
-        START,
         "## Calibration: speed and memory",
         "",
         f"`python benchmarks/calib_bench.py` on {mach['cpu']} ({mach['cores']} cores), Python {mach['python']}, "
@@ -250,28 +226,8 @@ def render(results: dict) -> str:
         f"during the update loop x{large['update_peak_mb'] / small['update_peak_mb']:.3f} (Python's tracemalloc). "
         "compute() allocates bounded temporaries (the MSE search works on at most 2^21 values at once) that "
         "depend on how many histogram bins are filled, not on how many batches were seen.",
-        END,
     ]
     return "\n".join(lines)
-
-
-def write_docs(results: dict) -> None:
-    from lowbit._io import atomic_write_text
-
-    docs = ROOT / "docs"
-    atomic_write_text(docs / "benchmarks" / "calib.json", json.dumps(results, indent=2) + "\n")
-    path = docs / "BENCHMARKS.md"
-    section = render(results)
-    text = (
-        path.read_text()
-        if path.exists()
-        else "# lowbit benchmarks\n\nEvery figure here comes from a script in `benchmarks/` that anyone can run.\n"
-    )
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    atomic_write_text(path, text)
 
 
 def main() -> None:
@@ -293,8 +249,8 @@ def main() -> None:
     }
     print(render(results))
     if not args.no_write:
-        write_docs(results)
-        print(f"\nwrote {ROOT / 'docs' / 'BENCHMARKS.md'} and {ROOT / 'docs' / 'benchmarks' / 'calib.json'}")
+        write_section("calibration", render(results), results)
+        print(f"\nwrote {ROOT / 'docs' / 'BENCHMARKS.md'} and {ROOT / 'docs' / 'benchmarks' / 'calibration.json'}")
 
 
 if __name__ == "__main__":

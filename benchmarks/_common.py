@@ -1,0 +1,56 @@
+"""What every benchmark shares: the machine's description and writing its section of docs/BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:
+    sys.path.insert(0, str(ROOT / "src"))
+
+
+def machine() -> dict:
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import onnxruntime
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"),
+    }
+
+
+def write_section(name: str, section: str, results: dict) -> None:
+    """Replace the ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of docs/BENCHMARKS.md (or append it)
+    and write the raw figures to docs/benchmarks/<name>.json."""
+    from lowbit._io import atomic_write_text
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    docs = ROOT / "docs"
+    atomic_write_text(docs / "benchmarks" / f"{name}.json", json.dumps(results, indent=2) + "\n")
+    path = docs / "BENCHMARKS.md"
+    text = (
+        path.read_text()
+        if path.exists()
+        else "# lowbit benchmarks\n\nEvery figure here comes from a script in `benchmarks/` that anyone can run.\n"
+    )
+    block = f"{start}\n{section.strip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
+    atomic_write_text(path, text)
