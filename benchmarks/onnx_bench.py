@@ -31,11 +31,10 @@ import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, write_section
-from models import resnet18
-
 from lowbit._table import format_table
 from lowbit.onnx.compare import latency_ms
 from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
+from models import resnet18
 
 METHODS = ("mse", "minmax", "percentile", "entropy", "ema")
 

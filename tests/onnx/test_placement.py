@@ -5,15 +5,15 @@ from __future__ import annotations
 import collections
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-import onnx
 from lowbit.onnx import placement
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.rewrite import quantize_model
-from onnx import TensorProto, helper, numpy_helper
 from tests.onnx import models
 
 

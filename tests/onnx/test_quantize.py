@@ -6,16 +6,16 @@ import collections
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
+from onnx import numpy_helper
 
-import onnx
 from lowbit.cli import main
 from lowbit.data import DataError
 from lowbit.errors import FormatError
 from lowbit.onnx.quantize import QuantizeError, quantize
 from lowbit.trt_cache import read_trt_cache
-from onnx import numpy_helper
 from tests.onnx import models
 
 

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+import onnx
 from tqdm.auto import tqdm
 
-import onnx
 from lowbit import calib
 from lowbit.calib.base import Calibrator
 from lowbit.calib.histogram_methods import HistogramCalibrator

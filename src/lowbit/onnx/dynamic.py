@@ -15,11 +15,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-
 import onnx
+from onnx import helper, numpy_helper
+
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rewrite import _Names, weight_qparams
-from onnx import helper, numpy_helper
 
 
 @dataclass

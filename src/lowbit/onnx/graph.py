@@ -10,7 +10,6 @@ from collections import defaultdict
 from collections.abc import Iterator
 
 import numpy as np
-
 import onnx
 from onnx import numpy_helper
 

@@ -16,11 +16,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
-
 import onnx
-from lowbit.errors import FormatError
+import onnxruntime as ort
 from onnx import version_converter
+
+from lowbit.errors import FormatError
 
 # Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
 MIN_OPSET = 13

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import onnx
+
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
 

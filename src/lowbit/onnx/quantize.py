@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lowbit
 import onnx
+
+import lowbit
 from lowbit import calib as calib_registry
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table

@@ -12,13 +12,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-
 import onnx
+from onnx import helper, numpy_helper
+
 from lowbit.core import QuantSpec, qparams, qparams_from_tensor, quantize
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import Plan
-from onnx import helper, numpy_helper
 
 INT32_MAX = np.iinfo(np.int32).max
 

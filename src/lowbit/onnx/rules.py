@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import onnx
+
 from lowbit.onnx.graph import Graph
 
 KINDS = ("compute", "elementwise", "share", "activation", "lookup")
