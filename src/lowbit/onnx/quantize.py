@@ -163,8 +163,8 @@ def quantize(
     ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
-    With ``compare_models``, latency and output agreement (on ``eval_data``, or samples held out of ``calib``)
-    are measured.
+    With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
+    out of ``calib``) are measured.
     """
     model_path, output = Path(model), Path(output)
     trt_cache = Path(trt_cache) if trt_cache is not None else None
@@ -264,7 +264,7 @@ def quantize(
         float_sess = session(float_model)
         result.sizes = {"fp32": file_size(model_path), "int8": file_size(output)}
         eval_feeds = (
-            eval_source.batches(batch, 0, max(HOLDOUT, batch))
+            eval_source.batches(batch)
             if eval_source is not None
             else (source.batches(batch, *held) if source is not None else None)
         )
