@@ -183,3 +183,17 @@ def test_cli_quantize_errors_exit_2(convnet_files, capsys):
     assert "needs calibration data" in capsys.readouterr().err
     assert main(["quantize", str(model), "-o", str(tmp / "q.onnx"), "--calib", str(data), "--dynamic"]) == 2
     assert "drop --calib" in capsys.readouterr().err
+
+
+def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, monkeypatch):
+    """The >2 GB path, exercised by lowering the limit: preprocessing, calibration and output use external data."""
+    from lowbit.onnx import model as model_module
+
+    tmp, model, data = convnet_files
+    monkeypatch.setattr(model_module, "_PROTO_LIMIT", 1000)
+    out = tmp / "big_q.onnx"
+    result = quantize(model, out, data, progress=False)
+    assert (tmp / "big_q.onnx.data").exists()
+    assert result.agreement is not None and result.agreement.cosine > 0.99
+    x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    assert _cos(_run(model, x)[0], _run(out, x)[0]) > 0.99

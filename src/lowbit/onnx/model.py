@@ -20,6 +20,7 @@ import onnx
 import onnxruntime as ort
 from onnx import version_converter
 
+from lowbit._io import atomic_open
 from lowbit.errors import FormatError
 
 # Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
@@ -87,23 +88,24 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
     """Write ``model`` to ``path`` atomically (weights as external data beside it when over 2 GB)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    large = is_large(model)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        if large:
-            data = path.name + ".data"
-            onnx.save_model(model, tmp, save_as_external_data=True, all_tensors_to_one_file=True, location=data)
-        else:
-            with open(tmp, "wb") as f:
-                f.write(model.SerializeToString())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    if is_large(model):
+        # The weights go to <name>.data beside the model; the model itself is still replaced in one rename.
+        from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+        data = path.with_name(path.name + ".data")
+        data.unlink(missing_ok=True)  # the writer appends: start from an empty file
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        # Every tensor but scalars and short vectors (scales, zero points) goes out.
+        convert_model_to_external_data(copy, all_tensors_to_one_file=True, location=data.name, size_threshold=64)
+        model = write_external_data_tensors(copy, str(path.parent))
+    with atomic_open(path, "wb") as f:
+        f.write(model.SerializeToString())
+
+
+def _load_error(exc: Exception, advice: str) -> FormatError:
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return FormatError(f"ONNX Runtime {ort.__version__} cannot load the model: {message}. {advice}")
 
 
 def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
@@ -121,11 +123,7 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) 
             save_model(model, tmp / "model.onnx")
             return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise FormatError(
-            f"ONNX Runtime {ort.__version__} cannot load the model: {message}. Check that it runs in ONNX Runtime "
-            "(python -c \"import onnxruntime as o; o.InferenceSession('model.onnx')\") before quantizing it"
-        ) from None
+        raise _load_error(exc, "lowbit produced a model ONNX Runtime rejects: please report it") from None
 
 
 def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -148,11 +146,8 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
         try:
             ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise FormatError(
-                f"ONNX Runtime {ort.__version__} cannot load the model: {message}. lowbit calibrates with ONNX "
-                "Runtime, so the float model must run in it first"
-            ) from None
+            advice = "lowbit calibrates with ONNX Runtime, so the float model must run in it first"
+            raise _load_error(exc, advice) from None
         optimized = onnx.load(str(dst))
     _drop_unused_domains(optimized)
     # ORT keeps the producer's opset imports; shape inference gives every intermediate tensor its type.
