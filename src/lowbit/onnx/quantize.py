@@ -159,7 +159,7 @@ def quantize(
     """Quantize the ONNX model at ``model`` and write it to ``output``; return what was done and measured.
 
     Static (default): activations calibrated on ``calib`` (see :func:`lowbit.data.open_feeds` for what it can
-    be) with ``method`` (default: entropy for ``target="trt"``, percentile for ``"ort"``), Q/DQ placed for
+    be) with ``method`` (default: :data:`DEFAULT_METHOD`, ``mse``), Q/DQ placed for
     ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
@@ -200,8 +200,6 @@ def quantize(
                 "the model has no MatMul/Gemm with a constant 2-D weight: nothing to quantize dynamically"
             )
         record: dict[str, Any] = {"activations": {}}
-        held = (0, HOLDOUT)
-        cal_range = (0, 0)
     else:
         graph = Graph(float_model)
         plan = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
@@ -232,11 +230,14 @@ def quantize(
         act_ranges = calibrate.ranges({t: cals[t] for t in plan.calibrated}, symmetric=target == "trt")
         quantized = rewrite.quantize_model(float_model, plan, act_ranges)
         qp = rewrite.activation_qparams(plan, act_ranges)
-        record = _record(plan, qp, act_ranges, quantized)
+        record = _record(plan, qp, act_ranges)
         if trt_cache is not None:
-            amax = {t: r[1] for t, r in calibrate.ranges(cals, symmetric=True).items()}
-            if target == "trt":
-                amax.update({t: act_ranges[root][1] for t, root in plan.activations.items()})
+            # Implicit INT8 wants every tensor's symmetric amax; for --target trt the Q/DQ tensors keep theirs.
+            planned = {t: cals[t] for t in plan.calibrated}
+            symmetric = act_ranges if target == "trt" else calibrate.ranges(planned, symmetric=True)
+            others = calibrate.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
+            amax = {t: r[1] for t, r in others.items()}
+            amax.update({t: symmetric[root][1] for t, root in plan.activations.items()})
             write_trt_cache(trt_cache, amax)
             result.trt_cache = trt_cache
 
@@ -288,7 +289,7 @@ def _all_activations(graph: Graph) -> list[str]:
     return seen
 
 
-def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges, model: onnx.ModelProto) -> dict:
+def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges) -> dict:
     acts = {}
     for tensor, root in plan.activations.items():
         p = qp[tensor]
