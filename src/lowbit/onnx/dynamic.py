@@ -10,7 +10,6 @@ MatMul that reads the same activation (the Q, K and V projections of a transform
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,6 +18,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from lowbit.onnx.graph import Graph
+from lowbit.onnx.placement import exclusion
 from lowbit.onnx.rewrite import _Names, weight_qparams
 
 
@@ -62,7 +62,7 @@ def quantize_dynamic(
     graph = Graph(out)
     g = out.graph
     names = _Names(g)
-    patterns = [re.compile(p) for p in exclude]
+    excluded = exclusion(exclude, exclude_ops)
     plan = DynamicPlan()
     inits: list[onnx.TensorProto] = []
     quantized_inputs: dict[str, tuple[str, str, str]] = {}
@@ -80,7 +80,7 @@ def quantize_dynamic(
     for node in g.node:
         w = _weight(graph, node)
         label = graph.node_name(node)
-        if w is not None and (node.op_type in exclude_ops or any(p.search(label) for p in patterns)):
+        if w is not None and excluded(graph, node):
             plan.excluded_nodes.append(label)
             w = None
         if w is None:

@@ -46,9 +46,17 @@ class Plan:
         return [t for t, root in self.activations.items() if t == root]
 
 
-def _excluded(graph: Graph, node: onnx.NodeProto, patterns: Sequence[re.Pattern], ops: set[str]) -> bool:
-    name = graph.node_name(node)
-    return node.op_type in ops or any(p.search(name) for p in patterns)
+def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str]):
+    """A predicate ``(graph, node) -> bool``: the node's name matches a regex of ``exclude`` or its op type is in
+    ``exclude_ops``."""
+    patterns = [re.compile(p) for p in exclude]
+    ops = set(exclude_ops)
+
+    def excluded(graph: Graph, node: onnx.NodeProto) -> bool:
+        name = graph.node_name(node)
+        return node.op_type in ops or any(p.search(name) for p in patterns)
+
+    return excluded
 
 
 def plan(
@@ -63,14 +71,14 @@ def plan(
     type is in ``exclude_ops`` stay in float."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets are {', '.join(TARGETS)}")
-    patterns = [re.compile(p) for p in exclude]
+    excluded = exclusion(exclude, exclude_ops)
     result = Plan(target)
     active: list[onnx.NodeProto] = []
     for node in graph.nodes:
         rule = rule_for(node)
         if rule is None:
             continue
-        if _excluded(graph, node, patterns, set(exclude_ops)):
+        if excluded(graph, node):
             result.excluded_nodes.append(graph.node_name(node))
             continue
         active.append(node)
@@ -195,5 +203,4 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
         if name in graph.outputs or name in graph.subgraph_reads:
             continue
         if all(id(c) in absorbing for c in readers):
-            if not any(root == name and t != name for t, root in result.activations.items()):
-                del result.activations[name]
+            del result.activations[name]

@@ -214,14 +214,15 @@ def quantize(
         tensors = list(plan.calibrated)
         if trt_cache is not None:
             tensors += [t for t in _all_activations(graph) if t not in plan.activations]
+        batches = source.batches(batch, *cal_range)
         t0 = time.perf_counter()
         cals = calibrate.collect(
             float_model,
             tensors,
-            source.batches(batch, *cal_range),
+            batches,
             method=method,
             options=target_options(method, target, method_options),
-            total=len(source.batches(batch, *cal_range)) or None,
+            total=len(batches) or None,
             progress=progress,
         )
         result.calibration_seconds = time.perf_counter() - t0
