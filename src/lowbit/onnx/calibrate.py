@@ -41,12 +41,15 @@ def collect(
     options: Mapping[str, Any] | None = None,
     total: int | None = None,
     progress: bool = True,
+    observers: Mapping[str, Any] | None = None,
 ) -> dict[str, Calibrator]:
-    """One calibrator of ``method`` per tensor, fed by running ``model`` on each feed dict of ``feeds``."""
+    """One calibrator of ``method`` per tensor, fed by running ``model`` on each feed dict of ``feeds``.
+    ``observers`` (tensor -> object with ``update(array)``) see their tensor's batches in the same pass."""
     options = dict(options or {})
     calibrators = {t: calib.create(method, tensor=t, **options) for t in tensors}
+    observers = dict(observers or {})
     inputs = {i.name for i in model.graph.input}
-    run_names = [t for t in tensors if t not in inputs]
+    run_names = [t for t in dict.fromkeys([*tensors, *observers]) if t not in inputs]
     sess = session(with_outputs(model, run_names)) if run_names else None
     seen = 0
     bar = tqdm(feeds, total=total, desc=f"calibrating ({method})", unit="batch", disable=not progress, leave=False)
@@ -54,15 +57,23 @@ def collect(
         if sess is not None:
             values = sess.run(run_names, dict(feed))
             for name, value in zip(run_names, values, strict=True):
-                calibrators[name].update(value)
-        for name in tensors:
-            if name in inputs:
-                calibrators[name].update(feed[name])
+                _update(name, value, calibrators, observers)
+        for name in inputs:
+            _update(name, feed.get(name), calibrators, observers)
         seen += 1
     bar.close()
     if seen == 0:
         raise CalibrationError("the calibration data yielded no batches; give at least one sample")
     return calibrators
+
+
+def _update(name: str, value, calibrators: Mapping[str, Calibrator], observers: Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    if name in calibrators:
+        calibrators[name].update(value)
+    if name in observers:
+        observers[name].update(value)
 
 
 def ranges(calibrators: Mapping[str, Calibrator], *, symmetric: bool) -> dict[str, tuple[float, float]]:

@@ -23,6 +23,7 @@ from lowbit._io import atomic_write_text
 from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
+from lowbit.onnx import bias_correction as bc
 from lowbit.onnx import calibrate, compare, placement, rewrite
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
@@ -57,6 +58,7 @@ class QuantizeResult:
     sizes: dict[str, int] = field(default_factory=dict)
     latency: dict[str, dict[int, float | None]] = field(default_factory=dict)
     agreement: compare.Agreement | None = None
+    bias_corrections: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -148,6 +150,7 @@ def quantize(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     dynamic: bool = False,
+    bias_correction: bool = True,
     trt_cache: str | os.PathLike | None = None,
     batch_size: int = 8,
     max_samples: int = 512,
@@ -162,6 +165,8 @@ def quantize(
     be) with ``method`` (default: :data:`DEFAULT_METHOD`, ``mse``), Q/DQ placed for
     ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
+    ``bias_correction`` (static only) moves each Conv/Gemm bias by the mean shift weight rounding causes on the
+    calibration data (:mod:`lowbit.onnx.bias_correction`).
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
     With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
     out of ``calib``) are measured.
@@ -215,6 +220,10 @@ def quantize(
         if trt_cache is not None:
             tensors += [t for t in _all_activations(graph) if t not in plan.activations]
         batches = source.batches(batch, *cal_range)
+        means: dict[str, bc.ChannelMean] = {}
+        if bias_correction:
+            for layer in bc.layers(graph, plan):
+                means.setdefault(layer.x, bc.ChannelMean(layer.axis))
         t0 = time.perf_counter()
         cals = calibrate.collect(
             float_model,
@@ -224,12 +233,22 @@ def quantize(
             options=target_options(method, target, method_options),
             total=len(batches) or None,
             progress=progress,
+            observers=means,
         )
         result.calibration_seconds = time.perf_counter() - t0
         first = next(iter(cals.values()))
         result.calibration_samples = cal_range[1] if source.num_samples is not None else first.num_batches * batch
         act_ranges = calibrate.ranges({t: cals[t] for t in plan.calibrated}, symmetric=target == "trt")
-        quantized = rewrite.quantize_model(float_model, plan, act_ranges)
+        to_quantize = float_model
+        if means:
+            to_quantize, result.bias_corrections = bc.correct(
+                float_model, plan, {x: m.mean for x, m in means.items()}, rewrite.dequantized_weights(float_model, plan)
+            )
+            # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
+            plan = placement.plan(
+                Graph(to_quantize), target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel
+            )
+        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges)
         qp = rewrite.activation_qparams(plan, act_ranges)
         record = _record(plan, qp, act_ranges)
         if trt_cache is not None:

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.core import QuantSpec, qparams, qparams_from_tensor, quantize
+from lowbit.core import QuantSpec, dequantize, qparams, qparams_from_tensor, quantize
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import Plan
@@ -72,6 +72,18 @@ def weight_qparams(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[QPar
     spec = QuantSpec(bits=bits, axis=axis)
     scale, zp = qparams_from_tensor(w, spec)
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
+
+
+def dequantized_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
+    """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
+    graph = Graph(model)
+    out = {}
+    for name, axis in plan.weights.items():
+        w = graph.value(name).astype(np.float32)
+        axis = None if axis is None or w.ndim == 0 else axis
+        p, q = weight_qparams(w, axis)
+        out[name] = dequantize(q, p.scale, p.zero_point, QuantSpec(axis=axis))
+    return out
 
 
 def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> onnx.ModelProto:
