@@ -101,7 +101,47 @@ def shift(graph: Graph, layer: Layer, w_q: np.ndarray, mean: np.ndarray) -> np.n
     delta = delta if attrs.get("transB", 0) else delta.T  # (N, K)
     if mean.shape != (delta.shape[1],):
         return None
-    return attrs.get("alpha", 1.0) * (delta @ mean) / attrs.get("beta", 1.0)
+    return attrs.get("alpha", 1.0) * (delta @ mean)
+
+
+def apply(model: onnx.ModelProto, shifts: Mapping[str, np.ndarray]) -> tuple[onnx.ModelProto, dict[str, float]]:
+    """A copy of ``model`` in which each node named in ``shifts`` has its bias moved so that its output moves by
+    minus the shift (one value per output channel). Returns the model and the largest shift removed per node."""
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = Graph(out)
+    used = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
+    report: dict[str, float] = {}
+    replaced: set[str] = set()
+    for node in graph.nodes:
+        name = graph.node_name(node)
+        s = shifts.get(name)
+        if s is None or not np.all(np.isfinite(s)):
+            continue
+        if node.op_type == "Gemm":
+            s = s / _attrs(node).get("beta", 1.0)  # the bias C is added as beta * C
+        has_bias = len(node.input) > 2 and node.input[2] != ""
+        bias = graph.value(node.input[2]).astype(np.float64) if has_bias else np.zeros(s.shape)
+        if bias.shape not in (s.shape, (1, *s.shape)):
+            continue
+        corrected = (bias - s.reshape(bias.shape)).astype(np.float32)
+        new, k = f"{name}_bias_corrected", 1
+        while new in used:
+            new, k = f"{name}_bias_corrected_{k}", k + 1
+        used.add(new)
+        out.graph.initializer.append(numpy_helper.from_array(corrected, new))
+        if has_bias:
+            replaced.add(node.input[2])
+            node.input[2] = new
+        else:
+            node.input.append(new)
+        report[name] = float(np.abs(s).max(initial=0.0))
+    still_read = {i for n in out.graph.node for i in n.input} | graph.subgraph_reads | set(graph.outputs)
+    keep = [t for t in out.graph.initializer if t.name not in replaced or t.name in still_read]
+    if len(keep) != len(out.graph.initializer):
+        del out.graph.initializer[:]
+        out.graph.initializer.extend(keep)
+    return out, report
 
 
 def correct(
@@ -113,38 +153,11 @@ def correct(
     """A copy of ``model`` whose quantized Conv/Gemm biases are moved by minus the shift of :func:`shift`.
     ``means`` maps each layer's input to its per-channel mean, ``quantized_weights`` each weight to its
     dequantized value. Returns the model and, per corrected node, the largest shift removed."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = Graph(out)
-    used = {t.name for t in out.graph.initializer} | {o for n in out.graph.node for o in n.output}
-    report: dict[str, float] = {}
-    replaced: set[str] = set()
+    graph = Graph(model)
+    shifts = {}
     for layer in layers(graph, plan):
-        if layer.x not in means or layer.weight not in quantized_weights:
-            continue
-        s = shift(graph, layer, quantized_weights[layer.weight], means[layer.x])
-        if s is None or not np.all(np.isfinite(s)):
-            continue
-        node = layer.node
-        has_bias = len(node.input) > 2 and node.input[2] != ""
-        bias = graph.value(node.input[2]).astype(np.float64) if has_bias else np.zeros(s.shape)
-        if bias.shape not in (s.shape, (1, *s.shape)):
-            continue
-        corrected = (bias - s.reshape(bias.shape)).astype(np.float32)
-        name, k = f"{graph.node_name(node)}_bias_corrected", 1
-        while name in used:
-            name, k = f"{graph.node_name(node)}_bias_corrected_{k}", k + 1
-        used.add(name)
-        out.graph.initializer.append(numpy_helper.from_array(corrected, name))
-        if has_bias:
-            old, node.input[2] = node.input[2], name
-            replaced.add(old)
-        else:
-            node.input.append(name)
-        report[graph.node_name(node)] = float(np.abs(s).max(initial=0.0))
-    still_read = {i for n in out.graph.node for i in n.input} | graph.subgraph_reads | set(graph.outputs)
-    keep = [t for t in out.graph.initializer if t.name not in replaced or t.name in still_read]
-    if len(keep) != len(out.graph.initializer):
-        del out.graph.initializer[:]
-        out.graph.initializer.extend(keep)
-    return out, report
+        if layer.x in means and layer.weight in quantized_weights:
+            s = shift(graph, layer, quantized_weights[layer.weight], means[layer.x])
+            if s is not None:
+                shifts[graph.node_name(layer.node)] = s
+    return apply(model, shifts)

@@ -41,10 +41,10 @@ def collect(
     options: Mapping[str, Any] | None = None,
     total: int | None = None,
     progress: bool = True,
-    observers: Mapping[str, Any] | None = None,
+    observers: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Calibrator]:
     """One calibrator of ``method`` per tensor, fed by running ``model`` on each feed dict of ``feeds``.
-    ``observers`` (tensor -> object with ``update(array)``) see their tensor's batches in the same pass."""
+    ``observers`` (tensor -> objects with ``update(array)``) see their tensor's batches in the same pass."""
     options = dict(options or {})
     calibrators = {t: calib.create(method, tensor=t, **options) for t in tensors}
     observers = dict(observers or {})
@@ -72,8 +72,8 @@ def _update(name: str, value, calibrators: Mapping[str, Calibrator], observers: 
         return
     if name in calibrators:
         calibrators[name].update(value)
-    if name in observers:
-        observers[name].update(value)
+    for observer in observers.get(name, ()):
+        observer.update(value)
 
 
 def ranges(calibrators: Mapping[str, Calibrator], *, symmetric: bool) -> dict[str, tuple[float, float]]:

@@ -233,7 +233,7 @@ def quantize(
             options=target_options(method, target, method_options),
             total=len(batches) or None,
             progress=progress,
-            observers=means,
+            observers={x: [m] for x, m in means.items()},
         )
         result.calibration_seconds = time.perf_counter() - t0
         first = next(iter(cals.values()))
