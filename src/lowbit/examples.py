@@ -288,13 +288,21 @@ SKIMAGE_PHOTOS = (
     "motorcycle_left.png", "motorcycle_right.png", "page.png", "retina.jpg", "rocket.jpg", "text.png",
 )  # fmt: skip
 SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
-PHOTOS_INSTALL = "scikit-image scikit-learn pillow"
+PHOTOS_INSTALL = "scikit-image scikit-learn"
+
+
+def _pil():
+    try:
+        from PIL import Image
+    except ImportError:
+        raise ExampleError("the photo examples need Pillow: pip install pillow") from None
+    return Image
 
 
 def photos() -> list[tuple[str, np.ndarray]]:
     """The real photographs shipped by scikit-image and scikit-learn, as (name, RGB uint8 (H, W, 3)), read with
     Pillow straight from the packages' data folders (neither package is imported)."""
-    from PIL import Image
+    Image = _pil()
 
     files = [_package_dir("skimage", PHOTOS_INSTALL) / "data" / n for n in SKIMAGE_PHOTOS]
     files += [_package_dir("sklearn", PHOTOS_INSTALL) / "datasets" / "images" / n for n in SKLEARN_PHOTOS]
@@ -309,7 +317,7 @@ def photo_crops(count: int, seed: int, size: int = 224, images=None) -> Iterator
     """``count`` random crops of the photos, as (photo name, RGB uint8 (size, size, 3)): photos in turn, each crop
     covering 10-100% of the photo's area with an aspect ratio in [3/4, 4/3], flipped left-right half the time,
     resized (bilinear) to ``size``. The same seed gives the same crops."""
-    from PIL import Image
+    Image = _pil()
 
     images = images if images is not None else photos()
     rng = np.random.default_rng(seed)
@@ -337,7 +345,7 @@ def write_efficientnet(folder: str | os.PathLike, calib_samples: int = 256, test
     """Write ``efficientnet_lite0.onnx`` and two folders of 224x224 JPEG crops of real photos: ``calib/``
     (seed 0) and ``test/`` (seed 1: other crops), for ``lowbit quantize`` with ``--mean 0.5,0.5,0.5
     --std 0.5,0.5,0.5``."""
-    from PIL import Image
+    Image = _pil()
 
     folder = Path(folder)
     paths = {"model": folder / "efficientnet_lite0.onnx", "calib": folder / "calib", "test": folder / "test"}
