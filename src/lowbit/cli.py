@@ -153,6 +153,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         exclude_ops=args.exclude_op,
         dynamic=args.dynamic,
         bias_correction=args.bias_correction,
+        fp16_rest=args.fp16_rest,
         trt_cache=args.trt_cache,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
@@ -166,6 +167,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     if result.calibration_samples:
         print(f" on {result.calibration_samples} samples in {result.calibration_seconds:.1f} s", end="")
     print()
+    if result.fp16_nodes:
+        print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
     if result.bias_corrections:
         print(f"bias correction on {len(result.bias_corrections)} layers")
     if result.excluded_nodes:
@@ -252,6 +255,10 @@ def _add_quantize(commands) -> None:
     q.add_argument(
         "--no-bias-correction", dest="bias_correction", action="store_false",
         help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
+    )  # fmt: skip
+    q.add_argument(
+        "--fp16-rest", action="store_true",
+        help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
     q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")

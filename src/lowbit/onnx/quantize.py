@@ -24,7 +24,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import calibrate, compare, placement, rewrite
+from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, input_specs, load_model, preprocess, save_model, session
@@ -59,6 +59,7 @@ class QuantizeResult:
     latency: dict[str, dict[int, float | None]] = field(default_factory=dict)
     agreement: compare.Agreement | None = None
     bias_corrections: dict[str, float] = field(default_factory=dict)
+    fp16_nodes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -151,6 +152,7 @@ def quantize(
     exclude_ops: Sequence[str] = (),
     dynamic: bool = False,
     bias_correction: bool = True,
+    fp16_rest: bool = False,
     trt_cache: str | os.PathLike | None = None,
     batch_size: int = 8,
     max_samples: int = 512,
@@ -166,7 +168,8 @@ def quantize(
     ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
     ``bias_correction`` (static only) moves each Conv/Gemm bias by the mean shift weight rounding causes on the
-    calibration data (:mod:`lowbit.onnx.bias_correction`).
+    calibration data (:mod:`lowbit.onnx.bias_correction`). ``fp16_rest`` runs every node outside the quantizers
+    in float16 (:mod:`lowbit.onnx.fp16`), as TensorRT runs INT8 + FP16.
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
     With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
     out of ``calib``) are measured.
@@ -261,6 +264,8 @@ def quantize(
             write_trt_cache(trt_cache, amax)
             result.trt_cache = trt_cache
 
+    if fp16_rest:
+        quantized, result.fp16_nodes = fp16.convert(quantized)
     _copy_metadata(original, quantized)
     try:
         onnx.checker.check_model(quantized, full_check=False)
