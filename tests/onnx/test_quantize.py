@@ -111,6 +111,45 @@ def test_dynamic_quantization_of_matmul_and_gemm(tmp_path):
     assert result.agreement is not None and result.agreement.cosine > 0.995
 
 
+def test_dynamic_quantization_stores_embedding_tables_as_int8(tmp_path):
+    rng = np.random.default_rng(4)
+    table = numpy_helper.from_array((rng.standard_normal((500, 16)) * 0.1).astype(np.float32), "table")
+    small = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "small")  # < 4,096 values
+    w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")
+    nodes = [
+        onnx.helper.make_node("Gather", ["table", "ids"], ["emb"], "embed"),
+        onnx.helper.make_node("Gather", ["small", "ids_small"], ["emb_small"], "embed_small"),
+        onnx.helper.make_node("Add", ["emb", "emb_small"], ["s"], "add"),
+        onnx.helper.make_node("MatMul", ["s", "w"], ["y"], "proj"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "embedding",
+        [
+            onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 6]),
+            onnx.helper.make_tensor_value_info("ids_small", onnx.TensorProto.INT64, [6]),
+        ],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 4])],
+        [table, small, w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, out = tmp_path / "emb.onnx", tmp_path / "emb_dyn.onnx"
+    onnx.save(model, str(src))
+    result = quantize(src, out, dynamic=True, compare_models=False, progress=False)
+    assert sorted(result.quantized_nodes) == ["embed", "proj"]
+    q = onnx.load(str(out))
+    inits = {t.name: t for t in q.graph.initializer}
+    embed = next(n for n in q.graph.node if n.name == "embed")
+    assert inits[embed.input[0]].data_type == onnx.TensorProto.INT8 and "table" not in inits
+    assert inits["small"].data_type == onnx.TensorProto.FLOAT
+    assert out.stat().st_size < 0.4 * src.stat().st_size
+    feeds = {"ids": rng.integers(0, 500, (3, 6)), "ids_small": rng.integers(0, 8, 6)}
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert _cos(ref, got) > 0.995
+
+
 def test_control_flow_is_quantized_outside_the_subgraphs(tmp_path):
     model = models.save(models.branching(), tmp_path / "if.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=16)

@@ -1,5 +1,6 @@
 """Dynamic quantization: weights of MatMul/Gemm quantized offline (int8, per output column), activations quantized
-at run time with a scale computed from each batch, so no calibration data is needed.
+at run time with a scale computed from each batch, so no calibration data is needed. Embedding tables (Gather from
+a constant 2-D table) are stored as int8 too (one scale): the int8 rows are gathered, then dequantized.
 
     A -> DynamicQuantizeLinear -> (A_q uint8, s_a, z_a)
     MatMulInteger(A_q, W_q, z_a, z_w) -> int32 -> Cast -> * (s_a * s_w) [-> + bias]
@@ -80,6 +81,24 @@ def quantize_dynamic(
     for node in g.node:
         w = _weight(graph, node)
         label = graph.node_name(node)
+        table = _table(graph, node)
+        if table is not None and not excluded(graph, node):
+            # An embedding lookup: gather int8 rows, then dequantize only the rows gathered.
+            p, q = weight_qparams(table, None)
+            base, y = node.input[0], node.output[0]
+            gathered = names.new(f"{y}_quantized")
+            q_name = init(f"{base}_quantized", q)
+            scale_name, zp_name = init(f"{base}_scale", p.scale), init(f"{base}_zero_point", p.zero_point)
+            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            nodes += [
+                helper.make_node("Gather", [q_name, node.input[1]], [gathered], name=label, **attrs),
+                helper.make_node(
+                    "DequantizeLinear", [gathered, scale_name, zp_name], [y], name=names.new(f"{label}_Dequantize")
+                ),
+            ]
+            plan.quantized_nodes.append(label)
+            weight_users[base] -= 1
+            continue
         if w is not None and excluded(graph, node):
             plan.excluded_nodes.append(label)
             w = None
@@ -124,6 +143,19 @@ def quantize_dynamic(
     del g.node[:]
     g.node.extend(nodes)
     return out, plan
+
+
+def _table(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
+    """The constant float table of an embedding lookup (Gather of rows from a 2-D table of at least 4,096
+    values), or None."""
+    if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or len(node.input) < 2:
+        return None
+    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    data = node.input[0]
+    if axis != 0 or not (graph.is_constant(data) and graph.is_float(data)) or graph.rank(data) != 2:
+        return None
+    table = graph.value(data)
+    return table.astype(np.float32) if table.size >= 4096 else None
 
 
 def _gemm_bias(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
