@@ -158,6 +158,17 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return dict(state)
 
 
+def _finish(graph):
+    """An opset-17 model of ``graph``, checked."""
+    import onnx
+    from onnx import helper
+
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit.examples")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
 def mnistnet_onnx():
     """ccexam's pretrained MNISTNet as an ONNX model: input ``image`` (N, 1, 28, 28), output ``logits`` (N, 10)."""
     import onnx
@@ -190,10 +201,7 @@ def mnistnet_onnx():
         [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 10])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit.examples")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _finish(graph)
 
 
 EFFICIENTNET_STRIDE2 = (1, 3, 5, 11)  # the first block of stages 2, 3, 4 and 6 halves the resolution
@@ -275,10 +283,7 @@ def efficientnet_lite0_onnx(size: int = 224):
         [helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["N", 1000])],
         b.inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit.examples")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _finish(graph)
 
 
 # Real photographs that ship inside scikit-image and scikit-learn (grey ones are used as RGB).
@@ -399,7 +404,6 @@ def minilm_onnx():
     over the unmasked tokens (cosine-compare it; the package normalises it afterwards)."""
     import json
 
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     folder = _minilm_dir()
@@ -483,10 +487,7 @@ def minilm_onnx():
         [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["N", hidden])],
         inits,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="lowbit.examples")
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    return model
+    return _finish(graph)
 
 
 class WordPiece:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import exclusion
@@ -74,9 +74,7 @@ def quantize_dynamic(
             weight_users[name] = weight_users.get(name, 0) + 1
 
     def init(base: str, array: np.ndarray) -> str:
-        name = names.new(base)
-        inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+        return names.initializer(base, array, inits)
 
     for node in g.node:
         w = _weight(graph, node)

@@ -48,6 +48,12 @@ class _Names:
         self.used.add(name)
         return name
 
+    def initializer(self, base: str, array: np.ndarray, into: list[onnx.TensorProto]) -> str:
+        """A new initializer named after ``base`` holding ``array``, appended to ``into``; returns its name."""
+        name = self.new(base)
+        into.append(numpy_helper.from_array(np.asarray(array), name))
+        return name
+
 
 def activation_spec(target: str) -> QuantSpec:
     """uint8 asymmetric for ONNX Runtime's CPU kernels, int8 symmetric (zero point 0) for TensorRT."""
@@ -74,16 +80,20 @@ def weight_qparams(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[QPar
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
 
 
-def dequantized_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
-    """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
-    graph = Graph(model)
-    out = {}
+def _plan_weights(graph: Graph, plan: Plan):
+    """(name, parameters, int8 codes) of every weight of ``plan``."""
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
-        axis = None if axis is None or w.ndim == 0 else axis
-        p, q = weight_qparams(w, axis)
-        out[name] = dequantize(q, p.scale, p.zero_point, QuantSpec(axis=axis))
-    return out
+        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis)
+        yield name, p, q
+
+
+def dequantized_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
+    """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
+    return {
+        name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis))
+        for name, p, q in _plan_weights(Graph(model), plan)
+    }
 
 
 def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> onnx.ModelProto:
@@ -101,9 +111,7 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tupl
     replaced: set[str] = set()
 
     def add_init(base: str, array: np.ndarray) -> str:
-        name = names.new(base)
-        new_inits.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
+        return names.initializer(base, array, new_inits)
 
     def dq_constant(name: str, q: np.ndarray, p: QParams) -> None:
         inputs = [
@@ -116,10 +124,7 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tupl
         head.append(node)
         replaced.add(name)
 
-    for name, axis in plan.weights.items():
-        w = graph.value(name).astype(np.float32)
-        axis = None if axis is None or w.ndim == 0 else axis
-        p, q = weight_qparams(w, axis)
+    for name, p, q in _plan_weights(graph, plan):
         weights[name] = p
         dq_constant(name, q, p)
 
