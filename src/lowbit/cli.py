@@ -153,6 +153,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         exclude_ops=args.exclude_op,
         dynamic=args.dynamic,
         bias_correction=args.bias_correction,
+        rounding=args.rounding,
         fp16_rest=args.fp16_rest,
         trt_cache=args.trt_cache,
         batch_size=args.batch_size,
@@ -169,6 +170,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print()
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
+    if result.gptq_layers:
+        print(f"GPTQ rounding on {result.gptq_layers} layers")
     if result.bias_corrections:
         print(f"bias correction on {len(result.bias_corrections)} layers")
     if result.excluded_nodes:
@@ -255,6 +258,11 @@ def _add_quantize(commands) -> None:
     q.add_argument(
         "--no-bias-correction", dest="bias_correction", action="store_false",
         help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
+    )  # fmt: skip
+    q.add_argument(
+        "--rounding", choices=("gptq", "nearest"), default="gptq",
+        help="how weights get their int8 codes: gptq (default; least output error on the calibration data) or "
+        "nearest (each weight to its nearest code)",
     )  # fmt: skip
     q.add_argument(
         "--fp16-rest", action="store_true",

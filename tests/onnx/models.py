@@ -150,6 +150,23 @@ def depthwise_net(seed: int = 0) -> onnx.ModelProto:
     )
 
 
+def single_layer(op, w, x_shape, **attrs):
+    """One Conv/Gemm/MatMul node ``layer`` reading input ``x`` and the constant weight ``w``; (model, output units)."""
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w")]
+    out_dim = w.shape[0] if op == "Conv" or attrs.get("transB") else w.shape[1]
+    node = helper.make_node(op, ["x", "w"], ["y"], "layer", **attrs)
+    graph = helper.make_graph(
+        [node],
+        "one",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model, out_dim
+
+
 def save(model: onnx.ModelProto, path) -> str:
     onnx.save(model, str(path))
     return str(path)

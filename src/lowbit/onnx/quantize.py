@@ -24,7 +24,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
+from lowbit.onnx import calibrate, compare, fp16, gptq, placement, rewrite
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, input_specs, load_model, preprocess, save_model, session
@@ -34,6 +34,7 @@ from lowbit.trt_cache import write_trt_cache
 # to TensorRT, cuts spiky tensors hard: ccexam MNISTNet loses 11 points with it (99.83% -> 88.8%, the input's
 # background spike sets amax 0.42 of 2.82), none with mse or minmax (benchmarks/onnx_bench.py).
 DEFAULT_METHOD = {"trt": "mse", "ort": "mse"}
+ROUNDINGS = ("gptq", "nearest")
 HOLDOUT = 64  # samples kept apart for the float vs quantized comparison when no eval data is given
 
 
@@ -59,6 +60,7 @@ class QuantizeResult:
     latency: dict[str, dict[int, float | None]] = field(default_factory=dict)
     agreement: compare.Agreement | None = None
     bias_corrections: dict[str, float] = field(default_factory=dict)
+    gptq_layers: int = 0
     fp16_nodes: list[str] = field(default_factory=list)
 
     def table(self) -> str:
@@ -152,6 +154,7 @@ def quantize(
     exclude_ops: Sequence[str] = (),
     dynamic: bool = False,
     bias_correction: bool = True,
+    rounding: str = "gptq",
     fp16_rest: bool = False,
     trt_cache: str | os.PathLike | None = None,
     batch_size: int = 8,
@@ -168,7 +171,9 @@ def quantize(
     ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
     ``bias_correction`` (static only) moves each Conv/Gemm bias by the mean shift weight rounding causes on the
-    calibration data (:mod:`lowbit.onnx.bias_correction`). ``fp16_rest`` runs every node outside the quantizers
+    calibration data (:mod:`lowbit.onnx.bias_correction`). ``rounding`` (static only): ``"gptq"`` chooses the
+    weights' int8 codes for the least output error on the calibration data (:mod:`lowbit.onnx.gptq`),
+    ``"nearest"`` rounds each weight to its nearest code. ``fp16_rest`` runs every node outside the quantizers
     in float16 (:mod:`lowbit.onnx.fp16`), as TensorRT runs INT8 + FP16.
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
     With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
@@ -184,6 +189,8 @@ def quantize(
         raise QuantizeError("--trt-cache needs static calibration; it cannot be combined with --dynamic")
     if not dynamic and calib is None:
         raise QuantizeError("static quantization needs calibration data (--calib); or use --dynamic")
+    if rounding not in ROUNDINGS:
+        raise QuantizeError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
     if max_samples < 1 or batch_size < 1:
         raise QuantizeError("max_samples and batch_size must be positive")
     method = None if dynamic else (method or DEFAULT_METHOD[target])
@@ -227,6 +234,11 @@ def quantize(
         if bias_correction:
             for layer in bc.layers(graph, plan):
                 means.setdefault(layer.x, bc.ChannelMean(layer.axis))
+        samples = None if cal_range[1] is None else cal_range[1] - cal_range[0]
+        moments = [gptq.SecondMoment(x) for x in gptq.layers(graph, plan, samples)] if rounding == "gptq" else []
+        observers: dict[str, list] = {x: [m] for x, m in means.items()}
+        for m in moments:
+            observers.setdefault(m.layer.x, []).append(m)
         t0 = time.perf_counter()
         cals = calibrate.collect(
             float_model,
@@ -236,22 +248,27 @@ def quantize(
             options=target_options(method, target, method_options),
             total=len(batches) or None,
             progress=progress,
-            observers={x: [m] for x, m in means.items()},
+            observers=observers,
         )
         result.calibration_seconds = time.perf_counter() - t0
         first = next(iter(cals.values()))
         result.calibration_samples = cal_range[1] if source.num_samples is not None else first.num_batches * batch
         act_ranges = calibrate.ranges({t: cals[t] for t in plan.calibrated}, symmetric=target == "trt")
+        codes = gptq.codes(graph, moments)
+        result.gptq_layers = len(codes)
         to_quantize = float_model
         if means:
             to_quantize, result.bias_corrections = bc.correct(
-                float_model, plan, {x: m.mean for x, m in means.items()}, rewrite.dequantized_weights(float_model, plan)
+                float_model,
+                plan,
+                {x: m.mean for x, m in means.items()},
+                rewrite.dequantized_weights(float_model, plan, codes),
             )
             # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
             plan = placement.plan(
                 Graph(to_quantize), target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel
             )
-        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges)
+        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges, codes)
         qp = rewrite.activation_qparams(plan, act_ranges)
         record = _record(plan, qp, act_ranges)
         if trt_cache is not None:

@@ -80,24 +80,37 @@ def weight_qparams(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[QPar
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
 
 
-def _plan_weights(graph: Graph, plan: Plan):
-    """(name, parameters, int8 codes) of every weight of ``plan``."""
+def _plan_weights(graph: Graph, plan: Plan, codes: Mapping[str, np.ndarray] | None = None):
+    """(name, parameters, int8 codes) of every weight of ``plan``; ``codes`` (by weight name) replaces the
+    nearest-rounded codes of some weights with codes chosen otherwise (GPTQ) at the same scales."""
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
         p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis)
+        if codes is not None and name in codes:
+            if codes[name].shape != q.shape:
+                raise ValueError(f"codes for {name!r} have shape {codes[name].shape}, the weight {q.shape}")
+            q = codes[name]
         yield name, p, q
 
 
-def dequantized_weights(model: onnx.ModelProto, plan: Plan) -> dict[str, np.ndarray]:
+def dequantized_weights(
+    model: onnx.ModelProto, plan: Plan, codes: Mapping[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
     return {
         name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis))
-        for name, p, q in _plan_weights(Graph(model), plan)
+        for name, p, q in _plan_weights(Graph(model), plan, codes)
     }
 
 
-def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> onnx.ModelProto:
-    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name)."""
+def quantize_model(
+    model: onnx.ModelProto,
+    plan: Plan,
+    ranges: Mapping[str, tuple[float, float]],
+    codes: Mapping[str, np.ndarray] | None = None,
+) -> onnx.ModelProto:
+    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name); ``codes`` as in
+    :func:`_plan_weights`."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
@@ -124,7 +137,7 @@ def quantize_model(model: onnx.ModelProto, plan: Plan, ranges: Mapping[str, tupl
         head.append(node)
         replaced.add(name)
 
-    for name, p, q in _plan_weights(graph, plan):
+    for name, p, q in _plan_weights(graph, plan, codes):
         weights[name] = p
         dq_constant(name, q, p)
 

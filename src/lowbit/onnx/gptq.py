@@ -1,0 +1,293 @@
+"""GPTQ rounding: choose each weight's integer code so that the layer's *output* error is least, not the weight's.
+
+Rounding every weight to its nearest code minimizes ``|W_q - W|``, but what the network feels is the output error
+``(W_q - W) x``. Its mean square over the data is ``tr(ΔW H ΔW^T)`` with ``H = E[x x^T]`` the second moment of the
+layer's input (for a convolution: of its input patches). GPTQ (Frantar et al. 2022, "GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers", after Optimal Brain Quantization) rounds one input column at
+a time and spreads each column's rounding error over the columns not yet rounded, weighted by ``H^-1``, so that
+the errors cancel on the data. The scales stay those of plain rounding (symmetric, per output channel); only the
+codes change, so the model's layout and size do not.
+
+Where it matters: a convolution whose kernel is a large-gain difference filter (an edge detector folded with its
+BatchNorm) on a smooth input. Its output is a small difference of large terms; independent rounding errors add up,
+while GPTQ makes them cancel on the patches the layer really sees. On EfficientNet-Lite0 the first depthwise
+convolution alone costs 10 points of top-1 agreement when rounded to nearest (docs/BENCHMARKS.md).
+
+``H`` is gathered in the calibration pass (:class:`SecondMoment`, observers beside the calibrators), from a bounded
+random subset of rows (patches, tokens) of each batch, so its cost does not grow with the image size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.placement import Plan
+
+ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean, so that H^-1 exists
+BLOCK = 128  # columns rounded between two updates of the rest (GPTQ's lazy batch updates)
+ROWS_PER_COLUMN = 8  # fewer input rows than this per column: H is too poorly known, GPTQ would fit the samples
+MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
+QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
+
+
+def _attrs(node: onnx.NodeProto) -> dict:
+    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass(frozen=True)
+class Layer:
+    """A layer GPTQ can round: ``x`` its float input, ``weight`` its constant weight, ``axis`` the weight's
+    per-channel axis in the plan (None: per tensor)."""
+
+    node: onnx.NodeProto
+    x: str
+    weight: str
+    axis: int | None
+    weight_shape: tuple[int, ...]
+
+    @property
+    def groups(self) -> int:
+        return int(_attrs(self.node).get("group", 1)) if self.node.op_type == "Conv" else 1
+
+    def matrix(self, w: np.ndarray) -> np.ndarray:
+        """The weight as (groups, rows, columns): a row per output unit, a column per input feature."""
+        op = self.node.op_type
+        if op == "Conv":
+            return w.reshape(self.groups, w.shape[0] // self.groups, -1)
+        if op == "Gemm" and _attrs(self.node).get("transB", 0):
+            return w[None]
+        return w.T[None]  # MatMul / Gemm without transB: (K, N) -> (N, K)
+
+    def unmatrix(self, m: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`matrix`."""
+        op = self.node.op_type
+        if op == "Conv" or (op == "Gemm" and _attrs(self.node).get("transB", 0)):
+            return m.reshape(self.weight_shape)
+        return m[0].T
+
+    def rows(self, x: np.ndarray) -> np.ndarray:
+        """The input rows the weight multiplies, as (groups, n, columns): patches of a convolution, tokens of a
+        MatMul, samples of a Gemm."""
+        op = self.node.op_type
+        if op == "Conv":
+            return _patches(self.node, x, self.weight_shape, self.groups)
+        if op == "Gemm":
+            x = x.T if _attrs(self.node).get("transA", 0) else x
+            return x[None]
+        return x.reshape(1, -1, x.shape[-1])
+
+
+def _conv_pads(node: onnx.NodeProto, spatial: tuple[int, ...], kernel, strides, dilations) -> list[tuple[int, int]]:
+    attrs = _attrs(node)
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    n = len(spatial)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        out = []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            total = max((-(-size // s) - 1) * s + (k - 1) * d + 1 - size, 0)
+            small, big = total // 2, total - total // 2
+            out.append((small, big) if auto == "SAME_UPPER" else (big, small))
+        return out
+    if auto == "VALID":
+        return [(0, 0)] * n
+    pads = list(attrs.get("pads", [0] * (2 * n)))
+    return list(zip(pads[:n], pads[n:], strict=True))
+
+
+def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, limit: int | None = None, rng=None):
+    """The input patches of a convolution as (groups, n, channels-per-group * kernel taps), in the order of the
+    weight's flattened (in-channel, taps) axes; at most ``limit`` random output positions. Only the picked
+    patches are gathered (tap by tap), never the whole unfolded input."""
+    attrs = _attrs(node)
+    kernel = tuple(weight_shape[2:])
+    spatial = x.shape[2:]
+    strides = tuple(attrs.get("strides", [1] * len(kernel)))
+    dilations = tuple(attrs.get("dilations", [1] * len(kernel)))
+    pads = _conv_pads(node, spatial, kernel, strides, dilations)
+    out_shape = tuple(
+        (size + lo + hi - (k - 1) * d - 1) // s + 1
+        for size, (lo, hi), k, s, d in zip(spatial, pads, kernel, strides, dilations, strict=True)
+    )
+    positions = (x.shape[0], *out_shape)
+    total = int(np.prod(positions))
+    pick = np.arange(total) if limit is None or total <= limit else np.sort(rng.choice(total, limit, replace=False))
+    n_idx, *out_idx = np.unravel_index(pick, positions)
+    taps = list(np.ndindex(*kernel))
+    c = x.shape[1]
+    p = np.empty((len(pick), len(taps), c), x.dtype)
+    if len(pick) * len(taps) < x.size // c:  # few patches: gather them from the NCHW tensor as it is
+        flat, plane = x.reshape(-1), int(np.prod(spatial))
+        channel = np.arange(c) * plane
+    else:  # many: one channels-last copy makes every gathered row contiguous
+        last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
+    for k, tap in enumerate(taps):
+        coords = [o * s - lo + t * d for o, s, (lo, _), t, d in zip(out_idx, strides, pads, tap, dilations, strict=True)]
+        inside = np.ones(len(pick), bool)
+        for co, size in zip(coords, spatial, strict=True):
+            inside &= (co >= 0) & (co < size)
+        clipped = [np.clip(co, 0, size - 1) for co, size in zip(coords, spatial, strict=True)]
+        if len(pick) * len(taps) < x.size // c:
+            offset = n_idx * (c * plane) + np.ravel_multi_index(clipped, spatial)
+            p[:, k] = flat[offset[:, None] + channel[None, :]]
+        else:
+            p[:, k] = last[(n_idx, *clipped)]
+        p[~inside, k] = 0.0  # zero padding
+    n = len(pick)
+    # (n, taps, C) -> (groups, n, C/groups * taps), the order of the weight's (in-channel, taps) axes
+    return np.ascontiguousarray(p.transpose(0, 2, 1).reshape(n, groups, (c // groups) * len(taps)).transpose(1, 0, 2))
+
+
+def _pointwise(layer: Layer) -> bool:
+    attrs = _attrs(layer.node)
+    n = len(layer.weight_shape) - 2
+    pads = _conv_pads(layer.node, (1,) * n, layer.weight_shape[2:], [1] * n, [1] * n)
+    return (
+        all(k == 1 for k in layer.weight_shape[2:])
+        and all(s == 1 for s in attrs.get("strides", [1] * n))
+        and all(p == (0, 0) for p in pads)
+    )
+
+
+class SecondMoment:
+    """Running ``E[r r^T]`` of a layer's input rows, per group: an observer for :func:`lowbit.onnx.calibrate.collect`."""
+
+    def __init__(self, layer: Layer, rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0):
+        self.layer, self.limit = layer, rows_per_batch
+        self.rng = np.random.default_rng(seed)
+        self.sum: np.ndarray | None = None
+        self.count = 0
+
+    def update(self, x: np.ndarray) -> None:
+        x = np.asarray(x, dtype=np.float32)
+        layer = self.layer
+        if layer.node.op_type == "Conv" and _pointwise(layer):
+            # A 1x1 convolution with stride 1 and no padding: its rows are pixels; one GEMM per group.
+            n, c = x.shape[:2]
+            pixels = x.reshape(n, c, -1)
+            keep = max(1, max(self.limit, 8 * c) // n)
+            if pixels.shape[2] > keep:  # the same random pixels of every image
+                pixels = pixels[:, :, np.sort(self.rng.choice(pixels.shape[2], keep, replace=False))]
+            t = np.ascontiguousarray(pixels.transpose(1, 0, 2)).reshape(c, -1)  # (C, rows)
+            per = c // layer.groups
+            h = np.stack([t[i : i + per] @ t[i : i + per].T for i in range(0, c, per)]).astype(np.float64)
+            count = t.shape[1]
+        else:
+            if layer.node.op_type == "Conv":
+                # H has (C/G * taps)^2 entries per group: a few times that many rows estimate it well
+                columns = int(np.prod(layer.weight_shape[1:]))
+                limit = min(self.limit, max(128, 8 * columns))
+                r = _patches(layer.node, x, layer.weight_shape, layer.groups, limit, self.rng)
+            else:
+                r = layer.rows(x)
+                if r.shape[1] > self.limit:
+                    r = r[:, self.rng.choice(r.shape[1], self.limit, replace=False)]
+            h = np.matmul(r.transpose(0, 2, 1), r).astype(np.float64)
+            count = r.shape[1]
+        self.sum = h if self.sum is None else self.sum + h
+        self.count += count
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.sum is None:
+            raise ValueError("no data seen")
+        return self.sum / self.count
+
+
+def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
+    """The quantized Conv, Gemm and MatMul nodes of ``plan`` whose weight is a constant of ``plan``: Conv and Gemm
+    weights as their second input, MatMul weights as a 2-D second input (x @ W). Left out: layers with more than
+    :data:`MAX_COLUMNS` input features per group, and Gemm layers with too few ``samples`` of calibration data
+    (one row per sample; see :func:`codes`)."""
+    quantized = set(plan.quantized_nodes)
+    out = []
+    for node in graph.nodes:
+        if node.op_type not in ("Conv", "Gemm", "MatMul") or graph.node_name(node) not in quantized:
+            continue
+        if len(node.input) < 2 or node.input[1] not in plan.weights or not graph.is_activation(node.input[0]):
+            continue
+        w = graph.value(node.input[1])
+        if node.op_type in ("Gemm", "MatMul") and w.ndim != 2:
+            continue
+        if node.op_type == "Gemm" and graph.rank(node.input[0]) != 2:
+            continue
+        if node.op_type == "Conv" and (w.ndim < 3 or w.shape[0] % int(_attrs(node).get("group", 1))):
+            continue
+        layer = Layer(node, node.input[0], node.input[1], plan.weights[node.input[1]], tuple(w.shape))
+        columns = layer.matrix(np.empty(w.shape, np.float32)).shape[2]
+        if columns > MAX_COLUMNS or (
+            node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns
+        ):
+            continue
+        out.append(layer)
+    return out
+
+
+def _row_scales(layer: Layer, scale: np.ndarray) -> np.ndarray:
+    """The weight's scale (per output channel, or a scalar) shaped (groups, rows, 1) like :meth:`Layer.matrix`."""
+    g = layer.groups
+    rows = layer.matrix(np.empty(layer.weight_shape, np.float32)).shape[1]
+    return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g * rows,)).reshape(g, rows, 1)
+
+
+def round_weight(layer: Layer, w: np.ndarray, scale: np.ndarray, h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+    """GPTQ's int8 codes of weight ``w`` at ``scale`` (symmetric: per output channel, or a scalar), given the
+    second moment ``h`` (groups, columns, columns) of its input rows. The codes are shaped like ``w``."""
+    W = layer.matrix(w.astype(np.float64)).copy()  # (G, R, D)
+    s = _row_scales(layer, scale)  # (G, R, 1)
+    H = np.array(h, dtype=np.float64)
+    G, _, D = W.shape
+    idx = np.arange(D)
+    dead = H[:, idx, idx] <= 0
+    H[:, idx, idx] = np.where(dead, 1.0, H[:, idx, idx])
+    W[np.broadcast_to(dead[:, None, :], W.shape)] = 0.0  # a column that never sees data: its code does not matter
+    H[:, idx, idx] += damp * H[:, idx, idx].mean(axis=1, keepdims=True)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError:
+        U = None
+    Q = np.zeros_like(W)
+    if U is None or not np.all(np.isfinite(U)):  # fall back to nearest rounding
+        Q = np.clip(np.rint(layer.matrix(w.astype(np.float64)) / s), -QMAX, QMAX)
+    else:
+        for i1 in range(0, D, BLOCK):
+            i2 = min(i1 + BLOCK, D)
+            block = W[:, :, i1:i2].copy()
+            err = np.zeros_like(block)
+            for j in range(i2 - i1):
+                col = block[:, :, j]
+                q = np.clip(np.rint(col / s[:, :, 0]), -QMAX, QMAX)
+                Q[:, :, i1 + j] = q
+                e = (col - q * s[:, :, 0]) / U[:, None, i1 + j, i1 + j]
+                block[:, :, j + 1 :] -= e[:, :, None] * U[:, None, i1 + j, i1 + j + 1 : i2]
+                err[:, :, j] = e
+            W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
+    return layer.unmatrix(Q).astype(np.int8)
+
+
+def codes(graph: Graph, moments: list[SecondMoment]) -> dict[str, np.ndarray]:
+    """GPTQ's int8 codes of every weight a :class:`SecondMoment` saw enough data for, at the scales of plain
+    rounding (:func:`lowbit.onnx.rewrite.weight_qparams`). A weight keeps nearest rounding when it is read by two
+    layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN` input rows per column (``H`` is then poorly
+    known, and GPTQ would fit the calibration samples rather than the data: on MNISTNet's last layer, 128 inputs
+    seen on 512 samples, it triples the output error)."""
+    from lowbit.onnx.rewrite import weight_qparams
+
+    readers: dict[str, int] = {}
+    for m in moments:
+        readers[m.layer.weight] = readers.get(m.layer.weight, 0) + 1
+    out = {}
+    for m in moments:
+        layer = m.layer
+        if readers[layer.weight] > 1 or m.sum is None or m.count < ROWS_PER_COLUMN * m.sum.shape[-1]:
+            continue
+        w = graph.value(layer.weight).astype(np.float32)
+        p, _ = weight_qparams(w, layer.axis)
+        out[layer.weight] = round_weight(layer, w, p.scale, m.value)
+    return out
