@@ -150,6 +150,70 @@ def test_dynamic_quantization_stores_embedding_tables_as_int8(tmp_path):
     assert _cos(ref, got) > 0.995
 
 
+def _recurrent_model(op: str, hidden: int, direction: str, rng) -> onnx.ModelProto:
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    dirs = 2 if direction == "bidirectional" else 1
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((dirs, gates * hidden, 12)) * 0.3).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((dirs, gates * hidden, hidden)) * 0.2).astype(np.float32), "R"),
+        numpy_helper.from_array((rng.standard_normal((dirs, 2 * gates * hidden)) * 0.1).astype(np.float32), "B"),
+    ]
+    attrs = {"hidden_size": hidden, "direction": direction}
+    if op == "GRU":
+        attrs["linear_before_reset"] = 1
+    node = onnx.helper.make_node(op, ["x", "W", "R", "B"], ["y"], "recurrent", **attrs)
+    graph = onnx.helper.make_graph(
+        [node],
+        "recurrent",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["T", "N", 12])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize(
+    ("op", "direction", "kernel"),
+    [
+        ("LSTM", "forward", "DynamicQuantizeLSTM"),
+        ("LSTM", "bidirectional", "DynamicQuantizeLSTM"),
+        ("GRU", "bidirectional", "GRU"),
+        ("RNN", "reverse", "RNN"),
+    ],
+)
+def test_dynamic_quantization_of_recurrent_layers(tmp_path, op, direction, kernel):
+    """LSTM runs as ONNX Runtime's DynamicQuantizeLSTM; GRU/RNN keep their node and read int8 weights through
+    DequantizeLinear. Either way W and R are stored as int8 and the outputs stay close to FP32."""
+    rng = np.random.default_rng(5)
+    src, out = tmp_path / f"{op}.onnx", tmp_path / f"{op}_dyn.onnx"
+    onnx.save(_recurrent_model(op, 64, direction, rng), str(src))
+    result = quantize(src, out, dynamic=True, compare_models=False, progress=False)
+    assert result.quantized_nodes == ["recurrent"]
+    q = onnx.load(str(out))
+    onnx.checker.check_model(q)
+    (node,) = [n for n in q.graph.node if n.name == "recurrent"]
+    assert node.op_type == kernel
+    inits = {t.name: t for t in q.graph.initializer}
+    assert "W" not in inits and "R" not in inits
+    assert sum(t.data_type == onnx.TensorProto.INT8 for t in inits.values()) >= 2
+    assert out.stat().st_size < 0.4 * src.stat().st_size
+    x = rng.standard_normal((7, 3, 12)).astype(np.float32)
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert got.shape == ref.shape
+    assert _cos(ref, got) > 0.999
+    assert np.abs(got - ref).max() < 0.05 * np.abs(ref).max()
+
+
+def test_an_excluded_lstm_stays_in_float(tmp_path):
+    src, out = tmp_path / "lstm.onnx", tmp_path / "lstm_dyn.onnx"
+    onnx.save(_recurrent_model("LSTM", 8, "forward", np.random.default_rng(6)), str(src))
+    with pytest.raises(QuantizeError, match="nothing to quantize"):
+        quantize(src, out, dynamic=True, exclude_ops=["LSTM"], compare_models=False, progress=False)
+
+
 def test_control_flow_is_quantized_outside_the_subgraphs(tmp_path):
     model = models.save(models.branching(), tmp_path / "if.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=16)

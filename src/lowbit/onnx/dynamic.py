@@ -7,6 +7,11 @@ a constant 2-D table) are stored as int8 too (one scale): the int8 rows are gath
 
 ONNX Runtime fuses this pattern into its DynamicQuantizeMatMul kernel. One DynamicQuantizeLinear serves every
 MatMul that reads the same activation (the Q, K and V projections of a transformer layer).
+
+Recurrent layers: an LSTM becomes ONNX Runtime's ``com.microsoft.DynamicQuantizeLSTM`` (int8 input and recurrent
+weights, per gate row; the activations of every time step quantized at run time). GRU and RNN have no integer
+kernel in ONNX Runtime: their weights are stored as int8 and dequantized when the session is built (4x smaller
+files, float speed).
 """
 
 from __future__ import annotations
@@ -79,6 +84,16 @@ def quantize_dynamic(
     for node in g.node:
         w = _weight(graph, node)
         label = graph.node_name(node)
+        if _recurrent(graph, node):
+            if excluded(graph, node):
+                plan.excluded_nodes.append(label)
+                nodes.append(node)
+                continue
+            nodes += _quantize_recurrent(node, graph, names, init, per_channel)
+            for name in node.input[1:3]:
+                weight_users[name] -= 1
+            plan.quantized_nodes.append(label)
+            continue
         table = _table(graph, node)
         if table is not None and not excluded(graph, node):
             # An embedding lookup: gather int8 rows, then dequantize only the rows gathered.
@@ -140,7 +155,64 @@ def quantize_dynamic(
     g.initializer.extend(kept + inits)
     del g.node[:]
     g.node.extend(nodes)
+    if any(n.domain == MS_DOMAIN for n in nodes) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
     return out, plan
+
+
+MS_DOMAIN = "com.microsoft"
+
+
+def _recurrent(graph: Graph, node: onnx.NodeProto) -> bool:
+    """An LSTM/GRU/RNN with constant float 3-D W and R, time-major (layout 0)."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("LSTM", "GRU", "RNN") or len(node.input) < 3:
+        return False
+    if any(a.name == "layout" and helper.get_attribute_value(a) != 0 for a in node.attribute):
+        return False
+    return all(graph.is_constant(n) and graph.is_float(n) and graph.rank(n) == 3 for n in node.input[1:3])
+
+
+def _gate_rows(w: np.ndarray, per_channel: bool):
+    """int8 codes and scales of a recurrent weight (directions, gates * hidden, inputs): one scale per gate row
+    of each direction (or one per tensor); scales shaped (directions, gates * hidden) or a scalar."""
+    d, rows, _ = w.shape
+    p, q = weight_qparams(w.reshape(d * rows, -1).astype(np.float32), 0 if per_channel else None)
+    scale = p.scale.reshape(d, rows) if per_channel else p.scale
+    return q.reshape(w.shape), np.asarray(scale, np.float32)
+
+
+def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init, per_channel: bool):
+    """The nodes that replace a recurrent ``node``: DynamicQuantizeLSTM for an LSTM; int8 W and R dequantized
+    into the unchanged node for GRU/RNN."""
+    label = graph.node_name(node)
+    codes = {i: _gate_rows(graph.value(node.input[i]), per_channel) for i in (1, 2)}
+    if node.op_type == "LSTM":
+        inputs = [node.input[0]]
+        for i in (1, 2):  # the kernel wants (directions, inputs, 4 * hidden)
+            inputs.append(init(f"{node.input[i]}_quantized", np.ascontiguousarray(codes[i][0].transpose(0, 2, 1))))
+        inputs += [node.input[i] if len(node.input) > i else "" for i in range(3, 8)]
+        for i in (1, 2):
+            scale = codes[i][1]
+            inputs += [init(f"{node.input[i]}_scale", scale), init(f"{node.input[i]}_zero_point", np.zeros_like(scale, np.int8))]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
+        return [helper.make_node("DynamicQuantizeLSTM", inputs, list(node.output), name=label, domain=MS_DOMAIN, **attrs)]
+    out = []
+    copy = onnx.NodeProto()
+    copy.CopyFrom(node)
+    for i in (1, 2):
+        q, scale = codes[i]
+        base = node.input[i]
+        rows = names.new(f"{base}_rows")
+        flat = q.reshape(-1, q.shape[2])
+        dq_inputs = [init(f"{base}_quantized", flat), init(f"{base}_scale", scale.reshape(-1))]
+        dq_inputs.append(init(f"{base}_zero_point", np.zeros(scale.reshape(-1).shape, np.int8)))
+        attrs = {"axis": 0} if per_channel else {}
+        out.append(helper.make_node("DequantizeLinear", dq_inputs, [rows], name=names.new(f"{base}_Dequantize"), **attrs))
+        restored = names.new(f"{base}_dequantized")
+        shape = init(f"{base}_shape", np.array(q.shape, np.int64))
+        out.append(helper.make_node("Reshape", [rows, shape], [restored], name=names.new(f"{base}_Reshape")))
+        copy.input[i] = restored
+    return [*out, copy]
 
 
 def _table(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:

@@ -212,7 +212,8 @@ def quantize(
         result.quantized_nodes, result.excluded_nodes = dplan.quantized_nodes, dplan.excluded_nodes
         if not dplan.quantized_nodes:
             raise QuantizeError(
-                "the model has no MatMul/Gemm with a constant 2-D weight: nothing to quantize dynamically"
+                "nothing to quantize dynamically: the model has no MatMul/Gemm with a constant 2-D weight, no "
+                "LSTM/GRU/RNN with constant weights and no embedding table (or --exclude left none)"
             )
         record: dict[str, Any] = {"activations": {}}
     else:
