@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lowbit.calib import EntropyCalibrator, create
+from lowbit.errors import CalibrationError
 from lowbit.calib.search import entropy_amax, kl_divergences
 
 from .reference_entropy import reference_entropy_bins, reference_kl
@@ -107,3 +108,22 @@ def test_isolated_outliers_far_from_the_data_are_kept_as_tensorrt_does():
     c = create("entropy")
     c.update(np.r_[rng.standard_normal(100_000), [80.0, -90.0]])
     assert c.compute().hi >= 80.0
+
+
+def test_exclude_zeros_keeps_the_range_of_relu_outputs():
+    """After a ReLU half the values are exact zeros: TensorRT's KL clips the positive half near 1.9 sigma, while
+    leaving the zero bin out finds the range |x| has without the zeros (about 4.3 sigma)."""
+    rng = np.random.default_rng(3)
+    relu = np.maximum(rng.standard_normal(200_000), 0)
+    faithful, aware = EntropyCalibrator(), EntropyCalibrator(exclude_zeros=True)
+    for c in (faithful, aware):
+        c.update(relu)
+    assert faithful.compute().hi < 2.2
+    assert 3.5 < aware.compute().hi <= relu.max()
+    magnitude = np.abs(rng.standard_normal(200_000))  # no zero spike: the choice barely moves
+    plain, reference = EntropyCalibrator(exclude_zeros=True), EntropyCalibrator()
+    for c in (plain, reference):
+        c.update(magnitude)
+    assert plain.compute().hi == pytest.approx(reference.compute().hi, rel=0.02)
+    with pytest.raises(CalibrationError, match="exclude_zeros"):
+        EntropyCalibrator(exclude_zeros="yes")

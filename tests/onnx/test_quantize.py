@@ -300,3 +300,11 @@ def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, m
     assert result.agreement is not None and result.agreement.cosine > 0.99
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
     assert _cos(_run(model, x)[0], _run(out, x)[0]) > 0.99
+
+
+def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
+    from lowbit.onnx.quantize import target_options
+
+    assert target_options("entropy", "ort", None)["exclude_zeros"] is True
+    assert target_options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
+    assert "exclude_zeros" not in target_options("mse", "ort", None)

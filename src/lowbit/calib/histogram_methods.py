@@ -110,6 +110,12 @@ class EntropyCalibrator(HistogramCalibrator):
     As TensorRT: a histogram of ``num_bins`` bins over [0, max|x|] (re-binned from the fine streaming grid),
     candidates ``num_levels``..num_bins, ``num_levels`` quantized levels. See :func:`search.kl_divergences`.
 
+    ``exclude_zeros=True`` leaves the first bin (the zeros, and values within one bin of zero) out of the
+    divergence. Zero is exact on every grid, but TensorRT's KL counts a large zero spike as information that
+    wide quantization bins smear: after a ReLU/ReLU6, where a third or more of the values are zeros, the faithful
+    search can pick a threshold a tenth of the real range (EfficientNet-Lite0: 0.38 of 6 on most ReLU6 outputs,
+    and 0% top-1 agreement). :func:`lowbit.onnx.quantize` turns it on; the default stays TensorRT's algorithm.
+
     >>> rng = np.random.default_rng(0)
     >>> c = EntropyCalibrator()
     >>> c.update(rng.standard_normal(100_000))
@@ -122,10 +128,14 @@ class EntropyCalibrator(HistogramCalibrator):
         *,
         num_bins: int = 2048,
         num_levels: int = 128,
+        exclude_zeros: bool = False,
         tensor: str | None = None,
         skip_nonfinite: bool = False,
     ):
         super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        if not isinstance(exclude_zeros, (bool, np.bool_)):
+            raise CalibrationError(f"{self.describe()}: exclude_zeros must be True or False, got {exclude_zeros!r}")
+        self.exclude_zeros = bool(exclude_zeros)
         if not isinstance(num_bins, (int, np.integer)) or isinstance(num_bins, bool) or not 8 <= num_bins <= GRID_BINS:
             raise CalibrationError(
                 f"{self.describe()}: num_bins must be an integer from 8 to {GRID_BINS}, got {num_bins!r}"
@@ -138,9 +148,13 @@ class EntropyCalibrator(HistogramCalibrator):
         self.num_levels = int(num_levels)
 
     def trt_histogram(self) -> tuple[np.ndarray, float]:
-        """The histogram TensorRT's search reads: ``num_bins`` counts over [0, max|x|], and the bin width."""
+        """The histogram TensorRT's search reads: ``num_bins`` counts over [0, max|x|] (the first one emptied
+        with ``exclude_zeros``), and the bin width."""
         h = self.histogram
-        return search.rebin(h.magnitude(), h.width, h.amax, self.num_bins), h.amax / self.num_bins
+        hist = search.rebin(h.magnitude(), h.width, h.amax, self.num_bins)
+        if self.exclude_zeros and hist[1:].sum() > 0:
+            hist[0] = 0.0
+        return hist, h.amax / self.num_bins
 
     def divergences(self) -> tuple[np.ndarray, np.ndarray]:
         """(thresholds, KL divergences) of every candidate, for plots and analysis."""
