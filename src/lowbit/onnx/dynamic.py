@@ -10,8 +10,8 @@ MatMul that reads the same activation (the Q, K and V projections of a transform
 
 Recurrent layers: an LSTM becomes ONNX Runtime's ``com.microsoft.DynamicQuantizeLSTM`` (int8 input and recurrent
 weights, per gate row; the activations of every time step quantized at run time). GRU and RNN have no integer
-kernel in ONNX Runtime: their weights are stored as int8 and dequantized when the session is built (4x smaller
-files, float speed).
+kernel in ONNX Runtime: they stay in float unless ``weight_only_rnn`` asks for int8 weights dequantized at run
+time (4x smaller files, but slower than FP32: ONNX Runtime dequantizes them on every run).
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ def quantize_dynamic(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     per_channel: bool = True,
+    weight_only_rnn: bool = False,
 ) -> tuple[onnx.ModelProto, DynamicPlan]:
     """A copy of ``model`` whose MatMul/Gemm with constant 2-D weights run on int8 with run-time activation scales."""
     out = onnx.ModelProto()
@@ -84,7 +85,7 @@ def quantize_dynamic(
     for node in g.node:
         w = _weight(graph, node)
         label = graph.node_name(node)
-        if _recurrent(graph, node):
+        if _recurrent(graph, node) and (node.op_type == "LSTM" or weight_only_rnn):
             if excluded(graph, node):
                 plan.excluded_nodes.append(label)
                 nodes.append(node)

@@ -156,6 +156,7 @@ def quantize(
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     dynamic: bool = False,
+    weight_only_rnn: bool = False,
     bias_correction: bool = True,
     rounding: str = "gptq",
     fp16_rest: bool = False,
@@ -171,7 +172,8 @@ def quantize(
 
     Static (default): activations calibrated on ``calib`` (see :func:`lowbit.data.open_feeds` for what it can
     be) with ``method`` (default: :data:`DEFAULT_METHOD`, ``mse``), Q/DQ placed for
-    ``target``. ``dynamic=True``: MatMul/Gemm weights to int8, activation scales at run time, no ``calib``.
+    ``target``. ``dynamic=True``: MatMul/Gemm/LSTM weights to int8, activation scales at run time, no ``calib``;
+    ``weight_only_rnn`` also stores GRU/RNN weights as int8 (smaller, slower: no integer kernel for them).
     Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float.
     ``bias_correction`` (static only) moves each Conv/Gemm bias by the mean shift weight rounding causes on the
     calibration data (:mod:`lowbit.onnx.bias_correction`). ``rounding`` (static only): ``"gptq"`` chooses the
@@ -210,7 +212,11 @@ def quantize(
 
     if dynamic:
         quantized, dplan = quantize_dynamic(
-            float_model, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel
+            float_model,
+            exclude=exclude,
+            exclude_ops=exclude_ops,
+            per_channel=per_channel,
+            weight_only_rnn=weight_only_rnn,
         )
         result.quantized_nodes, result.excluded_nodes = dplan.quantized_nodes, dplan.excluded_nodes
         if not dplan.quantized_nodes:
