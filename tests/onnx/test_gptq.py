@@ -149,3 +149,20 @@ def test_quantize_writes_the_gptq_codes(tmp_path):
     assert errors["gptq"] < 0.5 * errors["nearest"]
     with pytest.raises(QuantizeError, match="rounding"):
         quantize(src, tmp_path / "bad.onnx", {"x": calib}, rounding="up", progress=False)
+
+
+def test_a_dead_input_column_keeps_its_nearest_code():
+    """Column 0 is always zero on the calibration data: GPTQ moves every other column, but column 0 keeps the
+    code nearest to its weight, so the layer still works if deployment data wakes that input."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((8, 16)).astype(np.float32)
+    x = rng.standard_normal((400, 1)) + 0.1 * rng.standard_normal((400, 16))
+    x[:, 0] = 0.0
+    model, _ = models.single_layer("Gemm", w, x.shape, transB=1)
+    graph, layer = _layer(model)
+    moment = gptq.SecondMoment(layer)
+    moment.update(x.astype(np.float32))
+    codes = gptq.codes(graph, [moment])["w"]
+    _, nearest = rewrite.weight_qparams(w, layer.axis)
+    np.testing.assert_array_equal(codes[:, 0], nearest[:, 0])
+    assert not np.array_equal(codes[:, 1:], nearest[:, 1:])

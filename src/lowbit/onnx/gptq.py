@@ -122,7 +122,8 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, lim
     taps = list(np.ndindex(*kernel))
     c = x.shape[1]
     p = np.empty((len(pick), len(taps), c), x.dtype)
-    if len(pick) * len(taps) < x.size // c:  # few patches: gather them from the NCHW tensor as it is
+    gather = len(pick) * len(taps) < x.size // c
+    if gather:  # few patches: gather them from the NCHW tensor as it is
         flat, plane = x.reshape(-1), int(np.prod(spatial))
         channel = np.arange(c) * plane
     else:  # many: one channels-last copy makes every gathered row contiguous
@@ -133,7 +134,7 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, lim
         for co, size in zip(coords, spatial, strict=True):
             inside &= (co >= 0) & (co < size)
         clipped = [np.clip(co, 0, size - 1) for co, size in zip(coords, spatial, strict=True)]
-        if len(pick) * len(taps) < x.size // c:
+        if gather:
             offset = n_idx * (c * plane) + np.ravel_multi_index(clipped, spatial)
             p[:, k] = flat[offset[:, None] + channel[None, :]]
         else:
@@ -236,38 +237,39 @@ def _row_scales(layer: Layer, scale: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g * rows,)).reshape(g, rows, 1)
 
 
-def round_weight(layer: Layer, w: np.ndarray, scale: np.ndarray, h: np.ndarray, damp: float = DAMP) -> np.ndarray:
+def round_weight(
+    layer: Layer, w: np.ndarray, scale: np.ndarray, h: np.ndarray, damp: float = DAMP
+) -> np.ndarray | None:
     """GPTQ's int8 codes of weight ``w`` at ``scale`` (symmetric: per output channel, or a scalar), given the
-    second moment ``h`` (groups, columns, columns) of its input rows. The codes are shaped like ``w``."""
+    second moment ``h`` (groups, columns, columns) of its input rows; shaped like ``w``. None when ``h`` cannot
+    be inverted. A column that never saw data (a dead input channel) keeps its nearest code: nothing flows into
+    or out of it, so the layer still works if deployment data wakes it."""
     W = layer.matrix(w.astype(np.float64)).copy()  # (G, R, D)
     s = _row_scales(layer, scale)  # (G, R, 1)
     H = np.array(h, dtype=np.float64)
-    G, _, D = W.shape
+    D = W.shape[2]
     idx = np.arange(D)
-    dead = H[:, idx, idx] <= 0
-    H[:, idx, idx] = np.where(dead, 1.0, H[:, idx, idx])
-    W[np.broadcast_to(dead[:, None, :], W.shape)] = 0.0  # a column that never sees data: its code does not matter
+    H[:, idx, idx] = np.where(H[:, idx, idx] <= 0, 1.0, H[:, idx, idx])  # dead columns: rows/cols of H are 0
     H[:, idx, idx] += damp * H[:, idx, idx].mean(axis=1, keepdims=True)
     try:
         U = np.linalg.cholesky(np.linalg.inv(H)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
     except np.linalg.LinAlgError:
-        U = None
+        return None
+    if not np.all(np.isfinite(U)):
+        return None
     Q = np.zeros_like(W)
-    if U is None or not np.all(np.isfinite(U)):  # fall back to nearest rounding
-        Q = np.clip(np.rint(layer.matrix(w.astype(np.float64)) / s), -QMAX, QMAX)
-    else:
-        for i1 in range(0, D, BLOCK):
-            i2 = min(i1 + BLOCK, D)
-            block = W[:, :, i1:i2].copy()
-            err = np.zeros_like(block)
-            for j in range(i2 - i1):
-                col = block[:, :, j]
-                q = np.clip(np.rint(col / s[:, :, 0]), -QMAX, QMAX)
-                Q[:, :, i1 + j] = q
-                e = (col - q * s[:, :, 0]) / U[:, None, i1 + j, i1 + j]
-                block[:, :, j + 1 :] -= e[:, :, None] * U[:, None, i1 + j, i1 + j + 1 : i2]
-                err[:, :, j] = e
-            W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
+    for i1 in range(0, D, BLOCK):
+        i2 = min(i1 + BLOCK, D)
+        block = W[:, :, i1:i2].copy()
+        err = np.zeros_like(block)
+        for j in range(i2 - i1):
+            col = block[:, :, j]
+            q = np.clip(np.rint(col / s[:, :, 0]), -QMAX, QMAX)
+            Q[:, :, i1 + j] = q
+            e = (col - q * s[:, :, 0]) / U[:, None, i1 + j, i1 + j]
+            block[:, :, j + 1 :] -= e[:, :, None] * U[:, None, i1 + j, i1 + j + 1 : i2]
+            err[:, :, j] = e
+        W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
     return layer.unmatrix(Q).astype(np.int8)
 
 
@@ -289,5 +291,7 @@ def codes(graph: Graph, moments: list[SecondMoment]) -> dict[str, np.ndarray]:
             continue
         w = graph.value(layer.weight).astype(np.float32)
         p, _ = weight_qparams(w, layer.axis)
-        out[layer.weight] = round_weight(layer, w, p.scale, m.value)
+        q = round_weight(layer, w, p.scale, m.value)
+        if q is not None:
+            out[layer.weight] = q
     return out
