@@ -291,13 +291,13 @@ def _render_recurrent(r: dict) -> list[str]:
                 table.append([op, label, "failed: " + row["error"][:80], "", "", "", "", ""])
                 continue
             lat = row["latency_ms"]
+            size = f"{row['size_mb']:.2f} (x{row['size_mb'] / fp32['size_mb']:.3f})"
             table.append([
                 op, label, "-" if label == "FP32" else f"{row['cosine']:.5f}", f"{lat[1]:.2f}", f"{lat[8]:.2f}",
-                f"x{fp32['latency_ms'][8] / lat[8]:.2f}", f"{row['size_mb']:.2f} (x{row['size_mb'] / fp32['size_mb']:.3f})",
-                ", ".join(row["kernels"]),
+                f"x{fp32['latency_ms'][8] / lat[8]:.2f}", size, ", ".join(row["kernels"]),
             ])  # fmt: skip
     head = ["layer", "quantizer", "cosine", "b=1 ms", "b=8 ms", "speed-up b=8", "size MB", "ops"]
-    return lines + [format_table(head, table, "llrrrrrl"), "```"]
+    return [*lines, format_table(head, table, "llrrrrrl"), "```"]
 
 
 def render(results: dict) -> str:
@@ -403,10 +403,10 @@ def summarize(results: dict) -> str:
         if plain:
             line += f", {plain['top1_agreement'] * 100:.1f}% with neither GPTQ nor bias correction"
         if by_hand:
+            speed = rows["FP32"]["latency_ms"][8] / by_hand["latency_ms"][8]
             line += (
                 f"; with the first depthwise convolution kept in float by hand (--exclude) "
-                f"{by_hand['top1_agreement'] * 100:.1f}%, x{rows['FP32']['latency_ms'][8] / by_hand['latency_ms'][8]:.2f} "
-                "faster than FP32 at batch 8"
+                f"{by_hand['top1_agreement'] * 100:.1f}%, x{speed:.2f} faster than FP32 at batch 8"
             )
         if best:
             line += f"; ONNX Runtime's best quantize_static: {best[1]['top1_agreement'] * 100:.1f}% ({best[0]})"

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from lowbit.calib import EntropyCalibrator, create
-from lowbit.errors import CalibrationError
 from lowbit.calib.search import entropy_amax, kl_divergences
+from lowbit.errors import CalibrationError
 
 from .reference_entropy import reference_entropy_bins, reference_kl
 

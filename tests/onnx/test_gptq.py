@@ -47,7 +47,7 @@ def test_second_moment_gives_the_mean_square_output(op, w_shape, x_shape, attrs)
     w = rng.standard_normal(w_shape).astype(np.float32)
     x = rng.standard_normal(x_shape).astype(np.float32) + 0.5
     model, _ = models.single_layer(op, w, x_shape, **attrs)
-    graph, layer = _layer(model)
+    _, layer = _layer(model)
     moment = gptq.SecondMoment(layer, rows_per_batch=10**9)
     moment.update(x[:1])
     moment.update(x[1:])

@@ -95,8 +95,10 @@ def interleaved_latency_ms(
 ) -> dict[str, float]:
     """Median wall time (ms) of each session on ``feed``, measured in rounds that run every session once, in an
     order rotated each round: a machine that slows down or speeds up mid-measurement (turbo, a neighbour's load,
-    caches) shifts every model alike instead of the ones measured at that moment. At least ``rounds`` rounds,
-    more while ``budget_s`` lasts (up to 50)."""
+    caches) shifts every model alike instead of the ones measured at that moment. Each timed run follows an
+    untimed run of the same session: ONNX Runtime's worker threads spin for a while after a run, and the threads
+    of the model run before would otherwise share the cores with the one being timed. At least ``rounds``
+    rounds, more while ``budget_s`` lasts (up to 50)."""
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
@@ -107,6 +109,7 @@ def interleaved_latency_ms(
     while r < rounds or (time.perf_counter() - start < budget_s and r < 50):
         for k in range(len(names)):
             name = names[(k + r) % len(names)]
+            sessions[name].run(None, feed)
             t0 = time.perf_counter()
             sessions[name].run(None, feed)
             times[name].append(time.perf_counter() - t0)

@@ -194,9 +194,14 @@ def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init,
         inputs += [node.input[i] if len(node.input) > i else "" for i in range(3, 8)]
         for i in (1, 2):
             scale = codes[i][1]
-            inputs += [init(f"{node.input[i]}_scale", scale), init(f"{node.input[i]}_zero_point", np.zeros_like(scale, np.int8))]
+            inputs += [
+                init(f"{node.input[i]}_scale", scale),
+                init(f"{node.input[i]}_zero_point", np.zeros_like(scale, np.int8)),
+            ]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
-        return [helper.make_node("DynamicQuantizeLSTM", inputs, list(node.output), name=label, domain=MS_DOMAIN, **attrs)]
+        return [
+            helper.make_node("DynamicQuantizeLSTM", inputs, list(node.output), name=label, domain=MS_DOMAIN, **attrs)
+        ]
     out = []
     copy = onnx.NodeProto()
     copy.CopyFrom(node)
@@ -208,7 +213,9 @@ def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init,
         dq_inputs = [init(f"{base}_quantized", flat), init(f"{base}_scale", scale.reshape(-1))]
         dq_inputs.append(init(f"{base}_zero_point", np.zeros(scale.reshape(-1).shape, np.int8)))
         attrs = {"axis": 0} if per_channel else {}
-        out.append(helper.make_node("DequantizeLinear", dq_inputs, [rows], name=names.new(f"{base}_Dequantize"), **attrs))
+        out.append(
+            helper.make_node("DequantizeLinear", dq_inputs, [rows], name=names.new(f"{base}_Dequantize"), **attrs)
+        )
         restored = names.new(f"{base}_dequantized")
         shape = init(f"{base}_shape", np.array(q.shape, np.int64))
         out.append(helper.make_node("Reshape", [rows, shape], [restored], name=names.new(f"{base}_Reshape")))

@@ -129,7 +129,9 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, lim
     else:  # many: one channels-last copy makes every gathered row contiguous
         last = np.ascontiguousarray(np.moveaxis(x, 1, -1))
     for k, tap in enumerate(taps):
-        coords = [o * s - lo + t * d for o, s, (lo, _), t, d in zip(out_idx, strides, pads, tap, dilations, strict=True)]
+        coords = [
+            o * s - lo + t * d for o, s, (lo, _), t, d in zip(out_idx, strides, pads, tap, dilations, strict=True)
+        ]
         inside = np.ones(len(pick), bool)
         for co, size in zip(coords, spatial, strict=True):
             inside &= (co >= 0) & (co < size)
@@ -157,7 +159,8 @@ def _pointwise(layer: Layer) -> bool:
 
 
 class SecondMoment:
-    """Running ``E[r r^T]`` of a layer's input rows, per group: an observer for :func:`lowbit.onnx.calibrate.collect`."""
+    """Running ``E[r r^T]`` of a layer's input rows, per group: an observer for
+    :func:`lowbit.onnx.calibrate.collect`."""
 
     def __init__(self, layer: Layer, rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0):
         self.layer, self.limit = layer, rows_per_batch
