@@ -173,13 +173,17 @@ def _recurrent(graph: Graph, node: onnx.NodeProto) -> bool:
     return all(graph.is_constant(n) and graph.is_float(n) and graph.rank(n) == 3 for n in node.input[1:3])
 
 
-def _gate_rows(w: np.ndarray, per_channel: bool):
-    """int8 codes and scales of a recurrent weight (directions, gates * hidden, inputs): one scale per gate row
-    of each direction (or one per tensor); scales shaped (directions, gates * hidden) or a scalar."""
+def _gate_rows(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes and scales of a recurrent weight (directions, gates * hidden, inputs): one scale per gate row of
+    each direction, shaped (directions, gates * hidden), or with ``per_channel=False`` one per direction, shaped
+    (directions,) -- the shapes DynamicQuantizeLSTM accepts."""
     d, rows, _ = w.shape
-    p, q = weight_qparams(w.reshape(d * rows, -1).astype(np.float32), 0 if per_channel else None)
-    scale = p.scale.reshape(d, rows) if per_channel else p.scale
-    return q.reshape(w.shape), np.asarray(scale, np.float32)
+    w = w.astype(np.float32)
+    if per_channel:
+        p, q = weight_qparams(w.reshape(d * rows, -1), 0)
+        return q.reshape(w.shape), np.asarray(p.scale, np.float32).reshape(d, rows)
+    parts = [weight_qparams(w[k], None) for k in range(d)]
+    return np.stack([q for _, q in parts]), np.array([p.scale for p, _ in parts], np.float32)
 
 
 def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init, per_channel: bool):
@@ -210,11 +214,11 @@ def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init,
         base = node.input[i]
         rows = names.new(f"{base}_rows")
         flat = q.reshape(-1, q.shape[2])
-        dq_inputs = [init(f"{base}_quantized", flat), init(f"{base}_scale", scale.reshape(-1))]
-        dq_inputs.append(init(f"{base}_zero_point", np.zeros(scale.reshape(-1).shape, np.int8)))
-        attrs = {"axis": 0} if per_channel else {}
+        row_scale = np.broadcast_to(scale.reshape(scale.shape[0], -1), q.shape[:2]).reshape(-1)  # one per row
+        dq_inputs = [init(f"{base}_quantized", flat), init(f"{base}_scale", np.ascontiguousarray(row_scale))]
+        dq_inputs.append(init(f"{base}_zero_point", np.zeros(row_scale.shape, np.int8)))
         out.append(
-            helper.make_node("DequantizeLinear", dq_inputs, [rows], name=names.new(f"{base}_Dequantize"), **attrs)
+            helper.make_node("DequantizeLinear", dq_inputs, [rows], name=names.new(f"{base}_Dequantize"), axis=0)
         )
         restored = names.new(f"{base}_dequantized")
         shape = init(f"{base}_shape", np.array(q.shape, np.int64))
