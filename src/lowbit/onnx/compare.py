@@ -74,22 +74,6 @@ def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | 
     return out
 
 
-def latency_ms(
-    sess: ort.InferenceSession, feed: Feed, *, warmup: int = 3, budget_s: float = 1.0, runs: int = 7
-) -> float:
-    """Median wall time of ``sess.run`` on ``feed`` after ``warmup`` runs: at least ``runs`` runs, more while
-    the time budget lasts (up to 50)."""
-    for _ in range(warmup):
-        sess.run(None, feed)
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < runs or (time.perf_counter() - start < budget_s and len(times) < 50):
-        t0 = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times) * 1e3)
-
-
 def interleaved_latency_ms(
     sessions: Mapping[str, ort.InferenceSession], feed: Feed, *, warmup: int = 3, budget_s: float = 2.0, rounds: int = 7
 ) -> dict[str, float]:

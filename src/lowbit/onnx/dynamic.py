@@ -63,7 +63,8 @@ def quantize_dynamic(
     per_channel: bool = True,
     weight_only_rnn: bool = False,
 ) -> tuple[onnx.ModelProto, DynamicPlan]:
-    """A copy of ``model`` whose MatMul/Gemm with constant 2-D weights run on int8 with run-time activation scales."""
+    """A copy of ``model`` whose MatMul/Gemm with constant 2-D weights (and LSTMs) run on int8 with run-time
+    activation scales; embedding tables, and with ``weight_only_rnn`` GRU/RNN weights, are stored as int8."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)

@@ -71,13 +71,20 @@ class Layer:
             return m.reshape(self.weight_shape)
         return m[0].T
 
+    @property
+    def matrix_shape(self) -> tuple[int, int, int]:
+        """(groups, rows, columns) of :meth:`matrix`."""
+        w = self.weight_shape
+        if self.node.op_type == "Conv":
+            return self.groups, w[0] // self.groups, int(np.prod(w[1:]))
+        if self.node.op_type == "Gemm" and _attrs(self.node).get("transB", 0):
+            return 1, w[0], w[1]
+        return 1, w[1], w[0]
+
     def rows(self, x: np.ndarray) -> np.ndarray:
-        """The input rows the weight multiplies, as (groups, n, columns): patches of a convolution, tokens of a
-        MatMul, samples of a Gemm."""
-        op = self.node.op_type
-        if op == "Conv":
-            return _patches(self.node, x, self.weight_shape, self.groups)
-        if op == "Gemm":
+        """The input rows a Gemm/MatMul weight multiplies, as (1, n, columns): samples of a Gemm, tokens of a
+        MatMul. (A convolution's rows are patches: :func:`_patches`.)"""
+        if self.node.op_type == "Gemm":
             x = x.T if _attrs(self.node).get("transA", 0) else x
             return x[None]
         return x.reshape(1, -1, x.shape[-1])
@@ -224,7 +231,7 @@ def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
         if node.op_type == "Conv" and (w.ndim < 3 or w.shape[0] % int(_attrs(node).get("group", 1))):
             continue
         layer = Layer(node, node.input[0], node.input[1], plan.weights[node.input[1]], tuple(w.shape))
-        columns = layer.matrix(np.empty(w.shape, np.float32)).shape[2]
+        columns = layer.matrix_shape[2]
         if columns > MAX_COLUMNS or (
             node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns
         ):
@@ -235,8 +242,7 @@ def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
 
 def _row_scales(layer: Layer, scale: np.ndarray) -> np.ndarray:
     """The weight's scale (per output channel, or a scalar) shaped (groups, rows, 1) like :meth:`Layer.matrix`."""
-    g = layer.groups
-    rows = layer.matrix(np.empty(layer.weight_shape, np.float32)).shape[1]
+    g, rows, _ = layer.matrix_shape
     return np.broadcast_to(np.asarray(scale, np.float64).reshape(-1), (g * rows,)).reshape(g, rows, 1)
 
 
