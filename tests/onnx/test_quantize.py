@@ -335,3 +335,29 @@ def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
     assert calls[:3] == ["a", "b", "c"]  # warm-up
     assert calls[3::2] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]
     assert calls[3::2] == calls[4::2]  # each timed run follows an untimed run of the same model
+
+
+@pytest.mark.parametrize("rounding", ["gptq", "nearest"])
+def test_a_dead_channel_keeps_its_large_bias(tmp_path, rounding):
+    """A channel whose weights are all but zero and whose bias is large (BatchNorm folded into a dead channel)
+    would need a bias code beyond int32 at input scale x weight scale. ONNX Runtime's fused kernels saturate
+    such a bias (it ran -7 as -0.02); lowbit raises that channel's weight scale so that the bias fits."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.3
+    w[1] *= 1e-7
+    b = np.array([0.1, -7.0, 0.2, 3.0], np.float32)
+    model, _ = models.single_layer("Conv", w, (None, 3, 12, 12), pads=[1, 1, 1, 1])
+    model.graph.initializer.append(numpy_helper.from_array(b, "b"))
+    model.graph.node[0].input.append("b")
+    path = models.save(model, tmp_path / "dead.onnx")
+    x = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
+    np.save(tmp_path / "calib.npy", x)
+    out = tmp_path / "q.onnx"
+    quantize(path, out, str(tmp_path / "calib.npy"), rounding=rounding, compare_models=False, progress=False)
+    y, y_q = _run(path, x[:8])[0], _run(out, x[:8])[0]
+    assert np.abs(y_q[:, 1] - y[:, 1]).max() < 0.1  # without the raised scale: about 7
+    assert np.abs(y_q - y).max() < 0.5
+    q = onnx.load(str(out))
+    int32 = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT32]
+    (bias_codes,) = [numpy_helper.to_array(i) for i in int32 if i.name.endswith("_quantized")]
+    assert bias_codes.dtype == np.int32 and np.abs(bias_codes).max() <= 2**30

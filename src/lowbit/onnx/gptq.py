@@ -282,12 +282,14 @@ def round_weight(
     return layer.unmatrix(Q).astype(np.int8)
 
 
-def codes(graph: Graph, moments: list[SecondMoment]) -> dict[str, np.ndarray]:
+def codes(
+    graph: Graph, moments: list[SecondMoment], floors: dict[str, np.ndarray] | None = None
+) -> dict[str, np.ndarray]:
     """GPTQ's int8 codes of every weight a :class:`SecondMoment` saw enough data for, at the scales of plain
-    rounding (:func:`lowbit.onnx.rewrite.weight_qparams`). A weight keeps nearest rounding when it is read by two
-    layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN` input rows per column (``H`` is then poorly
-    known, and GPTQ would fit the calibration samples rather than the data: on MNISTNet's last layer, 128 inputs
-    seen on 512 samples, it triples the output error)."""
+    rounding (:func:`lowbit.onnx.rewrite.weight_qparams`, raised to ``floors`` where given). A weight keeps
+    nearest rounding when it is read by two layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN`
+    input rows per column (``H`` is then poorly known, and GPTQ would fit the calibration samples rather than the
+    data: on MNISTNet's last layer, 128 inputs seen on 512 samples, it triples the output error)."""
     from lowbit.onnx.rewrite import weight_qparams
 
     readers: dict[str, int] = {}
@@ -299,7 +301,7 @@ def codes(graph: Graph, moments: list[SecondMoment]) -> dict[str, np.ndarray]:
         if readers[layer.weight] > 1 or m.sum is None or m.count < ROWS_PER_COLUMN * m.sum.shape[-1]:
             continue
         w = graph.value(layer.weight).astype(np.float32)
-        p, _ = weight_qparams(w, layer.axis)
+        p, _ = weight_qparams(w, layer.axis, min_scale=(floors or {}).get(layer.weight))
         q = round_weight(layer, w, p.scale, m.value)
         if q is not None:
             out[layer.weight] = q

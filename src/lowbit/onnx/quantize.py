@@ -264,7 +264,8 @@ def quantize(
         first = next(iter(cals.values()))
         result.calibration_samples = cal_range[1] if source.num_samples is not None else first.num_batches * batch
         act_ranges = calibrate.ranges({t: cals[t] for t in plan.calibrated}, symmetric=target == "trt")
-        codes = gptq.codes(graph, moments)
+        floors = rewrite.weight_scale_floors(graph, plan, rewrite.activation_qparams(plan, act_ranges))
+        codes = gptq.codes(graph, moments, floors)
         result.gptq_layers = len(codes)
         to_quantize = float_model
         if means:
@@ -272,13 +273,13 @@ def quantize(
                 float_model,
                 plan,
                 {x: m.mean for x, m in means.items()},
-                rewrite.dequantized_weights(float_model, plan, codes),
+                rewrite.dequantized_weights(float_model, plan, codes, floors),
             )
             # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
             plan = placement.plan(
                 Graph(to_quantize), target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel
             )
-        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges, codes)
+        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges, codes, floors)
         qp = rewrite.activation_qparams(plan, act_ranges)
         record = _record(plan, qp, act_ranges)
         if trt_cache is not None:

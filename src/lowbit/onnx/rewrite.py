@@ -21,6 +21,7 @@ from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import Plan
 
 INT32_MAX = np.iinfo(np.int32).max
+BIAS_CODE_MAX = 2**30  # an int32 bias code stays within half of int32: the accumulator adds to it
 
 
 @dataclass(frozen=True)
@@ -73,19 +74,58 @@ def activation_qparams(plan: Plan, ranges: Mapping[str, tuple[float, float]]) ->
     return {t: roots[root] for t, root in plan.activations.items()}
 
 
-def weight_qparams(w: np.ndarray, axis: int | None, bits: int = 8) -> tuple[QParams, np.ndarray]:
-    """Symmetric signed per-channel (or per-tensor) parameters of a weight, and its integer codes."""
+def weight_qparams(
+    w: np.ndarray, axis: int | None, bits: int = 8, min_scale: np.ndarray | None = None
+) -> tuple[QParams, np.ndarray]:
+    """Symmetric signed per-channel (or per-tensor) parameters of a weight, and its integer codes; ``min_scale``
+    (per channel or a scalar) raises the scale where it is smaller (:func:`weight_scale_floors`)."""
     spec = QuantSpec(bits=bits, axis=axis)
     scale, zp = qparams_from_tensor(w, spec)
+    if min_scale is not None:
+        scale = np.maximum(scale, np.asarray(min_scale, np.float32).reshape(scale.shape))
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
 
 
-def _plan_weights(graph: Graph, plan: Plan, codes: Mapping[str, np.ndarray] | None = None):
+def weight_scale_floors(graph: Graph, plan: Plan, act: Mapping[str, QParams]) -> dict[str, np.ndarray]:
+    """The least scale each weight of ``plan`` may take so that its layer's bias fits an int32 code of at most
+    :data:`BIAS_CODE_MAX` at scale ``input scale * weight scale``: per output channel (a scalar for a per-tensor
+    weight), only for weights where that raises some scale.
+
+    A channel whose weights are all but zero (a dead channel after BatchNorm folding: weights ~1e-7, bias -7)
+    gets a tiny weight scale, and its bias would need a code beyond int32. Kept in float, such a bias is
+    quantized by ONNX Runtime's own QDQ fusion anyway and saturates (measured on EfficientNet-Lite0: a stem bias
+    of -7.07 ran as -0.02, waking a channel that ReLU6 keeps at zero in FP32). A larger scale for that channel
+    costs nothing: its weights round to zero either way."""
+    floors: dict[str, np.ndarray] = {}
+    for bias, (x, w) in plan.biases.items():
+        if x not in act or w not in plan.weights:
+            continue
+        b = np.abs(graph.value(bias).astype(np.float64)).reshape(-1)
+        floor = b / (float(np.max(act[x].scale)) * BIAS_CODE_MAX)
+        if plan.weights[w] is None or graph.value(w).ndim == 0:
+            floor = floor.max(initial=0.0)
+        scale, _ = qparams_from_tensor(
+            graph.value(w).astype(np.float32), QuantSpec(axis=plan.weights[w] if floor.ndim else None)
+        )
+        if np.shape(floor) != np.shape(scale) or not np.any(floor > scale):
+            continue
+        floors[w] = np.maximum(floors.get(w, 0.0), floor).astype(np.float32)
+    return floors
+
+
+def _plan_weights(
+    graph: Graph,
+    plan: Plan,
+    codes: Mapping[str, np.ndarray] | None = None,
+    floors: Mapping[str, np.ndarray] | None = None,
+):
     """(name, parameters, int8 codes) of every weight of ``plan``; ``codes`` (by weight name) replaces the
-    nearest-rounded codes of some weights with codes chosen otherwise (GPTQ) at the same scales."""
+    nearest-rounded codes of some weights with codes chosen otherwise (GPTQ) at the same scales; ``floors`` as
+    :func:`weight_scale_floors` returns them."""
+    floors = floors or {}
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
-        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis)
+        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis, min_scale=floors.get(name))
         if codes is not None and name in codes:
             if codes[name].shape != q.shape:
                 raise ValueError(f"codes for {name!r} have shape {codes[name].shape}, the weight {q.shape}")
@@ -94,12 +134,15 @@ def _plan_weights(graph: Graph, plan: Plan, codes: Mapping[str, np.ndarray] | No
 
 
 def dequantized_weights(
-    model: onnx.ModelProto, plan: Plan, codes: Mapping[str, np.ndarray] | None = None
+    model: onnx.ModelProto,
+    plan: Plan,
+    codes: Mapping[str, np.ndarray] | None = None,
+    floors: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
     return {
         name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis))
-        for name, p, q in _plan_weights(Graph(model), plan, codes)
+        for name, p, q in _plan_weights(Graph(model), plan, codes, floors)
     }
 
 
@@ -108,15 +151,19 @@ def quantize_model(
     plan: Plan,
     ranges: Mapping[str, tuple[float, float]],
     codes: Mapping[str, np.ndarray] | None = None,
+    floors: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name); ``codes`` as in
-    :func:`_plan_weights`."""
+    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name); ``codes`` and ``floors`` as
+    in :func:`_plan_weights` (``floors`` by default: :func:`weight_scale_floors` of this model; pass the same
+    floors that chose ``codes``)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
     g = out.graph
     names = _Names(g)
     act = activation_qparams(plan, ranges)
+    if floors is None:
+        floors = weight_scale_floors(graph, plan, act)
     weights: dict[str, QParams] = {}
 
     head: list[onnx.NodeProto] = []  # DequantizeLinear of constants: before every node
@@ -137,7 +184,7 @@ def quantize_model(
         head.append(node)
         replaced.add(name)
 
-    for name, p, q in _plan_weights(graph, plan, codes):
+    for name, p, q in _plan_weights(graph, plan, codes, floors):
         weights[name] = p
         dq_constant(name, q, p)
 
