@@ -1,0 +1,7 @@
+"""Without PyTorch installed (an ONNX-only setup), the PyTorch front end and its tests are not collected."""
+
+import importlib.util
+
+collect_ignore_glob = []
+if importlib.util.find_spec("torch") is None:
+    collect_ignore_glob += ["src/lowbit/torch/*", "tests/torch/*"]

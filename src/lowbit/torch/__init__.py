@@ -1,0 +1,50 @@
+"""The PyTorch front end: quantized layers, PTQ (static and dynamic), QAT, Conv+BN folding, ONNX Q/DQ export.
+
+    import lowbit.torch as lt
+    qmodel = lt.quantize(model, "int8", calib=[x for x, _ in loader])
+    lt.export_onnx(qmodel, example, "model_int8.onnx")
+
+Needs ``torch`` (``pip install torch==2.13.0`` for the CPU build, then ``pip install "lowbit[torch]"``).
+"""
+
+try:
+    import torch as _torch  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(
+        "lowbit.torch needs PyTorch: pip install torch==2.13.0 (the CPU build), or see https://pytorch.org"
+    ) from exc
+
+from lowbit.torch.config import PRESETS, Config, LayerConfig, QuantizerConfig, preset
+from lowbit.torch.export import export_onnx
+from lowbit.torch.fold import fold_batchnorm
+from lowbit.torch.layers import (
+    MODULE_MAP,
+    QuantConv1d,
+    QuantConv2d,
+    QuantConv3d,
+    QuantConvTranspose2d,
+    QuantLinear,
+)
+from lowbit.torch.ptq import calibrate, quantize, quantizers
+from lowbit.torch.quantizer import TensorQuantizer, fake_quant
+
+__all__ = [
+    "MODULE_MAP",
+    "PRESETS",
+    "Config",
+    "LayerConfig",
+    "QuantConv1d",
+    "QuantConv2d",
+    "QuantConv3d",
+    "QuantConvTranspose2d",
+    "QuantLinear",
+    "QuantizerConfig",
+    "TensorQuantizer",
+    "calibrate",
+    "export_onnx",
+    "fake_quant",
+    "fold_batchnorm",
+    "preset",
+    "quantize",
+    "quantizers",
+]

@@ -1,0 +1,129 @@
+"""Conv + BatchNorm folding for inference (PTQ).
+
+A BatchNorm in eval mode is an affine map per channel, ``y = (x - mean) / sqrt(var + eps) * gamma + beta``, so
+after a convolution it folds into the convolution's weight and bias:
+
+    w' = w * gamma / sqrt(var + eps)        (per output channel)
+    b' = (b - mean) * gamma / sqrt(var + eps) + beta
+
+Which BatchNorm follows which convolution is read from one forward pass (hooks): a BatchNorm whose input is the
+very tensor a Conv1d/2d/3d returned. The folded BatchNorm is replaced by ``nn.Identity`` in its parent. The model's
+output on that same input is compared before and after; if folding changed it (the conv's output was also read
+elsewhere, say), the fold is undone with a warning.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule called ``name`` (dotted) by ``module``, in its parent."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def conv_bn_pairs(model: nn.Module, run: Callable[[nn.Module], object]) -> list[tuple[str, str]]:
+    """(conv name, batchnorm name) for every BatchNorm fed directly by a convolution, found by ``run(model)``
+    (one forward pass). A module called more than once is left out."""
+    names = {m: n for n, m in model.named_modules()}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    pairs: list[tuple[str, str]] = []
+
+    def after_conv(module, args, out):
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        produced[id(out)] = (names[module], out)  # keep the tensor alive so that its id stays unique
+
+    def before_norm(module, args):
+        calls[names[module]] = calls.get(names[module], 0) + 1
+        hit = produced.get(id(args[0])) if args else None
+        if hit is not None and hit[1] is args[0]:
+            pairs.append((hit[0], names[module]))
+
+    handles = []
+    for m in model.modules():
+        if type(m) in _CONVS:
+            handles.append(m.register_forward_hook(after_conv))
+        elif type(m) in _NORMS:
+            handles.append(m.register_forward_pre_hook(before_norm))
+    try:
+        with torch.no_grad():
+            run(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1]
+
+
+def fold_into(conv: nn.Module, bn: nn.Module) -> None:
+    """Fold the eval-mode BatchNorm ``bn`` into ``conv`` (in place)."""
+    with torch.no_grad():
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        beta = bn.bias if bn.affine else torch.zeros_like(std)
+        factor = gamma / std
+        conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * factor + beta
+        if conv.bias is None:
+            conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
+        else:
+            conv.bias.copy_(new_bias)
+
+
+def _max_diff(a, b) -> float:
+    if isinstance(a, torch.Tensor):
+        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)):
+        return max((_max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
+    if isinstance(a, dict):
+        return max((_max_diff(a[k], b[k]) for k in a), default=0.0)
+    return 0.0
+
+
+def _magnitude(a) -> float:
+    if isinstance(a, torch.Tensor):
+        return float(a.float().abs().max()) if a.numel() else 0.0
+    if isinstance(a, (tuple, list)):
+        return max((_magnitude(x) for x in a), default=0.0)
+    if isinstance(a, dict):
+        return max((_magnitude(x) for x in a.values()), default=0.0)
+    return 0.0
+
+
+def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], object]) -> list[tuple[str, str]]:
+    """Fold every BatchNorm that directly follows a convolution into it, in place (the model must be in eval
+    mode); ``run(model)`` runs one forward pass. Returns the folded (conv, batchnorm) names."""
+    if model.training:
+        raise ValueError("fold_batchnorm folds running statistics: call model.eval() first")
+    pairs = [(c, b) for c, b in conv_bn_pairs(model, run) if model.get_submodule(b).track_running_stats]
+    if not pairs:
+        return []
+    with torch.no_grad():
+        before = run(model)
+    saved = {name: copy.deepcopy(model.get_submodule(name)) for pair in pairs for name in pair}
+    for conv, bn in pairs:
+        fold_into(model.get_submodule(conv), model.get_submodule(bn))
+        set_submodule(model, bn, nn.Identity())
+    with torch.no_grad():
+        after = run(model)
+    if _max_diff(before, after) > 1e-3 * max(_magnitude(before), 1.0):
+        for name, module in saved.items():
+            set_submodule(model, name, module)
+        warnings.warn(
+            "Conv+BatchNorm folding changed the model's output, so it was undone (a convolution's output is "
+            "probably read by more than its BatchNorm); the model is quantized unfolded",
+            stacklevel=2,
+        )
+        return []
+    return pairs

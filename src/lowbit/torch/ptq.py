@@ -1,0 +1,215 @@
+"""``lowbit.torch.quantize``: the one entry point of the PyTorch front end.
+
+    model = lowbit.torch.quantize(model, "int8", calib=loader)        # PTQ static
+    model = lowbit.torch.quantize(model, "int8_dynamic")             # PTQ dynamic: no data
+    model.train(); ...                                               # QAT: train it as it is
+
+Steps: copy the model (unless ``inplace``), eval mode, fold Conv+BatchNorm, swap every Conv/Linear the config
+quantizes for its ``Quant*`` layer (:data:`lowbit.torch.layers.MODULE_MAP`), fix the weights' scales from the
+weights, then run ``calib`` with the input quantizers in ``"calibrate"`` mode and fix their scales.
+
+``calib`` is an iterable of batches (a tensor: ``model(batch)``; a tuple or list: ``model(*batch)``; a dict:
+``model(**batch)``), such as a DataLoader that yields inputs only, or a callable ``calib(model)`` that runs the
+model over data itself (a forward loop: for loaders that yield (input, label) pairs, say).
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+import itertools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.errors import CalibrationError, SpecError
+from lowbit.torch.config import Config, resolve
+from lowbit.torch.fold import fold_batchnorm, set_submodule
+from lowbit.torch.layers import MODULE_MAP, QuantMixin
+from lowbit.torch.quantizer import TensorQuantizer
+
+Calib = Iterable[Any] | Callable[[nn.Module], Any]
+
+
+def _call(model: nn.Module, batch: Any) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return model(batch)
+    if isinstance(batch, dict):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    raise CalibrationError(
+        f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of them, got {type(batch).__name__}"
+    )
+
+
+def _run_batch(model: nn.Module, batch: Any, index: int) -> Any:
+    try:
+        return _call(model, batch)
+    except CalibrationError:
+        raise
+    except Exception as exc:  # the user's data or model: say which batch and what calib must yield
+        raise CalibrationError(
+            f"running the model on calibration batch {index} failed ({type(exc).__name__}: {exc}). calib must "
+            "yield what the model's forward takes: a tensor, a tuple of positional inputs or a dict of keyword "
+            "inputs, with the shapes the model expects (or pass a callable calib(model) that runs it)"
+        ) from exc
+
+
+class _Captured(Exception):
+    pass
+
+
+def _first_input(model: nn.Module, calib: Calib) -> tuple[Callable[[nn.Module], Any], Iterable[Any] | None]:
+    """A function that runs the model on the first calibration input, and the batches left to calibrate on
+    (None when ``calib`` is a forward loop, which is then run again whole)."""
+    if callable(calib) and not isinstance(calib, (torch.Tensor, Iterable)):
+        captured: dict[str, Any] = {}
+
+        def grab(module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+            raise _Captured
+
+        handle = model.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            calib(model)
+        except _Captured:
+            pass
+        except Exception as exc:
+            raise CalibrationError(f"the calibration forward loop failed ({type(exc).__name__}: {exc})") from exc
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise CalibrationError("the calibration forward loop never ran the model: calib(model) must call model")
+        args, kwargs = captured["args"], captured["kwargs"]
+        return (lambda m: m(*args, **kwargs)), None
+    if isinstance(calib, torch.Tensor):
+        raise CalibrationError(
+            "calib is one tensor; pass an iterable of batches (a list of tensors, or a DataLoader of inputs)"
+        )
+    iterator = iter(calib)
+    try:
+        first = next(iterator)
+    except StopIteration:
+        raise CalibrationError("calib yielded no batch: give it at least one") from None
+    return (lambda m: _run_batch(m, first, 0)), itertools.chain([first], iterator)
+
+
+def quantizable_layers(model: nn.Module, config: Config) -> dict[str, nn.Module]:
+    """The layers of ``model`` that ``config`` quantizes, by name."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if type(m) in MODULE_MAP and config.for_layer(name) is not None and name
+    }
+
+
+def _check_patterns(model: nn.Module, config: Config) -> None:
+    names = [n for n, m in model.named_modules() if type(m) in MODULE_MAP]
+    for pattern, _ in config.overrides:
+        if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+            shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise SpecError(
+                f"config pattern {pattern!r} matches no quantizable layer; the model's Conv/Linear layers are: "
+                f"{shown or 'none'} (patterns are fnmatch globs over module names, like 'features.*' or '*.fc')"
+            )
+
+
+def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
+    """Every :class:`TensorQuantizer` of ``model``, by module name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
+
+
+def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches: Iterable[Any] | None = None) -> int:
+    """Run ``calib`` through ``model`` with every static, enabled input quantizer in ``"calibrate"`` mode, then
+    fix their scales. Returns how many batches ran (0 for a forward loop)."""
+    static = [
+        m.input_quantizer
+        for m in model.modules()
+        if isinstance(m, QuantMixin) and not m.input_quantizer.dynamic and m.input_quantizer.mode != "disabled"
+    ]
+    static += [
+        q
+        for q in (getattr(m, "quantizer", None) for m in model.modules())
+        if isinstance(q, TensorQuantizer) and not q.dynamic and q.mode != "disabled"
+    ]
+    if not static:
+        return 0
+    for q in static:
+        q.mode = "calibrate"
+    count = 0
+    with torch.no_grad():
+        if batches is None and callable(calib) and not isinstance(calib, Iterable):
+            calib(model)
+        else:
+            source = batches if batches is not None else calib
+            total = len(calib) if hasattr(calib, "__len__") else None
+            for count, batch in enumerate(
+                tqdm(source, total=total, desc="calibrating", unit="batch", disable=not progress, leave=False), 1
+            ):
+                _run_batch(model, batch, count - 1)
+    unused = []
+    for q in static:
+        if q._calibrator is None and q._lo is None:
+            q.mode = "disabled"  # the layer never ran: leave its input in float
+            unused.append(q.name)
+        else:
+            q.load_calibration()
+    if unused:
+        import warnings
+
+        warnings.warn(
+            f"{len(unused)} quantized layer(s) never ran during calibration, their inputs stay float: "
+            + ", ".join(unused[:5]),
+            stacklevel=3,
+        )
+    return count
+
+
+def quantize(
+    model: nn.Module,
+    config: str | Config = "int8",
+    calib: Calib | None = None,
+    *,
+    fold_bn: bool = True,
+    inplace: bool = False,
+    progress: bool = True,
+) -> nn.Module:
+    """A quantized copy of ``model`` (in eval mode; ``inplace=True`` changes ``model`` itself).
+
+    ``config``: a preset name (:data:`lowbit.torch.config.PRESETS`: int8, int8_dynamic, w8a8_asym, w4a8,
+    w4a16_group128, w4a4) or a :class:`~lowbit.torch.config.Config`. ``calib``: calibration batches or a forward
+    loop (see the module docstring); not needed when every quantized input is dynamic or float. ``fold_bn``: fold
+    BatchNorms into the convolutions before them first.
+    """
+    cfg = resolve(config)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calib is None and not cfg.dynamic:
+        raise CalibrationError(
+            "static quantization needs calibration data: pass calib= (batches or a forward loop), or use a dynamic "
+            "config such as 'int8_dynamic' or a weight-only one such as 'w4a16_group128'"
+        )
+    _check_patterns(model, cfg)
+    if not quantizable_layers(model, cfg):
+        kinds = ", ".join(sorted(t.__name__ for t in MODULE_MAP))
+        raise SpecError(f"nothing to quantize: the model has no {kinds} layer that the config quantizes")
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    batches = None
+    if calib is not None:
+        run_first, batches = _first_input(model, calib)
+        if fold_bn:
+            fold_batchnorm(model, run_first)
+    for name, module in quantizable_layers(model, cfg).items():
+        layer = cfg.for_layer(name)
+        new = MODULE_MAP[type(module)].from_float(module, layer, name)
+        new.calibrate_weight()
+        set_submodule(model, name, new)
+    if calib is not None and not cfg.dynamic:
+        calibrate(model, calib, progress=progress, batches=batches)
+    return model

@@ -1,0 +1,260 @@
+"""TensorQuantizer: the one module that quantizes a tensor in a PyTorch model.
+
+Modes (:attr:`TensorQuantizer.mode`):
+  - ``"calibrate"``: pass the tensor through unchanged and feed it to a lowbit calibrator;
+  - ``"quantize"``: fake quantization, ``x -> (clamp(round(x / s) + z, qmin, qmax) - z) * s``, with the
+    straight-through estimator: the gradient passes unchanged inside the range and is zero outside it;
+  - ``"disabled"``: identity.
+
+The scale can be learned (LSQ, Esser et al. 2020, "Learned Step Size Quantization"): written as above with
+``round`` replaced by a straight-through round, the gradient of the output with respect to ``s`` is
+``round(x / s) - x / s`` inside the range and ``qmin - z`` or ``qmax - z`` outside, LSQ's step-size gradient,
+scaled by ``1 / sqrt(n * qmax)``. Rounding is half to even, as ONNX QuantizeLinear.
+
+>>> import torch
+>>> from lowbit.core import QuantSpec
+>>> q = TensorQuantizer(QuantSpec(bits=8))
+>>> q.mode = "calibrate"; _ = q(torch.tensor([-1.0, 0.5, 2.0])); q.load_calibration()
+>>> q(torch.tensor([0.3, 2.5]))   # scale 2/127; 2.5 saturates at 2.0
+tensor([0.2992, 2.0000])
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from lowbit import calib
+from lowbit.core import QuantSpec, layout, qparams
+from lowbit.errors import CalibrationError
+
+MODES = ("calibrate", "quantize", "disabled")
+
+
+def _round_ste(v: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward."""
+    return v + (torch.round(v) - v).detach()
+
+
+def _grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
+    """``t`` forward, its gradient times ``factor`` backward."""
+    return t * factor + (t - t * factor).detach()
+
+
+def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
+    """A scale or zero point of :func:`lowbit.core.layout.param_shape` expanded to broadcast against ``shape``."""
+    if spec.axis is None:
+        return param.reshape(())
+    axis = layout.normalize_axis(spec.axis, len(shape))
+    if spec.group_size is None:
+        dims = [1] * len(shape)
+        dims[axis] = shape[axis]
+        return param.reshape(dims)
+    return param.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
+
+
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, grad_factor: float = 1.0
+) -> torch.Tensor:
+    """``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with straight-through rounding;
+    ``scale`` and ``zero_point`` in :func:`~lowbit.core.layout.param_shape` (``grad_factor`` scales the gradient
+    that reaches ``scale``, as LSQ does)."""
+    s = param_view(_grad_scale(scale, grad_factor) if grad_factor != 1.0 else scale, x.shape, spec)
+    z = param_view(zero_point, x.shape, spec).to(x.dtype)
+    q = torch.clamp(_round_ste(x / s) + z, spec.qmin, spec.qmax)
+    return (q - z) * s
+
+
+class _QDQ(torch.autograd.Function):
+    """Fake quantization that the TorchScript ONNX exporter writes as QuantizeLinear + DequantizeLinear."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, spec: QuantSpec, clip_lo: float | None, clip_hi: float | None):
+        return fake_quant(x, scale, zero_point, spec)
+
+    @staticmethod
+    def symbolic(g, x, scale, zero_point, spec: QuantSpec, clip_lo, clip_hi):
+        if clip_lo is not None:  # fewer than 8 bits through an 8-bit Q/DQ: clip to the narrower grid first
+            lo = g.op("Constant", value_t=torch.tensor(clip_lo, dtype=torch.float32))
+            hi = g.op("Constant", value_t=torch.tensor(clip_hi, dtype=torch.float32))
+            x = g.op("Clip", x, lo, hi)
+        attrs: dict[str, Any] = {}
+        if spec.axis is not None:
+            attrs["axis_i"] = spec.axis
+        q = g.op("QuantizeLinear", x, scale, zero_point, **attrs)
+        return g.op("DequantizeLinear", q, scale, zero_point, **attrs)
+
+
+class TensorQuantizer(nn.Module):
+    """Quantizes one tensor as ``spec`` says; see the module docstring for the modes.
+
+    ``method`` and ``method_options`` pick the lowbit calibrator of a per-tensor activation range; a per-channel
+    or per-group quantizer (weights) takes min/max per slice. ``dynamic`` computes the range of every batch at
+    run time. ``learn_scale`` makes the scale an ``nn.Parameter`` (LSQ). ``observe_steps`` (QAT): for that many
+    training steps after calibration, the range follows an exponential moving average of each batch's min/max
+    (``momentum``), then it is frozen.
+    """
+
+    def __init__(
+        self,
+        spec: QuantSpec,
+        *,
+        method: str = "minmax",
+        method_options: dict[str, Any] | None = None,
+        dynamic: bool = False,
+        learn_scale: bool = False,
+        name: str = "",
+    ):
+        super().__init__()
+        if spec.bits == 1:
+            raise CalibrationError("TensorQuantizer quantizes to 2..16 bits; binarization is lowbit.core.binarize")
+        self.spec = spec
+        self.method, self.method_options = method, dict(method_options or {})
+        self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
+        self.mode = "quantize" if dynamic else "calibrate"
+        self.is_weight = False  # a constant: its values never leave the range, so export needs no Clip
+        self.observe_steps = 0
+        self.momentum = 0.1
+        self._calibrator: calib.Calibrator | None = None
+        self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
+        self._hi: np.ndarray | None = None
+        zp_dtype = torch.float32
+        self.register_buffer("zero_point", torch.zeros(0, dtype=zp_dtype))
+        if learn_scale:
+            self.scale = nn.Parameter(torch.zeros(0))
+        else:
+            self.register_buffer("scale", torch.zeros(0))
+
+    # -- state ------------------------------------------------------------------------------------------------
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @mode.setter
+    def mode(self, value: str) -> None:
+        if value not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {value!r}")
+        self._mode = value
+
+    @property
+    def calibrated(self) -> bool:
+        """Whether the quantizer has a scale (a dynamic one never needs one)."""
+        return self.dynamic or self.scale.numel() > 0
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        parts = [f"{s.bits}-bit", "signed" if s.signed else "unsigned", "symmetric" if s.symmetric else "asymmetric"]
+        parts.append(s.granularity if s.axis is not None else "per-tensor")
+        if s.axis is not None:
+            parts[-1] = f"per-{s.granularity} axis={s.axis}" + (f" group={s.group_size}" if s.group_size else "")
+        parts += ["dynamic"] if self.dynamic else [self.method]
+        if self.learn_scale:
+            parts.append("learned scale")
+        return f"{', '.join(parts)}, mode={self.mode}"
+
+    def set_range(self, lo, hi) -> None:
+        """Fix the scale and zero point from a real range (floats, or arrays of the parameter shape)."""
+        scale, zp = qparams(lo, hi, self.spec)
+        device = self.scale.device
+        with torch.no_grad():
+            self.scale.data = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(np.shape(scale))
+            self.zero_point.data = torch.as_tensor(zp.astype(np.float32), device=device).reshape(np.shape(zp))
+
+    def load_calibration(self) -> None:
+        """Turn the statistics gathered in ``"calibrate"`` mode into the scale, and switch to ``"quantize"``."""
+        if self._calibrator is not None:
+            if self._calibrator.num_batches == 0:
+                raise CalibrationError(f"{self._describe()}: calibration saw no data")
+            lo, hi = self._calibrator.compute()
+        elif self._lo is not None:
+            lo, hi = self._lo, self._hi
+        else:
+            raise CalibrationError(
+                f"{self._describe()}: no calibration data reached this quantizer; run the model on calibration "
+                "batches in 'calibrate' mode first (lowbit.torch.quantize does), or check that the layer is used"
+            )
+        self.set_range(lo, hi)
+        self._calibrator, self._lo, self._hi = None, None, None
+        self.mode = "quantize"
+
+    def _describe(self) -> str:
+        return f"quantizer {self.name!r}" if self.name else "quantizer"
+
+    def _slice_minmax(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return layout.reduce(x, self.spec, "min"), layout.reduce(x, self.spec, "max")
+
+    def _observe(self, x: torch.Tensor) -> None:
+        a = x.detach().float().cpu().numpy()
+        if self.spec.axis is None:
+            if self._calibrator is None:
+                self._calibrator = calib.create(self.method, tensor=self.name or None, **self.method_options)
+            self._calibrator.update(a)
+            return
+        lo, hi = self._slice_minmax(a)
+        self._lo = lo if self._lo is None else np.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else np.maximum(self._hi, hi)
+
+    def _follow(self, x: torch.Tensor) -> None:
+        """One EMA step of the range towards this batch's min/max (QAT before the observers freeze)."""
+        a = x.detach().float().cpu().numpy()
+        lo, hi = self._slice_minmax(a)
+        m = self.momentum
+        old_scale, old_zp = self.scale.detach().cpu().numpy(), self.zero_point.cpu().numpy()
+        if self.spec.symmetric:
+            amax = (1 - m) * old_scale * (self.spec.qmax - old_zp) + m * np.maximum(np.abs(lo), np.abs(hi))
+            self.set_range(-amax, amax)
+            return
+        old_lo = (self.spec.qmin - old_zp) * old_scale
+        old_hi = (self.spec.qmax - old_zp) * old_scale
+        self.set_range(np.minimum((1 - m) * old_lo + m * lo, 0), np.maximum((1 - m) * old_hi + m * hi, 0))
+
+    # -- forward ----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "disabled":
+            return x
+        if self.mode == "calibrate":
+            self._observe(x)
+            return x
+        if self.dynamic:
+            lo, hi = self._slice_minmax(x.detach().float().cpu().numpy())
+            scale, zp = qparams(lo, hi, self.spec)
+            s = torch.as_tensor(scale, device=x.device)
+            z = torch.as_tensor(zp.astype(np.float32), device=x.device)
+            return fake_quant(x, s, z, self.spec)
+        if not self.calibrated:
+            raise CalibrationError(
+                f"{self._describe()} has no scale yet: calibrate it (lowbit.torch.quantize with calib=...) "
+                "before running the model quantized"
+            )
+        if self.training and self.observe_steps > 0:
+            self._follow(x)
+            self.observe_steps -= 1
+        if torch.onnx.is_in_onnx_export():
+            clip = None, None
+            if self.spec.bits < 8 and not self.is_weight:
+                s = self.scale.detach().cpu().numpy().astype(np.float64)
+                z = self.zero_point.cpu().numpy().astype(np.float64)
+                if s.size != 1:
+                    raise CalibrationError(
+                        f"{self._describe()}: a per-channel activation quantizer below 8 bits has no ONNX form; "
+                        "use per-tensor for activations"
+                    )
+                clip = float((self.spec.qmin - z) * s), float((self.spec.qmax - z) * s)
+            zp = self.zero_point.to(torch.int8 if self.spec.signed else torch.uint8)
+            return _QDQ.apply(x, self.scale, zp, self.spec, *clip)
+        factor = 1.0
+        if self.learn_scale and self.training:
+            per_scale = x.numel() / max(self.scale.numel(), 1)
+            factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+        return fake_quant(x, self.scale, self.zero_point, self.spec, factor)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # The scale's shape is only known after calibration: take the saved one.
+        for key in ("scale", "zero_point"):
+            if prefix + key in state_dict:
+                getattr(self, key).data = torch.empty_like(state_dict[prefix + key])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

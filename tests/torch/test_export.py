@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+from torch import nn
+
+import lowbit.torch as lt
+from lowbit.errors import CalibrationError, SpecError
+from lowbit.torch.layers import QuantMixin
+from tests.torch import models
+
+
+def _ort(path, x):
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"input": x.numpy()})[0]
+
+
+def _last_input_step(model) -> float:
+    layers = [m for m in model.modules() if isinstance(m, QuantMixin)]
+    return float(layers[-1].input_quantizer.scale.max())
+
+
+@pytest.mark.parametrize("config", ["int8", "w8a8_asym", "w4a8", "w4a4"])
+def test_onnx_runtime_computes_what_the_fake_quantization_computes(tmp_path, config):
+    q = lt.quantize(models.convnet(), config, calib=models.batches(), progress=False)
+    x = models.batches(1, seed=9)[0]
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(path))
+    with torch.no_grad():
+        expected = q(x).numpy()
+    got = _ort(path, x)
+    # Same codes; the float sums may differ in order: far less than one quantization step of the last layer's input.
+    assert np.abs(got - expected).max() < 0.01 * _last_input_step(q)
+    other = models.batches(1, batch=3, seed=10)[0]  # another batch size runs too
+    assert _ort(path, other).shape == (3, 4)
+
+
+def test_weights_are_stored_as_integers(tmp_path):
+    q = lt.quantize(models.convnet(), "int8", calib=models.batches(), progress=False)
+    path = lt.export_onnx(q, models.batches(1)[0], tmp_path / "q.onnx")
+    m = onnx.load(str(path))
+    ops = [n.op_type for n in m.graph.node]
+    assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6  # 3 activations, 3 weights
+    weights = [i for i in m.graph.initializer if len(i.dims) >= 2]
+    assert weights and all(i.data_type == onnx.TensorProto.INT8 for i in weights)
+    per_channel = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.attribute]
+    assert {a.i for n in per_channel for a in n.attribute if a.name == "axis"} == {0}
+
+
+def test_export_before_calibration_or_of_dynamic_quantizers_is_a_clear_error(tmp_path):
+    model = models.convnet()
+    with pytest.raises(CalibrationError, match="no enabled quantizer"):
+        lt.export_onnx(model, models.batches(1)[0], tmp_path / "f.onnx")
+    q = lt.quantize(models.MLP(), "int8_dynamic", progress=False)
+    with pytest.raises(SpecError, match="--dynamic"):
+        lt.export_onnx(q, torch.randn(2, 16), tmp_path / "d.onnx")
+    layer = lt.QuantLinear.from_float(nn.Linear(4, 2), lt.preset("int8").default, "fc")
+    layer.calibrate_weight()
+    with pytest.raises(CalibrationError, match="not calibrated yet"):
+        lt.export_onnx(layer, torch.randn(1, 4), tmp_path / "n.onnx")
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize(
+    "layer, shape",
+    [
+        (nn.Conv1d(4, 6, 3, padding=1), (2, 4, 10)),
+        (nn.Conv3d(2, 4, 3, padding=1), (2, 2, 5, 5, 5)),
+        (nn.ConvTranspose2d(4, 6, 3, stride=2), (2, 4, 5, 5)),
+    ],
+)
+def test_other_layer_kinds_quantize_and_export(tmp_path, layer, shape):
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).eval()
+    data = [torch.randn(*shape) for _ in range(3)]
+    q = lt.quantize(model, "int8", calib=data, progress=False)
+    assert type(q[0]) is lt.MODULE_MAP[type(layer)]
+    x = data[0]
+    ref = model(x)
+    assert (q(x) - ref).abs().max() < 0.05 * ref.abs().max()
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, x), q(x).numpy(), atol=1e-5)
