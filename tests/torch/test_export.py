@@ -61,6 +61,10 @@ def test_export_before_calibration_or_of_dynamic_quantizers_is_a_clear_error(tmp
     layer.calibrate_weight()
     with pytest.raises(CalibrationError, match="not calibrated yet"):
         lt.export_onnx(layer, torch.randn(1, 4), tmp_path / "n.onnx")
+    wide = lt.Config(lt.LayerConfig(lt.QuantizerConfig(bits=16), lt.QuantizerConfig(granularity="channel")))
+    q = lt.quantize(models.convnet(), wide, calib=models.batches(), progress=False)
+    with pytest.raises(SpecError, match="more than 8 bits"):
+        lt.export_onnx(q, models.batches(1)[0], tmp_path / "w.onnx")
     assert not list(tmp_path.iterdir())  # nothing half-written
 
 

@@ -41,6 +41,12 @@ def _check_ready(model: nn.Module) -> None:
             f"{len(dynamic)} quantizer(s) are dynamic ({dynamic[0]}, ...): ONNX has no Q/DQ form for scales computed "
             "at run time. Export the float model and run `lowbit quantize MODEL.onnx --dynamic` on it instead"
         )
+    wide = [n for n, q in enabled.items() if q.spec.bits > 8]
+    if wide:
+        raise SpecError(
+            f"{len(wide)} quantizer(s) use more than 8 bits ({wide[0]}, ...): export writes 8-bit Q/DQ; "
+            "keep those layers in float (override them with None) or use 8 bits or fewer"
+        )
     waiting = [n for n, q in enabled.items() if q.mode == "calibrate" or not q.calibrated]
     if waiting:
         raise CalibrationError(
