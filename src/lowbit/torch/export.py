@@ -55,7 +55,7 @@ def _check_ready(model: nn.Module) -> None:
         )
 
 
-def _fold_weight_quantizers(model_proto) -> int:
+def _fold_weight_quantizers(model_proto) -> None:
     """QuantizeLinear of a constant -> its integer codes as an initializer read by the DequantizeLinear."""
     import onnx
     from onnx import numpy_helper
@@ -83,7 +83,6 @@ def _fold_weight_quantizers(model_proto) -> int:
     drop = [n for n in g.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in graph_outputs]
     for n in drop:
         g.node.remove(n)
-    folded = 0
     keep = []
     new_inits = []
     for node in g.node:
@@ -97,7 +96,6 @@ def _fold_weight_quantizers(model_proto) -> int:
                 q = np.clip(np.rint(w / s.reshape(shape)) + z.astype(np.float32).reshape(shape), *_limits(z.dtype))
                 name = node.output[0]
                 new_inits.append(numpy_helper.from_array(q.astype(z.dtype), name))
-                folded += 1
                 continue
         keep.append(node)
     del g.node[:]
@@ -109,7 +107,6 @@ def _fold_weight_quantizers(model_proto) -> int:
         if init.name not in used:
             g.initializer.remove(init)
     onnx.checker.check_model(model_proto)
-    return folded
 
 
 def _limits(dtype) -> tuple[int, int]:

@@ -81,24 +81,15 @@ def fold_into(conv: nn.Module, bn: nn.Module) -> None:
             conv.bias.copy_(new_bias)
 
 
-def _max_diff(a, b) -> float:
-    if isinstance(a, torch.Tensor):
-        return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)):
-        return max((_max_diff(x, y) for x, y in zip(a, b, strict=True)), default=0.0)
-    if isinstance(a, dict):
-        return max((_max_diff(a[k], b[k]) for k in a), default=0.0)
-    return 0.0
-
-
-def _magnitude(a) -> float:
-    if isinstance(a, torch.Tensor):
-        return float(a.float().abs().max()) if a.numel() else 0.0
-    if isinstance(a, (tuple, list)):
-        return max((_magnitude(x) for x in a), default=0.0)
-    if isinstance(a, dict):
-        return max((_magnitude(x) for x in a.values()), default=0.0)
-    return 0.0
+def _tensors(out) -> list[torch.Tensor]:
+    """The tensors of a model's output (a tensor, or tuples, lists and dicts of them), in order."""
+    if isinstance(out, torch.Tensor):
+        return [out.float()]
+    if isinstance(out, (tuple, list)):
+        return [t for x in out for t in _tensors(x)]
+    if isinstance(out, dict):
+        return [t for k in out for t in _tensors(out[k])]
+    return []
 
 
 def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], object]) -> list[tuple[str, str]]:
@@ -117,7 +108,10 @@ def fold_batchnorm(model: nn.Module, run: Callable[[nn.Module], object]) -> list
         set_submodule(model, bn, nn.Identity())
     with torch.no_grad():
         after = run(model)
-    if _max_diff(before, after) > 1e-3 * max(_magnitude(before), 1.0):
+    pairs_out = zip(_tensors(before), _tensors(after), strict=True)
+    diff = max(((a - b).abs().max().item() for a, b in pairs_out if a.numel()), default=0)
+    magnitude = max((a.abs().max().item() for a in _tensors(before) if a.numel()), default=0)
+    if diff > 1e-3 * max(magnitude, 1.0):
         for name, module in saved.items():
             set_submodule(model, name, module)
         warnings.warn(

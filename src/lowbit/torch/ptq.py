@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import itertools
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch.config import Config, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
-from lowbit.torch.layers import MODULE_MAP, QuantMixin
+from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.quantizer import TensorQuantizer
 
 Calib = Iterable[Any] | Callable[[nn.Module], Any]
@@ -127,14 +128,9 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
     """Run ``calib`` through ``model`` with every static, enabled input quantizer in ``"calibrate"`` mode, then
     fix their scales. Returns how many batches ran (0 for a forward loop)."""
     static = [
-        m.input_quantizer
-        for m in model.modules()
-        if isinstance(m, QuantMixin) and not m.input_quantizer.dynamic and m.input_quantizer.mode != "disabled"
-    ]
-    static += [
         q
-        for q in (getattr(m, "quantizer", None) for m in model.modules())
-        if isinstance(q, TensorQuantizer) and not q.dynamic and q.mode != "disabled"
+        for q in model.modules()
+        if isinstance(q, TensorQuantizer) and not q.is_weight and not q.dynamic and q.mode != "disabled"
     ]
     if not static:
         return 0
@@ -159,8 +155,6 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
         else:
             q.load_calibration()
     if unused:
-        import warnings
-
         warnings.warn(
             f"{len(unused)} quantized layer(s) never ran during calibration, their inputs stay float: "
             + ", ".join(unused[:5]),

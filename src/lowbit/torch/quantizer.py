@@ -122,8 +122,7 @@ class TensorQuantizer(nn.Module):
         self._calibrator: calib.Calibrator | None = None
         self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
         self._hi: np.ndarray | None = None
-        zp_dtype = torch.float32
-        self.register_buffer("zero_point", torch.zeros(0, dtype=zp_dtype))
+        self.register_buffer("zero_point", torch.zeros(0))  # float: it takes part in the float fake quantization
         if learn_scale:
             self.scale = nn.Parameter(torch.zeros(0))
         else:
