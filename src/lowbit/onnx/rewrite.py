@@ -89,7 +89,8 @@ def weight_qparams(
 def weight_scale_floors(graph: Graph, plan: Plan, act: Mapping[str, QParams]) -> dict[str, np.ndarray]:
     """The least scale each weight of ``plan`` may take so that its layer's bias fits an int32 code of at most
     :data:`BIAS_CODE_MAX` at scale ``input scale * weight scale``: per output channel (a scalar for a per-tensor
-    weight), only for weights where that raises some scale.
+    weight), for every weight whose layer has a quantized bias. :func:`weight_qparams` takes the larger of this
+    floor and the weight's own scale, so where the floor is lower nothing changes.
 
     A channel whose weights are all but zero (a dead channel after BatchNorm folding: weights ~1e-7, bias -7)
     gets a tiny weight scale, and its bias would need a code beyond int32. Kept in float, such a bias is
@@ -102,13 +103,11 @@ def weight_scale_floors(graph: Graph, plan: Plan, act: Mapping[str, QParams]) ->
             continue
         b = np.abs(graph.value(bias).astype(np.float64)).reshape(-1)
         floor = b / (float(np.max(act[x].scale)) * BIAS_CODE_MAX)
-        if plan.weights[w] is None or graph.value(w).ndim == 0:
+        axis, shape = plan.weights[w], graph.value(w).shape
+        if axis is None or not shape:
             floor = floor.max(initial=0.0)
-        scale, _ = qparams_from_tensor(
-            graph.value(w).astype(np.float32), QuantSpec(axis=plan.weights[w] if floor.ndim else None)
-        )
-        if np.shape(floor) != np.shape(scale) or not np.any(floor > scale):
-            continue
+        elif floor.size != shape[axis]:
+            continue  # a bias that does not run along the weight's channels: nothing to match it with
         floors[w] = np.maximum(floors.get(w, 0.0), floor).astype(np.float32)
     return floors
 

@@ -60,6 +60,11 @@ def _run_batch(model: nn.Module, batch: Any, index: int) -> Any:
         ) from exc
 
 
+def _is_loop(calib: Calib) -> bool:
+    """Whether ``calib`` is a forward loop ``calib(model)`` rather than an iterable of batches."""
+    return callable(calib) and not isinstance(calib, (torch.Tensor, Iterable))
+
+
 class _Captured(Exception):
     pass
 
@@ -67,7 +72,7 @@ class _Captured(Exception):
 def _first_input(model: nn.Module, calib: Calib) -> tuple[Callable[[nn.Module], Any], Iterable[Any] | None]:
     """A function that runs the model on the first calibration input, and the batches left to calibrate on
     (None when ``calib`` is a forward loop, which is then run again whole)."""
-    if callable(calib) and not isinstance(calib, (torch.Tensor, Iterable)):
+    if _is_loop(calib):
         captured: dict[str, Any] = {}
 
         def grab(module, args, kwargs):
@@ -138,7 +143,7 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
         q.mode = "calibrate"
     count = 0
     with torch.no_grad():
-        if batches is None and callable(calib) and not isinstance(calib, Iterable):
+        if batches is None and _is_loop(calib):
             calib(model)
         else:
             source = batches if batches is not None else calib
