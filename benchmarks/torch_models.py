@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -28,4 +30,86 @@ def pretrained_mnistnet() -> MNISTNet:
     state = read_state_dict(_package_dir("ccexam", "ccexam mlxtend") / "weights" / "mnist.pth")
     model = MNISTNet()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
+    return model.eval()
+
+
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+
+
+class FashionCNN(nn.Module):
+    """A plain CNN for Fashion-MNIST: two Conv-BN-ReLU pairs per stage (32, 64 channels), max pools, FC64, FC10."""
+
+    def __init__(self):
+        super().__init__()
+
+        def cbr(cin, cout):
+            return [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+
+        self.features = nn.Sequential(
+            *cbr(1, 32), *cbr(32, 32), nn.MaxPool2d(2), *cbr(32, 64), *cbr(64, 64), nn.MaxPool2d(2)
+        )
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.3), nn.Linear(64 * 7 * 7, 64), nn.ReLU(),
+                                        nn.Linear(64, 10))  # fmt: skip
+
+    def forward(self, x):
+        return self.classifier(self.features(x))
+
+
+class InvertedResidual(nn.Module):
+    """MobileNetV2's block: 1x1 expand (BN, ReLU6), 3x3 depthwise (BN, ReLU6), 1x1 project (BN, linear), and
+    ``x + block(x)`` when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int):
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]  # fmt: skip
+        self.conv = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        if self.residual:
+            return x + self.conv(x)
+        return self.conv(x)
+
+
+class FashionMobileNet(nn.Module):
+    """A MobileNetV2-style net for 28x28 inputs: a stride-2 stem, inverted residual blocks (t, c, n, s) =
+    (1,16,1,1) (4,24,2,1) (4,32,3,2) (4,64,2,1) on 14x14 then 7x7, a 1x1 conv to 128, global average pool,
+    FC10."""
+
+    SETTINGS = ((1, 16, 1, 1), (4, 24, 2, 1), (4, 32, 3, 2), (4, 64, 2, 1))
+
+    def __init__(self):
+        super().__init__()
+        layers: list[nn.Module] = [nn.Conv2d(1, 16, 3, 2, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU6()]
+        cin = 16
+        for t, c, n, s in self.SETTINGS:
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c, s if i == 0 else 1, t))
+                cin = c
+        layers += [nn.Conv2d(cin, 128, 1, bias=False), nn.BatchNorm2d(128), nn.ReLU6()]
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Dropout(0.2), nn.Linear(128, 10))
+
+    def forward(self, x):
+        return self.classifier(self.pool(self.features(x)))
+
+
+FASHION_MODELS = {"cnn": FashionCNN, "mobilenet": FashionMobileNet}
+
+
+def pretrained_fashion(name: str) -> nn.Module:
+    """A Fashion-MNIST reference model with the weights ``benchmarks/train_fashion.py`` trained and committed."""
+    path = WEIGHTS / f"fashion_{name}.pt"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: train it with python benchmarks/train_fashion.py")
+    model = FASHION_MODELS[name]()
+    model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()

@@ -64,3 +64,50 @@ class SharedConvOutput(nn.Module):
     def forward(self, x):
         y = self.conv(x)
         return self.bn(y) + y
+
+
+class ResBlock(nn.Module):
+    """A ResNet basic block with a downsampling shortcut (two independent conv branches), then a MobileNetV2-style
+    ``x + f(x)``, then an addition of two shape numbers (not a residual)."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.conv1 = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(3, 8, 1, stride=2)
+        self.expand = nn.Conv2d(8, 8, 1)
+        self.scale = nn.Parameter(torch.ones(1, 8, 1, 1))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        out = self.conv2(torch.relu(self.conv1(x)))
+        out = torch.relu(out + self.down(x))
+        out = out + self.expand(out)
+        out = out + self.scale  # a parameter: not a residual
+        n = out.shape[2] + out.shape[3]  # numbers: not a residual
+        return self.fc(out.mean((2, 3)) * (n / n))
+
+
+class ExplicitAdd(nn.Module):
+    def __init__(self):
+        super().__init__()
+        from lowbit.torch import Add
+
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.add = Add()
+
+    def forward(self, x):
+        return self.add(self.conv(x), x)
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
+            return self.conv(x) + x
+        return x

@@ -19,6 +19,8 @@ from lowbit.torch.export import export_onnx
 from lowbit.torch.fold import fold_batchnorm
 from lowbit.torch.layers import (
     MODULE_MAP,
+    Add,
+    QuantAdd,
     QuantConv1d,
     QuantConv2d,
     QuantConv3d,
@@ -27,12 +29,15 @@ from lowbit.torch.layers import (
 )
 from lowbit.torch.ptq import calibrate, quantize, quantizers
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
+from lowbit.torch.residual import trace_residual_adds
 
 __all__ = [
     "MODULE_MAP",
     "PRESETS",
+    "Add",
     "Config",
     "LayerConfig",
+    "QuantAdd",
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
@@ -47,4 +52,5 @@ __all__ = [
     "preset",
     "quantize",
     "quantizers",
+    "trace_residual_adds",
 ]

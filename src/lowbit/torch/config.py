@@ -86,14 +86,26 @@ class LayerConfig:
 @dataclass(frozen=True)
 class Config:
     """The whole model's quantization: ``default`` for every layer, ``overrides`` by module-name pattern
-    (later patterns win; a None value keeps the matching layers in float)."""
+    (later patterns win; a None value keeps the matching layers in float).
+
+    ``residual_adds``: find the ``x + y`` additions of the model's ``forward`` with torch.fx and quantize their skip
+    input with the layer input's config (TensorRT's rule: the add then runs inside the INT8 convolution before it);
+    the quantized model is then a ``torch.fx.GraphModule``, and its adds are ``lowbit.torch.Add`` layers named
+    after the module that wrote them (``layer1.0.add``), which overrides can match. :class:`Add` layers written in
+    the model itself are quantized either way.
+    """
 
     default: LayerConfig = LayerConfig()
     overrides: tuple[tuple[str, LayerConfig | None], ...] = ()
+    residual_adds: bool = False
 
     def override(self, pattern: str, layer: LayerConfig | None) -> Config:
         """A copy with one more override (it wins over the earlier ones)."""
         return replace(self, overrides=(*self.overrides, (pattern, layer)))
+
+    def with_residual_adds(self, on: bool = True) -> Config:
+        """A copy that quantizes (or not) the skip input of the model's residual additions."""
+        return replace(self, residual_adds=on)
 
     def for_layer(self, name: str) -> LayerConfig | None:
         """The config of the module called ``name`` (None: leave it in float)."""

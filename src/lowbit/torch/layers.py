@@ -139,10 +139,61 @@ class QuantLinear(QuantMixin, nn.Linear):
         return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
 
 
+class Add(nn.Module):
+    """``a + b`` as a module, so that quantization can reach the inputs of an addition.
+
+    ``quantize`` says which operands a quantized copy (:class:`QuantAdd`) quantizes. The default, the second,
+    is TensorRT's rule for a residual ``out + skip``: with its skip input quantized, TensorRT runs the add inside
+    the INT8 convolution that produces ``out``. Write ``self.add = lowbit.torch.Add()`` and ``self.add(out, x)``
+    in a model, or let ``Config(residual_adds=True)`` find the ``x + y`` of ``forward`` (torch.fx) and insert them.
+    """
+
+    def __init__(self, quantize: tuple[bool, bool] = (False, True)):
+        super().__init__()
+        if len(quantize) != 2:
+            raise ValueError(f"quantize says for each of the two operands whether to quantize it, got {quantize!r}")
+        self.quantize = tuple(bool(v) for v in quantize)
+
+    def extra_repr(self) -> str:
+        which = [name for name, q in zip(("a", "b"), self.quantize, strict=True) if q]
+        return f"quantize={'+'.join(which) or 'none'}"
+
+    def forward(self, a, b):
+        return a + b
+
+
+class QuantAdd(Add):
+    """``a + b`` with a :class:`TensorQuantizer` on each operand :attr:`Add.quantize` names (``input_quantizers``;
+    the others are disabled). Operands that are not floating-point tensors (shape arithmetic) are added as they are,
+    and the quantizers of such an add switch themselves off during calibration."""
+
+    @classmethod
+    def from_float(cls, module: Add, cfg: LayerConfig, name: str = "") -> QuantAdd:
+        new = cls(module.quantize)
+        new.input_quantizers = nn.ModuleList(
+            _quantizer(cfg.input if q else None, 1, f"{name}.input.{i}") for i, q in enumerate(module.quantize)
+        )
+        new.train(module.training)
+        return new
+
+    def calibrate_weight(self) -> None:  # no weight
+        pass
+
+    def forward(self, a, b):
+        if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (a, b)):
+            for q in self.input_quantizers:
+                if q.mode == "calibrate":
+                    q.mode = "disabled"
+            return a + b
+        qa, qb = self.input_quantizers
+        return qa(a) + qb(b)
+
+
 MODULE_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: QuantLinear,
+    Add: QuantAdd,
 }

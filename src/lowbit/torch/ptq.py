@@ -4,8 +4,9 @@
     model = lowbit.torch.quantize(model, "int8_dynamic")             # PTQ dynamic: no data
     model.train(); ...                                               # QAT: train it as it is
 
-Steps: copy the model (unless ``inplace``), eval mode, fold Conv+BatchNorm, swap every Conv/Linear the config
-quantizes for its ``Quant*`` layer (:data:`lowbit.torch.layers.MODULE_MAP`), fix the weights' scales from the
+Steps: copy the model (unless ``inplace``), eval mode, fold Conv+BatchNorm, trace the residual additions into
+:class:`~lowbit.torch.layers.Add` layers (only if the config's ``residual_adds``), swap every Conv/Linear/Add the
+config quantizes for its ``Quant*`` layer (:data:`lowbit.torch.layers.MODULE_MAP`), fix the weights' scales from the
 weights, then run ``calib`` with the input quantizers in ``"calibrate"`` mode and fix their scales.
 
 ``calib`` is an iterable of batches (a tensor: ``model(batch)``; a tuple or list: ``model(*batch)``; a dict:
@@ -31,6 +32,7 @@ from lowbit.torch.config import Config, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.quantizer import TensorQuantizer
+from lowbit.torch.residual import trace_residual_adds
 
 Calib = Iterable[Any] | Callable[[nn.Module], Any]
 
@@ -119,9 +121,16 @@ def _check_patterns(model: nn.Module, config: Config) -> None:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
             raise SpecError(
-                f"config pattern {pattern!r} matches no quantizable layer; the model's Conv/Linear layers are: "
+                f"config pattern {pattern!r} matches no quantizable layer; the model's quantizable layers are: "
                 f"{shown or 'none'} (patterns are fnmatch globs over module names, like 'features.*' or '*.fc')"
             )
+
+
+def _check_layers(model: nn.Module, config: Config) -> None:
+    _check_patterns(model, config)
+    if not quantizable_layers(model, config):
+        kinds = ", ".join(sorted(t.__name__ for t in MODULE_MAP))
+        raise SpecError(f"nothing to quantize: the model has no {kinds} layer that the config quantizes")
 
 
 def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
@@ -154,6 +163,8 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
                 _run_batch(model, batch, count - 1)
     unused = []
     for q in static:
+        if q.mode == "disabled":  # it switched itself off (an Add of non-tensors)
+            continue
         if q._calibrator is None and q._lo is None:
             q.mode = "disabled"  # the layer never ran: leave its input in float
             unused.append(q.name)
@@ -192,10 +203,10 @@ def quantize(
             "static quantization needs calibration data: pass calib= (batches or a forward loop), or use a dynamic "
             "config such as 'int8_dynamic' or a weight-only one such as 'w4a16_group128'"
         )
-    _check_patterns(model, cfg)
-    if not quantizable_layers(model, cfg):
-        kinds = ", ".join(sorted(t.__name__ for t in MODULE_MAP))
-        raise SpecError(f"nothing to quantize: the model has no {kinds} layer that the config quantizes")
+    if cfg.residual_adds and inplace:
+        raise SpecError("residual_adds returns a new torch.fx.GraphModule: it cannot quantize in place (inplace=False)")
+    if not cfg.residual_adds:
+        _check_layers(model, cfg)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()
@@ -204,6 +215,9 @@ def quantize(
         run_first, batches = _first_input(model, calib)
         if fold_bn:
             fold_batchnorm(model, run_first)
+    if cfg.residual_adds:
+        model = trace_residual_adds(model)
+        _check_layers(model, cfg)
     for name, module in quantizable_layers(model, cfg).items():
         layer = cfg.for_layer(name)
         new = MODULE_MAP[type(module)].from_float(module, layer, name)
