@@ -88,3 +88,21 @@ def test_other_layer_kinds_quantize_and_export(tmp_path, layer, shape):
     path = lt.export_onnx(q, x, tmp_path / "q.onnx")
     with torch.no_grad():
         np.testing.assert_allclose(_ort(path, x), q(x).numpy(), atol=1e-5)
+
+
+@pytest.mark.parametrize("weight", [lt.QuantizerConfig(bits=4, granularity="channel"),
+                                    lt.QuantizerConfig(granularity="channel", narrow_range=True)])  # fmt: skip
+def test_weights_that_left_their_range_in_training_are_clipped_to_it_in_onnx(tmp_path, weight):
+    cfg = lt.Config(lt.LayerConfig(lt.QuantizerConfig(), weight))
+    q = lt.quantize(models.MLP(), cfg, calib=[torch.randn(32, 16)], progress=False)
+    with torch.no_grad():
+        q.fc1.weight.mul_(3)  # as QAT may move weights past the calibrated scale
+    x = torch.randn(8, 16)
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx")
+    codes = [onnx.numpy_helper.to_array(i) for i in onnx.load(path).graph.initializer if i.data_type == 3]
+    fc1 = next(c for c in codes if c.shape == (32, 16))
+    wq = q.fc1.weight_quantizer
+    with torch.no_grad():
+        expected = (wq(q.fc1.weight) / wq.scale.reshape(-1, 1)).round().numpy()
+    assert expected.min() == wq.spec.qmin  # some did saturate
+    np.testing.assert_array_equal(fc1, expected)  # the fake quantization's codes, not int8's wider ones

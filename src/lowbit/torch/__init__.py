@@ -28,6 +28,7 @@ from lowbit.torch.layers import (
     QuantLinear,
 )
 from lowbit.torch.ptq import calibrate, quantize, quantizers
+from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze_bn_stats
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
 
@@ -41,6 +42,9 @@ __all__ = [
     "QuantConv1d",
     "QuantConv2d",
     "QuantConv3d",
+    "QuantConvBn1d",
+    "QuantConvBn2d",
+    "QuantConvBn3d",
     "QuantConvTranspose2d",
     "QuantLinear",
     "QuantizerConfig",
@@ -49,6 +53,7 @@ __all__ = [
     "export_onnx",
     "fake_quant",
     "fold_batchnorm",
+    "freeze_bn_stats",
     "preset",
     "quantize",
     "quantizers",

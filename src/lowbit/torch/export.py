@@ -55,58 +55,65 @@ def _check_ready(model: nn.Module) -> None:
         )
 
 
+# Cheap elementwise and shape ops that the TorchScript exporter leaves on constants (the per-channel clip of a
+# weight narrower than int8, a BatchNorm fold computed in forward): evaluated here so that weights end as integers.
+_FOLDABLE = {
+    "Abs", "Add", "Cast", "Clip", "Div", "Expand", "Identity", "Max", "Min", "Mul", "Neg", "Reshape", "Sqrt", "Sub",
+    "Tile", "Unsqueeze", "Squeeze", "Transpose",
+}  # fmt: skip
+
+
 def _fold_weight_quantizers(model_proto) -> None:
-    """QuantizeLinear of a constant -> its integer codes as an initializer read by the DequantizeLinear."""
+    """Evaluate every node of the cheap kinds above whose inputs are all constants, then turn each QuantizeLinear
+    of a constant into its integer codes, an initializer read by the DequantizeLinear."""
     import onnx
     from onnx import numpy_helper
+    from onnx.reference import ReferenceEvaluator
 
     g = model_proto.graph
-    inits = {i.name: i for i in g.initializer}
-    constants = {}
-    for node in g.node:  # the TorchScript exporter also writes constants as Constant nodes
+    graph_outputs = {o.name for o in g.output}
+    constants = {i.name: numpy_helper.to_array(i) for i in g.initializer}
+    keep, new_inits = [], []
+    for node in g.node:
         if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
             constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
-
-    def value(name):
-        if name in inits:
-            return numpy_helper.to_array(inits[name])
-        return constants.get(name)
-
-    # Identity of a constant (the exporter writes shared scales so): read the constant directly.
-    alias = {n.output[0]: n.input[0] for n in g.node if n.op_type == "Identity" and value(n.input[0]) is not None}
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            while name in alias:
-                name = alias[name]
-            node.input[i] = name
-    graph_outputs = {o.name for o in g.output}
-    drop = [n for n in g.node if n.op_type == "Identity" and n.output[0] in alias and n.output[0] not in graph_outputs]
-    for n in drop:
-        g.node.remove(n)
-    keep = []
-    new_inits = []
-    for node in g.node:
-        if node.op_type == "QuantizeLinear" and len(node.input) == 3:
-            w, s, z = (value(n) for n in node.input)
-            if w is not None and s is not None and z is not None and w.dtype == np.float32:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-                shape = [1] * w.ndim
-                if s.ndim == 1 and w.ndim > 0:
-                    shape[axis] = -1
-                q = np.clip(np.rint(w / s.reshape(shape)) + z.astype(np.float32).reshape(shape), *_limits(z.dtype))
-                name = node.output[0]
-                new_inits.append(numpy_helper.from_array(q.astype(z.dtype), name))
-                continue
-        keep.append(node)
+            keep.append(node)
+            continue
+        inputs = [n for n in node.input if n]
+        if not inputs or not all(n in constants for n in inputs) or any(o in graph_outputs for o in node.output):
+            keep.append(node)
+            continue
+        if node.op_type in _FOLDABLE:
+            outputs = ReferenceEvaluator(node).run(None, {n: constants[n] for n in inputs})
+        elif node.op_type == "QuantizeLinear" and len(node.input) == 3 and constants[node.input[0]].dtype == np.float32:
+            outputs = [_quantize(node, *(constants[n] for n in node.input))]
+        else:
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, outputs, strict=True):
+            constants[name] = np.asarray(value)
+            new_inits.append(numpy_helper.from_array(np.asarray(value), name))
     del g.node[:]
     g.node.extend(keep)
     g.initializer.extend(new_inits)
-    # Float weights no node reads any more.
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    # Constants no node reads any more (float weights, the intermediate results folded above).
+    used = {i for n in g.node for i in n.input} | graph_outputs
     for init in list(g.initializer):
         if init.name not in used:
             g.initializer.remove(init)
+    for node in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
+        g.node.remove(node)
     onnx.checker.check_model(model_proto)
+
+
+def _quantize(node, w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
+    """ONNX QuantizeLinear of a constant: ``clip(rint(w / s) + z)`` in z's integer type (half to even)."""
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    shape = [1] * w.ndim
+    if s.ndim == 1 and w.ndim > 0:
+        shape[axis] = -1
+    q = np.rint(w / s.reshape(shape)) + z.astype(np.float32).reshape(shape)
+    return np.clip(q, *_limits(z.dtype)).astype(z.dtype)
 
 
 def _limits(dtype) -> tuple[int, int]:

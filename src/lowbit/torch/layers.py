@@ -87,8 +87,12 @@ class QuantMixin:
             return
         q = self.weight_quantizer
         q.mode = "calibrate"
-        q(self.weight.detach())
+        with torch.no_grad():
+            q(self._weight_to_quantize())
         q.load_calibration()
+
+    def _weight_to_quantize(self) -> torch.Tensor:
+        return self.weight
 
 
 class QuantConv1d(QuantMixin, nn.Conv1d):

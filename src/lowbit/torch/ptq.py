@@ -31,6 +31,7 @@ from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch.config import Config, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
+from lowbit.torch.qat import prepare_conv_bn
 from lowbit.torch.quantizer import TensorQuantizer
 from lowbit.torch.residual import trace_residual_adds
 
@@ -185,6 +186,7 @@ def quantize(
     calib: Calib | None = None,
     *,
     fold_bn: bool = True,
+    qat: bool = False,
     inplace: bool = False,
     progress: bool = True,
 ) -> nn.Module:
@@ -193,7 +195,9 @@ def quantize(
     ``config``: a preset name (:data:`lowbit.torch.config.PRESETS`: int8, int8_dynamic, w8a8_asym, w4a8,
     w4a16_group128, w4a4) or a :class:`~lowbit.torch.config.Config`. ``calib``: calibration batches or a forward
     loop (see the module docstring); not needed when every quantized input is dynamic or float. ``fold_bn``: fold
-    BatchNorms into the convolutions before them first.
+    BatchNorms into the convolutions before them first. ``qat``: the model will be trained (QAT): keep each
+    folded BatchNorm training inside a :class:`~lowbit.torch.qat.QuantConvBn2d` (:mod:`lowbit.torch.qat`)
+    instead of folding its statistics away. Either way the returned model is in eval mode: call ``.train()``.
     """
     cfg = resolve(config)
     if not isinstance(model, nn.Module):
@@ -213,7 +217,9 @@ def quantize(
     batches = None
     if calib is not None:
         run_first, batches = _first_input(model, calib)
-        if fold_bn:
+        if fold_bn and qat:
+            prepare_conv_bn(model, cfg, run_first)
+        elif fold_bn:
             fold_batchnorm(model, run_first)
     if cfg.residual_adds:
         model = trace_residual_adds(model)

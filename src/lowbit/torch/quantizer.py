@@ -116,7 +116,7 @@ class TensorQuantizer(nn.Module):
         self.method, self.method_options = method, dict(method_options or {})
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
         self.mode = "quantize" if dynamic else "calibrate"
-        self.is_weight = False  # a constant: its values never leave the range, so export needs no Clip
+        self.is_weight = False  # a constant: export clips it per channel and stores its integer codes
         self.observe_steps = 0
         self.momentum = 0.1
         self._calibrator: calib.Calibrator | None = None
@@ -233,23 +233,35 @@ class TensorQuantizer(nn.Module):
             self._follow(x)
             self.observe_steps -= 1
         if torch.onnx.is_in_onnx_export():
-            clip = None, None
-            if self.spec.bits < 8 and not self.is_weight:
-                s = self.scale.detach().cpu().numpy().astype(np.float64)
-                z = self.zero_point.cpu().numpy().astype(np.float64)
-                if s.size != 1:
-                    raise CalibrationError(
-                        f"{self._describe()}: a per-channel activation quantizer below 8 bits has no ONNX form; "
-                        "use per-tensor for activations"
-                    )
-                clip = float((self.spec.qmin - z) * s), float((self.spec.qmax - z) * s)
-            zp = self.zero_point.to(torch.int8 if self.spec.signed else torch.uint8)
-            return _QDQ.apply(x, self.scale, zp, self.spec, *clip)
+            return self._export(x)
         factor = 1.0
         if self.learn_scale and self.training:
             per_scale = x.numel() / max(self.scale.numel(), 1)
             factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
         return fake_quant(x, self.scale, self.zero_point, self.spec, factor)
+
+    def _export(self, x: torch.Tensor) -> torch.Tensor:
+        """The traced form: QuantizeLinear + DequantizeLinear in the 8-bit storage type, after clipping ``x`` to
+        the grid of a narrower spec (fewer bits, or narrow range) so that ONNX computes what ``fake_quant`` does."""
+        spec = self.spec
+        storage = (-128, 127) if spec.signed else (0, 255)
+        clip: tuple[float | None, float | None] = (None, None)
+        if (spec.qmin, spec.qmax) != storage:
+            if self.is_weight:  # per channel: Min/Max of constants, which export folds into the integer weight
+                s, z = self.scale.detach(), self.zero_point.detach()
+                lo = param_view((spec.qmin - z) * s, x.shape, spec)
+                hi = param_view((spec.qmax - z) * s, x.shape, spec)
+                x = torch.minimum(torch.maximum(x, lo), hi)
+            else:
+                if self.scale.numel() != 1:
+                    raise CalibrationError(
+                        f"{self._describe()}: a per-channel activation quantizer narrower than int8 has no ONNX "
+                        "form; use per-tensor for activations"
+                    )
+                s, z = float(self.scale.detach().reshape(())), float(self.zero_point.reshape(()))
+                clip = (spec.qmin - z) * s, (spec.qmax - z) * s
+        zp = self.zero_point.to(torch.int8 if spec.signed else torch.uint8)
+        return _QDQ.apply(x, self.scale, zp, spec, *clip)
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The scale's shape is only known after calibration: take the saved one.

@@ -1,0 +1,112 @@
+"""Conv+BatchNorm for quantization-aware training: the BatchNorm keeps training while the convolution computes
+with the folded, quantized weight that inference will use.
+
+Folding a BatchNorm before QAT (as PTQ does) freezes its statistics: the network then trains without batch
+normalisation, and its folded weights drift from what a BatchNorm would give. :class:`QuantConvBn2d` (1d, 3d)
+keeps the BatchNorm and simulates the fold instead (Jacob et al. 2018; Krishnamoorthi 2018, section 3.2):
+
+    f = gamma / sqrt(running_var + eps)                      (per output channel)
+    training:   y = bn( conv(q(x), q_w(w * f)) / f + b )     bn normalises with the batch statistics and
+                                                             updates its running ones
+    inference:  y = conv(q(x), q_w(w * f)) + beta + (b - running_mean) * f
+
+so the quantizer always sees the folded weight that the exported model carries, the BatchNorm's running
+statistics stay those of the convolution's real output, and in eval mode (and in the exported ONNX model) the
+layer is exactly the folded convolution. :func:`freeze_bn_stats` switches the BatchNorms to their running
+statistics for the last steps of training, as Krishnamoorthi recommends.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from lowbit.torch.config import Config
+from lowbit.torch.fold import fold_batchnorm, set_submodule
+from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
+
+
+class _ConvBn:
+    """The simulated fold over a ``Quant*Conv`` parent class; ``bn`` is the BatchNorm it folds."""
+
+    bn: nn.modules.batchnorm._BatchNorm
+    bn_frozen: bool = False  # use (and keep) the running statistics in training too
+
+    @classmethod
+    def from_conv_bn(cls, conv: nn.Module, bn: nn.Module, cfg, name: str = ""):
+        new = cls.from_float(conv, cfg, name)
+        new.bn = bn
+        new.bn.train(new.training)
+        return new
+
+    def _factor(self) -> torch.Tensor:
+        bn = self.bn
+        std = torch.sqrt(bn.running_var + bn.eps)
+        gamma = bn.weight if bn.affine else torch.ones_like(std)
+        return gamma / std
+
+    def _weight_to_quantize(self) -> torch.Tensor:
+        f = self._factor()
+        return self.weight * f.reshape(-1, *([1] * (self.weight.dim() - 1)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = self._factor()
+        w = self.weight_quantizer(self._weight_to_quantize())
+        x = self.input_quantizer(x)
+        if self.training and not self.bn_frozen:
+            y = self._conv_forward(x, w, None)
+            channel = (1, -1, *([1] * (y.dim() - 2)))
+            y = y / f.reshape(channel)
+            if self.bias is not None:
+                y = y + self.bias.reshape(channel)
+            return self.bn(y)
+        bn = self.bn
+        beta = bn.bias if bn.affine else torch.zeros_like(f)
+        bias = self.bias if self.bias is not None else torch.zeros_like(f)
+        return self._conv_forward(x, w, beta + (bias - bn.running_mean) * f)
+
+
+class QuantConvBn1d(_ConvBn, QuantConv1d):
+    pass
+
+
+class QuantConvBn2d(_ConvBn, QuantConv2d):
+    pass
+
+
+class QuantConvBn3d(_ConvBn, QuantConv3d):
+    pass
+
+
+CONV_BN_MAP = {nn.Conv1d: QuantConvBn1d, nn.Conv2d: QuantConvBn2d, nn.Conv3d: QuantConvBn3d}
+
+
+def prepare_conv_bn(model: nn.Module, config: Config, run: Callable[[nn.Module], object]) -> list[tuple[str, str]]:
+    """Replace every Conv+BatchNorm pair that folding would fold (checked on a copy of ``model``, by
+    :func:`~lowbit.torch.fold.fold_batchnorm`) and whose convolution ``config`` quantizes by one
+    :class:`QuantConvBn2d` (1d, 3d), in place; the BatchNorm's slot becomes ``nn.Identity``. Returns the pairs."""
+    pairs = fold_batchnorm(copy.deepcopy(model), run)
+    done = []
+    for conv_name, bn_name in pairs:
+        layer = config.for_layer(conv_name)
+        if layer is None:
+            continue
+        conv, bn = model.get_submodule(conv_name), model.get_submodule(bn_name)
+        new = CONV_BN_MAP[type(conv)].from_conv_bn(conv, bn, layer, conv_name)
+        new.calibrate_weight()
+        set_submodule(model, conv_name, new)
+        set_submodule(model, bn_name, nn.Identity())
+        done.append((conv_name, bn_name))
+    return done
+
+
+def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
+    """Make every QuantConvBn layer of ``model`` compute with its BatchNorm's running statistics (and stop
+    updating them) in training mode too, or undo that (``frozen=False``); returns how many layers."""
+    layers = [m for m in model.modules() if isinstance(m, _ConvBn)]
+    for m in layers:
+        m.bn_frozen = frozen
+    return len(layers)
