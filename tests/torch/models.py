@@ -111,3 +111,16 @@ class Untraceable(nn.Module):
         if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
             return self.conv(x) + x
         return x
+
+
+class Tagger(nn.Module):
+    """An LSTM (two layers, bidirectional, batch first) and a Linear over its outputs."""
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.lstm = nn.LSTM(12, 16, num_layers=2, bidirectional=True, batch_first=True)
+        self.fc = nn.Linear(32, 5)
+
+    def forward(self, x):
+        return self.fc(self.lstm(x)[0])

@@ -106,3 +106,44 @@ def test_weights_that_left_their_range_in_training_are_clipped_to_it_in_onnx(tmp
         expected = (wq(q.fc1.weight) / wq.scale.reshape(-1, 1)).round().numpy()
     assert expected.min() == wq.spec.qmin  # some did saturate
     np.testing.assert_array_equal(fc1, expected)  # the fake quantization's codes, not int8's wider ones
+
+
+def test_opset_21_stores_4_bit_weights_as_int4(tmp_path):
+    q = lt.quantize(models.convnet(), "w4a4", calib=models.batches(), progress=False)
+    x = models.batches(1, seed=9)[0]
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx", opset=21)
+    m = onnx.load(str(path))
+    assert m.opset_import[0].version == 21
+    weights = [i for i in m.graph.initializer if len(i.dims) >= 2]
+    assert len(weights) == 3 and all(i.data_type == onnx.TensorProto.INT4 for i in weights)
+    types = {i.name: i.data_type for i in m.graph.initializer}
+    weight_dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in types]
+    assert len(weight_dq) == 3 and all(types[n.input[2]] == onnx.TensorProto.INT4 for n in weight_dq)
+    # Activations stay int8 Q/DQ on the 4-bit grid (ONNX Runtime's int4 QuantizeLinear does not saturate).
+    assert [n.op_type for n in m.graph.node].count("QuantizeLinear") == 3
+    with torch.no_grad():
+        expected = q(x).numpy()
+    assert np.abs(_ort(path, x) - expected).max() < 0.01 * _last_input_step(q)
+    assert path.stat().st_size < lt.export_onnx(q, x, tmp_path / "q17.onnx").stat().st_size
+
+
+def test_per_group_weights_need_opset_21_and_export_as_blocked_int4(tmp_path):
+    cfg = lt.Config(lt.LayerConfig(None, lt.QuantizerConfig(bits=4, granularity="group", group_size=8)))
+    q = lt.quantize(models.MLP(), cfg, progress=False)
+    x = torch.randn(3, 16)
+    with pytest.raises(SpecError, match="opset=21"):
+        lt.export_onnx(q, x, tmp_path / "q.onnx")
+    assert not (tmp_path / "q.onnx").exists()
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx", opset=21)
+    m = onnx.load(str(path))
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"]
+    assert [n.op_type for n in m.graph.node].count("QuantizeLinear") == 0  # weights only, folded to integers
+    assert all({a.name: a.i for a in n.attribute}["block_size"] == 8 for n in dq)
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, x), q(x).numpy(), atol=1e-5)
+
+
+def test_an_opset_out_of_range_is_a_clear_error(tmp_path):
+    q = lt.quantize(models.MLP(), "int8_dynamic", progress=False)
+    with pytest.raises(SpecError, match="opset must be 13"):
+        lt.export_onnx(q, torch.randn(2, 16), tmp_path / "q.onnx", opset=22)

@@ -3,8 +3,13 @@
 Every quantizer in ``"quantize"`` mode becomes a QuantizeLinear + DequantizeLinear pair (per-axis scales for
 per-channel weights, opset 13+), which TensorRT 8+ and ONNX Runtime read as explicit quantization. Weights are
 stored as integers: the QuantizeLinear of a constant weight is computed here, and its DequantizeLinear reads an
-int8 initializer (a quarter of the float size). Activations below 8 bits travel through int8 Q/DQ after a Clip to
-their narrower grid, so ONNX Runtime computes exactly what the fake quantization computed.
+int8 initializer (a quarter of the float size). Activations below 8 bits (or narrow-range ones) travel through int8
+Q/DQ after a Clip to their narrower grid, so ONNX Runtime computes exactly what the fake quantization computed;
+weights are clipped to their grid before their codes are stored.
+
+``opset=21`` (reached from the TorchScript exporter's opset 20 with onnx's version converter) stores 4-bit weights
+as INT4 (an eighth of the float size) and writes per-group weights as blocked DequantizeLinear (``block_size``);
+per-group quantizers need it.
 
 The file is written atomically (a temporary file renamed into place) and checked with ``onnx.checker``.
 """
@@ -26,6 +31,8 @@ from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch.quantizer import TensorQuantizer
 
 DEFAULT_OPSET = 17
+TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest; later opsets are reached with onnx's version converter
+MAX_OPSET = 21
 
 
 def _check_ready(model: nn.Module) -> None:
@@ -59,14 +66,13 @@ def _check_ready(model: nn.Module) -> None:
 # weight narrower than int8, a BatchNorm fold computed in forward): evaluated here so that weights end as integers.
 _FOLDABLE = {
     "Abs", "Add", "Cast", "Clip", "Div", "Expand", "Identity", "Max", "Min", "Mul", "Neg", "Reshape", "Sqrt", "Sub",
-    "Tile", "Unsqueeze", "Squeeze", "Transpose",
+    "Tile", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Flatten", "Concat", "Gather", "Shape",
 }  # fmt: skip
 
 
 def _fold_weight_quantizers(model_proto) -> None:
     """Evaluate every node of the cheap kinds above whose inputs are all constants, then turn each QuantizeLinear
     of a constant into its integer codes, an initializer read by the DequantizeLinear."""
-    import onnx
     from onnx import numpy_helper
     from onnx.reference import ReferenceEvaluator
 
@@ -96,24 +102,80 @@ def _fold_weight_quantizers(model_proto) -> None:
     del g.node[:]
     g.node.extend(keep)
     g.initializer.extend(new_inits)
-    # Constants no node reads any more (float weights, the intermediate results folded above).
-    used = {i for n in g.node for i in n.input} | graph_outputs
+
+
+def _prune(model_proto) -> None:
+    """Drop the initializers and Constant nodes no node reads any more (float weights, folded intermediates)."""
+    g = model_proto.graph
+    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
     for init in list(g.initializer):
         if init.name not in used:
             g.initializer.remove(init)
     for node in [n for n in g.node if n.op_type == "Constant" and n.output[0] not in used]:
         g.node.remove(node)
-    onnx.checker.check_model(model_proto)
 
 
 def _quantize(node, w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
-    """ONNX QuantizeLinear of a constant: ``clip(rint(w / s) + z)`` in z's integer type (half to even)."""
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    shape = [1] * w.ndim
-    if s.ndim == 1 and w.ndim > 0:
+    """ONNX QuantizeLinear of a constant: ``clip(rint(w / s) + z)`` in z's integer type (half to even), per
+    tensor, per axis or in blocks (``block_size``, opset 21)."""
+    attrs = {a.name: a.i for a in node.attribute}
+    axis = attrs.get("axis", 1) % max(w.ndim, 1)
+    block = attrs.get("block_size", 0)
+    if block:
+        s = np.repeat(s, block, axis=axis).take(range(w.shape[axis]), axis=axis)
+        z = np.repeat(z, block, axis=axis).take(range(w.shape[axis]), axis=axis)
+    elif s.ndim == 1 and w.ndim > 0:
+        shape = [1] * w.ndim
         shape[axis] = -1
-    q = np.rint(w / s.reshape(shape)) + z.astype(np.float32).reshape(shape)
+        s, z = s.reshape(shape), z.reshape(shape)
+    q = np.rint(w / s) + z.astype(np.float32)
     return np.clip(q, *_limits(z.dtype)).astype(z.dtype)
+
+
+def _set_block_sizes(model_proto, specs: dict) -> None:
+    """``block_size`` on the Q/DQ nodes of per-group quantizers (blocked quantization, opset 21)."""
+    import onnx
+
+    for node in model_proto.graph.node:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node.input[1] in specs:
+            spec = specs[node.input[1]]
+            if spec.group_size is not None:
+                node.attribute.append(onnx.helper.make_attribute("block_size", spec.group_size))
+
+
+def _use_int4(model_proto, specs: dict) -> None:
+    """4-bit weights as INT4/UINT4 DequantizeLinear of INT4 codes (opset 21): half the bytes of int8.
+
+    4-bit activations keep int8 Q/DQ after a Clip to their 4-bit grid (the same values): ONNX Runtime 1.31's int4
+    QuantizeLinear wraps values beyond the range around instead of saturating them (seen: a ReLU output of 4.8 at
+    scale 0.59 came back -4.76), and its Clip+QuantizeLinear fusion fails on an int4 zero point."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model_proto.graph
+    inits = {i.name: i for i in g.initializer}
+    constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
+    converted: dict[str, str] = {}
+
+    def int4(name: str, signed: bool) -> str:
+        if name not in converted:
+            source = inits[name] if name in inits else constants[name].attribute[0].t
+            values = numpy_helper.to_array(source).astype(np.int32)
+            new = f"{name}_int4" if signed else f"{name}_uint4"
+            kind = TensorProto.INT4 if signed else TensorProto.UINT4
+            g.initializer.append(helper.make_tensor(new, kind, values.shape, values.flatten().tolist()))
+            converted[name] = new
+        return converted[name]
+
+    for node in g.node:
+        if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.input[1] not in specs:
+            continue
+        spec = specs[node.input[1]]
+        if spec.bits != 4 or len(node.input) < 3 or node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        node.input[0] = int4(node.input[0], spec.signed)  # the weight's codes
+        node.input[2] = int4(node.input[2], spec.signed)
+    if converted:
+        del g.value_info[:]  # shape inference's records still say int8
 
 
 def _limits(dtype) -> tuple[int, int]:
@@ -133,14 +195,26 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` (quantized and calibrated) to ``path`` as a Q/DQ ONNX model; returns the path.
 
-    ``example_inputs``: a tensor or a tuple of positional inputs. ``dynamic_batch``: the first axis of every
-    input and output is named ``batch`` so that any batch size runs.
+    ``example_inputs``: a tensor or a tuple of positional inputs. ``opset``: 13 to 21 (21: INT4 weights and
+    per-group weights, see the module docstring). ``dynamic_batch``: the first axis of every input and output is
+    named ``batch`` so that any batch size runs.
     """
     import onnx
 
-    if opset < 13:
-        raise SpecError(f"opset {opset} has no per-channel QuantizeLinear; use opset 13 or newer")
+    if not 13 <= opset <= MAX_OPSET:
+        raise SpecError(f"opset must be 13 (per-channel QuantizeLinear) to {MAX_OPSET}, got {opset}")
     _check_ready(model)
+    specs = {
+        f"{name}.scale": q.spec
+        for name, q in model.named_modules()
+        if isinstance(q, TensorQuantizer) and q.mode == "quantize"
+    }
+    grouped = [name[: -len(".scale")] for name, spec in specs.items() if spec.group_size is not None]
+    if grouped and opset < 21:
+        raise SpecError(
+            f"{len(grouped)} quantizer(s) are per group ({grouped[0]}, ...): ONNX has blocked QuantizeLinear from "
+            "opset 21 on; export with opset=21"
+        )
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     path = Path(path)
     was_training = model.training
@@ -161,7 +235,7 @@ def export_onnx(
                 args,
                 buffer,
                 dynamo=False,
-                opset_version=opset,
+                opset_version=min(opset, TRACE_MAX_OPSET),
                 input_names=input_names,
                 output_names=output_names,
                 dynamic_axes=dynamic_axes,
@@ -170,7 +244,16 @@ def export_onnx(
     finally:
         model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
+    if opset > TRACE_MAX_OPSET:
+        from onnx import version_converter
+
+        proto = version_converter.convert_version(proto, opset)
+    _set_block_sizes(proto, specs)
     _fold_weight_quantizers(proto)
+    if opset >= 21:
+        _use_int4(proto, specs)
+    _prune(proto)
+    onnx.checker.check_model(proto)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.errors import SpecError
 from lowbit.torch.config import LayerConfig, QuantizerConfig
 from lowbit.torch.quantizer import TensorQuantizer
 
@@ -193,11 +194,108 @@ class QuantAdd(Add):
         return qa(a) + qb(b)
 
 
+class QuantLSTM(nn.LSTM):
+    """An ``nn.LSTM`` whose matrix products take quantized operands: every weight matrix (``weight_ih_l0``,
+    ``weight_hh_l0``, ...) per output row (``weight_quantizers``), the input sequence (``input_quantizer``) and the
+    hidden state of every step (``hidden_quantizer``). With the ``int8_dynamic`` preset the weights are quantized
+    once and the input and hidden scales are computed from each batch at run time, as ONNX Runtime's
+    DynamicQuantizeLSTM and PyTorch's dynamic LSTM do. The cell is the LSTM's:
+
+        i, f, g, o = split(q(x_t) @ q(W_ih)^T + b_ih + q(h) @ q(W_hh)^T + b_hh)
+        c = sigmoid(f) * c + sigmoid(i) * tanh(g);   h = sigmoid(o) * tanh(c)
+
+    computed step by step in Python (slower than cuDNN's fused kernel: this is the quantized model's reference).
+    """
+
+    @classmethod
+    def from_float(cls, module: nn.LSTM, cfg: LayerConfig, name: str = "") -> QuantLSTM:
+        if module.proj_size:
+            raise SpecError(f"{name or 'LSTM'}: an LSTM with proj_size has no quantized form here; leave it in float")
+        new = cls(
+            module.input_size, module.hidden_size, module.num_layers, module.bias, module.batch_first,
+            module.dropout, module.bidirectional, device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype,
+        )  # fmt: skip
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        new.input_quantizer = _quantizer(cfg.input, 1, f"{name}.input")
+        new.hidden_quantizer = _quantizer(cfg.input, 1, f"{name}.hidden")
+        w = cfg.weight
+        if w is not None and (w.dynamic or w.granularity == "group"):
+            w = replace(w, dynamic=False, granularity="channel", group_size=None)
+        new.weight_float = w is None
+        new.weight_quantizers = nn.ModuleDict()
+        for pname, _ in module.named_parameters():
+            if pname.startswith("weight_"):
+                q = _quantizer(w, 0, f"{name}.{pname}")
+                q.is_weight = True
+                new.weight_quantizers[pname] = q
+        return new
+
+    def calibrate_weight(self) -> None:
+        if self.weight_float:
+            return
+        for pname, q in self.weight_quantizers.items():
+            q.mode = "calibrate"
+            with torch.no_grad():
+                q(getattr(self, pname))
+            q.load_calibration()
+
+    def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
+        if isinstance(x, nn.utils.rnn.PackedSequence):
+            raise SpecError("QuantLSTM takes padded tensors, not a PackedSequence")
+        batched = x.dim() == 3
+        if not batched:
+            x = x.unsqueeze(1)
+        elif self.batch_first:
+            x = x.transpose(0, 1)
+        seq, batch = x.shape[0], x.shape[1]
+        dirs = 2 if self.bidirectional else 1
+        if hx is None:
+            zeros = x.new_zeros(self.num_layers * dirs, batch, self.hidden_size)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        h0, c0 = hx
+        hs, cs = [], []
+        layer_in = x
+        for layer in range(self.num_layers):
+            outs = []
+            for d in range(dirs):
+                suffix = f"_l{layer}" + ("_reverse" if d else "")
+                w_ih = self.weight_quantizers[f"weight_ih{suffix}"](getattr(self, f"weight_ih{suffix}"))
+                w_hh = self.weight_quantizers[f"weight_hh{suffix}"](getattr(self, f"weight_hh{suffix}"))
+                b_ih = getattr(self, f"bias_ih{suffix}") if self.bias else None
+                b_hh = getattr(self, f"bias_hh{suffix}") if self.bias else None
+                xi = F.linear(self.input_quantizer(layer_in), w_ih, b_ih)  # all steps at once
+                h, c = h0[layer * dirs + d], c0[layer * dirs + d]
+                steps = range(seq - 1, -1, -1) if d else range(seq)
+                out = [None] * seq
+                for t in steps:
+                    gates = xi[t] + F.linear(self.hidden_quantizer(h), w_hh, b_hh)
+                    i, f, g, o = gates.chunk(4, dim=-1)
+                    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                    h = torch.sigmoid(o) * torch.tanh(c)
+                    out[t] = h
+                outs.append(torch.stack(out))
+                hs.append(h)
+                cs.append(c)
+            layer_in = torch.cat(outs, dim=-1) if dirs == 2 else outs[0]
+            if self.dropout and self.training and layer < self.num_layers - 1:
+                layer_in = F.dropout(layer_in, self.dropout)
+        out, h_n, c_n = layer_in, torch.stack(hs), torch.stack(cs)
+        if not batched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            out = out.transpose(0, 1)
+        return out, (h_n, c_n)
+
+
 MODULE_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.Conv1d: QuantConv1d,
     nn.Conv2d: QuantConv2d,
     nn.Conv3d: QuantConv3d,
     nn.ConvTranspose2d: QuantConvTranspose2d,
     nn.Linear: QuantLinear,
+    nn.LSTM: QuantLSTM,
     Add: QuantAdd,
 }
