@@ -128,3 +128,40 @@ def test_example_mnist_is_the_pretrained_classifier(tmp_path):
     sess = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
     accuracy = (sess.run(None, {"image": x})[0].argmax(1) == labels).mean()
     assert accuracy > 0.99
+
+
+def _idx(path, data: np.ndarray) -> None:
+    import gzip
+
+    header = bytes([0, 0, 0x08, data.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in data.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + data.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_and_normalises(tmp_path):
+    from lowbit.examples import FASHION_MEAN, FASHION_STD, fashion_mnist
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (3, 28, 28))
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", images)
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.array([9, 0, 3]))
+    x, y = fashion_mnist("test", folder=tmp_path)
+    assert x.shape == (3, 1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x[:, 0] * FASHION_STD + FASHION_MEAN, images / 255, atol=1e-6)
+    assert y.tolist() == [9, 0, 3]
+
+
+def test_fashion_mnist_says_what_is_missing_or_broken(tmp_path):
+    from lowbit.examples import ExampleError, fashion_mnist
+
+    with pytest.raises(ExampleError, match="apt-get install dataset-fashion-mnist"):
+        fashion_mnist("train", folder=tmp_path)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros((2, 28, 28)))
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(3))
+    with pytest.raises(FormatError, match=r"2 images but .* 3 labels"):
+        fashion_mnist("train", folder=tmp_path)
+    (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b broken")
+    with pytest.raises(FormatError, match="cannot read"):
+        fashion_mnist("train", folder=tmp_path)
+    with pytest.raises(ValueError, match="split"):
+        fashion_mnist("validation", folder=tmp_path)
