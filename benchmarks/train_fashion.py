@@ -114,6 +114,7 @@ def save_weights(model: nn.Module, path: Path) -> None:
     os.close(fd)
     try:
         torch.save(model.state_dict(), tmp)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

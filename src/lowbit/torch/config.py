@@ -135,7 +135,13 @@ PRESETS: dict[str, Config] = {
     "w4a8": Config(LayerConfig(_INT8_ACT, QuantizerConfig(bits=4, granularity="channel"))),
     # Weight-only 4-bit in groups of 128 input features (the LLM recipe): activations stay float.
     "w4a16_group128": Config(LayerConfig(None, QuantizerConfig(bits=4, granularity="group", group_size=128))),
-    "w4a4": Config(LayerConfig(QuantizerConfig(bits=4, method="mse"), QuantizerConfig(bits=4, granularity="channel"))),
+    # 4-bit activations asymmetric: after a ReLU a signed grid would waste half of its 16 levels.
+    "w4a4": Config(
+        LayerConfig(
+            QuantizerConfig(bits=4, signed=False, symmetric=False, method="mse"),
+            QuantizerConfig(bits=4, granularity="channel"),
+        )
+    ),
 }
 
 

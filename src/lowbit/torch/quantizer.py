@@ -187,6 +187,8 @@ class TensorQuantizer(nn.Module):
         return layout.reduce(x, self.spec, "min"), layout.reduce(x, self.spec, "max")
 
     def _observe(self, x: torch.Tensor) -> None:
+        if self.scale.device != x.device:  # created on the CPU beside a layer on another device: follow the data
+            self.to(x.device)
         a = x.detach().float().cpu().numpy()
         if self.spec.axis is None:
             if self._calibrator is None:
