@@ -21,7 +21,6 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -74,15 +73,6 @@ def _onnx_top1(model, example: torch.Tensor, x: np.ndarray, y: np.ndarray, path:
     return float((out.argmax(1) == y).mean()), path.stat().st_size / 1e6
 
 
-def _learned(config: lt.Config) -> lt.Config:
-    """``config`` with every scale learned (LSQ)."""
-    layer = config.default
-    return replace(
-        config,
-        default=lt.LayerConfig(replace(layer.input, learn_scale=True), replace(layer.weight, learn_scale=True)),
-    )
-
-
 def bench_fashion(name: str, work: Path, qat_epochs: float) -> dict:
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
@@ -107,7 +97,7 @@ def bench_fashion(name: str, work: Path, qat_epochs: float) -> dict:
     if qat_epochs > 0 and name == "mobilenet":
         label = f"w4a4 QAT ({qat_epochs:g} epochs)"
         t0 = time.perf_counter()
-        q = lt.quantize(model, _learned(lt.preset("w4a4")), calib=calib, qat=True, progress=False)
+        q = lt.quantize(model, lt.preset("w4a4").with_learned_scales(), calib=calib, qat=True, progress=False)
         train(q, x_train, y_train, epochs=qat_epochs, lr=0.01, schedule="cosine", seed=1, desc="W4A4 QAT")
         rows[label] = {"top1": evaluate(q, x_test, y_test), "train_s": time.perf_counter() - t0}
         top1, size = _onnx_top1(q, example, x_test, y_test, work / f"fashion_{name}_qat.onnx")

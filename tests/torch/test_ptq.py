@@ -127,3 +127,13 @@ def test_qat_trains_with_learned_scales():
         losses.append(loss.item())
     assert losses[-1] < 0.7 * losses[0]
     assert all(not torch.equal(a, b) for a, b in zip(before, scales, strict=True))
+
+
+def test_with_learned_scales_reaches_overrides_but_not_dynamic_or_float_tensors():
+    cfg = lt.preset("w4a4").override("fc2", lt.LayerConfig(lt.QuantizerConfig(dynamic=True), None))
+    cfg = cfg.override("fc9", None).with_learned_scales()
+    assert cfg.default.input.learn_scale and cfg.default.weight.learn_scale
+    fc2 = cfg.for_layer("fc2")
+    assert not fc2.input.learn_scale and fc2.weight is None
+    assert cfg.for_layer("fc9") is None
+    assert not cfg.with_learned_scales(False).default.input.learn_scale

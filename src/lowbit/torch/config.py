@@ -10,6 +10,8 @@ leave the matching layers in float; later patterns win over earlier ones.
 (True, 8)
 >>> preset("w4a16_group128").default.weight.group_size
 128
+>>> preset("w4a4").with_learned_scales().default.input.learn_scale   # for QAT (LSQ)
+True
 """
 
 from __future__ import annotations
@@ -106,6 +108,19 @@ class Config:
     def with_residual_adds(self, on: bool = True) -> Config:
         """A copy that quantizes (or not) the skip input of the model's residual additions."""
         return replace(self, residual_adds=on)
+
+    def with_learned_scales(self, on: bool = True) -> Config:
+        """A copy whose every static quantizer learns its scale (LSQ) in QAT, overrides included."""
+
+        def learned(layer: LayerConfig | None) -> LayerConfig | None:
+            if layer is None:
+                return None
+            parts = [q if q is None or q.dynamic else replace(q, learn_scale=on) for q in (layer.input, layer.weight)]
+            return LayerConfig(*parts)
+
+        return replace(
+            self, default=learned(self.default), overrides=tuple((p, learned(lc)) for p, lc in self.overrides)
+        )
 
     def for_layer(self, name: str) -> LayerConfig | None:
         """The config of the module called ``name`` (None: leave it in float)."""

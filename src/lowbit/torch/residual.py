@@ -27,8 +27,6 @@ from lowbit.torch.quantizer import TensorQuantizer
 _ADDS = {torch.add, torch.Tensor.add, torch.Tensor.add_, operator.add, operator.iadd}
 _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 _PASS_THROUGH = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Identity)
-
-
 _NUMBER_METHODS = {"size", "dim", "numel", "nelement", "item", "tolist"}
 _NUMBER_OPS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, len}
 
@@ -40,7 +38,7 @@ def _is_number(node: fx.Node) -> bool:
     if node.op == "call_function" and node.target is getattr:
         return node.args[1] in ("shape", "ndim")
     if node.op == "call_function" and node.target in _NUMBER_OPS:
-        return any(_is_number(a) for a in node.all_input_nodes)
+        return all(_is_number(a) for a in node.all_input_nodes)  # a tensor times a number is a tensor
     return False
 
 
