@@ -147,3 +147,45 @@ def test_an_opset_out_of_range_is_a_clear_error(tmp_path):
     q = lt.quantize(models.MLP(), "int8_dynamic", progress=False)
     with pytest.raises(SpecError, match="opset must be 13"):
         lt.export_onnx(q, torch.randn(2, 16), tmp_path / "q.onnx", opset=22)
+
+
+def test_the_bias_is_on_the_integer_grid_onnx_runtime_adds_it_on(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
+    with torch.no_grad():
+        model[0].bias.copy_(torch.tensor([0.3333, -0.1234, 0.0777, 0.5]))
+    q = lt.quantize(model, "w4a4", calib=models.batches(), progress=False)
+    layer = q[0]
+    step = (layer.input_quantizer.scale * layer.weight_quantizer.scale).detach()
+    assert step.min() > 1e-3  # coarse enough that a float bias would be visibly off the grid
+    bias = layer._bias(layer.bias)
+    torch.testing.assert_close(bias / step, torch.round(bias / step), atol=1e-4, rtol=0)
+    assert not torch.equal(bias, layer.bias)
+    x = models.batches(1, seed=9)[0]
+    path = lt.export_onnx(q, x, tmp_path / "q.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(_ort(path, x), q(x).numpy(), atol=2e-5)  # ONNX Runtime rounds it so too
+    out = q(x)
+    out.sum().backward()
+    assert layer.bias.grad is not None and layer.bias.grad.abs().sum() > 0  # straight-through
+
+
+def test_a_batchnorm_channel_that_saw_a_constant_folds_to_its_beta():
+    model = models.convnet()
+    with torch.no_grad():  # channel 2 of the first block is dead: bias -5, zero weights, ReLU -> always 0
+        model[0].weight[2], model[0].bias[2] = 0.0, -5.0
+        model[1].running_mean[2], model[1].running_var[2], model[1].bias[2] = -5.0, 0.0, -1.0
+        # so the depthwise convolution's channel 2 sees zeros: its BatchNorm saw a constant 0
+        model[4].running_mean[2], model[4].running_var[2] = 0.0, 0.0
+    assert model[3].weight[2].abs().sum() > 0  # weights that never mattered
+    q = lt.quantize(model, "int8", calib=models.batches(), progress=False)
+    assert torch.all(q[3].weight[2] == 0)  # not amplified by gamma / sqrt(eps)
+    assert float(q[3].bias[2].detach()) == pytest.approx(float(model[4].bias[2].detach()))
+    qat = lt.quantize(model, "int8", calib=models.batches(), qat=True, progress=False)
+    assert torch.all(qat[3]._weight_to_quantize()[2] == 0)
+    x = models.batches(1, seed=9)[0]
+    for m in (q, qat):
+        for qz in lt.quantizers(m).values():
+            qz.mode = "disabled"
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), model(x), atol=1e-5, rtol=1e-4)

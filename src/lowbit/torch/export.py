@@ -66,7 +66,8 @@ def _check_ready(model: nn.Module) -> None:
 # weight narrower than int8, a BatchNorm fold computed in forward): evaluated here so that weights end as integers.
 _FOLDABLE = {
     "Abs", "Add", "Cast", "Clip", "Div", "Expand", "Identity", "Max", "Min", "Mul", "Neg", "Reshape", "Sqrt", "Sub",
-    "Tile", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Flatten", "Concat", "Gather", "Shape",
+    "Tile", "Unsqueeze", "Squeeze", "Transpose", "Slice", "Flatten", "Concat", "Gather", "Shape", "Round", "Where",
+    "Equal",
 }  # fmt: skip
 
 

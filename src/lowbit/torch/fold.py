@@ -65,13 +65,27 @@ def conv_bn_pairs(model: nn.Module, run: Callable[[nn.Module], object]) -> list[
     return [(c, b) for c, b in pairs if calls.get(c) == 1 and calls.get(b) == 1]
 
 
+def dead_channels(bn: nn.Module) -> torch.Tensor:
+    """The channels whose input the BatchNorm saw constant (running variance ~0, far below ``eps``).
+
+    Folding multiplies such a channel's weights by ``gamma / sqrt(eps)`` (~300x): weights that never mattered (a
+    depthwise convolution of an all-zero channel, say) then set a huge per-channel scale, and an integer kernel
+    that adds the bias in units of ``s_x * s_w`` rounds the channel's bias to garbage (ONNX Runtime does). The
+    BatchNorm's output there is the constant ``beta``, so the fold writes exactly that: zero weights, bias beta."""
+    return bn.running_var < DEAD_VARIANCE * bn.eps
+
+
+DEAD_VARIANCE = 1e-4  # relative to eps: a channel's std below 1% of sqrt(eps)
+
+
 def fold_into(conv: nn.Module, bn: nn.Module) -> None:
-    """Fold the eval-mode BatchNorm ``bn`` into ``conv`` (in place)."""
+    """Fold the eval-mode BatchNorm ``bn`` into ``conv`` (in place); see :func:`dead_channels`."""
     with torch.no_grad():
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.affine else torch.ones_like(std)
         beta = bn.bias if bn.affine else torch.zeros_like(std)
-        factor = gamma / std
+        dead = dead_channels(bn)
+        factor = torch.where(dead, torch.zeros_like(std), gamma / std)
         conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = (bias - bn.running_mean) * factor + beta

@@ -95,20 +95,44 @@ class QuantMixin:
     def _weight_to_quantize(self) -> torch.Tensor:
         return self.weight
 
+    def _bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """The bias on the integer grid the layer's accumulator uses, ``round(b / (s_x * s_w)) * s_x * s_w`` (int32,
+        straight-through gradient), as an integer kernel adds it: ONNX Runtime's QLinearConv and QGemm quantize a
+        float bias so, which at 4 bits moves outputs by whole steps. Left float when there is no such grid (an input
+        in float or dynamic, per-group weights)."""
+        qi, qw = self.input_quantizer, self.weight_quantizer
+        if (
+            bias is None
+            or qi.mode != "quantize"
+            or qw.mode != "quantize"
+            or qi.dynamic
+            or not qi.calibrated
+            or not qw.calibrated
+            or qi.scale.numel() != 1
+            or qw.spec.group_size is not None
+            or qw.scale.numel() not in (1, bias.numel())
+        ):
+            return bias
+        step = (qi.scale.reshape(()) * qw.scale.reshape(-1)).detach()
+        on_grid = torch.clamp(torch.round(bias / step), -(2**31), 2**31 - 1) * step
+        if torch.onnx.is_in_onnx_export():
+            return on_grid  # constants: export folds them into the bias initializer
+        return bias + (on_grid - bias).detach()
+
 
 class QuantConv1d(QuantMixin, nn.Conv1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self._bias(self.bias))
 
 
 class QuantConv2d(QuantMixin, nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self._bias(self.bias))
 
 
 class QuantConv3d(QuantMixin, nn.Conv3d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return self._conv_forward(self.input_quantizer(x), self.weight_quantizer(self.weight), self._bias(self.bias))
 
 
 class QuantConvTranspose2d(QuantMixin, nn.ConvTranspose2d):
@@ -126,7 +150,7 @@ class QuantConvTranspose2d(QuantMixin, nn.ConvTranspose2d):
         return F.conv_transpose2d(
             self.input_quantizer(x),
             self.weight_quantizer(self.weight),
-            self.bias,
+            self._bias(self.bias),
             self.stride,
             self.padding,
             output_padding,
@@ -141,7 +165,7 @@ class QuantLinear(QuantMixin, nn.Linear):
         return {"in_features": module.in_features, "out_features": module.out_features, "bias": module.bias is not None}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self.bias)
+        return F.linear(self.input_quantizer(x), self.weight_quantizer(self.weight), self._bias(self.bias))
 
 
 class Add(nn.Module):

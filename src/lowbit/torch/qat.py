@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lowbit.torch.config import Config
-from lowbit.torch.fold import fold_batchnorm, set_submodule
+from lowbit.torch.fold import dead_channels, fold_batchnorm, set_submodule
 from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
 
 
@@ -43,10 +43,12 @@ class _ConvBn:
         return new
 
     def _factor(self) -> torch.Tensor:
+        """gamma / sqrt(running_var + eps), 0 for a channel whose input is constant (its weights then vanish and
+        its output is beta, as :func:`lowbit.torch.fold.dead_channels` explains)."""
         bn = self.bn
         std = torch.sqrt(bn.running_var + bn.eps)
         gamma = bn.weight if bn.affine else torch.ones_like(std)
-        return gamma / std
+        return torch.where(dead_channels(bn), torch.zeros_like(std), gamma / std)
 
     def _weight_to_quantize(self) -> torch.Tensor:
         f = self._factor()
@@ -59,14 +61,14 @@ class _ConvBn:
         if self.training and not self.bn_frozen:
             y = self._conv_forward(x, w, None)
             channel = (1, -1, *([1] * (y.dim() - 2)))
-            y = y / f.reshape(channel)
+            y = y / torch.where(f == 0, torch.ones_like(f), f).reshape(channel)  # dead channels: y = 0
             if self.bias is not None:
                 y = y + self.bias.reshape(channel)
             return self.bn(y)
         bn = self.bn
         beta = bn.bias if bn.affine else torch.zeros_like(f)
         bias = self.bias if self.bias is not None else torch.zeros_like(f)
-        return self._conv_forward(x, w, beta + (bias - bn.running_mean) * f)
+        return self._conv_forward(x, w, self._bias(beta + (bias - bn.running_mean) * f))
 
 
 class QuantConvBn1d(_ConvBn, QuantConv1d):
