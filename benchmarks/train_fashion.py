@@ -67,10 +67,12 @@ def train(
     weight_decay: float = 5e-4,
     desc: str = "training",
     schedule: str = "onecycle",
+    teacher: nn.Module | None = None,
 ) -> nn.Module:
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` (a fraction trains part of the last epoch) with SGD
     (Nesterov momentum 0.9) and a one-cycle ("onecycle") or cosine-decay ("cosine", for fine-tuning) learning
-    rate peaking at ``lr``. Seeded: the same seed gives the same batches and augmentations."""
+    rate peaking at ``lr``. With a ``teacher`` (QAT from the float model), half of the loss is the KL divergence
+    to the teacher's predictions (distillation). Seeded: the same seed gives the same batches and augmentations."""
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // BATCH
     total = max(1, round(epochs * steps_per_epoch))
@@ -96,7 +98,14 @@ def train(
                 if step == total:
                     break
                 idx = order[i * BATCH : (i + 1) * BATCH]
-                loss = F.cross_entropy(model(augment(xt[idx], gen)), yt[idx], label_smoothing=0.1)
+                batch = augment(xt[idx], gen)
+                logits = model(batch)
+                loss = F.cross_entropy(logits, yt[idx], label_smoothing=0.1)
+                if teacher is not None:
+                    with torch.no_grad():
+                        target = F.log_softmax(teacher(batch), dim=1)
+                    kl = F.kl_div(F.log_softmax(logits, dim=1), target, log_target=True, reduction="batchmean")
+                    loss = 0.5 * loss + 0.5 * kl
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
