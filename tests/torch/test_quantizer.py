@@ -6,6 +6,7 @@ import torch
 
 from lowbit.core import QuantSpec, qparams
 from lowbit.core import fake_quant as np_fake_quant
+from lowbit.errors import CalibrationError
 from lowbit.torch import TensorQuantizer, fake_quant
 
 
@@ -114,3 +115,20 @@ def test_state_dict_round_trip_restores_scales():
     fresh.mode = "quantize"
     x = torch.randn(3, 4)
     torch.testing.assert_close(fresh(x), q(x))
+
+
+def test_a_learned_scale_pushed_below_zero_is_clamped_and_export_says_so(tmp_path):
+    import lowbit.torch as lt
+
+    q = lt.quantize(
+        torch.nn.Sequential(torch.nn.Linear(4, 2)),
+        lt.preset("int8").with_learned_scales(),
+        calib=[torch.randn(8, 4)],
+        progress=False,
+    )
+    with torch.no_grad():
+        q[0].input_quantizer.scale.fill_(-0.5)
+    out = q(torch.randn(3, 4))
+    assert torch.isfinite(out).all()
+    with pytest.raises(CalibrationError, match="positive"):
+        lt.export_onnx(q, torch.randn(3, 4), tmp_path / "q.onnx")

@@ -113,7 +113,7 @@ class QuantMixin:
             or qw.scale.numel() not in (1, bias.numel())
         ):
             return bias
-        step = (qi.scale.reshape(()) * qw.scale.reshape(-1)).detach()
+        step = (qi.scale.reshape(()) * qw.scale.reshape(-1)).detach().clamp_min(1e-30)
         on_grid = torch.clamp(torch.round(bias / step), -(2**31), 2**31 - 1) * step
         if torch.onnx.is_in_onnx_export():
             return on_grid  # constants: export folds them into the bias initializer

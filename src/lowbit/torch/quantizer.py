@@ -33,6 +33,7 @@ from lowbit.core import QuantSpec, layout, qparams
 from lowbit.errors import CalibrationError
 
 MODES = ("calibrate", "quantize", "disabled")
+_MIN_SCALE = 1e-12
 
 
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -236,16 +237,23 @@ class TensorQuantizer(nn.Module):
             self.observe_steps -= 1
         if torch.onnx.is_in_onnx_export():
             return self._export(x)
-        factor = 1.0
-        if self.learn_scale and self.training:
-            per_scale = x.numel() / max(self.scale.numel(), 1)
-            factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
-        return fake_quant(x, self.scale, self.zero_point, self.spec, factor)
+        factor, scale = 1.0, self.scale
+        if self.learn_scale:  # a step of the optimizer may push a learned scale to zero or below
+            scale = scale.clamp_min(_MIN_SCALE)
+            if self.training:
+                per_scale = x.numel() / max(self.scale.numel(), 1)
+                factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+        return fake_quant(x, scale, self.zero_point, self.spec, factor)
 
     def _export(self, x: torch.Tensor) -> torch.Tensor:
         """The traced form: QuantizeLinear + DequantizeLinear in the 8-bit storage type, after clipping ``x`` to
         the grid of a narrower spec (fewer bits, or narrow range) so that ONNX computes what ``fake_quant`` does."""
         spec = self.spec
+        if bool((self.scale <= 0).any()):
+            raise CalibrationError(
+                f"{self._describe()}: a learned scale reached {float(self.scale.min()):.3g}; ONNX needs positive "
+                "scales. Lower the learning rate of the scales, or recalibrate this quantizer"
+            )
         storage = (-128, 127) if spec.signed else (0, 255)
         clip: tuple[float | None, float | None] = (None, None)
         if (spec.qmin, spec.qmax) != storage:
