@@ -15,9 +15,7 @@ rate, label smoothing 0.1; top-1 printed on the 10,000 test images, which traini
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lowbit._io import atomic_open
 from lowbit.examples import fashion_mnist
 from torch_models import FASHION_MODELS, WEIGHTS
 
@@ -118,16 +117,8 @@ def train(
 
 def save_weights(model: nn.Module, path: Path) -> None:
     """``model``'s state dict to ``path``, written atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        torch.save(model.state_dict(), tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as f:
+        torch.save(model.state_dict(), f)
 
 
 def main() -> None:

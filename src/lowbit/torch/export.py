@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from lowbit._io import atomic_open
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch.quantizer import TensorQuantizer
 
@@ -255,13 +255,6 @@ def export_onnx(
         _use_int4(proto, specs)
     _prune(proto)
     onnx.checker.check_model(proto)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_open(path, "wb") as f:
+        f.write(proto.SerializeToString())
     return path
