@@ -132,3 +132,18 @@ def test_a_learned_scale_pushed_below_zero_is_clamped_and_export_says_so(tmp_pat
     assert torch.isfinite(out).all()
     with pytest.raises(CalibrationError, match="positive"):
         lt.export_onnx(q, torch.randn(3, 4), tmp_path / "q.onnx")
+
+
+@pytest.mark.parametrize("method", ["mse", "percentile", "minmax"])
+def test_an_asymmetric_quantizer_calibrates_a_relu_output_on_its_own_grid(method):
+    spec = QuantSpec(bits=4, signed=False, symmetric=False)
+    q = TensorQuantizer(spec, method=method)
+    q.mode = "calibrate"
+    q(torch.relu(torch.randn(64, 32, generator=torch.Generator().manual_seed(0))))
+    q.load_calibration()
+    assert float(q.zero_point) == 0  # no level spent on negatives that never come
+    signed = TensorQuantizer(QuantSpec(bits=4), method=method)
+    signed.mode = "calibrate"
+    signed(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)))
+    signed.load_calibration()
+    assert float(signed.scale) > 0

@@ -12,7 +12,7 @@ Methods: ``minmax``, ``ema``, ``percentile``, ``entropy`` (TensorRT's KL method)
 ``@register("name")`` on a :class:`Calibrator` subclass.
 """
 
-from lowbit.calib.base import Calibrator, Range, available, create, option_names, register
+from lowbit.calib.base import Calibrator, Range, available, create, grid_options, option_names, register
 from lowbit.calib.histogram import Histogram
 from lowbit.calib.histogram_methods import (
     EntropyCalibrator,
@@ -35,6 +35,7 @@ __all__ = [
     "Range",
     "available",
     "create",
+    "grid_options",
     "load",
     "option_names",
     "register",

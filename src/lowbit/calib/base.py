@@ -76,6 +76,27 @@ def create(method: str, **options: Any) -> Calibrator:
     return cls(**options)
 
 
+def grid_options(method: str, spec, options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``options`` completed with what fits the grid ``spec`` (a :class:`~lowbit.core.QuantSpec`) the range is for,
+    unless the user chose otherwise: MSE searches that grid (its bits and its symmetry, per tensor), percentile cuts
+    both tails for an asymmetric grid, entropy leaves exact zeros out of its divergence (ReLU outputs).
+
+    >>> from lowbit.core import QuantSpec
+    >>> grid_options("mse", QuantSpec(bits=4, signed=False, symmetric=False))["spec"].bits
+    4
+    """
+    from dataclasses import replace
+
+    out = dict(options or {})
+    if method == "entropy":
+        out.setdefault("exclude_zeros", True)
+    elif method == "mse":
+        out.setdefault("spec", replace(spec, axis=None, group_size=None))
+    elif method == "percentile":
+        out.setdefault("symmetric", spec.symmetric)
+    return out
+
+
 class Calibrator:
     """Base class. Subclasses implement ``_update``, ``_merge``, ``_compute``, ``_reset``, ``_state``, ``_load``.
 

@@ -124,17 +124,9 @@ def _split(
 
 
 def target_options(method: str, target: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Calibrator options that fit the target's activation grid unless the user chose otherwise: MSE searches
-    the grid the target uses, percentile cuts both tails for the asymmetric uint8 of ONNX Runtime, entropy
-    leaves exact zeros out of its divergence (ReLU outputs)."""
-    out = dict(options or {})
-    if method == "entropy":
-        out.setdefault("exclude_zeros", True)
-    if method == "mse":
-        out.setdefault("spec", rewrite.activation_spec(target))
-    if method == "percentile":
-        out.setdefault("symmetric", target == "trt")
-    return out
+    """Calibrator options that fit the target's activation grid unless the user chose otherwise
+    (:func:`lowbit.calib.grid_options` on the target's activation spec)."""
+    return calib_registry.grid_options(method, rewrite.activation_spec(target), dict(options or {}))
 
 
 def _batch_size(inputs: tuple[InputSpec, ...], requested: int) -> int:

@@ -193,7 +193,8 @@ class TensorQuantizer(nn.Module):
         a = x.detach().float().cpu().numpy()
         if self.spec.axis is None:
             if self._calibrator is None:
-                self._calibrator = calib.create(self.method, tensor=self.name or None, **self.method_options)
+                options = calib.grid_options(self.method, self.spec, self.method_options)
+                self._calibrator = calib.create(self.method, tensor=self.name or None, **options)
             self._calibrator.update(a)
             return
         lo, hi = self._slice_minmax(a)
