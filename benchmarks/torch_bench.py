@@ -39,30 +39,21 @@ from train_fashion import evaluate, train
 PRESETS = ("int8", "w8a8_asym", "w4a8", "w4a4")
 
 
-def _top1(model, x: torch.Tensor, y: np.ndarray) -> float:
-    with torch.no_grad():
-        out = torch.cat([model(x[i : i + 500]) for i in range(0, len(x), 500)])
-    return float((out.argmax(1).numpy() == y).mean())
-
-
 def bench_mnist(work: Path) -> dict:
     x, y = mnist_digits()
     calib = [torch.from_numpy(x[i : i + 100]) for i in range(0, 1000, 100)]
     test, labels = torch.from_numpy(x[1000:]), y[1000:]
     model = pretrained_mnistnet()
-    rows = {"FP32": {"top1": _top1(model, test, labels)}}
+    rows = {"FP32": {"top1": evaluate(model, x[1000:], labels)}}
     print(f"FP32 {rows['FP32']}")
     for name in PRESETS:
         t0 = time.perf_counter()
         q = lt.quantize(model, name, calib=calib, progress=False)
         seconds = time.perf_counter() - t0  # before the evaluation
-        rows[name] = {"top1": _top1(q, test, labels), "quantize_s": seconds}
+        rows[name] = {"top1": evaluate(q, x[1000:], labels), "quantize_s": seconds}
         if name in ("int8", "w8a8_asym"):
-            path = lt.export_onnx(q, test[:8], work / f"mnist_{name}.onnx")
-            sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-            out = np.concatenate([sess.run(None, {"input": x[i : i + 500]})[0] for i in range(1000, len(x), 500)])
-            rows[name]["onnx_top1"] = float((out.argmax(1) == labels).mean())
-            rows[name]["onnx_size_mb"] = path.stat().st_size / 1e6
+            top1, size = _onnx_top1(q, test[:8], x[1000:], labels, work / f"mnist_{name}.onnx")
+            rows[name].update(onnx_top1=top1, onnx_size_mb=size)
         print(f"{name} {rows[name]}")
     return {"samples": {"calibration": 1000, "evaluation": len(test)}, "rows": rows}
 

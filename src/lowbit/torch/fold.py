@@ -78,17 +78,23 @@ def dead_channels(bn: nn.Module) -> torch.Tensor:
 DEAD_VARIANCE = 1e-4  # relative to eps: a channel's std below 1% of sqrt(eps)
 
 
+def folded(bn: nn.Module, conv_bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-channel weight factor ``gamma / sqrt(var + eps)`` and the bias ``(b - mean) * factor + beta`` that
+    fold the eval-mode BatchNorm ``bn`` into a convolution with bias ``conv_bias`` (None: zero); see
+    :func:`dead_channels` for the channels whose factor is 0."""
+    std = torch.sqrt(bn.running_var + bn.eps)
+    gamma = bn.weight if bn.affine else torch.ones_like(std)
+    beta = bn.bias if bn.affine else torch.zeros_like(std)
+    factor = torch.where(dead_channels(bn), torch.zeros_like(std), gamma / std)
+    bias = conv_bias if conv_bias is not None else torch.zeros_like(bn.running_mean)
+    return factor, (bias - bn.running_mean) * factor + beta
+
+
 def fold_into(conv: nn.Module, bn: nn.Module) -> None:
-    """Fold the eval-mode BatchNorm ``bn`` into ``conv`` (in place); see :func:`dead_channels`."""
+    """Fold the eval-mode BatchNorm ``bn`` into ``conv`` (in place); see :func:`folded`."""
     with torch.no_grad():
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(std)
-        beta = bn.bias if bn.affine else torch.zeros_like(std)
-        dead = dead_channels(bn)
-        factor = torch.where(dead, torch.zeros_like(std), gamma / std)
+        factor, new_bias = folded(bn, conv.bias)
         conv.weight.mul_(factor.reshape(-1, *([1] * (conv.weight.dim() - 1))).to(conv.weight.dtype))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * factor + beta
         if conv.bias is None:
             conv.bias = nn.Parameter(new_bias.to(conv.weight.dtype))
         else:

@@ -86,11 +86,7 @@ class QuantMixin:
         """Fix the weight's scale from the weight itself (max |w| per channel or group): no data needed."""
         if self.weight_float:
             return
-        q = self.weight_quantizer
-        q.mode = "calibrate"
-        with torch.no_grad():
-            q(self._weight_to_quantize())
-        q.load_calibration()
+        self.weight_quantizer.calibrate_on(self._weight_to_quantize())
 
     def _weight_to_quantize(self) -> torch.Tensor:
         return self.weight
@@ -259,10 +255,7 @@ class QuantLSTM(nn.LSTM):
         if self.weight_float:
             return
         for pname, q in self.weight_quantizers.items():
-            q.mode = "calibrate"
-            with torch.no_grad():
-                q(getattr(self, pname))
-            q.load_calibration()
+            q.calibrate_on(getattr(self, pname))
 
     def forward(self, x: torch.Tensor, hx: tuple[torch.Tensor, torch.Tensor] | None = None):
         if isinstance(x, nn.utils.rnn.PackedSequence):

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from lowbit.torch.config import Config
-from lowbit.torch.fold import dead_channels, fold_batchnorm, set_submodule
+from lowbit.torch.fold import fold_batchnorm, folded, set_submodule
 from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
 
 
@@ -42,21 +42,13 @@ class _ConvBn:
         new.bn.train(new.training)
         return new
 
-    def _factor(self) -> torch.Tensor:
-        """gamma / sqrt(running_var + eps), 0 for a channel whose input is constant (its weights then vanish and
-        its output is beta, as :func:`lowbit.torch.fold.dead_channels` explains)."""
-        bn = self.bn
-        std = torch.sqrt(bn.running_var + bn.eps)
-        gamma = bn.weight if bn.affine else torch.ones_like(std)
-        return torch.where(dead_channels(bn), torch.zeros_like(std), gamma / std)
-
     def _weight_to_quantize(self) -> torch.Tensor:
-        f = self._factor()
+        f, _ = folded(self.bn, None)
         return self.weight * f.reshape(-1, *([1] * (self.weight.dim() - 1)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        f = self._factor()
-        w = self.weight_quantizer(self._weight_to_quantize())
+        f, bias = folded(self.bn, self.bias)  # f = 0 for a dead channel: see lowbit.torch.fold.dead_channels
+        w = self.weight_quantizer(self.weight * f.reshape(-1, *([1] * (self.weight.dim() - 1))))
         x = self.input_quantizer(x)
         if self.training and not self.bn_frozen:
             y = self._conv_forward(x, w, None)
@@ -65,10 +57,7 @@ class _ConvBn:
             if self.bias is not None:
                 y = y + self.bias.reshape(channel)
             return self.bn(y)
-        bn = self.bn
-        beta = bn.bias if bn.affine else torch.zeros_like(f)
-        bias = self.bias if self.bias is not None else torch.zeros_like(f)
-        return self._conv_forward(x, w, self._bias(beta + (bias - bn.running_mean) * f))
+        return self._conv_forward(x, w, self._bias(bias))
 
 
 class QuantConvBn1d(_ConvBn, QuantConv1d):

@@ -164,6 +164,13 @@ class TensorQuantizer(nn.Module):
             self.scale.data = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(np.shape(scale))
             self.zero_point.data = torch.as_tensor(zp.astype(np.float32), device=device).reshape(np.shape(zp))
 
+    def calibrate_on(self, x: torch.Tensor) -> None:
+        """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``."""
+        self.mode = "calibrate"
+        with torch.no_grad():
+            self(x)
+        self.load_calibration()
+
     def load_calibration(self) -> None:
         """Turn the statistics gathered in ``"calibrate"`` mode into the scale, and switch to ``"quantize"``."""
         if self._calibrator is not None:
