@@ -14,7 +14,7 @@ kernel.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 import onnx
@@ -46,15 +46,16 @@ class Plan:
         return [t for t, root in self.activations.items() if t == root]
 
 
-def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str]):
-    """A predicate ``(graph, node) -> bool``: the node's name matches a regex of ``exclude`` or its op type is in
-    ``exclude_ops``."""
+def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str], exclude_nodes: Collection[str] = ()):
+    """A predicate ``(graph, node) -> bool``: the node's name matches a regex of ``exclude``, its op type is in
+    ``exclude_ops``, or its name is one of ``exclude_nodes``."""
     patterns = [re.compile(p) for p in exclude]
     ops = set(exclude_ops)
+    names = set(exclude_nodes)
 
     def excluded(graph: Graph, node: onnx.NodeProto) -> bool:
         name = graph.node_name(node)
-        return node.op_type in ops or any(p.search(name) for p in patterns)
+        return node.op_type in ops or name in names or any(p.search(name) for p in patterns)
 
     return excluded
 
@@ -65,13 +66,14 @@ def plan(
     *,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
+    exclude_nodes: Collection[str] = (),
     per_channel: bool = True,
 ) -> Plan:
-    """The quantizers ``target`` wants in ``graph``; nodes whose name matches a regex in ``exclude`` or whose op
-    type is in ``exclude_ops`` stay in float."""
+    """The quantizers ``target`` wants in ``graph``; nodes whose name matches a regex in ``exclude``, whose op
+    type is in ``exclude_ops`` or whose name is in ``exclude_nodes`` stay in float."""
     if target not in TARGETS:
         raise ValueError(f"unknown target {target!r}; targets are {', '.join(TARGETS)}")
-    excluded = exclusion(exclude, exclude_ops)
+    excluded = exclusion(exclude, exclude_ops, exclude_nodes)
     result = Plan(target)
     active: list[onnx.NodeProto] = []
     for node in graph.nodes:

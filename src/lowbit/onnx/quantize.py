@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +22,8 @@ from lowbit._io import atomic_write_text
 from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
-from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import calibrate, compare, fp16, gptq, placement, rewrite
+from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
+from lowbit.onnx.calibrated import calibrate_model, target_options  # noqa: F401 (public here too)
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, input_specs, load_model, preprocess, save_model, session
@@ -123,12 +122,6 @@ def _split(
     return (0, stop), (n - h, n)
 
 
-def target_options(method: str, target: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
-    """Calibrator options that fit the target's activation grid unless the user chose otherwise
-    (:func:`lowbit.calib.grid_options` on the target's activation spec)."""
-    return calib_registry.grid_options(method, rewrite.activation_spec(target), dict(options or {}))
-
-
 def _batch_size(inputs: tuple[InputSpec, ...], requested: int) -> int:
     fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
     if len(fixed) == 1:
@@ -224,58 +217,37 @@ def quantize(
             raise QuantizeError(
                 "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
             )
-        result.quantized_nodes, result.excluded_nodes = plan.quantized_nodes, plan.excluded_nodes
         cal_range, held = _split(source, max_samples, compare_models and eval_source is None)
         if cal_range[1] is not None and cal_range[1] <= cal_range[0]:
             raise DataError(f"{source.description}: no samples left for calibration")
-        tensors = list(plan.calibrated)
-        if trt_cache is not None:
-            tensors += [t for t in _all_activations(graph) if t not in plan.activations]
         batches = source.batches(batch, *cal_range)
-        means: dict[str, bc.ChannelMean] = {}
-        if bias_correction:
-            for layer in bc.layers(graph, plan):
-                means.setdefault(layer.x, bc.ChannelMean(layer.axis))
-        samples = None if cal_range[1] is None else cal_range[1] - cal_range[0]
-        moments = [gptq.SecondMoment(x) for x in gptq.layers(graph, plan, samples)] if rounding == "gptq" else []
-        observers: dict[str, list] = {x: [m] for x, m in means.items()}
-        for m in moments:
-            observers.setdefault(m.layer.x, []).append(m)
-        t0 = time.perf_counter()
-        cals = calibrate.collect(
+        calibrated = calibrate_model(
             float_model,
-            tensors,
             batches,
+            target=target,
             method=method,
-            options=target_options(method, target, method_options),
+            method_options=method_options,
+            exclude=exclude,
+            exclude_ops=exclude_ops,
+            per_channel=per_channel,
+            bias_correction=bias_correction,
+            rounding=rounding,
+            samples=None if cal_range[1] is None else cal_range[1] - cal_range[0],
+            every_tensor=trt_cache is not None,
             total=len(batches) or None,
             progress=progress,
-            observers=observers,
         )
-        result.calibration_seconds = time.perf_counter() - t0
-        first = next(iter(cals.values()))
-        result.calibration_samples = cal_range[1] if source.num_samples is not None else first.num_batches * batch
-        act_ranges = calibrate.ranges({t: cals[t] for t in plan.calibrated}, symmetric=target == "trt")
-        floors = rewrite.weight_scale_floors(graph, plan, rewrite.activation_qparams(plan, act_ranges))
-        codes = gptq.codes(graph, moments, floors)
-        result.gptq_layers = len(codes)
-        to_quantize = float_model
-        if means:
-            to_quantize, result.bias_corrections = bc.correct(
-                float_model,
-                plan,
-                {x: m.mean for x, m in means.items()},
-                rewrite.dequantized_weights(float_model, plan, codes, floors),
-            )
-            # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
-            plan = placement.plan(
-                Graph(to_quantize), target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel
-            )
-        quantized = rewrite.quantize_model(to_quantize, plan, act_ranges, codes, floors)
-        qp = rewrite.activation_qparams(plan, act_ranges)
-        record = _record(plan, qp, act_ranges)
+        result.calibration_seconds = calibrated.seconds
+        result.calibration_samples = cal_range[1] if source.num_samples is not None else calibrated.batches * batch
+        result.gptq_layers = len(calibrated.codes)
+        built = calibrated.build()
+        quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
+        result.quantized_nodes, result.excluded_nodes = plan.quantized_nodes, plan.excluded_nodes
+        act_ranges = calibrated.ranges(plan.calibrated)
+        record = _record(plan, rewrite.activation_qparams(plan, act_ranges), act_ranges)
         if trt_cache is not None:
             # Implicit INT8 wants every tensor's symmetric amax; for --target trt the Q/DQ tensors keep theirs.
+            cals = calibrated.calibrators
             planned = {t: cals[t] for t in plan.calibrated}
             symmetric = act_ranges if target == "trt" else calibrate.ranges(planned, symmetric=True)
             others = calibrate.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
@@ -322,16 +294,6 @@ def quantize(
         if sample is not None:
             result.latency = compare.latencies({"fp32": float_sess, "int8": quant_sess}, sample, inputs)
     return result
-
-
-def _all_activations(graph: Graph) -> list[str]:
-    seen: list[str] = []
-    for name in graph.inputs:
-        if graph.is_float(name):
-            seen.append(name)
-    for node in graph.nodes:
-        seen.extend(o for o in node.output if graph.is_activation(o))
-    return seen
 
 
 def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges) -> dict:

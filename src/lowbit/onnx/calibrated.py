@@ -1,0 +1,190 @@
+"""Calibrate a float model once, then build quantized models from it with any set of nodes kept in float.
+
+:func:`calibrate_model` runs the float model over the calibration batches once, feeding every calibrator,
+GPTQ's second moments and bias correction's channel means in the same pass. :meth:`Calibrated.build` then
+places Q/DQ for the target with some nodes left in float and writes the model: no data is read again. The
+sensitivity analysis (one model per layer) and automatic mixed precision (one model per trial) rest on this;
+``lowbit quantize`` builds once.
+
+Every build uses the same weight codes and scales (GPTQ ran once, for the full plan): a layer quantized in
+two builds is quantized the same way in both.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx
+
+from lowbit import calib as calib_registry
+from lowbit.calib.base import Calibrator
+from lowbit.onnx import bias_correction as bc
+from lowbit.onnx import calibrate, gptq, placement, rewrite
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.rules import rule_for
+
+
+@dataclass
+class Built:
+    """One quantized model: the model, its plan, and the bias corrections it got."""
+
+    model: onnx.ModelProto
+    plan: placement.Plan
+    bias_corrections: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Calibrated:
+    """What one calibration pass over a float model learned (see the module doc)."""
+
+    float_model: onnx.ModelProto
+    target: str
+    method: str
+    calibrators: dict[str, Calibrator]
+    exclude: Sequence[str] = ()
+    exclude_ops: Sequence[str] = ()
+    per_channel: bool = True
+    means: dict[str, np.ndarray] = field(default_factory=dict)
+    codes: dict[str, np.ndarray] = field(default_factory=dict)
+    floors: dict[str, np.ndarray] = field(default_factory=dict)
+    seconds: float = 0.0
+    batches: int = 0
+
+    def __post_init__(self):
+        self.graph = Graph(self.float_model)
+        self._ranges: dict[str, tuple[float, float]] = {}
+
+    def plan(self, keep_float: Collection[str] = (), model: onnx.ModelProto | None = None) -> placement.Plan:
+        """The target's plan with the user's exclusions and the nodes named in ``keep_float`` left in float."""
+        graph = self.graph if model is None else Graph(model)
+        return placement.plan(
+            graph,
+            self.target,
+            exclude=self.exclude,
+            exclude_ops=self.exclude_ops,
+            exclude_nodes=keep_float,
+            per_channel=self.per_channel,
+        )
+
+    def ranges(self, tensors: Iterable[str]) -> dict[str, tuple[float, float]]:
+        """The calibrated range of each tensor (symmetric for TensorRT), computed once and kept."""
+        todo = {t: self.calibrators[t] for t in tensors if t not in self._ranges and t in self.calibrators}
+        if todo:
+            self._ranges.update(calibrate.ranges(todo, symmetric=self.target == "trt"))
+        return {t: self._ranges[t] for t in tensors if t in self._ranges}
+
+    def build(self, keep_float: Collection[str] = ()) -> Built:
+        """The quantized model with the nodes named in ``keep_float`` (and the user's exclusions) in float."""
+        plan = self.plan(keep_float)
+        ranges = self.ranges(plan.calibrated)
+        to_quantize, corrections = self.float_model, {}
+        if self.means:
+            to_quantize, corrections = bc.correct(
+                self.float_model,
+                plan,
+                self.means,
+                rewrite.dequantized_weights(self.float_model, plan, self.codes, self.floors),
+            )
+            # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
+            plan = self.plan(keep_float, to_quantize)
+        model = rewrite.quantize_model(to_quantize, plan, ranges, self.codes, self.floors)
+        return Built(model, plan, corrections)
+
+
+def target_options(method: str, target: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Calibrator options that fit the target's activation grid unless the user chose otherwise
+    (:func:`lowbit.calib.grid_options` on the target's activation spec)."""
+    return calib_registry.grid_options(method, rewrite.activation_spec(target), dict(options or {}))
+
+
+def units(graph: Graph, plan: placement.Plan) -> list[str]:
+    """The quantized nodes that can be kept in float one at a time: compute and elementwise ops (Conv, Gemm,
+    MatMul, Add, ...). Relu, MaxPool, Reshape and the like follow the node that feeds them and are left out."""
+    quantized = set(plan.quantized_nodes)
+    out = []
+    for node in graph.nodes:
+        name = graph.node_name(node)
+        rule = rule_for(node)
+        if name in quantized and rule is not None and rule.kind in ("compute", "elementwise"):
+            out.append(name)
+    return out
+
+
+def activations(graph: Graph) -> list[str]:
+    """Every float tensor computed at run time or fed as a graph input, in graph order."""
+    seen: list[str] = [name for name in graph.inputs if graph.is_float(name)]
+    for node in graph.nodes:
+        seen.extend(o for o in node.output if graph.is_activation(o))
+    return list(dict.fromkeys(seen))
+
+
+def calibrate_model(
+    float_model: onnx.ModelProto,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    *,
+    target: str = "ort",
+    method: str = "mse",
+    method_options: Mapping[str, Any] | None = None,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    per_channel: bool = True,
+    bias_correction: bool = True,
+    rounding: str = "gptq",
+    samples: int | None = None,
+    every_tensor: bool = False,
+    total: int | None = None,
+    progress: bool = True,
+    observers: Mapping[str, Sequence[Any]] | None = None,
+) -> Calibrated:
+    """Calibrate ``float_model`` (preprocessed) on ``batches`` for ``target``: the ranges of the tensors the full
+    plan quantizes (``every_tensor``: of every float activation, so that any later plan, and a TensorRT cache, find
+    theirs), the weights' GPTQ codes (``rounding="gptq"``; ``samples`` is the number of calibration samples when
+    known) and the input means bias correction needs. ``observers`` (tensor -> objects with ``update(array)``)
+    see their tensor's batches in the same pass."""
+    graph = Graph(float_model)
+    full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
+    tensors = list(full.calibrated)
+    if every_tensor:
+        tensors += [t for t in activations(graph) if t not in full.activations]
+    means: dict[str, bc.ChannelMean] = {}
+    if bias_correction:
+        for layer in bc.layers(graph, full):
+            means.setdefault(layer.x, bc.ChannelMean(layer.axis))
+    moments = [gptq.SecondMoment(x) for x in gptq.layers(graph, full, samples)] if rounding == "gptq" else []
+    feeding: dict[str, list] = {x: [m] for x, m in means.items()}
+    for m in moments:
+        feeding.setdefault(m.layer.x, []).append(m)
+    for name, extra in (observers or {}).items():
+        feeding.setdefault(name, []).extend(extra)
+    t0 = time.perf_counter()
+    cals = calibrate.collect(
+        float_model,
+        tensors,
+        batches,
+        method=method,
+        options=target_options(method, target, method_options),
+        total=total,
+        progress=progress,
+        observers=feeding,
+    )
+    seconds = time.perf_counter() - t0
+    result = Calibrated(
+        float_model,
+        target,
+        method,
+        cals,
+        exclude=exclude,
+        exclude_ops=exclude_ops,
+        per_channel=per_channel,
+        means={x: m.mean for x, m in means.items()},
+        seconds=seconds,
+        batches=next(iter(cals.values())).num_batches if cals else 0,
+    )
+    act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
+    result.floors = rewrite.weight_scale_floors(graph, full, act)
+    result.codes = gptq.codes(graph, moments, result.floors)
+    return result
