@@ -127,7 +127,6 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from lowbit.images import ImageOptions
         from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
     except ImportError as exc:
         raise UsageError(f"lowbit quantize needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
@@ -136,11 +135,14 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     method = args.method or DEFAULT_METHOD[args.target]
     spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
     options = _method_options([method], args.option, spec)[method] if args.option else None
-    size = None if args.image_size is None else args.image_size
-    image_options = ImageOptions(
-        size=size, resize=args.resize, mean=args.mean, std=args.std, scale=args.scale, bgr=args.bgr,
-        layout=args.layout,
-    )  # fmt: skip
+    image_options = _image_options(args)
+    metric = None
+    if args.max_drop is not None:
+        if args.dynamic:
+            raise UsageError("--max-drop searches static quantization; drop --dynamic")
+        metric = _metric(args, args.model, args.calib)
+    elif args.metric is not None or args.labels is not None:
+        raise UsageError("--metric and --labels set the budget's metric: add --max-drop X")
     result = quantize(
         args.model,
         args.output,
@@ -159,8 +161,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         trt_cache=args.trt_cache,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
-        eval_data=args.eval,
+        eval_data=_eval_data(args),
         image_options=image_options,
+        metric=metric,
+        max_drop=args.max_drop,
         compare_models=not args.no_compare,
         progress=not args.quiet,
     )
@@ -175,6 +179,8 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print(f"GPTQ rounding on {result.gptq_layers} layers")
     if result.bias_corrections:
         print(f"bias correction on {len(result.bias_corrections)} layers")
+    if result.mixed is not None:
+        print(result.mixed.table())
     if result.excluded_nodes:
         print(f"kept in float: {', '.join(result.excluded_nodes)}")
     if result.sizes:
@@ -183,6 +189,130 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote ranges to {result.ranges_path}")
     if result.trt_cache is not None:
         print(f"wrote TensorRT calibration cache to {result.trt_cache}")
+    return 0
+
+
+def _image_options(args: argparse.Namespace):
+    from lowbit.images import ImageOptions
+
+    return ImageOptions(
+        size=args.image_size, resize=args.resize, mean=args.mean, std=args.std, scale=args.scale, bgr=args.bgr,
+        layout=args.layout,
+    )  # fmt: skip
+
+
+def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
+    """The metric ``--metric``/``--eval``/``--labels`` ask for, over the evaluation data (or held-out calibration
+    samples); None when no budget was asked for."""
+    from lowbit.data import InputSpec, open_feeds
+    from lowbit.onnx import metrics
+    from lowbit.onnx.model import input_specs, load_model
+
+    if args.eval is not None and metrics.is_metric_function(args.eval):
+        if args.metric is not None or args.labels is not None:
+            raise UsageError("--eval names a metric function: drop --metric and --labels")
+        return metrics.function_metric(args.eval)
+    kind = args.metric or ("accuracy" if args.labels is not None else "cosine")
+    labels = metrics.load_labels(args.labels) if args.labels is not None else None
+    data = args.eval if args.eval is not None else fallback_calib
+    if data is None:
+        raise UsageError("--max-drop needs evaluation data: --eval DATA (or a metric function module:function)")
+    if args.eval is None and labels is not None:
+        raise UsageError("--labels go with --eval: the labels of the evaluation samples, in order")
+    inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
+    source = open_feeds(data, inputs, image_options=_image_options(args))
+    if args.eval is None:  # held out of the calibration data, as the comparison does
+        from lowbit.onnx.quantize import HOLDOUT
+
+        n = source.num_samples
+        feeds = source.batches(args.batch_size, n - min(HOLDOUT, n // 5), n) if n else source.batches(8, 0, HOLDOUT)
+    else:
+        feeds = source.batches(args.batch_size)
+    return metrics.OutputMetric(kind, feeds, labels)
+
+
+def _eval_data(args: argparse.Namespace) -> Any:
+    """``--eval`` when it is data; None when it names a metric function (which brings its own data)."""
+    from lowbit.onnx.metrics import is_metric_function
+
+    return None if args.eval is None or is_metric_function(args.eval) else args.eval
+
+
+def _cmd_analyze(args: argparse.Namespace) -> int:
+    try:
+        from lowbit.onnx.analyze import analyze
+    except ImportError as exc:
+        raise UsageError(f"lowbit analyze needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
+    _check_outputs([args.model], [args.report, args.json])
+    metric = _metric(args, args.model, args.calib) if args.max_drop is not None else None
+    analysis = analyze(
+        args.model,
+        args.calib,
+        eval_data=_eval_data(args),
+        metric=metric,
+        max_drop=args.max_drop,
+        method=args.method or "mse",
+        target=args.target,
+        per_channel=args.per_channel,
+        exclude=args.exclude,
+        exclude_ops=args.exclude_op,
+        batch_size=args.batch_size,
+        max_samples=args.max_samples,
+        samples=args.samples,
+        report=args.report,
+        json_path=args.json,
+        extract=args.extract,
+        extract_dir=args.extract_dir,
+        profile=not args.no_profile,
+        image_options=_image_options(args),
+        progress=not args.quiet,
+    )
+    print(analysis.table(top=args.top))
+    if analysis.mixed is not None:
+        print()
+        print(analysis.mixed.table())
+    if analysis.profile is not None:
+        print()
+        print(analysis.profile.summary())
+    for path in analysis.extracted:
+        print(f"wrote {path}")
+    if args.json:
+        print(f"wrote {args.json}")
+    if args.report:
+        print(f"wrote {args.report}")
+    return 0
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    try:
+        import numpy as np
+
+        from lowbit.data import InputSpec, open_feeds
+        from lowbit.onnx.inspect import profile
+        from lowbit.onnx.model import input_specs, load_model
+    except ImportError as exc:
+        raise UsageError(f"lowbit inspect needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
+    model = load_model(args.model)
+    inputs = tuple(InputSpec(*spec) for spec in input_specs(model))
+    if args.data is not None:
+        feed = next(iter(open_feeds(args.data, inputs, image_options=_image_options(args)).batches(args.batch_size)))
+    else:
+        feed = {}
+        rng = np.random.default_rng(0)
+        for spec in inputs:
+            shape = [args.batch_size if i == 0 and d is None else d for i, d in enumerate(spec.shape)]
+            if any(d is None for d in shape):
+                raise UsageError(
+                    f"input {spec.describe()} has free dimensions besides the batch: give --data to run the model on"
+                )
+            kind = np.dtype(spec.dtype).kind
+            feed[spec.name] = (rng.standard_normal(shape) if kind == "f" else np.zeros(shape)).astype(spec.dtype)
+    prof = profile(args.model, feed, runs=args.runs)
+    print(prof.table())
+    print(prof.summary())
+    if args.json:
+        atomic_write_text(args.json, json.dumps(prof.to_dict(), indent=1) + "\n")
+        print(f"wrote {args.json}")
     return 0
 
 
@@ -220,6 +350,34 @@ def _add_example(commands) -> None:
     ex.add_argument("name", choices=["mnist", "efficientnet"], help="which example")
     ex.add_argument("folder", nargs="?", type=Path, help="where to write it (default ./NAME)")
     ex.set_defaults(func=_cmd_example)
+
+
+def _add_image_args(parser: argparse.ArgumentParser) -> None:
+    images = parser.add_argument_group("image folders")
+    images.add_argument("--image-size", type=int, help="crop size (default: the model's input size)")
+    images.add_argument("--resize", type=int, help="shorter side before the centre crop (default: the crop size)")
+    images.add_argument(
+        "--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406"
+    )
+    images.add_argument("--std", type=_floats, default=(1.0,), help="per-channel std, e.g. 0.229,0.224,0.225")
+    images.add_argument("--scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)")
+    images.add_argument("--bgr", action="store_true", help="channels in BGR order")
+    images.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default: from the model)")
+
+
+def _add_budget_args(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_argument_group("automatic mixed precision")
+    budget.add_argument(
+        "--max-drop", type=float, metavar="X",
+        help="keep the most sensitive layers in float, fewest first, until the metric drops by at most X from FP32",
+    )  # fmt: skip
+    budget.add_argument(
+        "--metric", choices=["cosine", "agreement", "accuracy"],
+        help="cosine (drop = 1 - mean cosine to FP32; the default without labels), agreement (top-1 agreement "
+        "with FP32, %%), accuracy (top-1 %% against --labels; the default with labels); or give --eval "
+        "module:function, a function(session) -> score",
+    )  # fmt: skip
+    budget.add_argument("--labels", type=Path, help=".npy of integer classes, one per --eval sample")
 
 
 def _add_quantize(commands) -> None:
@@ -281,18 +439,73 @@ def _add_quantize(commands) -> None:
         "--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)"
     )
     q.add_argument("--no-compare", action="store_true", help="skip the latency and agreement measurements")
-    images = q.add_argument_group("image folders")
-    images.add_argument("--image-size", type=int, help="crop size (default: the model's input size)")
-    images.add_argument("--resize", type=int, help="shorter side before the centre crop (default: the crop size)")
-    images.add_argument(
-        "--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406"
-    )
-    images.add_argument("--std", type=_floats, default=(1.0,), help="per-channel std, e.g. 0.229,0.224,0.225")
-    images.add_argument("--scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)")
-    images.add_argument("--bgr", action="store_true", help="channels in BGR order")
-    images.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default: from the model)")
+    _add_image_args(q)
+    _add_budget_args(q)
     q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     q.set_defaults(func=_cmd_quantize)
+
+
+def _add_analyze(commands) -> None:
+    a = commands.add_parser(
+        "analyze",
+        help="rank the layers that lose most when quantized; histograms, weight ranges, kernels; HTML report",
+        description=(
+            "Calibrate MODEL.onnx as 'lowbit quantize' would, then measure every quantized layer against FP32: the "
+            "model's output with only that layer quantized (its sensitivity), its own output's error, and the "
+            "error accumulated in the fully quantized model. Also: per tensor, the range each calibrator chooses; "
+            "per weight, per-tensor vs per-channel error; the kernels ONNX Runtime really runs. --max-drop also "
+            "searches automatic mixed precision."
+        ),
+    )
+    a.add_argument("model", type=Path, help="the float ONNX model")
+    a.add_argument("--calib", required=True, help="calibration data (as for lowbit quantize)")
+    a.add_argument(
+        "--eval",
+        help="analysis data (default: the calibration data), or module:function, a metric function(session) -> score",
+    )
+    a.add_argument("--method", "-m", choices=calib.available(), help="calibration method (default mse)")
+    a.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)")
+    group = a.add_mutually_exclusive_group()
+    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                       help="one weight scale per output channel (default)")  # fmt: skip
+    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
+    a.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching nodes in float")
+    a.add_argument("--exclude-op", action="append", default=[], metavar="TYPE", help="keep this op type in float")
+    a.add_argument("--samples", type=int, default=64, help="samples the layers are measured on (default 64)")
+    a.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
+    a.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (512)")
+    a.add_argument("--report", type=Path, help="write the HTML report here")
+    a.add_argument("--json", type=Path, help="write every number as JSON here")
+    a.add_argument(
+        "--extract", action="append", default=[], metavar="NODE",
+        help="write NODE's float and INT8 cut as ONNX models with its recorded inputs (.npz)",
+    )  # fmt: skip
+    a.add_argument("--extract-dir", type=Path, help="where --extract writes (default: beside the model)")
+    a.add_argument("--no-profile", action="store_true", help="skip profiling the quantized model in ONNX Runtime")
+    a.add_argument("--top", type=int, default=15, help="layers printed (default 15; the report has all)")
+    _add_image_args(a)
+    _add_budget_args(a)
+    a.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    a.set_defaults(func=_cmd_analyze)
+
+
+def _add_inspect(commands) -> None:
+    i = commands.add_parser(
+        "inspect",
+        help="profile an ONNX model in ONNX Runtime: which kernel ran for each node, integer or float, and its time",
+        description=(
+            "Run MODEL.onnx under ONNX Runtime's profiler (CPU, graph optimizations on, as deployed) and print, per "
+            "node, the kernel that ran, whether it ran on integers or float (or converted between them), and its "
+            "time. Matrix ops that ran in float are flagged."
+        ),
+    )
+    i.add_argument("model", type=Path, help="the ONNX model (usually a quantized one)")
+    i.add_argument("--data", help="inputs to run on (as --calib of quantize; default: random, batch --batch-size)")
+    i.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
+    i.add_argument("--runs", type=int, default=20, help="profiled runs after warm-up (default 20)")
+    i.add_argument("--json", type=Path, help="write the kernels as JSON here")
+    _add_image_args(i)
+    i.set_defaults(func=_cmd_inspect)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     cal.set_defaults(func=_cmd_calibrate)
     _add_quantize(commands)
+    _add_analyze(commands)
+    _add_inspect(commands)
     _add_example(commands)
     return parser
 

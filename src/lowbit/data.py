@@ -268,10 +268,11 @@ def _first_axis(path: Path, names: list[str]) -> int | None:
         return None
 
 
-def _callable_chunks(spec: str) -> Callable[[], Iterator[Feed]]:
+def load_function(spec: str) -> Callable[..., Any]:
+    """The function ``module:function`` names, imported from the current folder or the path."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise DataError(f"{spec!r}: a Python data source is written module:function")
+        raise DataError(f"{spec!r}: a Python function is written module:function")
     if "" not in sys.path and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
@@ -281,6 +282,11 @@ def _callable_chunks(spec: str) -> Callable[[], Iterator[Feed]]:
     function = getattr(module, function_name, None)
     if not callable(function):
         raise DataError(f"{spec!r}: module {module_name!r} has no function {function_name!r}")
+    return function
+
+
+def _callable_chunks(spec: str) -> Callable[[], Iterator[Feed]]:
+    function = load_function(spec)
 
     def chunks() -> Iterator[Feed]:
         result = function()

@@ -149,7 +149,7 @@ def calibrate_model(
     full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
     tensors = list(full.calibrated)
     if every_tensor:
-        tensors += [t for t in activations(graph) if t not in full.activations]
+        tensors += [t for t in activations(graph) if t not in set(full.calibrated)]
     means: dict[str, bc.ChannelMean] = {}
     if bias_correction:
         for layer in bc.layers(graph, full):

@@ -23,7 +23,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
 from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
-from lowbit.onnx.calibrated import calibrate_model, target_options  # noqa: F401 (public here too)
+from lowbit.onnx.calibrated import calibrate_model, target_options, units  # noqa: F401 (public here too)
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, input_specs, load_model, preprocess, save_model, session
@@ -61,6 +61,7 @@ class QuantizeResult:
     bias_corrections: dict[str, float] = field(default_factory=dict)
     gptq_layers: int = 0
     fp16_nodes: list[str] = field(default_factory=list)
+    mixed: Any = None  # a lowbit.onnx.mixed.MixedResult when a budget was searched
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -89,8 +90,10 @@ class QuantizeResult:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k != "agreement"}
+        skip = ("agreement", "mixed")
+        out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k not in skip}
         out["agreement"] = None if self.agreement is None else self.agreement.to_dict()
+        out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
         return out
 
 
@@ -152,6 +155,8 @@ def quantize(
     image_options: Any = None,
     compare_models: bool = True,
     progress: bool = True,
+    metric: Any = None,
+    max_drop: float | None = None,
 ) -> QuantizeResult:
     """Quantize the ONNX model at ``model`` and write it to ``output``; return what was done and measured.
 
@@ -168,6 +173,10 @@ def quantize(
     The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
     With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
     out of ``calib``) are measured.
+    ``metric`` (a :class:`lowbit.onnx.metrics.Metric`) and ``max_drop``: automatic mixed precision. The layers are
+    ranked by their own sensitivity (:func:`lowbit.onnx.analyze.layer_sensitivity`, on up to 64 samples of
+    ``eval_data`` or held out of ``calib``) and the most sensitive are kept in float, fewest first, until the
+    metric drops by at most ``max_drop`` (:func:`lowbit.onnx.mixed.search`); ``result.mixed`` tells the steps.
     """
     model_path, output = Path(model), Path(output)
     trt_cache = Path(trt_cache) if trt_cache is not None else None
@@ -177,6 +186,12 @@ def quantize(
         raise QuantizeError(f"unknown target {target!r}; targets are {', '.join(placement.TARGETS)}")
     if dynamic and trt_cache is not None:
         raise QuantizeError("--trt-cache needs static calibration; it cannot be combined with --dynamic")
+    if (metric is None) != (max_drop is None):
+        raise QuantizeError("automatic mixed precision needs both a metric and max_drop")
+    if metric is not None and dynamic:
+        raise QuantizeError(
+            "automatic mixed precision searches static quantization; it cannot be combined with dynamic"
+        )
     if not dynamic and calib is None:
         raise QuantizeError("static quantization needs calibration data (--calib); or use --dynamic")
     if rounding not in ROUNDINGS:
@@ -233,14 +248,29 @@ def quantize(
             bias_correction=bias_correction,
             rounding=rounding,
             samples=None if cal_range[1] is None else cal_range[1] - cal_range[0],
-            every_tensor=trt_cache is not None,
+            every_tensor=trt_cache is not None or metric is not None,
             total=len(batches) or None,
             progress=progress,
         )
         result.calibration_seconds = calibrated.seconds
         result.calibration_samples = cal_range[1] if source.num_samples is not None else calibrated.batches * batch
         result.gptq_layers = len(calibrated.codes)
-        built = calibrated.build()
+        keep_float: list[str] = []
+        if metric is not None:
+            from lowbit.onnx import mixed
+            from lowbit.onnx.analyze import layer_sensitivity
+
+            sample_feeds = (
+                eval_source.batches(batch, 0, HOLDOUT) if eval_source is not None else source.batches(batch, *held)
+            )
+            if held[1] is not None and held[1] <= held[0] and eval_source is None:
+                sample_feeds = source.batches(batch, 0, HOLDOUT)
+            layers = units(graph, plan)
+            errors = layer_sensitivity(calibrated, layers, sample_feeds, progress=progress)
+            ranked = sorted(layers, key=lambda name: (errors[name][1].sqnr_db, errors[name][1].cosine))
+            result.mixed = mixed.search(calibrated, ranked, metric, max_drop, progress=progress)
+            keep_float = result.mixed.kept
+        built = calibrated.build(keep_float=keep_float)
         quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
         result.quantized_nodes, result.excluded_nodes = plan.quantized_nodes, plan.excluded_nodes
         act_ranges = calibrated.ranges(plan.calibrated)

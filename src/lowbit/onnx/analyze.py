@@ -1,0 +1,474 @@
+"""Layer-wise sensitivity analysis of a quantized ONNX model: which layers lose the most, and why.
+
+from lowbit.onnx.analyze import analyze
+a = analyze("model.onnx", calib="calib.npz", report="report.html")
+print(a.table())
+
+Per quantized layer (Conv, Gemm, MatMul, Add, ...), against FP32 on the analysis samples:
+- ``accumulated``: the error of the layer's output in the fully quantized model (every layer before it adds);
+- ``own``: the error of the layer's output with only that layer quantized (its own loss);
+- ``own_model``: the error of the model's output with only that layer quantized: its sensitivity, by which
+  layers are ranked (lowest SQNR first).
+Per calibrated tensor: a histogram and the range each calibrator chooses on it, with the SQNR each range gives.
+Per weight: per-tensor vs per-channel SQNR and, where per-tensor is poor, every channel's range.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from tqdm.auto import tqdm
+
+import lowbit
+from lowbit import calib as calib_registry
+from lowbit._io import atomic_write_text
+from lowbit._table import format_table
+from lowbit.calib.histogram_methods import HistogramCalibrator
+from lowbit.core import QuantSpec, fake_quant, qparams, qparams_from_tensor
+from lowbit.data import DataError, Feed, InputSpec, open_feeds
+from lowbit.errors import LowbitError
+from lowbit.onnx import calibrate, placement, rewrite
+from lowbit.onnx.calibrated import Calibrated, calibrate_model, target_options, units
+from lowbit.onnx.errors import Error, compare_tensors
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.model import input_specs, load_model, preprocess
+from lowbit.onnx.rules import rule_for
+
+METHODS = ("minmax", "percentile", "entropy", "mse")  # the thresholds shown on each histogram
+CHUNK = 12  # single-layer models held in memory at once
+SAMPLES = 64
+
+
+class AnalyzeError(LowbitError, ValueError):
+    """Options or a model that cannot be analysed as asked."""
+
+
+@dataclass
+class LayerReport:
+    name: str
+    op_type: str
+    output: str
+    accumulated: Error
+    own: Error
+    own_model: Error
+    inputs: list[str] = field(default_factory=list)
+    index: int = 0  # position in graph order among the quantized layers
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class TensorReport:
+    """A tensor's histogram (``counts`` over ``edges``) and, per method, the range it chooses and its SQNR."""
+
+    tensor: str
+    lo: float
+    hi: float
+    counts: list[int]
+    edges: list[float]
+    ranges: dict[str, dict[str, float]]
+    chosen: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class WeightReport:
+    """A weight's SQNR at int8 per tensor and per output channel; every channel's range where per tensor is
+    poor (``poor``: more than :data:`POOR_GAP_DB` below per channel)."""
+
+    layer: str
+    weight: str
+    depthwise: bool
+    per_tensor_sqnr_db: float
+    per_channel_sqnr_db: float
+    poor: bool
+    channel_min: list[float] = field(default_factory=list)
+    channel_max: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+POOR_GAP_DB = 6.0
+
+
+@dataclass
+class Analysis:
+    """Everything :func:`analyze` measured; ``layers`` ranked most sensitive first."""
+
+    model: str
+    target: str
+    method: str
+    samples: int
+    calibration_seconds: float
+    seconds: float
+    output: str
+    output_error: Error
+    top1_agreement: float | None
+    layers: list[LayerReport]
+    tensors: dict[str, TensorReport]
+    weights: list[WeightReport]
+    mixed: Any = None  # a lowbit.onnx.mixed.MixedResult when a budget was searched
+    profile: Any = None  # a lowbit.onnx.inspect.Profile when the model was profiled
+    extracted: list[str] = field(default_factory=list)
+
+    def table(self, top: int = 15) -> str:
+        rows = [
+            [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.1f}", f"{r.own_model.cosine:.5f}",
+             f"{r.own.sqnr_db:.1f}", f"{r.accumulated.sqnr_db:.1f}"]
+            for i, r in enumerate(self.layers[:top])
+        ]  # fmt: skip
+        head = (
+            f"{len(self.layers)} quantized layers of {self.model} ({self.target}, {self.method}), "
+            f"{self.samples} samples; whole model: output SQNR {self.output_error.sqnr_db:.1f} dB, "
+            f"cosine {self.output_error.cosine:.5f}"
+        )
+        if self.top1_agreement is not None:
+            head += f", top-1 agreement {self.top1_agreement:.2f}%"
+        text = format_table(
+            ["rank", "layer", "op", "model SQNR dB", "model cosine", "own SQNR dB", "accumulated SQNR dB"],
+            rows,
+            "rllrrrr",
+        )
+        more = f"\n... and {len(self.layers) - top} more (see the JSON or the report)" if len(self.layers) > top else ""
+        return (
+            f"{head}\nmost sensitive first; model SQNR/cosine: the model's output with only that layer quantized\n"
+            f"{text}{more}"
+        )
+
+    def to_dict(self) -> dict:
+        out = {
+            "lowbit": lowbit.__version__,
+            "model": self.model,
+            "target": self.target,
+            "method": self.method,
+            "samples": self.samples,
+            "calibration_seconds": self.calibration_seconds,
+            "seconds": self.seconds,
+            "output": self.output,
+            "output_error": self.output_error.to_dict(),
+            "top1_agreement": self.top1_agreement,
+            "layers": [r.to_dict() for r in self.layers],
+            "tensors": {t: r.to_dict() for t, r in self.tensors.items()},
+            "weights": [w.to_dict() for w in self.weights],
+            "extracted": self.extracted,
+        }
+        out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
+        out["profile"] = None if self.profile is None else self.profile.to_dict()
+        return out
+
+
+def unit_output(graph: Graph, name: str) -> str:
+    """The tensor a layer's error is read at: its output, or the output of the Relu/Clip right after it (the
+    quantizer there does the activation's job, so the layer's own output is never quantized)."""
+    node = next(n for n in graph.nodes if graph.node_name(n) == name)
+    tensor = node.output[0]
+    while True:
+        readers = graph.consumers.get(tensor, [])
+        rule = rule_for(readers[0]) if len(readers) == 1 else None
+        if rule is None or rule.kind != "activation" or tensor in graph.outputs:
+            return tensor
+        tensor = readers[0].output[0]
+
+
+def first_float_output(graph: Graph) -> str:
+    for name in graph.outputs:
+        if graph.is_float(name):
+            return name
+    raise AnalyzeError("the model has no float output to compare")
+
+
+def layer_sensitivity(
+    calibrated: Calibrated,
+    layers: Sequence[str],
+    feeds: Iterable[Feed],
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> dict[str, tuple[Error, Error]]:
+    """For each layer of ``layers``: (its output's error, the model output's error) with only that layer
+    quantized, built from ``calibrated``. Models are built and run :data:`CHUNK` at a time."""
+    graph = calibrated.graph
+    out_name = first_float_output(graph)
+    everything = units(graph, calibrated.plan())
+    result: dict[str, tuple[Error, Error]] = {}
+    bar = tqdm(total=len(layers), desc="layer sensitivity", unit="layer", disable=not progress)
+    for start in range(0, len(layers), CHUNK):
+        chunk = layers[start : start + CHUNK]
+        candidates = {}
+        for name in chunk:
+            others = [u for u in everything if u != name]
+            model = calibrated.build(keep_float=others).model
+            candidates[name] = (model, [out_name, unit_output(graph, name)])
+        errors = compare_tensors(calibrated.float_model, candidates, feeds, total=total, progress=False)
+        for name in chunk:
+            own = errors[name][unit_output(graph, name)]
+            result[name] = (own, errors[name][out_name])
+            bar.update(1)
+    bar.close()
+    return result
+
+
+def _coarse(h, lo: float, hi: float, bins: int = 128) -> tuple[list[int], list[float]]:
+    counts, edges = h.signed()
+    keep = np.flatnonzero(counts)
+    if keep.size == 0:
+        return [int(h.total)], [lo, hi if hi > lo else lo + 1.0]
+    counts, edges = counts[keep[0] : keep[-1] + 1], edges[keep[0] : keep[-1] + 2]
+    group = max(1, math.ceil(len(counts) / bins))
+    pad = (-len(counts)) % group
+    counts = np.concatenate([counts, np.zeros(pad, counts.dtype)]).reshape(-1, group).sum(axis=1)
+    edges = edges[0] + np.arange(len(counts) + 1) * (edges[1] - edges[0]) * group
+    return counts.astype(int).tolist(), edges.astype(float).tolist()
+
+
+def expected_sqnr_db(h, lo: float, hi: float, spec: QuantSpec) -> float:
+    """The SQNR of quantizing the values of histogram ``h`` to range (lo, hi) on grid ``spec``, from the bins."""
+    counts, edges = h.signed(group=8)
+    keep = counts > 0
+    x = ((edges[:-1] + edges[1:]) / 2)[keep]
+    c = counts[keep].astype(np.float64)
+    scale, zp = qparams(lo, hi, spec)
+    err = float((c * (x - fake_quant(x, scale, zp, spec).astype(np.float64)) ** 2).sum())
+    signal = float((c * x * x).sum())
+    if err <= 0:
+        return 300.0
+    return 10 * math.log10(max(signal, 1e-300) / err)
+
+
+def tensor_report(tensor: str, histogram_cal: HistogramCalibrator, target: str, chosen: str) -> TensorReport:
+    """The range each of :data:`METHODS` chooses on the data ``histogram_cal`` saw, for ``target``'s grid."""
+    h = histogram_cal.histogram
+    spec = rewrite.activation_spec(target)
+    found: dict[str, dict[str, float]] = {}
+    for method in METHODS:
+        c = calib_registry.create(method, **target_options(method, target, None))
+        if isinstance(c, HistogramCalibrator):
+            c.histogram, c.num_batches = h, histogram_cal.num_batches
+        else:
+            c.update(np.array([h.lo, h.hi], np.float32))
+        lo, hi = calibrate.ranges({tensor: c}, symmetric=target == "trt")[tensor]
+        found[method] = {"lo": lo, "hi": hi, "sqnr_db": expected_sqnr_db(h, lo, hi, spec)}
+    counts, edges = _coarse(h, float(h.lo), float(h.hi))
+    return TensorReport(tensor, float(h.lo), float(h.hi), counts, edges, found, chosen)
+
+
+def _sqnr(w: np.ndarray, spec: QuantSpec) -> float:
+    scale, zp = qparams_from_tensor(w, spec)
+    d = w.astype(np.float64) - fake_quant(w, scale, zp, spec)
+    noise, signal = float((d * d).sum()), float((w.astype(np.float64) ** 2).sum())
+    return 300.0 if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
+    """Per-tensor vs per-channel int8 SQNR of every per-channel weight of ``plan``, worst per tensor first."""
+    readers = {}
+    for node in graph.nodes:
+        for name in node.input:
+            if name in plan.weights and name not in readers:
+                readers[name] = node
+    out = []
+    for name, axis in plan.weights.items():
+        w = graph.value(name).astype(np.float32)
+        if axis is None or w.ndim < 2 or name not in readers:
+            continue
+        node = readers[name]
+        groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+        per_tensor, per_channel = _sqnr(w, QuantSpec()), _sqnr(w, QuantSpec(axis=axis))
+        report = WeightReport(
+            graph.node_name(node),
+            name,
+            node.op_type == "Conv" and groups > 1 and groups == w.shape[0],
+            per_tensor,
+            per_channel,
+            per_channel - per_tensor > POOR_GAP_DB,
+        )
+        if report.poor:
+            moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+            report.channel_min = moved.min(axis=1).astype(float).tolist()
+            report.channel_max = moved.max(axis=1).astype(float).tolist()
+        out.append(report)
+    return sorted(out, key=lambda r: r.per_tensor_sqnr_db)
+
+
+def _analysis_feeds(source, eval_source, batch: int, samples: int):
+    if eval_source is not None:
+        return eval_source.batches(batch, 0, samples)
+    return source.batches(batch, 0, samples)
+
+
+def analyze(
+    model: str | os.PathLike,
+    calib: Any,
+    *,
+    eval_data: Any = None,
+    metric: Any = None,
+    max_drop: float | None = None,
+    method: str = "mse",
+    method_options: dict | None = None,
+    target: str = "ort",
+    per_channel: bool = True,
+    exclude: Sequence[str] = (),
+    exclude_ops: Sequence[str] = (),
+    bias_correction: bool = True,
+    rounding: str = "gptq",
+    batch_size: int = 8,
+    max_samples: int = 512,
+    samples: int = SAMPLES,
+    report: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    extract: Sequence[str] = (),
+    extract_dir: str | os.PathLike | None = None,
+    profile: bool = True,
+    image_options: Any = None,
+    progress: bool = True,
+) -> Analysis:
+    """Calibrate ``model`` on ``calib`` as :func:`lowbit.onnx.quantize.quantize` would, then measure every
+    quantized layer against FP32 on ``samples`` samples (of ``eval_data`` if given, else of ``calib``).
+
+    ``metric`` (a :class:`lowbit.onnx.metrics.Metric`) with ``max_drop`` also runs automatic mixed precision
+    (:func:`lowbit.onnx.mixed.search`) and records its curve. ``extract`` names layers whose neighbourhood is
+    written as standalone ONNX models with recorded inputs (:func:`lowbit.onnx.extract.extract`), into
+    ``extract_dir``. ``profile`` runs the quantized model under ONNX Runtime's profiler
+    (:func:`lowbit.onnx.inspect.profile`). ``report`` writes the HTML report, ``json_path`` the numbers."""
+    from lowbit.onnx import extract as extract_mod
+    from lowbit.onnx import inspect as inspect_mod
+    from lowbit.onnx import mixed
+
+    t_start = time.perf_counter()
+    model_path = Path(model)
+    for out in (report, json_path):
+        if out is not None and Path(out).resolve() == model_path.resolve():
+            raise AnalyzeError(f"refusing to overwrite the input model {model_path}: choose another output path")
+    if target not in placement.TARGETS:
+        raise AnalyzeError(f"unknown target {target!r}; targets are {', '.join(placement.TARGETS)}")
+    if method not in calib_registry.available():
+        raise AnalyzeError(f"unknown method {method!r}; methods: {', '.join(calib_registry.available())}")
+    if samples < 1 or batch_size < 1 or max_samples < 1:
+        raise AnalyzeError("samples, batch_size and max_samples must be positive")
+    if calib is None:
+        raise AnalyzeError("the analysis calibrates the model as quantize would: give calibration data (--calib)")
+    float_model = preprocess(load_model(model_path))
+    inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
+    source = open_feeds(calib, inputs, image_options=image_options)
+    eval_source = open_feeds(eval_data, inputs, image_options=image_options) if eval_data is not None else None
+    graph = Graph(float_model)
+    full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
+    if not full.quantized_nodes:
+        raise AnalyzeError("nothing to analyse: no node of a supported type (Conv, Gemm, MatMul, ...) is quantized")
+
+    batch = batch_size
+    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
+    if len(fixed) == 1:
+        batch = fixed.pop()
+    cal_batches = source.batches(batch, 0, max_samples)
+    histogram_based = issubclass(type(calib_registry.create(method)), HistogramCalibrator)
+    observers = {}
+    if not histogram_based:
+        from lowbit.calib.histogram_methods import MSECalibrator
+
+        observers = {t: [MSECalibrator(tensor=t)] for t in full.calibrated}
+    calibrated = calibrate_model(
+        float_model,
+        cal_batches,
+        target=target,
+        method=method,
+        method_options=method_options,
+        exclude=exclude,
+        exclude_ops=exclude_ops,
+        per_channel=per_channel,
+        bias_correction=bias_correction,
+        rounding=rounding,
+        samples=source.num_samples and min(max_samples, source.num_samples),
+        every_tensor=True,
+        total=len(cal_batches) or None,
+        progress=progress,
+        observers=observers,
+    )
+    feeds = _analysis_feeds(source, eval_source, batch, samples)
+    n_batches = len(feeds) or None
+    first_feed = next(iter(feeds), None)
+    if first_feed is None:
+        raise DataError("the analysis data yielded no samples")
+    n_samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+
+    built = calibrated.build()
+    plan = built.plan
+    layer_names = units(graph, plan)
+    out_name = first_float_output(graph)
+    outputs = {name: unit_output(graph, name) for name in layer_names}
+    accumulated = compare_tensors(
+        float_model,
+        {"full": (built.model, [out_name, *dict.fromkeys(outputs.values())])},
+        feeds,
+        total=n_batches,
+        desc="whole model",
+        progress=progress,
+    )["full"]
+    top1 = _top1(float_model, built.model, feeds)
+    own = layer_sensitivity(calibrated, layer_names, feeds, total=n_batches, progress=progress)
+
+    by_name = {graph.node_name(n): n for n in graph.nodes}
+    layers = []
+    for i, name in enumerate(layer_names):
+        node = by_name[name]
+        ins = [t for t in node.input if t in plan.activations]
+        layers.append(LayerReport(name, node.op_type, outputs[name], accumulated[outputs[name]], *own[name], ins, i))
+    layers.sort(key=lambda r: (r.own_model.sqnr_db, r.own_model.cosine))
+
+    tensors = {}
+    for tensor in plan.calibrated:
+        cal = calibrated.calibrators.get(tensor)
+        hist = cal if isinstance(cal, HistogramCalibrator) else (observers.get(tensor) or [None])[0]
+        if hist is not None and hist.num_batches and hist.histogram.total:
+            tensors[tensor] = tensor_report(tensor, hist, target, method)
+    analysis = Analysis(
+        str(model_path),
+        target,
+        method,
+        n_samples,
+        calibrated.seconds,
+        0.0,
+        out_name,
+        accumulated[out_name],
+        top1,
+        layers,
+        tensors,
+        weight_reports(graph, plan),
+    )
+    if metric is not None and max_drop is not None:
+        analysis.mixed = mixed.search(calibrated, [r.name for r in layers], metric, max_drop, progress=progress)
+    if extract:
+        folder = Path(extract_dir) if extract_dir is not None else model_path.parent
+        for name in extract:
+            analysis.extracted += [str(p) for p in extract_mod.extract(calibrated, built, name, feeds, folder)]
+    if profile:
+        analysis.profile = inspect_mod.profile(built.model, first_feed)
+    analysis.seconds = time.perf_counter() - t_start
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
+    if report is not None:
+        from lowbit.report import write_report
+
+        write_report(analysis, report)
+    return analysis
+
+
+def _top1(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable[Feed]) -> float | None:
+    from lowbit.onnx.compare import agreement
+    from lowbit.onnx.model import session
+
+    a = agreement(session(reference), session(candidate), feeds)
+    return None if a is None or a.top1 is None else a.top1 * 100

@@ -1,0 +1,143 @@
+"""Where does INT8 really run? Profile a model in ONNX Runtime and report, per node, the kernel that ran.
+
+ONNX Runtime rewrites a Q/DQ model when it loads it: DequantizeLinear -> Conv -> QuantizeLinear becomes one
+QLinearConv, and so on. What a model costs is what runs after that rewriting, so this reads ONNX Runtime's own
+profile: every kernel, its type, the element types it read and its time. A kernel is
+
+- ``integer`` when it reads 8-bit integers (QLinearConv, QGemm, a MaxPool or Transpose on uint8, ...);
+- ``convert`` for QuantizeLinear/DequantizeLinear that were left standing (each pays a pass over its tensor);
+- ``float`` otherwise. A Conv, Gemm or MatMul on float is flagged: it was meant to run on integers and did not.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lowbit._table import format_table
+from lowbit.onnx.model import is_large, save_model
+
+CONVERT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
+MATRIX = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+INTEGER_TYPES = {"int8", "uint8", "int4", "uint4"}
+_SUFFIX = re.compile(r"(_token_\d+)?_kernel_time$")
+
+
+@dataclass
+class Kernel:
+    """One node as ONNX Runtime ran it: its name, the kernel's op type, its kind, and its mean time (ms)."""
+
+    node: str
+    op: str
+    kind: str
+    ms: float
+    input_types: list[str] = field(default_factory=list)
+
+    @property
+    def float_matrix(self) -> bool:
+        """A matrix op that ran on float: quantization did not reach it."""
+        return self.kind == "float" and self.op in MATRIX
+
+
+@dataclass
+class Profile:
+    kernels: list[Kernel]
+    runs: int
+    batch: int
+
+    def total_ms(self, kind: str | None = None) -> float:
+        return sum(k.ms for k in self.kernels if kind is None or k.kind == kind)
+
+    def summary(self) -> str:
+        total = self.total_ms() or 1.0
+        parts = [
+            f"{kind} {self.total_ms(kind):.3f} ms ({self.total_ms(kind) / total * 100:.0f}%)"
+            for kind in ("integer", "float", "convert")
+        ]
+        text = f"{len(self.kernels)} kernels, {self.total_ms():.3f} ms per run at batch {self.batch}: " + ", ".join(
+            parts
+        )
+        flagged = [k.node for k in self.kernels if k.float_matrix]
+        if flagged:
+            text += f"\nmatrix ops that ran in float: {', '.join(flagged)}"
+        return text
+
+    def table(self) -> str:
+        total = self.total_ms() or 1.0
+        rows = [
+            [k.node, k.op, k.kind + (" (!)" if k.float_matrix else ""), f"{k.ms:.4f}", f"{k.ms / total * 100:.1f}",
+             ",".join(k.input_types)]
+            for k in self.kernels
+        ]  # fmt: skip
+        return format_table(["node", "kernel", "kind", "ms", "%", "input types"], rows, "lllrrl")
+
+    def to_dict(self) -> dict:
+        return {"runs": self.runs, "batch": self.batch, "kernels": [asdict(k) for k in self.kernels]}
+
+
+def _kind(op: str, input_types: list[str]) -> str:
+    if op in CONVERT:
+        return "convert"
+    if any(t in INTEGER_TYPES for t in input_types):
+        return "integer"
+    return "float"
+
+
+def parse(events: list[dict], runs: int, batch: int) -> Profile:
+    """Kernels from the events of an ONNX Runtime profile, in the order they ran; each node's time is the mean of
+    its last ``runs`` executions (earlier ones were warm-up)."""
+    times: dict[str, list[float]] = {}
+    info: dict[str, tuple[str, list[str]]] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
+            continue
+        args = e.get("args", {})
+        node = _SUFFIX.sub("", e["name"])
+        types = [next(iter(t)) for t in args.get("input_type_shape", []) if isinstance(t, dict) and t]
+        info.setdefault(node, (args.get("op_name", "?"), types))
+        times.setdefault(node, []).append(float(e.get("dur", 0)) / 1000.0)
+    kernels = []
+    for node, durations in times.items():
+        op, types = info[node]
+        last = durations[-runs:] if runs > 0 else durations
+        kernels.append(Kernel(node, op, _kind(op, types), float(np.mean(last)), types))
+    return Profile(kernels, runs, batch)
+
+
+def profile(
+    model: onnx.ModelProto | str | Path, feed: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 3
+) -> Profile:
+    """Run ``model`` ``warmup`` + ``runs`` times on ``feed`` under ONNX Runtime's profiler, with its graph
+    optimizations on (as deployed), and read what ran in the last ``runs``."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-profile-") as tmp:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.enable_profiling = True
+        options.profile_file_prefix = str(Path(tmp) / "profile")
+        if isinstance(model, onnx.ModelProto):
+            if is_large(model):
+                save_model(model, Path(tmp) / "model.onnx")
+                source = str(Path(tmp) / "model.onnx")
+            else:
+                source = model.SerializeToString()
+        else:
+            source = str(model)
+        try:
+            sess = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+            for _ in range(warmup + runs):
+                sess.run(None, dict(feed))
+        except Exception as exc:
+            from lowbit.onnx.model import _load_error
+
+            raise _load_error(exc, "check that the model and the feed fit each other") from None
+        events = json.loads(Path(sess.end_profiling()).read_text())
+    batch = int(next(iter(feed.values())).shape[0]) if feed else 0
+    return parse(events, runs, batch)

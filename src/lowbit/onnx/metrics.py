@@ -1,0 +1,148 @@
+"""What "keeps its accuracy" means for one model: a score of an ONNX Runtime session, and the drop from FP32.
+
+- ``cosine``: mean cosine similarity of the first output to FP32's over the evaluation samples (FP32 scores 1).
+  The drop is ``1 - cosine``: ``--max-drop 0.002`` asks for a cosine of at least 0.998.
+- ``agreement``: the percentage of samples whose top-1 class matches FP32's (FP32 scores 100); drop in points.
+- ``accuracy``: top-1 accuracy in percent against labels; drop in points from FP32's accuracy.
+- a Python function ``f(session) -> float`` (``--eval module:function`` with one parameter): any score where
+  higher is better; drop in its own units.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from lowbit.data import DataError, Feed, load_function
+from lowbit.onnx.compare import _cosine
+
+METRICS = ("cosine", "agreement", "accuracy")
+
+
+class Metric:
+    """A score of a session (higher is better) and the reference FP32 scored; :meth:`drop` is the difference."""
+
+    name = ""
+    unit = ""
+
+    def __init__(self):
+        self.reference: float | None = None
+
+    def prepare(self, float_session: ort.InferenceSession) -> float:
+        """Score the FP32 session (and keep what later scores compare with); returns its score."""
+        self.reference = self.score(float_session)
+        return self.reference
+
+    def score(self, session: ort.InferenceSession) -> float:
+        raise NotImplementedError
+
+    def drop(self, score: float) -> float:
+        if self.reference is None:
+            raise RuntimeError("call prepare(float_session) first")
+        return self.reference - score
+
+    def describe(self, value: float) -> str:
+        return f"{value:.4f}{self.unit}"
+
+
+class OutputMetric(Metric):
+    """``cosine``, ``agreement`` or ``accuracy`` over the first output of the model on ``feeds``."""
+
+    def __init__(self, kind: str, feeds: Iterable[Feed], labels: np.ndarray | None = None):
+        super().__init__()
+        if kind not in METRICS:
+            raise DataError(f"unknown metric {kind!r}; metrics: {', '.join(METRICS)} or --eval module:function")
+        if kind == "accuracy" and labels is None:
+            raise DataError("the accuracy metric needs labels (--labels FILE.npy: one integer class per sample)")
+        self.name, self.feeds = kind, feeds
+        self.unit = "" if kind == "cosine" else " %"
+        self.labels = None if labels is None else np.asarray(labels).reshape(-1)
+        self.outputs: list[np.ndarray] = []
+
+    def _run(self, session: ort.InferenceSession) -> list[np.ndarray]:
+        name = session.get_outputs()[0].name
+        return [session.run([name], dict(feed))[0] for feed in self.feeds]
+
+    def prepare(self, float_session: ort.InferenceSession) -> float:
+        self.outputs = self._run(float_session)
+        if not self.outputs:
+            raise DataError("the evaluation data yielded no samples")
+        n = sum(len(o) for o in self.outputs)
+        if self.name != "cosine" and any(o.ndim != 2 or o.shape[1] < 2 for o in self.outputs):
+            raise DataError(
+                f"the {self.name} metric needs a classifier output (samples, classes); the model's first output "
+                f"has shape {self.outputs[0].shape}: use --metric cosine"
+            )
+        if self.labels is not None and len(self.labels) != n:
+            raise DataError(f"{len(self.labels)} labels for {n} evaluation samples: give one label per sample")
+        self.reference = self._score(self.outputs)
+        return self.reference
+
+    def score(self, session: ort.InferenceSession) -> float:
+        return self._score(self._run(session))
+
+    def _score(self, outputs: list[np.ndarray]) -> float:
+        if self.name == "cosine":
+            return float(np.concatenate([_cosine(a, b) for a, b in zip(self.outputs, outputs, strict=True)]).mean())
+        top = np.concatenate([o.argmax(axis=1) for o in outputs])
+        if self.name == "agreement":
+            ref = np.concatenate([o.argmax(axis=1) for o in self.outputs])
+            return float((top == ref).mean() * 100)
+        return float((top == self.labels).mean() * 100)
+
+
+class FunctionMetric(Metric):
+    """A user's ``f(session) -> float``, higher is better."""
+
+    def __init__(self, function: Callable[[ort.InferenceSession], float], name: str):
+        super().__init__()
+        self.function, self.name = function, name
+
+    def score(self, session: ort.InferenceSession) -> float:
+        value = self.function(session)
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            message = f"{self.name} returned {type(value).__name__}; a metric function returns a number"
+            raise DataError(message) from None
+
+
+def is_metric_function(source: Any) -> bool:
+    """True when ``source`` (``module:function`` or a callable) is a metric: a function of one required
+    argument (the session). A function of none returns evaluation data instead."""
+    if isinstance(source, str):
+        if ":" not in source or os.path.exists(source):
+            return False
+        function = load_function(source)
+    elif callable(source):
+        function = source
+    else:
+        return False
+    try:
+        params = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) >= 1
+
+
+def function_metric(source: Any) -> FunctionMetric:
+    function = load_function(source) if isinstance(source, str) else source
+    return FunctionMetric(function, source if isinstance(source, str) else getattr(function, "__name__", "metric"))
+
+
+def load_labels(path: str | os.PathLike) -> np.ndarray:
+    try:
+        labels = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read labels from {path}: {exc}; give a .npy of integer classes") from None
+    if isinstance(labels, np.lib.npyio.NpzFile):
+        raise DataError(f"{path}: labels are one .npy array of integer classes, not a .npz")
+    if labels.dtype.kind not in "iu":
+        raise DataError(f"{path}: labels must be integer classes, got dtype {labels.dtype}")
+    return labels.reshape(-1)

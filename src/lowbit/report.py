@@ -1,0 +1,212 @@
+"""The analysis as one self-contained HTML file: tables and SVG plots embedded, nothing fetched from a network."""
+
+from __future__ import annotations
+
+import os
+from html import escape
+from typing import Any
+
+from lowbit import plots
+from lowbit._io import atomic_write_text
+
+TOP_TENSORS = 8  # layers whose tensors get histograms
+TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted
+
+STYLE = """
+body { font-family: sans-serif; margin: 24px auto; max-width: 1100px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
+table { border-collapse: collapse; font-size: 12px; margin: 8px 0; }
+th, td { border: 1px solid #ddd; padding: 3px 6px; text-align: right; }
+th { background: #f4f4f4; } td.l, th.l { text-align: left; }
+.figs { display: flex; flex-wrap: wrap; gap: 8px; } .note { color: #555; font-size: 13px; }
+tr.bad td { background: #fde8e8; }
+"""
+
+
+def _img(svg: str, alt: str) -> str:
+    return f'<img alt="{escape(alt)}" src="{plots.data_uri(svg)}">'
+
+
+def _table(headers: list[str], rows: list[list[Any]], left: int = 1, bad: list[bool] | None = None) -> str:
+    head = "".join(f'<th class="{"l" if i < left else ""}">{escape(h)}</th>' for i, h in enumerate(headers))
+    body = []
+    for r, row in enumerate(rows):
+        cls = ' class="bad"' if bad and bad[r] else ""
+        cells = "".join(f'<td class="{"l" if i < left else ""}">{escape(str(c))}</td>' for i, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+
+
+def render(analysis) -> str:
+    """The report's HTML for a :class:`lowbit.onnx.analyze.Analysis`."""
+    a = analysis
+    out = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>lowbit analysis: {escape(os.path.basename(a.model))}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Quantization analysis of {escape(os.path.basename(a.model))}</h1>",
+    ]
+    summary = [
+        ["model", a.model],
+        ["target / calibration", f"{a.target} / {a.method}"],
+        ["analysis samples", a.samples],
+        ["quantized layers", len(a.layers)],
+        ["whole model: output SQNR", f"{a.output_error.sqnr_db:.2f} dB"],
+        ["whole model: output cosine", f"{a.output_error.cosine:.6f}"],
+        ["whole model: max abs error", f"{a.output_error.max_abs_error:.4g}"],
+    ]
+    if a.top1_agreement is not None:
+        summary.append(["whole model: top-1 agreement with FP32", f"{a.top1_agreement:.2f}%"])
+    summary += [["calibration time", f"{a.calibration_seconds:.1f} s"], ["analysis time", f"{a.seconds:.1f} s"]]
+    out.append(_table(["", ""], summary, left=2))
+
+    out.append("<h2>Layer sensitivity</h2>")
+    out.append(
+        "<p class='note'>Each layer is quantized alone (every other layer in float) and the model's output is "
+        "compared with FP32: the lower the SQNR, the more that layer alone costs. <i>Own</i> is the error of the "
+        "layer's own output in that model; <i>accumulated</i> is the error of the layer's output in the fully "
+        "quantized model, where every layer before it adds its share.</p>"
+    )
+    top = a.layers[:30]
+    figs = [
+        _img(
+            plots.bars([r.name for r in top], [r.own_model.sqnr_db for r in top],
+                       "Model output SQNR with only this layer quantized (most sensitive first)", "SQNR (dB)"),
+            "sensitivity ranking",
+        ),
+    ]  # fmt: skip
+    order = sorted(a.layers, key=lambda r: r.index)
+    figs.append(
+        _img(
+            plots.lines(
+                {
+                    "accumulated (full INT8 model)": ([r.index for r in order], [r.accumulated.sqnr_db for r in order]),
+                    "own (only this layer INT8)": ([r.index for r in order], [r.own.sqnr_db for r in order]),
+                },
+                "SQNR of each layer's output, in graph order",
+                "layer (graph order)",
+                "SQNR (dB)",
+            ),
+            "error along the graph",
+        )
+    )
+    out.append(f"<div class='figs'>{''.join(figs)}</div>")
+    rows = [
+        [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.2f}", f"{r.own_model.cosine:.6f}", f"{r.own.sqnr_db:.2f}",
+         f"{r.accumulated.sqnr_db:.2f}", f"{r.accumulated.cosine:.5f}", f"{r.accumulated.max_abs_error:.4g}"]
+        for i, r in enumerate(a.layers)
+    ]  # fmt: skip
+    out.append(
+        _table(
+            ["rank", "layer", "op", "model SQNR dB", "model cosine", "own SQNR dB", "accum. SQNR dB",
+             "accum. cosine", "accum. max err"],
+            rows,
+            left=0,
+        )
+    )  # fmt: skip
+
+    if a.mixed is not None:
+        m = a.mixed
+        out.append("<h2>Automatic mixed precision</h2>")
+        verdict = "met" if m.met else "not met"
+        out.append(
+            f"<p class='note'>Layers kept in float one more at a time, most sensitive first; metric "
+            f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
+            f"{escape(m.unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) in float: "
+            f"{escape(', '.join(m.kept) or 'none')}.</p>"
+        )
+        ks = [s.kept for s in m.steps]
+        out.append(
+            _img(
+                plots.lines(
+                    {m.metric: (ks, [s.score for s in m.steps])},
+                    f"{m.metric} vs number of layers kept in float",
+                    "layers kept in float",
+                    m.metric + m.unit,
+                    hline=m.reference - m.max_drop,
+                    hline_label="budget",
+                ),
+                "mixed precision curve",
+            )
+        )
+        out.append(
+            _table(
+                ["kept", "layer kept in float", "score", "drop"],
+                [[s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"] for s in m.steps],
+                left=0,
+            )
+        )
+
+    out.append("<h2>Activation ranges: what each calibrator chooses</h2>")
+    out.append(
+        "<p class='note'>The histogram of each input and output of the most sensitive layers, with the range each "
+        "calibration method picks on it and the SQNR that range gives on these values (higher is better). "
+        f"lowbit used <b>{escape(a.method)}</b>.</p>"
+    )
+    shown: list[str] = []
+    for r in a.layers[:TOP_TENSORS]:
+        for t in [*r.inputs, r.output]:
+            if t in a.tensors and t not in shown:
+                shown.append(t)
+    for t in shown:
+        rep = a.tensors[t]
+        marks = {f"{m} ({v['sqnr_db']:.1f} dB)": (v["lo"], v["hi"]) for m, v in rep.ranges.items()}
+        out.append(f"<h3>{escape(t)}</h3>")
+        out.append(_img(plots.histogram(rep.edges, rep.counts, t, marks=marks), f"histogram of {t}"))
+        best = max(rep.ranges, key=lambda m: rep.ranges[m]["sqnr_db"])
+        out.append(
+            _table(
+                ["method", "lo", "hi", "SQNR dB"],
+                [[m + (" (used)" if m == rep.chosen else "") + (" (best)" if m == best else ""), f"{v['lo']:.5g}",
+                  f"{v['hi']:.5g}", f"{v['sqnr_db']:.2f}"] for m, v in rep.ranges.items()],
+            )
+        )  # fmt: skip
+
+    out.append("<h2>Weights: per tensor vs per channel</h2>")
+    out.append(
+        "<p class='note'>INT8 SQNR of each weight with one scale for the whole tensor and with one scale per output "
+        "channel (lowbit uses per channel by default). Where channels' ranges differ widely, as in depthwise "
+        "convolutions, one scale wastes most levels on the small channels: such weights are marked.</p>"
+    )
+    out.append(
+        _table(
+            ["layer", "weight", "depthwise", "per-tensor SQNR dB", "per-channel SQNR dB"],
+            [[w.layer, w.weight, "yes" if w.depthwise else "", f"{w.per_tensor_sqnr_db:.2f}",
+              f"{w.per_channel_sqnr_db:.2f}"] for w in a.weights],
+            left=2,
+            bad=[w.poor for w in a.weights],
+        )
+    )  # fmt: skip
+    poor = [w for w in a.weights if w.poor][:TOP_WEIGHTS]
+    if poor:
+        out.append(
+            "<div class='figs'>"
+            + "".join(
+                _img(plots.ranges(w.channel_min, w.channel_max, f"{w.layer}: range of each output channel"),
+                     f"channel ranges of {w.weight}")
+                for w in poor
+            )
+            + "</div>"
+        )  # fmt: skip
+
+    if a.profile is not None:
+        p = a.profile
+        out.append("<h2>Where INT8 really runs (ONNX Runtime CPU profile)</h2>")
+        out.append(f"<p class='note'>{escape(p.summary())}</p>")
+        out.append(
+            _table(
+                ["node", "kernel", "kind", "ms", "input types"],
+                [[k.node, k.op, k.kind, f"{k.ms:.4f}", ",".join(k.input_types)] for k in p.kernels],
+                left=3,
+                bad=[k.float_matrix for k in p.kernels],
+            )
+        )
+    if a.extracted:
+        out.append("<h2>Extracted layers</h2><ul>")
+        out.extend(f"<li>{escape(path)}</li>" for path in a.extracted)
+        out.append("</ul>")
+    out.append("</body></html>\n")
+    return "".join(out)
+
+
+def write_report(analysis, path: str | os.PathLike) -> None:
+    atomic_write_text(path, render(analysis))
