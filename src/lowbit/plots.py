@@ -196,7 +196,7 @@ def histogram(
                 f'height="{base - y:.1f}" fill="#9ab"/>'
             )
     for i, (name, (lo, hi)) in enumerate(marks.items()):
-        color = COLORS[(i + 1) % len(COLORS)]
+        color = COLORS[i % len(COLORS)]
         for v in (lo, hi):
             x = f.px(v)
             f.parts.append(

@@ -48,7 +48,7 @@ def _feeds(n=16, seed=3):
 
 
 def test_the_layer_that_alone_loses_most_ranks_first(files):
-    tmp, model, data = files
+    _tmp, model, data = files
     a = analyze(model, data, per_channel=False, samples=16, profile=False, progress=False)
     names = [r.name for r in a.layers]
     assert sorted(names) == ["add", "conv1", "conv2", "fc", "gap"]
@@ -63,7 +63,7 @@ def test_the_layer_that_alone_loses_most_ranks_first(files):
 
 
 def test_per_channel_weights_remove_that_loss(files):
-    tmp, model, data = files
+    _tmp, model, data = files
     per_tensor = analyze(model, data, per_channel=False, samples=16, profile=False, progress=False)
     per_channel = analyze(model, data, per_channel=True, samples=16, profile=False, progress=False)
     conv2 = {r.name: r for r in per_tensor.layers}["conv2"].own_model.sqnr_db
@@ -116,7 +116,7 @@ def _data_uris(html):
 
 
 def test_keeping_a_layer_in_float_leaves_its_weights_float(files):
-    tmp, model, data = files
+    _tmp, model, _data = files
     cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, progress=False)
     built = cal.build(keep_float=["conv2"])
     inits = {t.name for t in built.model.graph.initializer}
@@ -127,7 +127,7 @@ def test_keeping_a_layer_in_float_leaves_its_weights_float(files):
 
 
 def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget(files):
-    tmp, model, data = files
+    _tmp, model, _data = files
     cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, per_channel=False, progress=False)
     ranked = ["conv2", "conv1", "add", "gap", "fc"]
     all_quantized = metrics.OutputMetric("cosine", _feeds(seed=9))
@@ -165,9 +165,7 @@ def test_accuracy_metric_needs_labels_of_the_right_length():
 
 
 def test_metric_functions_are_told_from_data_functions(tmp_path, monkeypatch):
-    (tmp_path / "userfns.py").write_text(
-        "def score(session):\n    return 1.0\n\ndef data():\n    return []\n"
-    )
+    (tmp_path / "userfns.py").write_text("def score(session):\n    return 1.0\n\ndef data():\n    return []\n")
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
     assert metrics.is_metric_function("userfns:score")
@@ -218,7 +216,7 @@ def test_extract_writes_runnable_cuts_with_recorded_inputs(files):
 
 
 def test_bad_requests_are_clear_errors(files):
-    tmp, model, data = files
+    _tmp, model, data = files
     with pytest.raises(AnalyzeError, match="no node of that name"):
         analyze(model, data, samples=8, extract=["nope"], profile=False, progress=False)
     with pytest.raises(AnalyzeError, match="overwrite"):
@@ -245,7 +243,7 @@ def test_cli_analyze_and_inspect(files, capsys):
 
 
 def test_report_renders_without_a_mixed_result_or_profile(files):
-    tmp, model, data = files
+    _tmp, model, data = files
     a = analyze(model, data, samples=8, profile=False, progress=False)
     html = render(a)
     assert "Automatic mixed precision" not in html and "ONNX Runtime CPU profile" not in html

@@ -273,33 +273,37 @@ def _sqnr(w: np.ndarray, spec: QuantSpec) -> float:
 
 
 def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
-    """Per-tensor vs per-channel int8 SQNR of every per-channel weight of ``plan``, worst per tensor first."""
-    readers = {}
+    """Per-tensor vs per-channel int8 SQNR of every weight of ``plan`` that has output channels (whatever the
+    plan chose for it), worst per tensor first."""
+    out, seen = [], set()
     for node in graph.nodes:
-        for name in node.input:
-            if name in plan.weights and name not in readers:
-                readers[name] = node
-    out = []
-    for name, axis in plan.weights.items():
-        w = graph.value(name).astype(np.float32)
-        if axis is None or w.ndim < 2 or name not in readers:
+        rule = rule_for(node)
+        if rule is None:
             continue
-        node = readers[name]
-        groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
-        per_tensor, per_channel = _sqnr(w, QuantSpec()), _sqnr(w, QuantSpec(axis=axis))
-        report = WeightReport(
-            graph.node_name(node),
-            name,
-            node.op_type == "Conv" and groups > 1 and groups == w.shape[0],
-            per_tensor,
-            per_channel,
-            per_channel - per_tensor > POOR_GAP_DB,
-        )
-        if report.poor:
-            moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-            report.channel_min = moved.min(axis=1).astype(float).tolist()
-            report.channel_max = moved.max(axis=1).astype(float).tolist()
-        out.append(report)
+        for index in rule.weight_inputs:
+            name = node.input[index] if index < len(node.input) else ""
+            if name not in plan.weights or name in seen:
+                continue
+            seen.add(name)
+            w = graph.value(name).astype(np.float32)
+            axis = rule.weight_axis(node, graph, index)
+            if axis is None or w.ndim < 2:
+                continue
+            groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+            per_tensor, per_channel = _sqnr(w, QuantSpec()), _sqnr(w, QuantSpec(axis=axis))
+            report = WeightReport(
+                graph.node_name(node),
+                name,
+                node.op_type == "Conv" and groups > 1 and groups == w.shape[0],
+                per_tensor,
+                per_channel,
+                per_channel - per_tensor > POOR_GAP_DB,
+            )
+            if report.poor:
+                moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
+                report.channel_min = moved.min(axis=1).astype(float).tolist()
+                report.channel_max = moved.max(axis=1).astype(float).tolist()
+            out.append(report)
     return sorted(out, key=lambda r: r.per_tensor_sqnr_db)
 
 

@@ -1,0 +1,64 @@
+"""The HTML report opened in headless Chromium: it renders without errors and every image loads.
+
+Needs Debian's chromium (``apt-get install chromium``; .ci/run installs it); skipped where it is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from lowbit.onnx.analyze import analyze
+from tests.onnx import models
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+# Injected first into the page's <head>: records errors (scripts, and images that fail: their error events reach
+# window in the capture phase) and, once loaded, writes what it found into the DOM for --dump-dom to show.
+PROBE = """<script>
+window.__errors = [];
+window.addEventListener('error', e => window.__errors.push(String(e.message || (e.target && e.target.alt) || e.type)),
+                        true);
+window.addEventListener('load', () => {
+  const imgs = Array.from(document.images);
+  const broken = imgs.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const d = document.createElement('div');
+  d.id = 'lowbit-check';
+  d.textContent = JSON.stringify({images: imgs.length, broken: broken, errors: window.__errors,
+                                  height: document.body.scrollHeight});
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+def _chromium(tmp_path, *args):
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=10000"]  # fmt: skip
+    return subprocess.run([CHROMIUM, *flags, *args], capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_report_renders_in_chromium_and_every_image_loads(tmp_path):
+    model = models.save(models.convnet(), tmp_path / "convnet.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
+    report = tmp_path / "report.html"
+    from lowbit.onnx import metrics
+    from tests.onnx.test_analyze import _feeds
+
+    analyze(model, data, samples=16, report=report, metric=metrics.OutputMetric("cosine", _feeds()), max_drop=-1,
+            per_channel=False, progress=False)  # fmt: skip
+    html = report.read_text()
+    probed = tmp_path / "probed.html"
+    probed.write_text(html.replace("<head>", "<head>" + PROBE, 1))
+    run = _chromium(tmp_path, "--dump-dom", probed.as_uri())
+    found = re.search(r'<div id="lowbit-check">(.*?)</div>', run.stdout)
+    assert found, f"the page did not finish loading in Chromium: {run.stderr[-2000:]}"
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["errors"] == [] and check["broken"] == []
+    assert check["images"] == html.count("<img ") and check["images"] >= 5
+    assert check["height"] > 2000  # tables and plots laid out, not an empty page
