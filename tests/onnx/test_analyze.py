@@ -12,11 +12,12 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from lowbit.analysis import expected_sqnr_db, tensor_report
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
 from lowbit.core import QuantSpec, fake_quant, qparams
 from lowbit.onnx import inspect, metrics, mixed
-from lowbit.onnx.analyze import AnalyzeError, analyze, expected_sqnr_db, tensor_report
+from lowbit.onnx.analyze import AnalyzeError, analyze
 from lowbit.onnx.calibrated import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.quantize import quantize
@@ -75,7 +76,7 @@ def test_histogram_thresholds_and_their_sqnr(files):
     x = np.concatenate([rng.standard_normal(200_000), [40.0, -35.0]]).astype(np.float32)  # two outliers
     cal = MSECalibrator(tensor="t")
     cal.update(x)
-    rep = tensor_report("t", cal, "trt", "mse")
+    rep = tensor_report("t", cal, QuantSpec(), "mse")
     assert set(rep.ranges) == {"minmax", "percentile", "entropy", "mse"}
     assert rep.ranges["minmax"]["hi"] == pytest.approx(40.0)
     assert rep.ranges["mse"]["hi"] < 30  # the outliers are clipped

@@ -16,11 +16,9 @@ Per weight: per-tensor vs per-channel SQNR and, where per-tensor is poor, every 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,146 +26,25 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
-import lowbit
 from lowbit import calib as calib_registry
 from lowbit._io import atomic_write_text
-from lowbit._table import format_table
+from lowbit.analysis import Analysis, Error, LayerReport, WeightReport, tensor_report, weight_report
 from lowbit.calib.histogram_methods import HistogramCalibrator
-from lowbit.core import QuantSpec, fake_quant, qparams, qparams_from_tensor
 from lowbit.data import DataError, Feed, InputSpec, open_feeds
 from lowbit.errors import LowbitError
-from lowbit.onnx import calibrate, placement, rewrite
-from lowbit.onnx.calibrated import Calibrated, calibrate_model, target_options, units
-from lowbit.onnx.errors import Error, compare_tensors
+from lowbit.onnx import placement, rewrite
+from lowbit.onnx.calibrated import Calibrated, calibrate_model, units
+from lowbit.onnx.errors import compare_tensors
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import input_specs, load_model, preprocess
 from lowbit.onnx.rules import rule_for
 
-METHODS = ("minmax", "percentile", "entropy", "mse")  # the thresholds shown on each histogram
 CHUNK = 12  # single-layer models held in memory at once
 SAMPLES = 64
 
 
 class AnalyzeError(LowbitError, ValueError):
     """Options or a model that cannot be analysed as asked."""
-
-
-@dataclass
-class LayerReport:
-    name: str
-    op_type: str
-    output: str
-    accumulated: Error
-    own: Error
-    own_model: Error
-    inputs: list[str] = field(default_factory=list)
-    index: int = 0  # position in graph order among the quantized layers
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class TensorReport:
-    """A tensor's histogram (``counts`` over ``edges``) and, per method, the range it chooses and its SQNR."""
-
-    tensor: str
-    lo: float
-    hi: float
-    counts: list[int]
-    edges: list[float]
-    ranges: dict[str, dict[str, float]]
-    chosen: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class WeightReport:
-    """A weight's SQNR at int8 per tensor and per output channel; every channel's range where per tensor is
-    poor (``poor``: more than :data:`POOR_GAP_DB` below per channel)."""
-
-    layer: str
-    weight: str
-    depthwise: bool
-    per_tensor_sqnr_db: float
-    per_channel_sqnr_db: float
-    poor: bool
-    channel_min: list[float] = field(default_factory=list)
-    channel_max: list[float] = field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-POOR_GAP_DB = 6.0
-
-
-@dataclass
-class Analysis:
-    """Everything :func:`analyze` measured; ``layers`` ranked most sensitive first."""
-
-    model: str
-    target: str
-    method: str
-    samples: int
-    calibration_seconds: float
-    seconds: float
-    output: str
-    output_error: Error
-    top1_agreement: float | None
-    layers: list[LayerReport]
-    tensors: dict[str, TensorReport]
-    weights: list[WeightReport]
-    mixed: Any = None  # a lowbit.onnx.mixed.MixedResult when a budget was searched
-    profile: Any = None  # a lowbit.onnx.inspect.Profile when the model was profiled
-    extracted: list[str] = field(default_factory=list)
-
-    def table(self, top: int = 15) -> str:
-        rows = [
-            [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.1f}", f"{r.own_model.cosine:.5f}",
-             f"{r.own.sqnr_db:.1f}", f"{r.accumulated.sqnr_db:.1f}"]
-            for i, r in enumerate(self.layers[:top])
-        ]  # fmt: skip
-        head = (
-            f"{len(self.layers)} quantized layers of {self.model} ({self.target}, {self.method}), "
-            f"{self.samples} samples; whole model: output SQNR {self.output_error.sqnr_db:.1f} dB, "
-            f"cosine {self.output_error.cosine:.5f}"
-        )
-        if self.top1_agreement is not None:
-            head += f", top-1 agreement {self.top1_agreement:.2f}%"
-        text = format_table(
-            ["rank", "layer", "op", "model SQNR dB", "model cosine", "own SQNR dB", "accumulated SQNR dB"],
-            rows,
-            "rllrrrr",
-        )
-        more = f"\n... and {len(self.layers) - top} more (see the JSON or the report)" if len(self.layers) > top else ""
-        return (
-            f"{head}\nmost sensitive first; model SQNR/cosine: the model's output with only that layer quantized\n"
-            f"{text}{more}"
-        )
-
-    def to_dict(self) -> dict:
-        out = {
-            "lowbit": lowbit.__version__,
-            "model": self.model,
-            "target": self.target,
-            "method": self.method,
-            "samples": self.samples,
-            "calibration_seconds": self.calibration_seconds,
-            "seconds": self.seconds,
-            "output": self.output,
-            "output_error": self.output_error.to_dict(),
-            "top1_agreement": self.top1_agreement,
-            "layers": [r.to_dict() for r in self.layers],
-            "tensors": {t: r.to_dict() for t, r in self.tensors.items()},
-            "weights": [w.to_dict() for w in self.weights],
-            "extracted": self.extracted,
-        }
-        out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
-        out["profile"] = None if self.profile is None else self.profile.to_dict()
-        return out
 
 
 def unit_output(graph: Graph, name: str) -> str:
@@ -221,57 +98,6 @@ def layer_sensitivity(
     return result
 
 
-def _coarse(h, lo: float, hi: float, bins: int = 128) -> tuple[list[int], list[float]]:
-    counts, edges = h.signed()
-    keep = np.flatnonzero(counts)
-    if keep.size == 0:
-        return [int(h.total)], [lo, hi if hi > lo else lo + 1.0]
-    counts, edges = counts[keep[0] : keep[-1] + 1], edges[keep[0] : keep[-1] + 2]
-    group = max(1, math.ceil(len(counts) / bins))
-    pad = (-len(counts)) % group
-    counts = np.concatenate([counts, np.zeros(pad, counts.dtype)]).reshape(-1, group).sum(axis=1)
-    edges = edges[0] + np.arange(len(counts) + 1) * (edges[1] - edges[0]) * group
-    return counts.astype(int).tolist(), edges.astype(float).tolist()
-
-
-def expected_sqnr_db(h, lo: float, hi: float, spec: QuantSpec) -> float:
-    """The SQNR of quantizing the values of histogram ``h`` to range (lo, hi) on grid ``spec``, from the bins."""
-    counts, edges = h.signed(group=8)
-    keep = counts > 0
-    x = ((edges[:-1] + edges[1:]) / 2)[keep]
-    c = counts[keep].astype(np.float64)
-    scale, zp = qparams(lo, hi, spec)
-    err = float((c * (x - fake_quant(x, scale, zp, spec).astype(np.float64)) ** 2).sum())
-    signal = float((c * x * x).sum())
-    if err <= 0:
-        return 300.0
-    return 10 * math.log10(max(signal, 1e-300) / err)
-
-
-def tensor_report(tensor: str, histogram_cal: HistogramCalibrator, target: str, chosen: str) -> TensorReport:
-    """The range each of :data:`METHODS` chooses on the data ``histogram_cal`` saw, for ``target``'s grid."""
-    h = histogram_cal.histogram
-    spec = rewrite.activation_spec(target)
-    found: dict[str, dict[str, float]] = {}
-    for method in METHODS:
-        c = calib_registry.create(method, **target_options(method, target, None))
-        if isinstance(c, HistogramCalibrator):
-            c.histogram, c.num_batches = h, histogram_cal.num_batches
-        else:
-            c.update(np.array([h.lo, h.hi], np.float32))
-        lo, hi = calibrate.ranges({tensor: c}, symmetric=target == "trt")[tensor]
-        found[method] = {"lo": lo, "hi": hi, "sqnr_db": expected_sqnr_db(h, lo, hi, spec)}
-    counts, edges = _coarse(h, float(h.lo), float(h.hi))
-    return TensorReport(tensor, float(h.lo), float(h.hi), counts, edges, found, chosen)
-
-
-def _sqnr(w: np.ndarray, spec: QuantSpec) -> float:
-    scale, zp = qparams_from_tensor(w, spec)
-    d = w.astype(np.float64) - fake_quant(w, scale, zp, spec)
-    noise, signal = float((d * d).sum()), float((w.astype(np.float64) ** 2).sum())
-    return 300.0 if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
-
-
 def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
     """Per-tensor vs per-channel int8 SQNR of every weight of ``plan`` that has output channels (whatever the
     plan chose for it), worst per tensor first."""
@@ -290,19 +116,8 @@ def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
             if axis is None or w.ndim < 2:
                 continue
             groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
-            per_tensor, per_channel = _sqnr(w, QuantSpec()), _sqnr(w, QuantSpec(axis=axis))
-            report = WeightReport(
-                graph.node_name(node),
-                name,
-                node.op_type == "Conv" and groups > 1 and groups == w.shape[0],
-                per_tensor,
-                per_channel,
-                per_channel - per_tensor > POOR_GAP_DB,
-            )
-            if report.poor:
-                moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)
-                report.channel_min = moved.min(axis=1).astype(float).tolist()
-                report.channel_max = moved.max(axis=1).astype(float).tolist()
+            depthwise = node.op_type == "Conv" and groups > 1 and groups == w.shape[0]
+            report = weight_report(graph.node_name(node), name, w, axis, depthwise)
             out.append(report)
     return sorted(out, key=lambda r: r.per_tensor_sqnr_db)
 
@@ -437,7 +252,7 @@ def analyze(
         cal = calibrated.calibrators.get(tensor)
         hist = cal if isinstance(cal, HistogramCalibrator) else (observers.get(tensor) or [None])[0]
         if hist is not None and hist.num_batches and hist.histogram.total:
-            tensors[tensor] = tensor_report(tensor, hist, target, method)
+            tensors[tensor] = tensor_report(tensor, hist, rewrite.activation_spec(target), method)
     analysis = Analysis(
         str(model_path),
         target,

@@ -15,8 +15,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit import calib
+from lowbit.analysis import grid_range
 from lowbit.calib.base import Calibrator
-from lowbit.calib.histogram_methods import HistogramCalibrator
 from lowbit.errors import CalibrationError
 from lowbit.onnx.model import session
 
@@ -79,16 +79,4 @@ def _update(name: str, value, calibrators: Mapping[str, Calibrator], observers: 
 def ranges(calibrators: Mapping[str, Calibrator], *, symmetric: bool) -> dict[str, tuple[float, float]]:
     """The range of every calibrator: (-amax, amax) when ``symmetric``; otherwise the method's range cut to what
     was observed (a symmetric method's (-amax, amax) on a post-ReLU tensor becomes (0, amax))."""
-    out: dict[str, tuple[float, float]] = {}
-    for name, c in calibrators.items():
-        r = c.compute()
-        lo, hi = float(np.min(r.lo)), float(np.max(r.hi))
-        if symmetric:
-            amax = max(abs(lo), abs(hi))
-            out[name] = (-amax, amax)
-            continue
-        if isinstance(c, HistogramCalibrator):
-            seen = c.observed
-            lo, hi = max(lo, float(seen.lo)), min(hi, float(seen.hi))
-        out[name] = (lo, hi)
-    return out
+    return {name: grid_range(c, symmetric) for name, c in calibrators.items()}

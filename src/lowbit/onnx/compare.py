@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import onnxruntime as ort
 
+from lowbit.analysis import cosine_rows
 from lowbit.data import Feed, InputSpec
 
 
@@ -29,15 +30,6 @@ class Agreement:
         return asdict(self)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    na, nb = np.linalg.norm(a, axis=1), np.linalg.norm(b, axis=1)
-    dot = (a * b).sum(axis=1)
-    both_zero = (na == 0) & (nb == 0)
-    return np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
-
-
 def agreement(
     reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds: Iterable[Feed]
 ) -> Agreement | None:
@@ -50,7 +42,7 @@ def agreement(
         b = candidate.run([name], dict(feed))[0]
         if a.dtype.kind != "f" or a.ndim == 0:
             return None
-        cosines.append(_cosine(a, b))
+        cosines.append(cosine_rows(a, b))
         max_err = max(max_err, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
         classifier = classifier and a.ndim == 2 and a.shape[1] > 1
         if classifier:

@@ -1,67 +1,17 @@
-"""How far a quantized tensor is from its float value: SQNR, cosine similarity and max error, streamed."""
+"""Measure tensors of quantized ONNX models against the float model's, streamed batch by batch."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
 
-import numpy as np
 import onnx
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
+from lowbit.analysis import Error, ErrorMeter
 from lowbit.data import Feed
 from lowbit.onnx.calibrate import with_outputs
-from lowbit.onnx.compare import _cosine
 from lowbit.onnx.model import session
-
-MAX_SQNR_DB = 300.0  # what an exact match reports (JSON has no infinity)
-
-
-@dataclass(frozen=True)
-class Error:
-    """``sqnr_db``: 10 log10(signal power / error power) over every element (higher is better); ``cosine``: mean
-    over samples of the cosine similarity of the flattened tensors; ``max_abs_error``: the largest difference."""
-
-    sqnr_db: float
-    cosine: float
-    max_abs_error: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-class ErrorMeter:
-    """Accumulates :class:`Error` batch by batch: nothing but sums is kept."""
-
-    def __init__(self):
-        self.signal = self.noise = self.cos_sum = 0.0
-        self.samples = 0
-        self.max_abs = 0.0
-
-    def update(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        a = np.asarray(reference, np.float64)
-        b = np.asarray(candidate, np.float64)
-        if a.shape != b.shape:
-            raise ValueError(f"shapes differ: {a.shape} vs {b.shape}")
-        if a.ndim == 0:
-            a, b = a.reshape(1, 1), b.reshape(1, 1)
-        d = a - b
-        self.signal += float((a * a).sum())
-        self.noise += float((d * d).sum())
-        self.max_abs = max(self.max_abs, float(np.abs(d).max(initial=0.0)))
-        self.cos_sum += float(_cosine(a, b).sum())
-        self.samples += a.shape[0]
-
-    def result(self) -> Error:
-        if self.noise <= 0:
-            sqnr = MAX_SQNR_DB
-        elif self.signal <= 0:
-            sqnr = -MAX_SQNR_DB
-        else:
-            sqnr = min(MAX_SQNR_DB, 10 * math.log10(self.signal / self.noise))
-        return Error(sqnr, self.cos_sum / max(self.samples, 1), self.max_abs)
 
 
 def compare_tensors(

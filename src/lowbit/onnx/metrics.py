@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lowbit.analysis import cosine_rows
 from lowbit.data import DataError, Feed, load_function
-from lowbit.onnx.compare import _cosine
 
 METRICS = ("cosine", "agreement", "accuracy")
 
@@ -88,7 +88,7 @@ class OutputMetric(Metric):
 
     def _score(self, outputs: list[np.ndarray]) -> float:
         if self.name == "cosine":
-            return float(np.concatenate([_cosine(a, b) for a, b in zip(self.outputs, outputs, strict=True)]).mean())
+            return float(np.concatenate([cosine_rows(a, b) for a, b in zip(self.outputs, outputs, strict=True)]).mean())
         top = np.concatenate([o.argmax(axis=1) for o in outputs])
         if self.name == "agreement":
             ref = np.concatenate([o.argmax(axis=1) for o in self.outputs])

@@ -10,58 +10,13 @@ result is also the curve "metric vs number of layers kept in float".
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 
 from tqdm.auto import tqdm
 
-from lowbit._table import format_table
+from lowbit.analysis import MixedResult, Step
 from lowbit.onnx.calibrated import Calibrated
 from lowbit.onnx.metrics import Metric
 from lowbit.onnx.model import session
-
-
-@dataclass
-class Step:
-    """The model with ``kept`` layers in float (the last one added last) and its score."""
-
-    kept: int
-    layer: str | None
-    score: float
-    drop: float
-
-
-@dataclass
-class MixedResult:
-    metric: str
-    unit: str
-    reference: float
-    max_drop: float
-    steps: list[Step] = field(default_factory=list)
-    met: bool = False
-
-    @property
-    def kept(self) -> list[str]:
-        """The layers kept in float by the last step."""
-        return [s.layer for s in self.steps[1 : self.steps[-1].kept + 1] if s.layer is not None]
-
-    def table(self) -> str:
-        rows = []
-        for prev, s in zip([None, *self.steps], self.steps, strict=False):
-            gain = "" if prev is None else f"{s.score - prev.score:+.4g}"
-            rows.append([s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}", gain])
-        verdict = (
-            f"within budget with {self.steps[-1].kept} layer(s) in float"
-            if self.met
-            else f"budget not met with {self.steps[-1].kept} layer(s) in float"
-        )
-        head = (
-            f"mixed precision: {self.metric} FP32 {self.reference:.4f}{self.unit}, budget: drop <= {self.max_drop}"
-            f"{self.unit}; {verdict}"
-        )
-        return head + "\n" + format_table(["kept", "layer kept in float", "score", "drop", "gain"], rows, "rlrrr")
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "kept": self.kept}
 
 
 def search(
