@@ -56,8 +56,6 @@ def test_the_layer_that_alone_loses_most_ranks_first(files):
     assert names[0] == "conv2"
     sqnr = [r.own_model.sqnr_db for r in a.layers]
     assert sqnr == sorted(sqnr)
-    # the fully quantized model is worse than any one layer alone
-    assert a.output_error.sqnr_db < a.layers[-1].own_model.sqnr_db
     conv2 = next(w for w in a.weights if w.layer == "conv2")
     assert conv2.poor and len(conv2.channel_min) == 8 and conv2.channel_max[0] > 10 * max(conv2.channel_max[1:])
     assert a.weights[0].layer == "conv2"  # worst per tensor first

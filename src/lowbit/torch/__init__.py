@@ -31,6 +31,7 @@ from lowbit.torch.ptq import calibrate, quantize, quantizers
 from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze_bn_stats
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
+from lowbit.torch.sensitivity import analyze, apply_mixed
 
 __all__ = [
     "MODULE_MAP",
@@ -49,6 +50,8 @@ __all__ = [
     "QuantLinear",
     "QuantizerConfig",
     "TensorQuantizer",
+    "analyze",
+    "apply_mixed",
     "calibrate",
     "export_onnx",
     "fake_quant",

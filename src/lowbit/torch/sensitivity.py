@@ -1,0 +1,408 @@
+"""Layer-wise sensitivity analysis and automatic mixed precision for quantized PyTorch models.
+
+    import lowbit.torch as lt
+    qmodel = lt.quantize(model, "w4a8", calib=batches)
+    a = lt.analyze(qmodel, batches[:8], metric=accuracy_on_val, max_drop=1.0, report="report.html")
+    print(a.table()); print(a.mixed.table())
+    fixed = lt.apply_mixed(qmodel, a.mixed)          # the top layers kept in float
+
+A layer is a module that owns :class:`TensorQuantizer` s (``QuantConv2d``, ``QuantLinear``, ``QuantAdd``, ...).
+"Only this layer quantized" switches every other layer's quantizers off; FP32 is every quantizer off. Nothing is
+recalibrated: the scales stay those PTQ (or QAT) chose. The result is a :class:`lowbit.analysis.Analysis`, the
+same as the ONNX analysis gives, and :func:`lowbit.report.write_report` renders it.
+
+``mode="bits"`` ranks and searches weight bit widths instead: the model is weight-only quantized at low bits
+(``w4a16_group128``), and the most sensitive layers get 8-bit weights, fewest first, until the budget is met.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit._io import atomic_write_text
+from lowbit.analysis import (
+    Analysis,
+    Error,
+    ErrorMeter,
+    LayerReport,
+    MixedResult,
+    Step,
+    tensor_report,
+    weight_report,
+)
+from lowbit.calib.histogram_methods import MSECalibrator
+from lowbit.errors import CalibrationError
+from lowbit.torch.ptq import _run_batch
+from lowbit.torch.quantizer import TensorQuantizer
+
+MODES = ("float", "bits")
+
+
+def own_quantizers(module: nn.Module) -> list[TensorQuantizer]:
+    """The quantizers a layer owns: its direct :class:`TensorQuantizer` children and those in a child
+    ``ModuleList``/``ModuleDict`` whose name ends in ``quantizers``."""
+    out = []
+    for name, child in module.named_children():
+        if isinstance(child, TensorQuantizer):
+            out.append(child)
+        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)) and name.endswith("quantizers"):
+            out.extend(c for c in child.children() if isinstance(c, TensorQuantizer))
+    return out
+
+
+def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
+    """Every module with an active quantizer, by name, in module order."""
+    return {
+        name: m
+        for name, m in model.named_modules()
+        if not isinstance(m, TensorQuantizer) and any(q.mode != "disabled" for q in own_quantizers(m))
+    }
+
+
+@contextlib.contextmanager
+def only(model: nn.Module, enabled: Iterable[str] = (), layers: dict[str, nn.Module] | None = None) -> Iterator[None]:
+    """Within the block, the quantizers of every layer not named in ``enabled`` are off (FP32 for those
+    layers); their modes come back after."""
+    layers = quantized_layers(model) if layers is None else layers
+    keep = set(enabled)
+    saved = [(q, q.mode) for q in model.modules() if isinstance(q, TensorQuantizer)]
+    try:
+        for name, layer in layers.items():
+            if name not in keep:
+                for q in own_quantizers(layer):
+                    q.mode = "disabled"
+        yield
+    finally:
+        for q, mode in saved:
+            q.mode = mode
+
+
+@contextlib.contextmanager
+def kept_float(model: nn.Module, names: Iterable[str], layers: dict[str, nn.Module] | None = None) -> Iterator[None]:
+    """Within the block, the layers named in ``names`` run in float."""
+    layers = quantized_layers(model) if layers is None else layers
+    with only(model, [n for n in layers if n not in set(names)], layers):
+        yield
+
+
+@contextlib.contextmanager
+def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=None) -> Iterator[None]:
+    """Within the block, the weights of the layers named in ``names`` are quantized to ``bits`` (their scales
+    recomputed from the weights); the narrower specs and scales come back after."""
+    layers = quantized_layers(model) if layers is None else layers
+    changed = []
+    try:
+        for name in names:
+            layer = layers[name]
+            qs = [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
+            if not qs or not hasattr(layer, "calibrate_weight"):
+                continue
+            changed.append((layer, [(q, q.spec) for q in qs]))
+            for q in qs:
+                q.spec = replace(q.spec, bits=bits)
+            layer.calibrate_weight()
+        yield
+    finally:
+        for layer, specs in changed:
+            for q, spec in specs:
+                q.spec = spec
+            layer.calibrate_weight()
+
+
+def _first_tensor(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        out = list(out.values())
+    if isinstance(out, (tuple, list)):
+        for item in out:
+            if isinstance(item, torch.Tensor):
+                return item
+    raise CalibrationError(f"the model returned {type(out).__name__}; the analysis compares its first tensor output")
+
+
+class _Capture:
+    """Forward hooks that keep the output tensor of some modules for one batch."""
+
+    def __init__(self, modules: dict[str, nn.Module]):
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in modules.items()]
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor):
+                self.values[name] = output.detach()
+
+        return hook
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _run(model: nn.Module, batch: Any, index: int) -> np.ndarray:
+    with torch.no_grad():
+        return _first_tensor(_run_batch(model, batch, index)).detach().float().cpu().numpy()
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.float().cpu().numpy()
+
+
+def _enabled(model: nn.Module, name: str, layers: dict[str, nn.Module], mode: str):
+    """The context in which only layer ``name`` is quantized (mode float), or only it has narrow weights
+    (mode bits: every other layer's weights at 8 bits)."""
+    if mode == "float":
+        return only(model, [name], layers)
+    return wider_weights(model, [n for n in layers if n != name], 8, layers)
+
+
+def layer_sensitivity(
+    model: nn.Module, batches: Sequence[Any], *, mode: str = "float", progress: bool = True
+) -> dict[str, tuple[Error, Error]]:
+    """For each quantized layer: (its output's error, the model output's error) with only that layer quantized
+    (``mode="bits"``: only that layer at its narrow weight width, the others at 8 bits)."""
+    layers = quantized_layers(model)
+    result = {}
+    for name in tqdm(list(layers), desc="layer sensitivity", unit="layer", disable=not progress):
+        own, out = ErrorMeter(), ErrorMeter()
+        capture = _Capture({name: layers[name]})
+        try:
+            for i, batch in enumerate(batches):
+                with only(model, [], layers):
+                    ref = _run(model, batch, i)
+                ref_layer = capture.values.pop(name, None)
+                with _enabled(model, name, layers, mode):
+                    got = _run(model, batch, i)
+                got_layer = capture.values.pop(name, None)
+                out.update(ref, got)
+                if ref_layer is not None and got_layer is not None and ref_layer.shape == got_layer.shape:
+                    own.update(_np(ref_layer), _np(got_layer))
+        finally:
+            capture.close()
+        result[name] = (own.result() if own.samples else out.result(), out.result())
+    return result
+
+
+def _metric(metric: Any, batches: Sequence[Any]) -> tuple[Callable[[nn.Module], float], str, str]:
+    """(score function, name, unit): ``"cosine"``/``"agreement"`` against FP32 outputs on ``batches``, or the
+    user's ``metric(model) -> float``."""
+    if callable(metric):
+        return metric, getattr(metric, "__name__", "metric"), ""
+    if metric not in ("cosine", "agreement"):
+        raise ValueError(f"metric must be 'cosine', 'agreement' or a function model -> score, got {metric!r}")
+    cache: list[np.ndarray] = []
+
+    def score(model: nn.Module) -> float:
+        outs = [_run(model, b, i) for i, b in enumerate(batches)]
+        if not cache:  # the first call is FP32's (search() scores the float model first)
+            cache.extend(outs)
+        if metric == "cosine":
+            from lowbit.analysis import cosine_rows
+
+            return float(np.concatenate([cosine_rows(a, b) for a, b in zip(cache, outs, strict=True)]).mean())
+        ref = np.concatenate([o.argmax(axis=1) for o in cache])
+        return float((np.concatenate([o.argmax(axis=1) for o in outs]) == ref).mean() * 100)
+
+    return score, metric, "" if metric == "cosine" else " %"
+
+
+def search(
+    model: nn.Module,
+    ranked: Sequence[str],
+    metric: Any,
+    max_drop: float,
+    *,
+    batches: Sequence[Any] = (),
+    mode: str = "float",
+    max_layers: int | None = None,
+    progress: bool = True,
+) -> MixedResult:
+    """Keep the layers of ``ranked`` (most sensitive first) in float (``mode="bits"``: give them 8-bit weights)
+    one more at a time until ``metric`` drops by at most ``max_drop`` from FP32. ``metric``: ``"cosine"`` or
+    ``"agreement"`` against FP32 on ``batches``, or a function ``model -> score`` (higher is better). The model
+    is left as it was."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    score, name, unit = _metric(metric, batches)
+    layers = quantized_layers(model)
+    unknown = [n for n in ranked if n not in layers]
+    if unknown:
+        raise ValueError(f"not quantized layers of this model: {', '.join(unknown[:5])}")
+    with only(model, [], layers):
+        reference = score(model)
+    result = MixedResult(name + (" (8-bit weights)" if mode == "bits" else ""), unit, reference, float(max_drop))
+    limit = len(ranked) if max_layers is None else min(max_layers, len(ranked))
+    bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
+    for k in range(limit + 1):
+        ctx = kept_float(model, ranked[:k], layers) if mode == "float" else wider_weights(model, ranked[:k], 8, layers)
+        with ctx:
+            s = score(model)
+        result.steps.append(Step(k, ranked[k - 1] if k else None, s, reference - s))
+        bar.update(1)
+        if reference - s <= max_drop:
+            result.met = True
+            break
+    bar.close()
+    return result
+
+
+def apply_mixed(model: nn.Module, result: MixedResult) -> nn.Module:
+    """Make a search's outcome permanent on ``model``: its kept layers' quantizers switched off (or, for a
+    bit-width search, their weights re-quantized at 8 bits). Returns ``model``."""
+    layers = quantized_layers(model)
+    for name in result.kept:
+        layer = layers[name]
+        if "8-bit weights" in result.metric:
+            for q in own_quantizers(layer):
+                if q.is_weight and q.mode == "quantize":
+                    q.spec = replace(q.spec, bits=8)
+            layer.calibrate_weight()
+        else:
+            for q in own_quantizers(layer):
+                q.mode = "disabled"
+    return model
+
+
+def _histograms(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, Any]:
+    """An MSE (histogram) calibrator per static activation quantizer, fed with the float values it sees."""
+    quantizers = {
+        q.name or f"{lname}.{i}": q
+        for lname, layer in layers.items()
+        for i, q in enumerate(own_quantizers(layer))
+        if not q.is_weight and not q.dynamic and q.mode == "quantize" and q.spec.axis is None
+    }
+    cals = {name: MSECalibrator(tensor=name) for name in quantizers}
+    handles = []
+    for name, q in quantizers.items():
+
+        def pre(module, args, name=name):
+            if args and isinstance(args[0], torch.Tensor):
+                cals[name].update(_np(args[0].detach()))
+
+        handles.append(q.register_forward_pre_hook(pre))
+    try:
+        with only(model, [], layers):
+            for i, batch in enumerate(batches):
+                _run(model, batch, i)
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (cals[name], quantizers[name]) for name in quantizers if cals[name].num_batches}
+
+
+def analyze(
+    model: nn.Module,
+    batches: Iterable[Any],
+    *,
+    metric: Any = None,
+    max_drop: float | None = None,
+    mode: str = "float",
+    report: str | os.PathLike | None = None,
+    json_path: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> Analysis:
+    """Measure every quantized layer of ``model`` (quantized and calibrated by :func:`lowbit.torch.quantize`)
+    against FP32 on ``batches`` (what the model's forward takes, as for calibration). With ``max_drop``, also
+    search mixed precision (:func:`search`; ``metric`` defaults to ``"cosine"`` on ``batches``). ``report``
+    writes the HTML report, ``json_path`` the numbers."""
+    t0 = time.perf_counter()
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    batches = list(batches)
+    if not batches:
+        raise CalibrationError("the analysis batches are empty: give at least one batch")
+    layers = quantized_layers(model)
+    if not layers:
+        raise CalibrationError("the model has no quantized layer: quantize it first (lowbit.torch.quantize)")
+    was_training = model.training
+    model.eval()
+    try:
+        own = layer_sensitivity(model, batches, mode=mode, progress=progress)
+        whole, accumulated = ErrorMeter(), {name: ErrorMeter() for name in layers}
+        agree, n, classifier = 0, 0, True
+        capture = _Capture(layers)
+        try:
+            for i, batch in enumerate(batches):
+                with only(model, [], layers):
+                    ref = _run(model, batch, i)
+                ref_layers = dict(capture.values)
+                capture.values.clear()
+                got = _run(model, batch, i)
+                whole.update(ref, got)
+                for name, value in capture.values.items():
+                    if name in ref_layers and ref_layers[name].shape == value.shape:
+                        accumulated[name].update(_np(ref_layers[name]), _np(value))
+                capture.values.clear()
+                classifier = classifier and ref.ndim == 2 and ref.shape[1] > 1
+                if classifier:
+                    agree += int((ref.argmax(1) == got.argmax(1)).sum())
+                n += ref.shape[0]
+        finally:
+            capture.close()
+        reports = []
+        for index, (name, layer) in enumerate(layers.items()):
+            acc = accumulated[name].result() if accumulated[name].samples else own[name][1]
+            inputs = [q.name for q in own_quantizers(layer) if not q.is_weight and q.name]
+            reports.append(LayerReport(name, type(layer).__name__, f"{name}.output", acc, *own[name], inputs, index))
+        reports.sort(key=lambda r: (r.own_model.sqnr_db, r.own_model.cosine))
+        tensors = {
+            name: tensor_report(name, cal, q.spec, q.method)
+            for name, (cal, q) in _histograms(model, batches, layers).items()
+        }
+        weights = []
+        for name, layer in layers.items():
+            w = getattr(layer, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() < 2:
+                continue
+            axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+            groups = getattr(layer, "groups", 1)
+            depthwise = isinstance(layer, nn.Conv2d) and groups > 1 and groups == w.shape[0]
+            weights.append(weight_report(name, f"{name}.weight", _np(w.detach()), axis, depthwise))
+        weights.sort(key=lambda r: r.per_tensor_sqnr_db)
+        methods = sorted({q.method for q in model.modules() if isinstance(q, TensorQuantizer) and not q.is_weight})
+        analysis = Analysis(
+            type(model).__name__,
+            "torch" if mode == "float" else "torch, weight bits",
+            ",".join(methods) or "-",
+            n,
+            0.0,
+            0.0,
+            "output",
+            whole.result(),
+            agree / n * 100 if classifier and n else None,
+            reports,
+            tensors,
+            weights,
+        )
+        if max_drop is not None:
+            analysis.mixed = search(
+                model,
+                [r.name for r in reports],
+                metric or "cosine",
+                max_drop,
+                batches=batches,
+                mode=mode,
+                progress=progress,
+            )
+    finally:
+        model.train(was_training)
+    analysis.seconds = time.perf_counter() - t0
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
+    if report is not None:
+        from lowbit.report import write_report
+
+        write_report(analysis, report)
+    return analysis

@@ -1,0 +1,128 @@
+"""Sensitivity analysis and automatic mixed precision of quantized PyTorch models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit.torch as lt
+from lowbit.core import QuantSpec
+from lowbit.report import render
+from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
+from lowbit.torch.sensitivity import kept_float, only, quantized_layers, search, wider_weights
+from tests.torch import models
+
+
+def _spoiled(per_channel: bool = False):
+    """The test convnet with one output channel of the first conv 50x larger, quantized with per-tensor weights:
+    the first conv is the weak layer."""
+    m = models.convnet()
+    with torch.no_grad():
+        m[0].weight[0] *= 50.0
+        m[0].bias[0] *= 50.0
+    gran = "channel" if per_channel else "tensor"
+    cfg = Config(LayerConfig(input=QuantizerConfig(method="mse"), weight=QuantizerConfig(granularity=gran)))
+    return m, lt.quantize(m, cfg, calib=models.batches(), progress=False)
+
+
+def _modes(model):
+    return {n: q.mode for n, q in lt.quantizers(model).items()}
+
+
+def test_the_layer_that_alone_loses_most_ranks_first(tmp_path):
+    _m, q = _spoiled()
+    before = _modes(q)
+    a = lt.analyze(q, models.batches(2, seed=5), progress=False, json_path=tmp_path / "a.json")
+    assert _modes(q) == before  # the analysis leaves every quantizer as it found it
+    assert sorted(r.name for r in a.layers) == ["0", "3", "8"]
+    # measured independently: quantizing only the top-ranked layer costs more than only the last-ranked one
+    errors = {}
+    with torch.no_grad():
+        for r in (a.layers[0], a.layers[-1]):
+            err = 0.0
+            for x in models.batches(2, seed=5):
+                with only(q, []):
+                    ref = q(x)
+                with only(q, [r.name]):
+                    err += float(((q(x) - ref) ** 2).sum())
+            errors[r.name] = err
+    assert errors[a.layers[0].name] > errors[a.layers[-1].name]
+    assert a.layers[0].own_model.sqnr_db < a.layers[-1].own_model.sqnr_db
+    assert a.weights[0].layer == "0" and a.weights[0].poor
+    assert a.tensors and all(t.endswith(".input") for t in a.tensors)
+    record = json.loads((tmp_path / "a.json").read_text())
+    assert [r["name"] for r in record["layers"]] == [r.name for r in a.layers]
+
+
+def test_float_reference_is_the_float_model():
+    m, q = _spoiled()
+    x = models.batches(1, seed=7)[0]
+    with kept_float(q, list(quantized_layers(q))):
+        torch.testing.assert_close(q(x), m(x), rtol=1e-5, atol=1e-5)  # BN folded: equal up to rounding
+    assert not torch.allclose(q(x), m(x), atol=1e-4)
+
+
+def test_search_keeps_layers_float_until_the_budget_holds():
+    _m, q = _spoiled()
+    batches = models.batches(2, seed=5)
+    everything = search(q, ["0", "3", "8"], "cosine", max_drop=-1.0, batches=batches, progress=False)
+    assert not everything.met and [s.kept for s in everything.steps] == [0, 1, 2, 3]
+    assert everything.steps[-1].drop == pytest.approx(0.0, abs=1e-9)
+    budget = everything.steps[1].drop + 1e-12
+    if everything.steps[0].drop > budget:
+        r = search(q, ["0", "3", "8"], "cosine", max_drop=budget, batches=batches, progress=False)
+        assert r.met and r.kept == ["0"]
+    lt.apply_mixed(q, everything)
+    assert all(mode == "disabled" for mode in _modes(q).values())
+
+
+def test_metric_function_and_its_reference():
+    _m, q = _spoiled()
+    calls = []
+
+    def score(model):
+        calls.append(_modes(model))
+        return 1.0
+
+    r = search(q, ["0"], score, max_drop=0.0, progress=False)
+    assert r.met and r.reference == 1.0
+    assert all(mode == "disabled" for mode in calls[0].values())  # the first score is FP32's
+
+
+def test_bit_width_search_widens_weights_and_restores_them():
+    m = models.convnet()
+    q = lt.quantize(m, "w4a16_group128", calib=models.batches(), progress=False)
+    layers = quantized_layers(q)
+    scales = {n: lt.quantizers(layer)["weight_quantizer"].scale.clone() for n, layer in layers.items()}
+    with wider_weights(q, ["0"]):
+        assert layers["0"].weight_quantizer.spec.bits == 8
+        assert torch.all(layers["0"].weight_quantizer.scale < scales["0"])
+    assert layers["0"].weight_quantizer.spec.bits == 4
+    for n, layer in layers.items():
+        torch.testing.assert_close(layer.weight_quantizer.scale, scales[n], rtol=0, atol=0)
+    a = lt.analyze(q, models.batches(2, seed=5), mode="bits", max_drop=-1.0, progress=False)
+    assert a.mixed.steps[-1].kept == len(a.layers) and "8-bit weights" in a.mixed.metric
+    lt.apply_mixed(q, a.mixed)
+    assert all(layer.weight_quantizer.spec.bits == 8 for layer in layers.values())
+
+
+def test_report_of_a_torch_analysis():
+    _, q = _spoiled()
+    a = lt.analyze(q, models.batches(2, seed=5), max_drop=1.0, progress=False)
+    html = render(a)
+    assert "Automatic mixed precision" in html and "<img " in html
+    assert a.mixed.met and a.mixed.kept == []
+
+
+def test_bad_input():
+    with pytest.raises(Exception, match="no quantized layer"):
+        lt.analyze(nn.Sequential(nn.Linear(2, 2)), [torch.zeros(1, 2)], progress=False)
+    _, q = _spoiled()
+    with pytest.raises(Exception, match="empty"):
+        lt.analyze(q, [], progress=False)
+    with pytest.raises(ValueError, match="mode"):
+        lt.analyze(q, models.batches(1), mode="nope", progress=False)
+    assert QuantSpec()  # keeps the import honest
