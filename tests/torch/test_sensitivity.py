@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 import lowbit.torch as lt
+from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
-from lowbit.report import render
 from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
 from lowbit.torch.sensitivity import kept_float, only, quantized_layers, search, wider_weights
 from tests.torch import models

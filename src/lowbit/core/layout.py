@@ -38,16 +38,17 @@ def param_shape(shape: tuple[int, ...], spec: QuantSpec) -> tuple[int, ...]:
 
 
 def reduce(x: np.ndarray, spec: QuantSpec, how: str) -> np.ndarray:
-    """Reduce ``x`` to one value per scale: ``how`` is ``min``, ``max`` or ``absmean``.
+    """Reduce ``x`` to one value per scale: ``how`` is ``min``, ``max``, ``absmean`` or ``sum``.
 
     >>> reduce(np.array([[1., -2.], [3., 4.]]), QuantSpec(axis=0), "max")
     array([1., 4.])
     """
-    ops = {"min": np.min, "max": np.max, "absmean": lambda a, axis: np.mean(np.abs(a), axis=axis)}
+    ops = {"min": np.min, "max": np.max, "absmean": lambda a, axis: np.mean(np.abs(a), axis=axis), "sum": np.sum}
     nan_ops = {
         "min": np.nanmin,
         "max": np.nanmax,
         "absmean": lambda a, axis: np.nanmean(np.abs(a), axis=axis),
+        "sum": np.nansum,
     }
     if how not in ops:
         raise ValueError(f"how must be one of {', '.join(ops)}, got {how!r}")

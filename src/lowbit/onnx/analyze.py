@@ -279,7 +279,7 @@ def analyze(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
     if report is not None:
-        from lowbit.report import write_report
+        from lowbit.analysis.report import write_report
 
         write_report(analysis, report)
     return analysis

@@ -36,7 +36,8 @@ class QuantizerConfig:
     granularity: ``"tensor"``, ``"channel"`` (weights: per output channel) or ``"group"`` (weights: blocks of
         ``group_size`` along the input axis).
     method: the calibrator of activation ranges (``lowbit.calib`` names: minmax, ema, percentile, entropy,
-        mse); weights always take their own max|w|.
+        mse); weights take their own max|w| per channel or group, or with ``mse`` the clipped range with the
+        least squared error per channel or group.
     method_options: options of that calibrator (``{"percentile": 99.99}``).
     dynamic: the scale is computed from each batch at run time (activations of dynamic quantization).
     learn_scale: the scale is a trainable parameter (LSQ, Esser et al. 2020) during QAT.

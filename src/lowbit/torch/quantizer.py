@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from lowbit import calib
-from lowbit.core import QuantSpec, layout, qparams
+from lowbit.core import QuantSpec, layout, mse_range_per_slice, qparams
 from lowbit.errors import CalibrationError
 
 MODES = ("calibrate", "quantize", "disabled")
@@ -165,7 +165,16 @@ class TensorQuantizer(nn.Module):
             self.zero_point.data = torch.as_tensor(zp.astype(np.float32), device=device).reshape(np.shape(zp))
 
     def calibrate_on(self, x: torch.Tensor) -> None:
-        """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``."""
+        """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A per-channel
+        or per-group quantizer whose method is ``mse`` takes each slice's MSE-optimal clipped range
+        (:func:`lowbit.core.mse_range_per_slice`), the others min/max (or their calibrator)."""
+        if self.method == "mse" and self.spec.axis is not None:
+            if self.scale.device != x.device:
+                self.to(x.device)
+            self.set_range(*mse_range_per_slice(x.detach().float().cpu().numpy(), self.spec))
+            self._calibrator, self._lo, self._hi = None, None, None
+            self.mode = "quantize"
+            return
         self.mode = "calibrate"
         with torch.no_grad():
             self(x)

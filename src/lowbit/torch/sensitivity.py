@@ -9,7 +9,7 @@
 A layer is a module that owns :class:`TensorQuantizer` s (``QuantConv2d``, ``QuantLinear``, ``QuantAdd``, ...).
 "Only this layer quantized" switches every other layer's quantizers off; FP32 is every quantizer off. Nothing is
 recalibrated: the scales stay those PTQ (or QAT) chose. The result is a :class:`lowbit.analysis.Analysis`, the
-same as the ONNX analysis gives, and :func:`lowbit.report.write_report` renders it.
+same as the ONNX analysis gives, and :func:`lowbit.analysis.report.write_report` renders it.
 
 ``mode="bits"`` ranks and searches weight bit widths instead: the model is weight-only quantized at low bits
 (``w4a16_group128``), and the most sensitive layers get 8-bit weights, fewest first, until the budget is met.
@@ -309,13 +309,15 @@ def analyze(
     metric: Any = None,
     max_drop: float | None = None,
     mode: str = "float",
+    max_layers: int | None = None,
     report: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
 ) -> Analysis:
     """Measure every quantized layer of ``model`` (quantized and calibrated by :func:`lowbit.torch.quantize`)
     against FP32 on ``batches`` (what the model's forward takes, as for calibration). With ``max_drop``, also
-    search mixed precision (:func:`search`; ``metric`` defaults to ``"cosine"`` on ``batches``). ``report``
+    search mixed precision (:func:`search`; ``metric`` defaults to ``"cosine"`` on ``batches``; at most
+    ``max_layers`` layers kept in float or widened). ``report``
     writes the HTML report, ``json_path`` the numbers."""
     t0 = time.perf_counter()
     if mode not in MODES:
@@ -394,6 +396,7 @@ def analyze(
                 max_drop,
                 batches=batches,
                 mode=mode,
+                max_layers=max_layers,
                 progress=progress,
             )
     finally:
@@ -402,7 +405,7 @@ def analyze(
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
     if report is not None:
-        from lowbit.report import write_report
+        from lowbit.analysis.report import write_report
 
         write_report(analysis, report)
     return analysis

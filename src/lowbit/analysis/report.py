@@ -6,8 +6,8 @@ import os
 from html import escape
 from typing import Any
 
-from lowbit import plots
 from lowbit._io import atomic_write_text
+from lowbit.analysis import plots
 
 TOP_TENSORS = 8  # layers whose tensors get histograms
 TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted

