@@ -11,8 +11,9 @@ curve in docs/benchmarks/.
 
 - EfficientNet-Lite0 W8A8, ONNX (``lowbit analyze``, --target ort, mse): the analysis runs on 64 of the 256
   calibration crops; the metric is top-1 agreement with FP32 on 1,000 other crops; budget: agreement >= 97%.
-- EfficientNet-Lite0 W4A8, PyTorch (``lowbit.torch.analyze``, fake quantization): analysis on 64 calibration
-  crops; agreement with FP32 on 256 other crops; budget 3 points.
+- EfficientNet-Lite0 W4A8, PyTorch (``lowbit.torch.analyze``, fake quantization, ``mode="bits"``): analysis on
+  64 calibration crops; agreement with FP32 on 128 other crops (torch fake quantization is slow on 2 cores);
+  the search widens weights to 8 bits; budget 10 points; one random order.
 - The Fashion-MNIST MobileNetV2-style net, PyTorch, W8A8 and W4A8 (residual adds quantized): calibration on 512
   training images, analysis on 256 others, top-1 accuracy on the 10,000 test images; budget 0.2 points. And the
   bit-width search: W4A8 with the most sensitive layers' weights widened to 8 bits.
@@ -79,7 +80,7 @@ def _plot(name: str, r: dict, budget: float, write: bool) -> str:
     return path.name
 
 
-def bench_efficientnet_onnx(work: Path, k_max: int, crops: int, seeds: int) -> dict:
+def bench_efficientnet_onnx(work: Path, ks: list[int], crops: int, seeds: int) -> dict:
     src = work / "efficientnet_lite0.onnx"
     onnx.save(efficientnet_lite0_onnx(), str(src))
     images = photos()
@@ -96,7 +97,6 @@ def bench_efficientnet_onnx(work: Path, k_max: int, crops: int, seeds: int) -> d
     cal = calibrate_model(float_model, [{"image": calib[i : i + 8]} for i in range(0, len(calib), 8)],
                           every_tensor=True, progress=False)  # fmt: skip
     metric.prepare(session(float_model))
-    ks = list(range(k_max + 1))
     curves = {}
     for order_name, order in _orders(ranked, seeds).items():
         curves[order_name] = [metric.score(session(cal.build(keep_float=order[:k]).model)) for k in ks]
@@ -138,7 +138,10 @@ def _torch_curves(q, ranked, score, ks, seeds, mode="float") -> dict[str, list[f
     return curves
 
 
-def bench_efficientnet_torch(k_max: int, crops: int, seeds: int) -> dict:
+def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
+    """W4A8 collapses on EfficientNet-Lite0 with plain per-channel rounding (a few percent agreement), so the
+    search here widens the most sensitive layers' weights to 8 bits (activations stay 8-bit) rather than keeping
+    them in float; the analysis ranks "only this layer at 4-bit weights, the others at 8"."""
     import torch
 
     import lowbit.torch as lt
@@ -159,15 +162,15 @@ def bench_efficientnet_torch(k_max: int, crops: int, seeds: int) -> dict:
         return float((top == reference).float().mean() * 100)
 
     t0 = time.perf_counter()
-    a = lt.analyze(q, batches[:4], metric=agreement, max_drop=3.0)
+    a = lt.analyze(q, batches[:4], metric=agreement, max_drop=10.0, mode="bits", max_layers=max(ks))
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
-    ks = list(range(k_max + 1))
-    curves = _torch_curves(q, ranked, agreement, ks, seeds)
+    curves = _torch_curves(q, ranked, agreement, ks, seeds, "bits")
     return {
-        "config": "W4A8 (4-bit per-channel weights, 8-bit activations), residual adds quantized; PyTorch",
+        "config": "W4A8 (4-bit per-channel weights, 8-bit activations), residual adds quantized; PyTorch; search: "
+        "weights widened from 4 to 8 bits",
         "metric": "top-1 agreement with FP32 (%)",
-        "budget": "drop <= 3 points",
+        "budget": "drop <= 10 points",
         "layers": len(ranked),
         "analysis_seconds": analysis_s,
         "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
@@ -175,10 +178,11 @@ def bench_efficientnet_torch(k_max: int, crops: int, seeds: int) -> dict:
         "curves": curves,
         "mixed": a.mixed.to_dict(),
         "samples": {"calibration": len(calib), "analysis": a.samples, "evaluation": len(test)},
+        "x_label": "layers with 8-bit weights",
     }
 
 
-def bench_fashion(config: str, k_max: int, seeds: int, mode: str = "float") -> dict:
+def bench_fashion(config: str, ks: list[int], seeds: int, mode: str = "float") -> dict:
     import torch
 
     import lowbit.torch as lt
@@ -200,7 +204,7 @@ def bench_fashion(config: str, k_max: int, seeds: int, mode: str = "float") -> d
     a = lt.analyze(q, analysis_batches, metric=accuracy, max_drop=0.2, mode=mode)
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
-    ks = list(range(min(k_max, len(ranked)) + 1))
+    ks = [k for k in ks if k <= len(ranked)]
     curves = _torch_curves(q, ranked, accuracy, ks, seeds, mode)
     widen = mode == "bits"
     return {
@@ -281,15 +285,17 @@ def main() -> None:
 
     torch.manual_seed(0)
     k_max, crops, seeds = (6, 256, 1) if args.quick else (12, 1000, RANDOM_ORDERS)
+    ks = list(range(k_max + 1))
+    wide = list(range(0, 5 * k_max // 2 + 1, 3 if args.quick else 4))  # W4A8 EfficientNet needs many more layers
     results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
     with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
         work = Path(tmp)
         runs = [
-            ("EfficientNet-Lite0 W8A8 (ONNX)", lambda: bench_efficientnet_onnx(work, k_max, crops, seeds)),
-            ("EfficientNet-Lite0 W4A8 (PyTorch)", lambda: bench_efficientnet_torch(k_max, min(crops, 256), seeds)),
-            ("Fashion-MNIST MobileNetV2-style W8A8", lambda: bench_fashion("int8", k_max, seeds)),
-            ("Fashion-MNIST MobileNetV2-style W4A8", lambda: bench_fashion("w4a8", k_max, seeds)),
-            ("Fashion-MNIST MobileNetV2-style W4A8, bit widths", lambda: bench_fashion("w4a8", k_max, seeds, "bits")),
+            ("EfficientNet-Lite0 W8A8 (ONNX)", lambda: bench_efficientnet_onnx(work, ks, crops, seeds)),
+            ("EfficientNet-Lite0 W4A8, bit widths (PyTorch)", lambda: bench_efficientnet_torch(wide, 128, 1)),
+            ("Fashion-MNIST MobileNetV2-style W8A8", lambda: bench_fashion("int8", ks, seeds)),
+            ("Fashion-MNIST MobileNetV2-style W4A8", lambda: bench_fashion("w4a8", ks, seeds)),
+            ("Fashion-MNIST MobileNetV2-style W4A8, bit widths", lambda: bench_fashion("w4a8", ks, seeds, "bits")),
         ]
         for name, run in runs:
             print(f"\n== {name}", flush=True)
