@@ -191,6 +191,8 @@ def render(analysis) -> str:
     if a.profile is not None:
         p = a.profile
         out.append("<h2>Where INT8 really runs (ONNX Runtime CPU profile)</h2>")
+        which = "the mixed-precision model" if a.mixed is not None else "the fully quantized model"
+        out.append(f"<p class='note'>Kernels of {which}, after ONNX Runtime's graph optimizations.</p>")
         out.append(f"<p class='note'>{escape(p.summary())}</p>")
         out.append(
             _table(

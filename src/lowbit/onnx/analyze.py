@@ -36,7 +36,7 @@ from lowbit.onnx import placement, rewrite
 from lowbit.onnx.calibrated import Calibrated, calibrate_model, units
 from lowbit.onnx.errors import compare_tensors
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.model import input_specs, load_model, preprocess
+from lowbit.onnx.model import batch_size_for, input_specs, load_model, preprocess
 from lowbit.onnx.rules import rule_for
 
 CHUNK = 12  # single-layer models held in memory at once
@@ -179,6 +179,8 @@ def analyze(
         raise AnalyzeError("samples, batch_size and max_samples must be positive")
     if calib is None:
         raise AnalyzeError("the analysis calibrates the model as quantize would: give calibration data (--calib)")
+    if (metric is None) != (max_drop is None):
+        raise AnalyzeError("automatic mixed precision needs both a metric and max_drop")
     float_model = preprocess(load_model(model_path))
     inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
     source = open_feeds(calib, inputs, image_options=image_options)
@@ -187,11 +189,13 @@ def analyze(
     full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
     if not full.quantized_nodes:
         raise AnalyzeError("nothing to analyse: no node of a supported type (Conv, Gemm, MatMul, ...) is quantized")
+    names = {graph.node_name(n) for n in graph.nodes}
+    missing = [name for name in extract if name not in names]
+    if missing:  # say so now, not after minutes of analysis
+        known = ", ".join(full.quantized_nodes[:30])
+        raise AnalyzeError(f"--extract {missing[0]!r}: no node of that name; quantized nodes include: {known}")
 
-    batch = batch_size
-    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
-    if len(fixed) == 1:
-        batch = fixed.pop()
+    batch = batch_size_for(inputs, batch_size)
     cal_batches = source.batches(batch, 0, max_samples)
     histogram_based = issubclass(type(calib_registry.create(method)), HistogramCalibrator)
     observers = {}
@@ -273,8 +277,9 @@ def analyze(
         folder = Path(extract_dir) if extract_dir is not None else model_path.parent
         for name in extract:
             analysis.extracted += [str(p) for p in extract_mod.extract(calibrated, built, name, feeds, folder)]
-    if profile:
-        analysis.profile = inspect_mod.profile(built.model, first_feed)
+    if profile:  # the model a user would deploy: the mixed one when a budget was searched
+        deployed = built.model if analysis.mixed is None else calibrated.build(keep_float=analysis.mixed.kept).model
+        analysis.profile = inspect_mod.profile(deployed, first_feed)
     analysis.seconds = time.perf_counter() - t_start
     if json_path is not None:
         atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")

@@ -194,3 +194,12 @@ def input_specs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple]]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
         specs.append((info.name, dtype, shape))
     return specs
+
+
+def batch_size_for(inputs, requested: int) -> int:
+    """The batch size to run a model at: the one its inputs fix (every input with a fixed first dimension
+    agreeing), else ``requested``."""
+    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
+    if len(fixed) == 1:
+        return fixed.pop()
+    return requested

@@ -26,7 +26,7 @@ from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
 from lowbit.onnx.calibrated import calibrate_model, target_options, units  # noqa: F401 (public here too)
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.model import file_size, input_specs, load_model, preprocess, save_model, session
+from lowbit.onnx.model import batch_size_for, file_size, input_specs, load_model, preprocess, save_model, session
 from lowbit.trt_cache import write_trt_cache
 
 # Default calibration method per target. MSE searches the grid the target uses. TensorRT's entropy method, faithful
@@ -125,13 +125,6 @@ def _split(
     return (0, stop), (n - h, n)
 
 
-def _batch_size(inputs: tuple[InputSpec, ...], requested: int) -> int:
-    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
-    if len(fixed) == 1:
-        return fixed.pop()
-    return requested
-
-
 def quantize(
     model: str | os.PathLike,
     output: str | os.PathLike,
@@ -205,7 +198,7 @@ def quantize(
     original = load_model(model_path)
     float_model = preprocess(original)
     inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
-    batch = _batch_size(inputs, batch_size)
+    batch = batch_size_for(inputs, batch_size)
     eval_source = open_feeds(eval_data, inputs, image_options=image_options) if eval_data is not None else None
     source = open_feeds(calib, inputs, image_options=image_options) if calib is not None else None
     result = QuantizeResult(output, ranges_path, "ort" if dynamic else target, method, dynamic, [], [])
