@@ -245,17 +245,23 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         raise UsageError(f"lowbit analyze needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
     _check_outputs([args.model], [args.report, args.json])
     metric = _metric(args, args.model, args.calib) if args.max_drop is not None else None
+    method = args.method or "mse"
+    spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
+    options = _method_options([method], args.option, spec)[method] if args.option else None
     analysis = analyze(
         args.model,
         args.calib,
         eval_data=_eval_data(args),
         metric=metric,
         max_drop=args.max_drop,
-        method=args.method or "mse",
+        method=method,
+        method_options=options,
         target=args.target,
         per_channel=args.per_channel,
         exclude=args.exclude,
         exclude_ops=args.exclude_op,
+        bias_correction=args.bias_correction,
+        rounding=args.rounding,
         batch_size=args.batch_size,
         max_samples=args.max_samples,
         samples=args.samples,
@@ -380,6 +386,37 @@ def _add_budget_args(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--labels", type=Path, help=".npy of integer classes, one per --eval sample")
 
 
+def _add_static_args(parser: argparse.ArgumentParser) -> None:
+    """What static quantization is asked to do: calibration, target layout, exclusions, rounding."""
+    parser.add_argument(
+        "--method", "-m", choices=calib.available(),
+        help="calibration method (default: mse, which searches the target's own grid)",
+    )  # fmt: skip
+    parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator option")
+    parser.add_argument(
+        "--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)"
+    )
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+                       help="one weight scale per output channel (default)")  # fmt: skip
+    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
+    parser.add_argument(
+        "--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float"
+    )
+    parser.add_argument(
+        "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
+    )
+    parser.add_argument(
+        "--no-bias-correction", dest="bias_correction", action="store_false",
+        help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--rounding", choices=("gptq", "nearest"), default="gptq",
+        help="how weights get their int8 codes: gptq (default; least output error on the calibration data) or "
+        "nearest (each weight to its nearest code)",
+    )  # fmt: skip
+
+
 def _add_quantize(commands) -> None:
     q = commands.add_parser(
         "quantize",
@@ -397,36 +434,12 @@ def _add_quantize(commands) -> None:
         help="calibration data: .npz/.npy (arrays keyed by input name, first axis = samples), a folder of them or "
         "of images, or module:function returning an iterable of feed dicts",
     )
-    q.add_argument(
-        "--method", "-m", choices=calib.available(),
-        help="calibration method (default: mse, which searches the target's own grid)",
-    )  # fmt: skip
-    q.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator option")
-    q.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)")
-    group = q.add_mutually_exclusive_group()
-    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
-                       help="one weight scale per output channel (default)")  # fmt: skip
-    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
-    q.add_argument(
-        "--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float"
-    )
-    q.add_argument(
-        "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
-    )
+    _add_static_args(q)
     q.add_argument("--dynamic", action="store_true", help="dynamic quantization of MatMul/Gemm (no --calib)")
     q.add_argument(
         "--weight-only-rnn", action="store_true",
         help="with --dynamic, also store GRU/RNN weights as int8 (4x smaller, but slower: ONNX Runtime has no "
         "integer GRU/RNN kernel; LSTM always runs on int8)",
-    )  # fmt: skip
-    q.add_argument(
-        "--no-bias-correction", dest="bias_correction", action="store_false",
-        help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
-    )  # fmt: skip
-    q.add_argument(
-        "--rounding", choices=("gptq", "nearest"), default="gptq",
-        help="how weights get their int8 codes: gptq (default; least output error on the calibration data) or "
-        "nearest (each weight to its nearest code)",
     )  # fmt: skip
     q.add_argument(
         "--fp16-rest", action="store_true",
@@ -463,14 +476,7 @@ def _add_analyze(commands) -> None:
         "--eval",
         help="analysis data (default: the calibration data), or module:function, a metric function(session) -> score",
     )
-    a.add_argument("--method", "-m", choices=calib.available(), help="calibration method (default mse)")
-    a.add_argument("--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)")
-    group = a.add_mutually_exclusive_group()
-    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
-                       help="one weight scale per output channel (default)")  # fmt: skip
-    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
-    a.add_argument("--exclude", action="append", default=[], metavar="REGEX", help="keep matching nodes in float")
-    a.add_argument("--exclude-op", action="append", default=[], metavar="TYPE", help="keep this op type in float")
+    _add_static_args(a)
     a.add_argument("--samples", type=int, default=64, help="samples the layers are measured on (default 64)")
     a.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
     a.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (512)")

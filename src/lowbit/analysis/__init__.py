@@ -178,6 +178,20 @@ class Analysis:
             f"{text}{more}"
         )
 
+    def write(self, json_path=None, report=None) -> None:
+        """The numbers as JSON at ``json_path`` and the HTML report at ``report`` (either may be None), each
+        written atomically."""
+        if json_path is not None:
+            import json
+
+            from lowbit._io import atomic_write_text
+
+            atomic_write_text(json_path, json.dumps(self.to_dict(), indent=1) + "\n")
+        if report is not None:
+            from lowbit.analysis.report import write_report
+
+            write_report(self, report)
+
     def to_dict(self) -> dict:
         out = {
             "lowbit": lowbit.__version__,

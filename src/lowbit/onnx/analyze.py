@@ -15,7 +15,6 @@ Per weight: per-tensor vs per-channel SQNR and, where per-tensor is poor, every 
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Iterable, Sequence
@@ -27,7 +26,6 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit import calib as calib_registry
-from lowbit._io import atomic_write_text
 from lowbit.analysis import Analysis, Error, LayerReport, WeightReport, tensor_report, weight_report
 from lowbit.calib.histogram_methods import HistogramCalibrator
 from lowbit.data import DataError, Feed, InputSpec, open_feeds
@@ -281,12 +279,7 @@ def analyze(
         deployed = built.model if analysis.mixed is None else calibrated.build(keep_float=analysis.mixed.kept).model
         analysis.profile = inspect_mod.profile(deployed, first_feed)
     analysis.seconds = time.perf_counter() - t_start
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
-    if report is not None:
-        from lowbit.analysis.report import write_report
-
-        write_report(analysis, report)
+    analysis.write(json_path, report)
     return analysis
 
 

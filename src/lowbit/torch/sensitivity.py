@@ -18,7 +18,6 @@ same as the ONNX analysis gives, and :func:`lowbit.analysis.report.write_report`
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -30,7 +29,6 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit._io import atomic_write_text
 from lowbit.analysis import (
     Analysis,
     Error,
@@ -402,10 +400,5 @@ def analyze(
     finally:
         model.train(was_training)
     analysis.seconds = time.perf_counter() - t0
-    if json_path is not None:
-        atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
-    if report is not None:
-        from lowbit.analysis.report import write_report
-
-        write_report(analysis, report)
+    analysis.write(json_path, report)
     return analysis
