@@ -433,6 +433,14 @@ def summarize(results: dict) -> str:
                 f"; with the first depthwise convolution kept in float by hand (--exclude) "
                 f"{by_hand['top1_agreement'] * 100:.1f}%, x{speed:.2f} faster than FP32 at batch 8"
             )
+        auto = next((v for k, v in rows.items() if "automatic mixed precision" in k), None)
+        if auto:
+            speed = rows["FP32"]["latency_ms"][8] / auto["latency_ms"][8]
+            line += (
+                f"; automatic mixed precision (layers chosen on 256 validation crops, apart from these) "
+                f"{auto['top1_agreement'] * 100:.1f}% ({'met' if auto['top1_agreement'] >= 0.97 else 'NOT met'}), "
+                f"x{speed:.2f} faster than FP32 at batch 8"
+            )
         if best:
             line += f"; ONNX Runtime's best quantize_static: {best[1]['top1_agreement'] * 100:.1f}% ({best[0]})"
         out.append(line + ".")
