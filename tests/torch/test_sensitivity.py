@@ -104,7 +104,8 @@ def test_bit_width_search_widens_weights_and_restores_them():
     for n, layer in layers.items():
         torch.testing.assert_close(layer.weight_quantizer.scale, scales[n], rtol=0, atol=0)
     a = lt.analyze(q, models.batches(2, seed=5), mode="bits", max_drop=-1.0, progress=False)
-    assert a.mixed.steps[-1].kept == len(a.layers) and "8-bit weights" in a.mixed.metric
+    assert a.mixed.steps[-1].kept == len(a.layers) and a.mixed.kind == "bits"
+    assert "layer with 8-bit weights" in a.mixed.table()
     lt.apply_mixed(q, a.mixed)
     assert all(layer.weight_quantizer.spec.bits == 8 for layer in layers.values())
 

@@ -226,12 +226,26 @@ class Step:
 
 @dataclass
 class MixedResult:
+    """A mixed-precision search: the metric of FP32 (``reference``), the budget, and one :class:`Step` per model
+    tried. ``kind``: ``"float"`` (layers kept in float) or ``"bits"`` (layers given 8-bit weights)."""
+
     metric: str
     unit: str
     reference: float
     max_drop: float
     steps: list[Step] = field(default_factory=list)
     met: bool = False
+    kind: str = "float"
+
+    @property
+    def action(self) -> str:
+        """What a step does to its layer, for tables: "kept in float" or "with 8-bit weights"."""
+        return "with 8-bit weights" if self.kind == "bits" else "kept in float"
+
+    @property
+    def budget_unit(self) -> str:
+        """The unit of a drop: points for a percentage."""
+        return " points" if self.unit.strip() == "%" else self.unit
 
     @property
     def kept(self) -> list[str]:
@@ -243,16 +257,13 @@ class MixedResult:
         for prev, s in zip([None, *self.steps], self.steps, strict=False):
             gain = "" if prev is None else f"{s.score - prev.score:+.4g}"
             rows.append([s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}", gain])
-        verdict = (
-            f"within budget with {self.steps[-1].kept} layer(s) in float"
-            if self.met
-            else f"budget not met with {self.steps[-1].kept} layer(s) in float"
-        )
+        n = self.steps[-1].kept
+        verdict = f"within budget with {n} layer(s) {self.action}" if self.met else f"budget not met with {n} layer(s)"
         head = (
             f"mixed precision: {self.metric} FP32 {self.reference:.4f}{self.unit}, budget: drop <= {self.max_drop}"
-            f"{self.unit}; {verdict}"
+            f"{self.budget_unit}; {verdict}"
         )
-        return head + "\n" + format_table(["kept", "layer kept in float", "score", "drop", "gain"], rows, "rlrrr")
+        return head + "\n" + format_table(["k", f"layer {self.action}", "score", "drop", "gain"], rows, "rlrrr")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kept": self.kept}

@@ -109,9 +109,9 @@ def render(analysis) -> str:
         out.append("<h2>Automatic mixed precision</h2>")
         verdict = "met" if m.met else "not met"
         out.append(
-            f"<p class='note'>Layers kept in float one more at a time, most sensitive first; metric "
+            f"<p class='note'>Layers {escape(m.action)} one more at a time, most sensitive first; metric "
             f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
-            f"{escape(m.unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) in float: "
+            f"{escape(m.budget_unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) {escape(m.action)}: "
             f"{escape(', '.join(m.kept) or 'none')}.</p>"
         )
         ks = [s.kept for s in m.steps]
@@ -119,8 +119,8 @@ def render(analysis) -> str:
             _img(
                 plots.lines(
                     {m.metric: (ks, [s.score for s in m.steps])},
-                    f"{m.metric} vs number of layers kept in float",
-                    "layers kept in float",
+                    f"{m.metric} vs number of layers {m.action}",
+                    f"layers {m.action}",
                     m.metric + m.unit,
                     hline=m.reference - m.max_drop,
                     hline_label="budget",
@@ -130,7 +130,7 @@ def render(analysis) -> str:
         )
         out.append(
             _table(
-                ["kept", "layer kept in float", "score", "drop"],
+                ["k", f"layer {m.action}", "score", "drop"],
                 [[s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"] for s in m.steps],
                 left=0,
             )

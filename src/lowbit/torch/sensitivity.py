@@ -240,7 +240,7 @@ def search(
         raise ValueError(f"not quantized layers of this model: {', '.join(unknown[:5])}")
     with only(model, [], layers):
         reference = score(model)
-    result = MixedResult(name + (" (8-bit weights)" if mode == "bits" else ""), unit, reference, float(max_drop))
+    result = MixedResult(name, unit, reference, float(max_drop), kind=mode)
     limit = len(ranked) if max_layers is None else min(max_layers, len(ranked))
     bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
     for k in range(limit + 1):
@@ -262,7 +262,7 @@ def apply_mixed(model: nn.Module, result: MixedResult) -> nn.Module:
     layers = quantized_layers(model)
     for name in result.kept:
         layer = layers[name]
-        if "8-bit weights" in result.metric:
+        if result.kind == "bits":
             for q in own_quantizers(layer):
                 if q.is_weight and q.mode == "quantize":
                     q.spec = replace(q.spec, bits=8)
