@@ -87,6 +87,11 @@ class _Frame:
             self.parts.append(f'<text x="{x:.1f}" y="{self.h - PAD_B + 14}" text-anchor="middle">{_fmt(t)}</text>')
 
     def legend(self, names: Sequence[str]) -> None:
+        if names:  # a white backing, so that lines under the legend do not run through its text
+            self.parts.append(
+                f'<rect x="{self.w - PAD_R - 156}" y="{PAD_T + 2}" width="152" height="{14 * len(names) + 6}" '
+                'fill="white" fill-opacity="0.85" stroke="#ccc"/>'
+            )
         for i, name in enumerate(names):
             y = PAD_T + 12 + 14 * i
             color = COLORS[i % len(COLORS)]

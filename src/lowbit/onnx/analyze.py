@@ -32,8 +32,8 @@ from lowbit.data import DataError, Feed, InputSpec, open_feeds
 from lowbit.errors import LowbitError
 from lowbit.onnx import placement, rewrite
 from lowbit.onnx.calibrated import Calibrated, calibrate_model, units
-from lowbit.onnx.errors import compare_tensors
 from lowbit.onnx.graph import Graph
+from lowbit.onnx.measure import compare_tensors
 from lowbit.onnx.model import batch_size_for, input_specs, load_model, preprocess
 from lowbit.onnx.rules import rule_for
 
