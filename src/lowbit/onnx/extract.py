@@ -27,10 +27,6 @@ from lowbit.onnx.model import save_model, session
 MAX_RECORDED = 64  # samples of recorded inputs
 
 
-class ExtractError(ValueError):
-    pass
-
-
 def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "node"
 

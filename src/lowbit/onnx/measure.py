@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.analysis import Error, ErrorMeter
@@ -22,7 +21,6 @@ def compare_tensors(
     total: int | None = None,
     desc: str = "comparing",
     progress: bool = True,
-    sessions: Mapping[str, ort.InferenceSession] | None = None,
 ) -> dict[str, dict[str, Error]]:
     """Run ``reference`` and every candidate model (key -> (model, tensors)) on each feed and measure each
     candidate's named tensors against the reference's: ``{key: {tensor: Error}}``. The reference runs once per
@@ -31,8 +29,7 @@ def compare_tensors(
     ref = session(with_outputs(reference, wanted))
     runs = {}
     for key, (model, tensors) in candidates.items():
-        sess = (sessions or {}).get(key) or session(with_outputs(model, tensors))
-        runs[key] = (sess, list(tensors))
+        runs[key] = (session(with_outputs(model, tensors)), list(tensors))
     meters = {key: {t: ErrorMeter() for t in tensors} for key, (_, tensors) in runs.items()}
     bar = tqdm(total=None if total is None else total * len(runs), desc=desc, unit="run", disable=not progress,
                leave=False)  # fmt: skip
