@@ -235,7 +235,11 @@ def _eval_data(args: argparse.Namespace) -> Any:
     """``--eval`` when it is data; None when it names a metric function (which brings its own data)."""
     from lowbit.onnx.metrics import is_metric_function
 
-    return None if args.eval is None or is_metric_function(args.eval) else args.eval
+    if args.eval is None or not is_metric_function(args.eval):
+        return args.eval
+    if args.max_drop is None:
+        raise UsageError(f"--eval {args.eval} is a metric function, which only a budget uses: add --max-drop X")
+    return None
 
 
 def _cmd_analyze(args: argparse.Namespace) -> int:

@@ -267,3 +267,6 @@ def test_cli_budget_with_a_metric_function(files, capsys, monkeypatch):
     argv[-4:] = ["--max-drop", "1", "--eval", "mymetric:score", "--metric", "cosine"]
     assert main(argv) == 2
     assert "drop --metric" in capsys.readouterr().err
+    argv[-6:] = ["--eval", "mymetric:score"]
+    assert main(argv) == 2
+    assert "add --max-drop" in capsys.readouterr().err
