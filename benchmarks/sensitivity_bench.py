@@ -80,6 +80,21 @@ def _plot(name: str, r: dict, budget: float, write: bool) -> str:
     return path.name
 
 
+def _result(a, analysis_s: float, ks: list[int], curves: dict, samples: dict, **described) -> dict:
+    """The raw figures of one model: what ``described`` says (config, metric, budget, ...), the analysis' top
+    layers, the curves and the mixed-precision search."""
+    return {
+        **described,
+        "layers": len(a.layers),
+        "analysis_seconds": analysis_s,
+        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
+        "ks": ks,
+        "curves": curves,
+        "mixed": a.mixed.to_dict(),
+        "samples": {**samples, "analysis": a.samples},
+    }
+
+
 def bench_efficientnet_onnx(work: Path, ks: list[int], crops: int, seeds: int) -> dict:
     src = work / "efficientnet_lite0.onnx"
     onnx.save(efficientnet_lite0_onnx(), str(src))
@@ -108,20 +123,14 @@ def bench_efficientnet_onnx(work: Path, ks: list[int], crops: int, seeds: int) -
     save_model(cal.build(keep_float=a.mixed.kept).model, paths["INT8 mixed"])
     sessions = {k: session(onnx.load(str(p))) for k, p in paths.items()}
     latency = {b: interleaved_latency_ms(sessions, {"image": test[:b]}, budget_s=4.0) for b in (1, 8)}
-    return {
-        "config": "W8A8, ONNX Runtime CPU layout (--target ort), mse",
-        "metric": "top-1 agreement with FP32 (%)",
-        "budget": "agreement >= 97% (drop <= 3 points)",
-        "layers": len(ranked),
-        "analysis_seconds": analysis_s,
-        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
-        "ks": ks,
-        "curves": curves,
-        "mixed": a.mixed.to_dict(),
-        "sizes": {k: file_size(p) for k, p in paths.items()},
-        "latency": {k: {b: latency[b][k] for b in (1, 8)} for k in paths},
-        "samples": {"calibration": len(calib), "analysis": a.samples, "evaluation": len(test)},
-    }
+    return _result(
+        a, analysis_s, ks, curves, {"calibration": len(calib), "evaluation": len(test)},
+        config="W8A8, ONNX Runtime CPU layout (--target ort), mse",
+        metric="top-1 agreement with FP32 (%)",
+        budget="agreement >= 97% (drop <= 3 points)",
+        sizes={k: file_size(p) for k, p in paths.items()},
+        latency={k: {b: latency[b][k] for b in (1, 8)} for k in paths},
+    )  # fmt: skip
 
 
 def _torch_curves(q, ranked, score, ks, seeds, mode="float") -> dict[str, list[float]]:
@@ -166,20 +175,14 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
     curves = _torch_curves(q, ranked, agreement, ks, seeds, "bits")
-    return {
-        "config": "W4A8 (4-bit per-channel weights, 8-bit activations), residual adds quantized; PyTorch; search: "
+    return _result(
+        a, analysis_s, ks, curves, {"calibration": len(calib), "evaluation": len(test)},
+        config="W4A8 (4-bit per-channel weights, 8-bit activations), residual adds quantized; PyTorch; search: "
         "weights widened from 4 to 8 bits",
-        "metric": "top-1 agreement with FP32 (%)",
-        "budget": "drop <= 10 points",
-        "layers": len(ranked),
-        "analysis_seconds": analysis_s,
-        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
-        "ks": ks,
-        "curves": curves,
-        "mixed": a.mixed.to_dict(),
-        "samples": {"calibration": len(calib), "analysis": a.samples, "evaluation": len(test)},
-        "x_label": "layers with 8-bit weights",
-    }
+        metric="top-1 agreement with FP32 (%)",
+        budget="drop <= 10 points",
+        x_label="layers with 8-bit weights",
+    )  # fmt: skip
 
 
 def bench_fashion(config: str, ks: list[int], seeds: int, mode: str = "float") -> dict:
@@ -207,20 +210,14 @@ def bench_fashion(config: str, ks: list[int], seeds: int, mode: str = "float") -
     ks = [k for k in ks if k <= len(ranked)]
     curves = _torch_curves(q, ranked, accuracy, ks, seeds, mode)
     widen = mode == "bits"
-    return {
-        "config": f"{config.upper()}, residual adds quantized; PyTorch"
+    return _result(
+        a, analysis_s, ks, curves, {"calibration": 512, "evaluation": len(xte)},
+        config=f"{config.upper()}, residual adds quantized; PyTorch"
         + ("; search: weights widened from 4 to 8 bits" if widen else ""),
-        "metric": "top-1 accuracy (%)",
-        "budget": "drop <= 0.2 points",
-        "layers": len(ranked),
-        "analysis_seconds": analysis_s,
-        "top": [(r.name, r.op_type, r.own_model.sqnr_db) for r in a.layers[:10]],
-        "ks": ks,
-        "curves": curves,
-        "mixed": a.mixed.to_dict(),
-        "samples": {"calibration": 512, "analysis": a.samples, "evaluation": len(xte)},
-        "x_label": "layers with 8-bit weights" if widen else "layers kept in float",
-    }
+        metric="top-1 accuracy (%)",
+        budget="drop <= 0.2 points",
+        x_label="layers with 8-bit weights" if widen else "layers kept in float",
+    )  # fmt: skip
 
 
 def _area(curve: list[float]) -> float:
