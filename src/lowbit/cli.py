@@ -284,6 +284,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if analysis.profile is not None:
         print()
         print(analysis.profile.summary())
+        if analysis.target == "trt":
+            print("(profiled in ONNX Runtime; a --target trt model is laid out for TensorRT, not for this)")
     for path in analysis.extracted:
         print(f"wrote {path}")
     if args.json:

@@ -192,7 +192,10 @@ def render(analysis) -> str:
         p = a.profile
         out.append("<h2>Where INT8 really runs (ONNX Runtime CPU profile)</h2>")
         which = "the mixed-precision model" if a.mixed is not None else "the fully quantized model"
-        out.append(f"<p class='note'>Kernels of {which}, after ONNX Runtime's graph optimizations.</p>")
+        note = f"Kernels of {which}, after ONNX Runtime's graph optimizations."
+        if a.target == "trt":
+            note += " This model is laid out for TensorRT (--target trt), not for ONNX Runtime's integer kernels."
+        out.append(f"<p class='note'>{escape(note)}</p>")
         out.append(f"<p class='note'>{escape(p.summary())}</p>")
         out.append(
             _table(
