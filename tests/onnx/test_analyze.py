@@ -270,3 +270,11 @@ def test_cli_budget_with_a_metric_function(files, capsys, monkeypatch):
     argv[-6:] = ["--eval", "mymetric:score"]
     assert main(argv) == 2
     assert "add --max-drop" in capsys.readouterr().err
+
+
+def test_trt_layout_is_analysed_too(files):
+    _, model, data = files
+    a = analyze(model, data, target="trt", method="minmax", samples=8, progress=False)
+    assert {"conv1", "conv2", "fc"} <= {r.name for r in a.layers}
+    assert all(rep.ranges["minmax"]["lo"] == -rep.ranges["minmax"]["hi"] for rep in a.tensors.values())  # symmetric
+    assert a.profile is not None and "TensorRT" in render(a)
