@@ -222,10 +222,9 @@ def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
     inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
     source = open_feeds(data, inputs, image_options=_image_options(args))
     if args.eval is None:  # held out of the calibration data, as the comparison does
-        from lowbit.onnx.quantize import HOLDOUT
+        from lowbit.onnx.quantize import split_samples
 
-        n = source.num_samples
-        feeds = source.batches(args.batch_size, n - min(HOLDOUT, n // 5), n) if n else source.batches(8, 0, HOLDOUT)
+        feeds = source.batches(args.batch_size, *split_samples(source, args.max_samples, True)[1])
     else:
         feeds = source.batches(args.batch_size)
     return metrics.OutputMetric(kind, feeds, labels)

@@ -113,7 +113,7 @@ def ranges_path_for(output: Path) -> Path:
     return output.with_name(output.stem + ".ranges.json")
 
 
-def _split(
+def split_samples(
     source: FeedSource, max_samples: int, holdout: bool
 ) -> tuple[tuple[int, int | None], tuple[int, int | None]]:
     """Sample ranges (start, stop) for calibration and for the held-out comparison."""
@@ -225,7 +225,7 @@ def quantize(
             raise QuantizeError(
                 "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
             )
-        cal_range, held = _split(source, max_samples, compare_models and eval_source is None)
+        cal_range, held = split_samples(source, max_samples, compare_models and eval_source is None)
         if cal_range[1] is not None and cal_range[1] <= cal_range[0]:
             raise DataError(f"{source.description}: no samples left for calibration")
         batches = source.batches(batch, *cal_range)
