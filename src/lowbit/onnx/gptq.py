@@ -25,13 +25,11 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import Plan
 
 ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
-DAMP = 0.01  # added to H's diagonal, as a fraction of its mean, so that H^-1 exists
-BLOCK = 128  # columns rounded between two updates of the rest (GPTQ's lazy batch updates)
-ROWS_PER_COLUMN = 8  # fewer input rows than this per column: H is too poorly known, GPTQ would fit the samples
 MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
 QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
 
@@ -251,35 +249,9 @@ def round_weight(
 ) -> np.ndarray | None:
     """GPTQ's int8 codes of weight ``w`` at ``scale`` (symmetric: per output channel, or a scalar), given the
     second moment ``h`` (groups, columns, columns) of its input rows; shaped like ``w``. None when ``h`` cannot
-    be inverted. A column that never saw data (a dead input channel) keeps its nearest code: nothing flows into
-    or out of it, so the layer still works if deployment data wakes it."""
-    W = layer.matrix(w.astype(np.float64)).copy()  # (G, R, D)
-    s = _row_scales(layer, scale)  # (G, R, 1)
-    H = np.array(h, dtype=np.float64)
-    D = W.shape[2]
-    idx = np.arange(D)
-    H[:, idx, idx] = np.where(H[:, idx, idx] <= 0, 1.0, H[:, idx, idx])  # dead columns: rows/cols of H are 0
-    H[:, idx, idx] += damp * H[:, idx, idx].mean(axis=1, keepdims=True)
-    try:
-        U = np.linalg.cholesky(np.linalg.inv(H)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
-    except np.linalg.LinAlgError:
-        return None
-    if not np.all(np.isfinite(U)):
-        return None
-    Q = np.zeros_like(W)
-    for i1 in range(0, D, BLOCK):
-        i2 = min(i1 + BLOCK, D)
-        block = W[:, :, i1:i2].copy()
-        err = np.zeros_like(block)
-        for j in range(i2 - i1):
-            col = block[:, :, j]
-            q = np.clip(np.rint(col / s[:, :, 0]), -QMAX, QMAX)
-            Q[:, :, i1 + j] = q
-            e = (col - q * s[:, :, 0]) / U[:, None, i1 + j, i1 + j]
-            block[:, :, j + 1 :] -= e[:, :, None] * U[:, None, i1 + j, i1 + j + 1 : i2]
-            err[:, :, j] = e
-        W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
-    return layer.unmatrix(Q).astype(np.int8)
+    be inverted (:func:`lowbit.core.gptq.round_matrix`)."""
+    q = round_matrix(layer.matrix(w.astype(np.float64)), _row_scales(layer, scale), 0.0, -QMAX, QMAX, h, damp)
+    return None if q is None else layer.unmatrix(q).astype(np.int8)
 
 
 def codes(

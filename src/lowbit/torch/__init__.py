@@ -31,6 +31,7 @@ from lowbit.torch.ptq import calibrate, quantize, quantizers
 from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze_bn_stats
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
+from lowbit.torch.rounding import gptq
 from lowbit.torch.sensitivity import analyze, apply_mixed
 
 __all__ = [
@@ -57,6 +58,7 @@ __all__ = [
     "fake_quant",
     "fold_batchnorm",
     "freeze_bn_stats",
+    "gptq",
     "preset",
     "quantize",
     "quantizers",

@@ -78,8 +78,8 @@ class QuantMixin:
             new.weight.copy_(module.weight)
             if module.bias is not None:
                 new.bias.copy_(module.bias)
-        new.train(module.training)
         new._init_quantizers(cfg, name)
+        new.train(module.training)  # after the quantizers exist: they follow the layer's mode
         return new.to(module.weight.device)
 
     def calibrate_weight(self) -> None:
@@ -198,7 +198,7 @@ class QuantAdd(Add):
         new.input_quantizers = nn.ModuleList(
             _quantizer(cfg.input if q else None, 1, f"{name}.input.{i}") for i, q in enumerate(module.quantize)
         )
-        new.train(module.training)
+        new.train(module.training)  # after the quantizers exist: they follow the layer's mode
         return new
 
     def calibrate_weight(self) -> None:  # no weight
@@ -236,7 +236,6 @@ class QuantLSTM(nn.LSTM):
             module.dropout, module.bidirectional, device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype,
         )  # fmt: skip
         new.load_state_dict(module.state_dict())
-        new.train(module.training)
         new.input_quantizer = _quantizer(cfg.input, 1, f"{name}.input")
         new.hidden_quantizer = _quantizer(cfg.input, 1, f"{name}.hidden")
         w = cfg.weight
@@ -249,6 +248,7 @@ class QuantLSTM(nn.LSTM):
                 q = _quantizer(w, 0, f"{name}.{pname}")
                 q.is_weight = True
                 new.weight_quantizers[pname] = q
+        new.train(module.training)  # after the quantizers exist: they follow the layer's mode
         return new
 
     def calibrate_weight(self) -> None:

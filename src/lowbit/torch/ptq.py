@@ -38,6 +38,9 @@ from lowbit.torch.residual import trace_residual_adds
 Calib = Iterable[Any] | Callable[[nn.Module], Any]
 
 
+ROUNDINGS = ("nearest", "gptq")
+
+
 def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)
@@ -189,6 +192,7 @@ def quantize(
     qat: bool = False,
     inplace: bool = False,
     progress: bool = True,
+    rounding: str = "nearest",
 ) -> nn.Module:
     """A quantized copy of ``model`` (in eval mode; ``inplace=True`` changes ``model`` itself).
 
@@ -198,8 +202,16 @@ def quantize(
     BatchNorms into the convolutions before them first. ``qat``: the model will be trained (QAT): keep each
     folded BatchNorm training inside a :class:`~lowbit.torch.qat.QuantConvBn2d` (:mod:`lowbit.torch.qat`)
     instead of folding its statistics away. Either way the returned model is in eval mode: call ``.train()``.
+    ``rounding``: ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the
+    Conv/Linear weights for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits).
     """
     cfg = resolve(config)
+    if rounding not in ROUNDINGS:
+        raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
+    if rounding == "gptq" and calib is None:
+        raise CalibrationError("rounding='gptq' needs calibration data (calib=): it fits the codes to the inputs")
+    if rounding == "gptq" and not _is_loop(calib) and iter(calib) is calib:
+        calib = list(calib)  # a one-shot iterator: GPTQ reads the batches a second time
     if not isinstance(model, nn.Module):
         raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calib is None and not cfg.dynamic:
@@ -231,4 +243,8 @@ def quantize(
         set_submodule(model, name, new)
     if calib is not None and not cfg.dynamic:
         calibrate(model, calib, progress=progress, batches=batches)
-    return model
+    if rounding == "gptq":
+        from lowbit.torch.rounding import gptq
+
+        gptq(model, calib, progress=progress)
+    return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too

@@ -124,6 +124,8 @@ class TensorQuantizer(nn.Module):
         self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
         self._hi: np.ndarray | None = None
         self.register_buffer("zero_point", torch.zeros(0))  # float: it takes part in the float fake quantization
+        # A weight's integer codes chosen by GPTQ (lowbit.torch.gptq) at the current scale; empty: plain rounding
+        self.register_buffer("codes", torch.zeros(0, dtype=torch.int32))
         if learn_scale:
             self.scale = nn.Parameter(torch.zeros(0))
         else:
@@ -160,9 +162,32 @@ class TensorQuantizer(nn.Module):
         """Fix the scale and zero point from a real range (floats, or arrays of the parameter shape)."""
         scale, zp = qparams(lo, hi, self.spec)
         device = self.scale.device
+        self.clear_codes()  # they were chosen at the old scale
         with torch.no_grad():
             self.scale.data = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(np.shape(scale))
             self.zero_point.data = torch.as_tensor(zp.astype(np.float32), device=device).reshape(np.shape(zp))
+
+    @property
+    def has_codes(self) -> bool:
+        """Whether the weight is rounded by chosen codes (GPTQ) rather than to nearest."""
+        return self.codes.numel() > 0
+
+    def set_codes(self, codes: torch.Tensor) -> None:
+        """Use ``codes`` (integers in [qmin, qmax], the weight's shape) as this weight's quantized values at the
+        current scale and zero point, instead of rounding it to nearest. Cleared when the scale changes
+        (:meth:`set_range`) and by training, which changes the weight they were chosen for."""
+        if not self.is_weight or not self.calibrated or self.dynamic:
+            raise CalibrationError(f"{self._describe()}: only a calibrated weight quantizer takes codes")
+        c = torch.as_tensor(codes)
+        if bool(((c < self.spec.qmin) | (c > self.spec.qmax)).any()):
+            raise CalibrationError(
+                f"{self._describe()}: codes outside [{self.spec.qmin}, {self.spec.qmax}], the {self.spec.bits}-bit grid"
+            )
+        self.codes = c.to(device=self.scale.device, dtype=torch.int32)
+
+    def clear_codes(self) -> None:
+        """Back to rounding the weight to nearest."""
+        self.codes = torch.zeros(0, dtype=torch.int32, device=self.codes.device)
 
     def calibrate_on(self, x: torch.Tensor) -> None:
         """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A per-channel
@@ -249,6 +274,17 @@ class TensorQuantizer(nn.Module):
                 f"{self._describe()} has no scale yet: calibrate it (lowbit.torch.quantize with calib=...) "
                 "before running the model quantized"
             )
+        if self.has_codes:
+            if self.training:  # QAT changes the weight (and a learned scale): the codes no longer fit it
+                self.clear_codes()
+            else:
+                if self.codes.shape != x.shape:
+                    raise CalibrationError(
+                        f"{self._describe()}: its GPTQ codes are {tuple(self.codes.shape)} but the weight is "
+                        f"{tuple(x.shape)}; clear them (clear_codes) or round the weights again (lowbit.torch.gptq)"
+                    )
+                z = param_view(self.zero_point, x.shape, self.spec)
+                x = ((self.codes.to(x.dtype) - z) * param_view(self.scale, x.shape, self.spec)).detach()
         if self.training and self.observe_steps > 0:
             self._follow(x)
             self.observe_steps -= 1
@@ -292,7 +328,7 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The scale's shape is only known after calibration: take the saved one.
-        for key in ("scale", "zero_point"):
+        for key in ("scale", "zero_point", "codes"):
             if prefix + key in state_dict:
                 getattr(self, key).data = torch.empty_like(state_dict[prefix + key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

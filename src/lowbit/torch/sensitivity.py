@@ -97,25 +97,24 @@ def kept_float(model: nn.Module, names: Iterable[str], layers: dict[str, nn.Modu
 @contextlib.contextmanager
 def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=None) -> Iterator[None]:
     """Within the block, the weights of the layers named in ``names`` are quantized to ``bits`` (their scales
-    recomputed from the weights); the narrower specs and scales come back after."""
+    recomputed from the weights, rounded to nearest); the narrower specs, scales and codes come back after."""
     layers = quantized_layers(model) if layers is None else layers
-    changed = []
+    saved = []
     try:
         for name in names:
             layer = layers[name]
             qs = [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
             if not qs or not hasattr(layer, "calibrate_weight"):
                 continue
-            changed.append((layer, [(q, q.spec) for q in qs]))
             for q in qs:
+                saved.append((q, q.spec, q.scale.data, q.zero_point.data, q.codes.data))
                 q.spec = replace(q.spec, bits=bits)
             layer.calibrate_weight()
         yield
     finally:
-        for layer, specs in changed:
-            for q, spec in specs:
-                q.spec = spec
-            layer.calibrate_weight()
+        for q, spec, scale, zero_point, codes in saved:
+            q.spec = spec
+            q.scale.data, q.zero_point.data, q.codes = scale, zero_point, codes
 
 
 def _first_tensor(out: Any) -> torch.Tensor:

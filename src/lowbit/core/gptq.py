@@ -1,0 +1,71 @@
+"""GPTQ rounding in NumPy: integer codes for a weight matrix that make the layer's *output* error least on the data.
+
+Rounding each weight to its nearest code minimizes ``|W_q - W|``; the network feels ``(W_q - W) x``, whose mean
+square over the data is ``tr(ΔW H ΔW^T)`` with ``H = E[x x^T]`` the second moment of the layer's input rows.
+GPTQ (Frantar et al. 2022, after Optimal Brain Quantization) rounds one input column at a time and spreads each
+column's rounding error over the columns not yet rounded, weighted by ``H^-1``, so that the errors cancel on the
+data. Scales and zero points stay as given (plain rounding's); only the codes change.
+
+Both front ends use :func:`round_matrix`: :mod:`lowbit.onnx.gptq` (weights of an ONNX graph) and
+:mod:`lowbit.torch.rounding` (a quantized PyTorch model's layers).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+DAMP = 0.01  # added to H's diagonal, as a fraction of its mean, so that H^-1 exists
+BLOCK = 128  # columns rounded between two updates of the rest (GPTQ's lazy batch updates)
+ROWS_PER_COLUMN = 8  # fewer input rows than this per column: H is too poorly known, GPTQ would fit the samples
+
+
+def round_matrix(
+    w: np.ndarray,
+    scale: np.ndarray,
+    zero_point: np.ndarray | float,
+    qmin: int,
+    qmax: int,
+    h: np.ndarray,
+    damp: float = DAMP,
+) -> np.ndarray | None:
+    """GPTQ's integer codes of ``w`` (groups, rows, columns): a row per output unit, a column per input feature.
+
+    ``scale`` and ``zero_point`` broadcast to ``w``'s shape (per tensor, per row, or per column group: each column
+    is rounded at its own scale); codes are ``clip(round(w / scale) + zero_point, qmin, qmax)`` as plain rounding,
+    with ``w`` updated column by column. ``h`` (groups, columns, columns) is the second moment of the input rows.
+    Returns the codes as float64 (groups, rows, columns), or None when ``h`` cannot be inverted. A column that
+    never saw data (a dead input) keeps its nearest code: nothing flows through it."""
+    W = np.array(w, dtype=np.float64)
+    if W.ndim != 3 or h.shape != (W.shape[0], W.shape[2], W.shape[2]):
+        raise ValueError(
+            f"w must be (groups, rows, columns) and h (groups, columns, columns); got {W.shape} and {h.shape}"
+        )
+    s = np.broadcast_to(np.asarray(scale, np.float64), W.shape)
+    z = np.broadcast_to(np.asarray(zero_point, np.float64), W.shape)
+    H = np.array(h, dtype=np.float64)
+    D = W.shape[2]
+    idx = np.arange(D)
+    diag = H[:, idx, idx]
+    H[:, idx, idx] = np.where(diag <= 0, 1.0, diag)  # dead columns: their rows and columns of H are 0
+    H[:, idx, idx] += damp * H[:, idx, idx].mean(axis=1, keepdims=True)
+    try:
+        U = np.linalg.cholesky(np.linalg.inv(H)).transpose(0, 2, 1)  # upper: H^-1 = U^T U
+    except np.linalg.LinAlgError:
+        return None
+    if not np.all(np.isfinite(U)):
+        return None
+    Q = np.zeros_like(W)
+    for i1 in range(0, D, BLOCK):
+        i2 = min(i1 + BLOCK, D)
+        block = W[:, :, i1:i2].copy()
+        err = np.zeros_like(block)
+        for j in range(i2 - i1):
+            c = i1 + j
+            col = block[:, :, j]
+            q = np.clip(np.rint(col / s[:, :, c]) + z[:, :, c], qmin, qmax)
+            Q[:, :, c] = q
+            e = (col - (q - z[:, :, c]) * s[:, :, c]) / U[:, None, c, c]
+            block[:, :, j + 1 :] -= e[:, :, None] * U[:, None, c, c + 1 : i2]
+            err[:, :, j] = e
+        W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
+    return Q

@@ -1,0 +1,177 @@
+"""GPTQ rounding for a quantized PyTorch model: weight codes chosen for the least output error on the data.
+
+    import lowbit.torch as lt
+    qmodel = lt.quantize(model, "w4a8", calib=batches, rounding="gptq")   # or, on a quantized model:
+    lt.gptq(qmodel, batches)
+
+Plain rounding gives every weight its nearest code. At 4 bits the independent rounding errors of a layer add up
+in its output; GPTQ (Frantar et al. 2022; :mod:`lowbit.core.gptq`) rounds one input column at a time and pushes
+each column's error onto the columns not yet rounded, weighted by the inverse second moment ``H = E[x x^T]`` of
+the layer's input rows (a convolution's input patches), so that the errors cancel on the data the layer sees.
+
+The scales and zero points stay those of plain rounding; only the integer codes change, stored in each weight
+quantizer (:meth:`~lowbit.torch.quantizer.TensorQuantizer.set_codes`), so the model's layout, its ONNX export
+and its size do not change. The float weights stay as they were: a layer kept in float (mixed precision) runs
+its original weight. ``H`` comes from one pass over the calibration data through the float model.
+
+Rounded: ``Conv1d``/``Conv2d`` (zero padding, any groups) and ``Linear`` layers whose weight quantizer is static
+and calibrated. A layer keeps plain rounding when it saw fewer than ``ROWS_PER_COLUMN`` input rows per column
+(``H`` would be poorly known, and GPTQ would fit the calibration samples), or when ``H`` cannot be inverted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
+from lowbit.errors import CalibrationError
+from lowbit.torch.layers import QuantMixin
+from lowbit.torch.quantizer import param_view
+
+UNFOLD_VALUES = 1 << 24  # unfolded patches held at once while gathering a convolution's H (64 MB of float32)
+
+
+def _roundable(module: nn.Module) -> bool:
+    if not isinstance(module, QuantMixin) or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+        return False
+    if type(module)._weight_to_quantize is not QuantMixin._weight_to_quantize:  # e.g. a conv with its BN folded
+        return False
+    if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
+        return False
+    q = module.weight_quantizer
+    return q.mode == "quantize" and q.calibrated and not q.dynamic
+
+
+def layers(model: nn.Module) -> dict[str, nn.Module]:
+    """The layers of ``model`` GPTQ can round, by name."""
+    return {name: m for name, m in model.named_modules() if _roundable(m)}
+
+
+def _groups(module: nn.Module) -> int:
+    return module.groups if isinstance(module, nn.Conv1d | nn.Conv2d) else 1
+
+
+def _matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A tensor of the weight's shape as (groups, rows, columns): a row per output channel, a column per input
+    feature (a conv's (in-channel, taps), in the weight's order)."""
+    g = _groups(module)
+    return t.reshape(g, t.shape[0] // g, -1)
+
+
+class _Moment:
+    """Running ``sum(r r^T)`` of a layer's input rows, per group, from a forward pre-hook."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.sum: torch.Tensor | None = None
+        self.count = 0
+
+    def _add(self, rows: torch.Tensor) -> None:  # rows: (groups, columns, n)
+        r = rows.double()
+        h = torch.bmm(r, r.transpose(1, 2))
+        self.sum = h if self.sum is None else self.sum + h
+        self.count += rows.shape[2]
+
+    def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        x = args[0].detach().float()
+        g = _groups(module)
+        if isinstance(module, nn.Linear):
+            self._add(x.reshape(-1, x.shape[-1]).T[None])
+            return
+        if isinstance(module, nn.Conv1d):
+            x = x.unsqueeze(-2)
+            kernel, stride = (1, *module.kernel_size), (1, *module.stride)
+            padding = (0, *module.padding) if not isinstance(module.padding, str) else module.padding
+            dilation = (1, *module.dilation)
+        else:
+            kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
+        if isinstance(padding, str):  # "same" / "valid": the padding torch computes
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)) if padding == "same" else 0
+            if any(d * (k - 1) % 2 for k, d in zip(kernel, dilation, strict=True)):
+                raise CalibrationError("GPTQ cannot follow padding='same' with an even kernel; use explicit padding")
+        n, c = x.shape[:2]
+        if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(np.ravel(padding)):
+            pixels = x.transpose(0, 1).reshape(g, c // g, -1)  # a 1x1 convolution: its rows are pixels
+            self._add(pixels)
+            return
+        per_image = F.unfold(x[:1], kernel, dilation=dilation, padding=padding, stride=stride).numel()
+        chunk = max(1, UNFOLD_VALUES // max(per_image, 1))
+        for i in range(0, n, chunk):
+            u = F.unfold(x[i : i + chunk], kernel, dilation=dilation, padding=padding, stride=stride)
+            self._add(u.transpose(0, 1).reshape(g, u.shape[1] // g, -1))  # (C*taps, n*L) -> per group
+
+
+def gptq(
+    model: nn.Module,
+    calib: Iterable[Any],
+    *,
+    names: Iterable[str] | None = None,
+    damp: float = DAMP,
+    progress: bool = True,
+) -> list[str]:
+    """Choose GPTQ codes for the weights of ``model``'s quantized ``Conv``/``Linear`` layers (all of them, or
+    those in ``names``) from the inputs they see on ``calib`` (batches, as :func:`lowbit.torch.quantize` takes
+    them, or a forward loop ``calib(model)``). Returns the names of the layers rounded; the others keep plain
+    rounding. Call it after calibration; it runs the model in float, in eval mode, without gradients."""
+    from lowbit.torch.ptq import _is_loop, _run_batch
+    from lowbit.torch.sensitivity import only
+
+    found = layers(model)
+    if names is not None:
+        wanted = list(names)
+        unknown = [n for n in wanted if n not in found]
+        if unknown:
+            raise CalibrationError(
+                f"GPTQ cannot round {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv1d/Conv2d/"
+                f"Linear layer of this model. Roundable layers: {', '.join(list(found)[:8]) or 'none'}"
+            )
+        found = {n: found[n] for n in wanted}
+    if not found:
+        return []
+    moments = {name: _Moment(m) for name, m in found.items()}
+    hooks = [m.register_forward_pre_hook(moments[name]) for name, m in found.items()]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), only(model, []):
+            if _is_loop(calib):
+                calib(model)
+            else:
+                total = len(calib) if hasattr(calib, "__len__") else None
+                for i, batch in enumerate(
+                    tqdm(calib, total=total, desc="GPTQ statistics", unit="batch", disable=not progress, leave=False)
+                ):
+                    _run_batch(model, batch, i)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    rounded = []
+    for name, moment in tqdm(moments.items(), desc="GPTQ rounding", unit="layer", disable=not progress, leave=False):
+        module, q = moment.module, moment.module.weight_quantizer
+        if moment.sum is None or moment.count < ROWS_PER_COLUMN * moment.sum.shape[-1]:
+            continue
+        w = module.weight.detach()
+        scale = param_view(q.scale.detach(), w.shape, q.spec).expand(w.shape)
+        zero = param_view(q.zero_point.detach(), w.shape, q.spec).expand(w.shape)
+        codes = round_matrix(
+            _matrix(module, w).cpu().double().numpy(),
+            _matrix(module, scale).cpu().double().numpy(),
+            _matrix(module, zero).cpu().double().numpy(),
+            q.spec.qmin,
+            q.spec.qmax,
+            (moment.sum / moment.count).cpu().numpy(),
+            damp,
+        )
+        if codes is None:
+            continue
+        q.set_codes(torch.from_numpy(codes).reshape(w.shape))
+        rounded.append(name)
+    return rounded
