@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+# Where the results go: docs/ (BENCHMARKS.md, benchmarks/*.json and plots), or the folder LOWBIT_BENCH_DOCS names
+# (python -m benchmarks --quick writes its reduced runs there, away from the full figures).
+DOCS = Path(os.environ.get("LOWBIT_BENCH_DOCS") or ROOT / "docs")
 if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
@@ -36,11 +39,12 @@ def machine() -> dict:
 
 def write_section(name: str, section: str, results: dict) -> None:
     """Replace the ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of docs/BENCHMARKS.md (or append it)
-    and write the raw figures to docs/benchmarks/<name>.json."""
+    and write the raw figures to docs/benchmarks/<name>.json (under :data:`DOCS`)."""
     from lowbit._io import atomic_write_text
 
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    docs = ROOT / "docs"
+    docs = DOCS
+    (docs / "benchmarks").mkdir(parents=True, exist_ok=True)
     atomic_write_text(docs / "benchmarks" / f"{name}.json", json.dumps(results, indent=2) + "\n")
     path = docs / "BENCHMARKS.md"
     text = (

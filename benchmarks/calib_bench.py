@@ -27,7 +27,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, write_section
+from _common import DOCS, machine, write_section
 from lowbit import calib
 from lowbit._table import format_table
 from lowbit.calib.search import entropy_amax
@@ -250,7 +250,7 @@ def main() -> None:
     print(render(results))
     if not args.no_write:
         write_section("calibration", render(results), results)
-        print(f"\nwrote {ROOT / 'docs' / 'BENCHMARKS.md'} and {ROOT / 'docs' / 'benchmarks' / 'calibration.json'}")
+        print(f"\nwrote {DOCS / 'BENCHMARKS.md'} and {DOCS / 'benchmarks' / 'calibration.json'}")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, write_section
+from _common import DOCS, machine, write_section
 from lowbit._table import format_table
 from lowbit.examples import (
     WordPiece,
@@ -51,6 +51,7 @@ from lowbit.examples import (
     sentences,
     write_mnist,
 )
+from lowbit.onnx import fp16
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.metrics import OutputMetric
 from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
@@ -102,7 +103,7 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
 
 
-def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool) -> float:
+def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quant_pre_process, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -112,12 +113,62 @@ def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool
         def get_next(self):
             return next(self.batches, None)
 
-    t0 = time.perf_counter()
     pre = dst.with_name(dst.stem + "_pre.onnx")
     quant_pre_process(str(src), str(pre))
     kwargs = {"activation_type": QuantType.QUInt8, "weight_type": QuantType.QInt8, "per_channel": True} if best else {}
     quantize_static(str(pre), str(dst), Reader(), **kwargs)
-    return time.perf_counter() - t0
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, options: dict) -> dict:
+    """One quantizer run in this (freshly spawned) process. The calibration samples are loaded first; then the
+    peak resident memory is reset (Linux /proc/self/clear_refs) so that the peak read after is the quantizer's own
+    (both libraries already imported). Returns wall seconds and memory in MB."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import onnxruntime.quantization  # noqa: F401  (imports before the reset: neither side pays for them)
+
+    calib = np.load(calib_path) if calib_path is not None else None
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current resident size
+    except OSError:
+        pass
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    if kind == "lowbit":
+        feeds = {name: calib} if calib is not None else None
+        quantize(src, dst, feeds, target="ort", compare_models=False, progress=False, **options)
+    elif kind == "ort_static":
+        _ort_quantize(src, dst, calib, name, options["best"])
+    elif kind == "ort_dynamic":
+        _ort_quantize_dynamic(src, dst, options["per_channel"])
+    else:
+        raise ValueError(kind)
+    seconds = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    return {
+        "quantize_s": seconds,
+        "process_mb": base,
+        "peak_mb": None if peak is None or base is None else peak - base,
+    }
+
+
+def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, **options) -> dict:
+    """:func:`_job` in a fresh Python process, so that every quantizer starts from the same empty state."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(_job, kind, src, dst, calib_path, name, options).result()
 
 
 def _variants(extra=()) -> list[tuple[str, dict]]:
@@ -149,32 +200,38 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
     print(f"\n== {name}")
     ref = _outputs(src, evaluation, input_name)
     rows: dict[str, dict] = {}
-    candidates: list[tuple[str, Path, float]] = []
+    candidates: list[tuple[str, Path, dict]] = []
+    calib_path = work / f"{name}_calib.npy"
+    np.save(calib_path, calib)
     for k, (label, options) in enumerate(_variants(extra)):
         out = work / f"{name}_lowbit_{k}.onnx"
-        t0 = time.perf_counter()
-        quantize(src, out, {input_name: calib}, target="ort", compare_models=False, progress=False, **options)
-        candidates.append((label, out, time.perf_counter() - t0))
+        candidates.append((label, out, _measured("lowbit", src, out, calib_path, input_name, **options)))
     for best in (False, True):
         out = work / f"{name}_ort_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
         try:
-            candidates.append((label, out, _ort_quantize(src, out, calib, input_name, best)))
+            candidates.append((label, out, _measured("ort_static", src, out, calib_path, input_name, best=best)))
         except Exception as exc:  # a peer that fails is reported, not dropped
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
+    fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
+    onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
+    quantize(src, mixed_path, {input_name: calib}, target="ort", compare_models=False, progress=False, fp16_rest=True)
+    variants = {"FP32": src, "FP16": fp16_path, "INT8": candidates[0][1], "INT8 + FP16": mixed_path}
     latency = _timed(
-        {"FP32": src, **{label: path for label, path, _ in candidates}},
+        {"FP32": src, **{label: path for label, path, _ in candidates}, "FP16": fp16_path, "INT8 + FP16": mixed_path},
         {b: {input_name: evaluation[:b]} for b in (1, 8)},
         runs,
     )
+    latency["INT8"] = latency[candidates[0][0]]
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     if labels is not None:
         rows["FP32"]["top1"] = float((ref.argmax(1) == labels).mean())
-    for label, path, seconds in candidates:
+    for label, path, measured in candidates:
         out = _outputs(path, evaluation, input_name)
         row = {
             "size_mb": path.stat().st_size / 1e6,
-            "quantize_s": seconds,
+            **measured,
             "cosine": _cosine(ref, out),
             "top1_agreement": float((ref.argmax(1) == out.argmax(1)).mean()),
             "latency_ms": latency[label],
@@ -188,7 +245,15 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
             )
         rows[label] = row
         print(f"  {label}: {row}")
-    return {"samples": {"calibration": len(calib), "evaluation": len(evaluation)}, "rows": rows}
+    table = {
+        label: {
+            "size_mb": path.stat().st_size / 1e6,
+            "latency_ms": latency[label],
+            "cosine": _cosine(ref, _outputs(path, evaluation, input_name)),
+        }
+        for label, path in variants.items()
+    }
+    return {"samples": {"calibration": len(calib), "evaluation": len(evaluation)}, "rows": rows, "variants": table}
 
 
 def _embeddings(path: Path, feeds: list[dict]) -> np.ndarray:
@@ -196,14 +261,12 @@ def _embeddings(path: Path, feeds: list[dict]) -> np.ndarray:
     return np.concatenate([sess.run(None, f)[0] for f in feeds])
 
 
-def _ort_quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> float:
+def _ort_quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> None:
     from onnxruntime.quantization import QuantType, quant_pre_process, quantize_dynamic
 
-    t0 = time.perf_counter()
     pre = dst.with_name(dst.stem + "_pre.onnx")
     quant_pre_process(str(src), str(pre))
     quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
-    return time.perf_counter() - t0
 
 
 def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dict], work: Path, runs: int) -> dict:
@@ -214,25 +277,24 @@ def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dic
     candidates = []
     for per_channel in (True, False):
         out = work / f"{name}_lowbit_dynamic_{per_channel}.onnx"
-        t0 = time.perf_counter()
-        quantize(src, out, dynamic=True, per_channel=per_channel, compare_models=False, progress=False)
         label = "lowbit --dynamic" + (" (default, per-channel)" if per_channel else " --per-tensor")
-        candidates.append((label, out, time.perf_counter() - t0))
+        measured = _measured("lowbit", src, out, None, "", dynamic=True, per_channel=per_channel)
+        candidates.append((label, out, measured))
     rows: dict[str, dict] = {}
     for per_channel in (False, True):
         out = work / f"{name}_ort_dynamic_{per_channel}.onnx"
         label = "ORT quantize_dynamic " + ("per_channel=True" if per_channel else "defaults")
         try:
-            candidates.append((label, out, _ort_quantize_dynamic(src, out, per_channel)))
+            candidates.append((label, out, _measured("ort_dynamic", src, out, None, "", per_channel=per_channel)))
         except Exception as exc:
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
     latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
-    for label, path, seconds in candidates:
+    for label, path, measured in candidates:
         out = _embeddings(path, feeds)
         rows[label] = {
             "size_mb": path.stat().st_size / 1e6,
-            "quantize_s": seconds,
+            **measured,
             "cosine": _cosine(ref, out),
             "min_cosine": float(((ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)).min()),
             "latency_ms": latency[label],
@@ -349,7 +411,7 @@ def render(results: dict) -> str:
         table = []
         for label, row in rows.items():
             if "error" in row:
-                table.append([label, "failed: " + row["error"][:80]] + [""] * (6 + len(groups) - (not has_top1)))
+                table.append([label, "failed: " + row["error"][:80]] + [""] * (8 + len(groups) - (not has_top1)))
                 continue
             lat = row["latency_ms"]
             speed8 = fp32["latency_ms"][8] / lat[8] if label != "FP32" else 1.0
@@ -363,15 +425,51 @@ def render(results: dict) -> str:
                 f"{lat[8]:.2f}",
                 f"x{speed8:.2f}",
                 f"{row['size_mb']:.2f} (x{row['size_mb'] / fp32['size_mb']:.3f})",
+                *_cost(row),
             ]
             table.append([c for c in cells if c is not None])
         head = ["quantizer", "top-1 %", "top-1 agree %", *[f"agree % {g}" for g in groups], "cosine", "b=1 ms",
-                "b=8 ms", "speed-up b=8", "size MB"]  # fmt: skip
+                "b=8 ms", "speed-up b=8", "size MB", "calib s", "calib peak MB"]  # fmt: skip
         if not has_top1:
             head.remove("top-1 %")
         lines += [format_table(head, table, "l" + "r" * (len(head) - 1)), "```"]
-    lines += ["", results["summary"]]
+        if "variants" in r:
+            lines += _render_variants(r["variants"])
+    lines += ["", COST_NOTE, "", results["summary"]]
     return "\n".join(lines)
+
+
+COST_NOTE = (
+    "calib s: the quantizer's wall time (calibration, its own pre-processing, writing the model), each run in a "
+    "fresh Python process; calib peak MB: how far that process's peak resident memory rose above what it held "
+    "after loading the calibration samples (Linux VmHWM, reset through /proc/self/clear_refs)."
+)
+
+
+def _cost(row: dict) -> list[str]:
+    if "quantize_s" not in row:
+        return ["-", "-"]
+    peak = row.get("peak_mb")
+    return [f"{row['quantize_s']:.1f}", "-" if peak is None else f"{peak:.0f}"]
+
+
+def _render_variants(v: dict) -> list[str]:
+    fp32 = v["FP32"]
+    table = [
+        [label, f"{row['size_mb']:.2f}", f"{row['latency_ms'][1]:.2f}", f"{row['latency_ms'][8]:.2f}",
+         f"x{fp32['latency_ms'][8] / row['latency_ms'][8]:.2f}", "-" if label == "FP32" else f"{row['cosine']:.5f}"]
+        for label, row in v.items()
+    ]  # fmt: skip
+    head = ["variant", "size MB", "b=1 ms", "b=8 ms", "speed-up b=8", "cosine to FP32"]
+    return [
+        "",
+        "Deployment variants (as TensorRT builds them: --fp16, --int8, --int8 --fp16) on ONNX Runtime CPU, which has "
+        "few FP16 kernels: FP16 models run mostly through casts here, so their speed says nothing about a GPU.",
+        "",
+        "```",
+        format_table(head, table, "lrrrrr"),
+        "```",
+    ]
 
 
 def _render_embedding(rows: dict) -> str:
@@ -379,7 +477,7 @@ def _render_embedding(rows: dict) -> str:
     table = []
     for label, row in rows.items():
         if "error" in row:
-            table.append([label, "failed: " + row["error"][:80], "", "", "", "", ""])
+            table.append([label, "failed: " + row["error"][:80], "", "", "", "", "", "", ""])
             continue
         lat = row["latency_ms"]
         first = label == "FP32"
@@ -392,10 +490,12 @@ def _render_embedding(rows: dict) -> str:
                 f"{lat[8]:.2f}",
                 "x1.00" if first else f"x{fp32['latency_ms'][8] / lat[8]:.2f}",
                 f"{row['size_mb']:.2f} (x{row['size_mb'] / fp32['size_mb']:.3f})",
+                *_cost(row),
             ]
         )
-    head = ["quantizer", "mean cosine", "min cosine", "b=1 ms", "b=8 ms", "speed-up b=8", "size MB"]
-    return format_table(head, table, "lrrrrrr")
+    head = ["quantizer", "mean cosine", "min cosine", "b=1 ms", "b=8 ms", "speed-up b=8", "size MB", "calib s",
+            "calib peak MB"]  # fmt: skip
+    return format_table(head, table, "lrrrrrrrr")
 
 
 def summarize(results: dict) -> str:
@@ -567,7 +667,7 @@ def main() -> None:
     print("\n" + text)
     if not args.no_write:
         write_section("onnx", text, results)
-        print(f"\nwrote {ROOT / 'docs' / 'BENCHMARKS.md'} and {ROOT / 'docs' / 'benchmarks' / 'onnx.json'}")
+        print(f"\nwrote {DOCS / 'BENCHMARKS.md'} and {DOCS / 'benchmarks' / 'onnx.json'}")
 
 
 if __name__ == "__main__":
