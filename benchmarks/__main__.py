@@ -53,7 +53,8 @@ def _pct(x: float) -> str:
 
 
 def _default(rows: dict) -> tuple[str, dict] | None:
-    return next(((k, v) for k, v in rows.items() if "(default" in k and "error" not in v), None)
+    mine = ((k, v) for k, v in rows.items() if k.startswith("lowbit") and "(default" in k and "error" not in v)
+    return next(mine, None)
 
 
 def _peers(rows: dict) -> dict[str, dict]:

@@ -27,6 +27,7 @@ Latencies: median of interleaved rounds (every model of a table run once per rou
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -162,6 +163,36 @@ def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, op
     }
 
 
+MODELOPT_PYTHON = Path(__file__).resolve().parent / ".venv-modelopt" / "bin" / "python"
+
+
+class PeerError(RuntimeError):
+    pass
+
+
+def _modelopt(src: Path, dst: Path, calib_path: Path, name: str, method: str) -> dict:
+    """NVIDIA ModelOpt's ONNX PTQ through benchmarks/modelopt_peer.py, in the environment it is installed in
+    (``LOWBIT_MODELOPT_PYTHON``, else benchmarks/.venv-modelopt)."""
+    import os
+    import subprocess
+
+    python = Path(os.environ.get("LOWBIT_MODELOPT_PYTHON") or MODELOPT_PYTHON)
+    if not python.exists():
+        raise PeerError(
+            f"not installed: no {python}; see benchmarks/modelopt_peer.py for the two commands that install it"
+        )
+    script = Path(__file__).resolve().parent / "modelopt_peer.py"
+    done = subprocess.run(
+        [str(python), str(script), str(src), str(dst), str(calib_path), name, method],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0 or not dst.exists():
+        lines = [line for line in (done.stderr or done.stdout).strip().splitlines() if line.strip()]
+        raise PeerError(lines[-1] if lines else f"exit status {done.returncode}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, **options) -> dict:
     """:func:`_job` in a fresh Python process, so that every quantizer starts from the same empty state."""
     import multiprocessing
@@ -212,6 +243,13 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
         try:
             candidates.append((label, out, _measured("ort_static", src, out, calib_path, input_name, best=best)))
         except Exception as exc:  # a peer that fails is reported, not dropped
+            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    for method in ("entropy", "max"):
+        out = work / f"{name}_modelopt_{method}.onnx"
+        label = f"ModelOpt int8 {method}" + (", its default" if method == "entropy" else "")
+        try:
+            candidates.append((label, out, _modelopt(src, out, calib_path, input_name, method)))
+        except Exception as exc:
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
     # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
     fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"

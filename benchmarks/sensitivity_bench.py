@@ -280,10 +280,8 @@ def render(results: dict) -> str:
             f"{m['steps'][-1]['score']:.2f}): {', '.join(kept) or 'none'}."
         )
         if "latency" in r:
-            rows = [
-                [k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{r['latency'][k][1]:.2f} ms", f"{r['latency'][k][8]:.2f} ms"]
-                for k in r["sizes"]
-            ]
+            ms = {k: {int(b): v for b, v in r["latency"][k].items()} for k in r["sizes"]}  # JSON keys are strings
+            rows = [[k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{ms[k][1]:.2f} ms", f"{ms[k][8]:.2f} ms"] for k in ms]
             lines += [
                 "",
                 "Speed and size on ONNX Runtime CPU (median of interleaved runs):",
@@ -333,6 +331,10 @@ def main() -> None:
             budget = r["mixed"]["reference"] - r["mixed"]["max_drop"]
             r["plot"] = _plot(name, r, budget, not args.no_write)
             results["models"][name] = r
+            if not args.no_write:  # each model's figures are kept as soon as they exist
+                from lowbit._io import atomic_write_text
+
+                atomic_write_text(DOCS / "benchmarks" / "sensitivity.partial.json", json.dumps(results, indent=2))
     order = [name for name, _ in all_runs]
     results["models"] = dict(sorted(results["models"].items(), key=lambda kv: order.index(kv[0])
                                     if kv[0] in order else len(order)))  # fmt: skip

@@ -91,7 +91,7 @@ def test_second_moment_gives_the_output_energy_of_any_weight(layer):
     groups = getattr(layer, "groups", 1)
     m = dw.reshape(groups, dw.shape[0] // groups, -1)
     energy = float(torch.einsum("grd,gde,gre->", m, moment.sum, m))
-    assert energy == pytest.approx(float((out**2).sum()), rel=1e-9)
+    assert energy == pytest.approx(float((out**2).sum()), rel=1e-5)  # float32 products, float64 sums
     rows_per_output = out.numel() // out.shape[1 if not isinstance(layer, nn.Linear) else -1]
     assert moment.count == rows_per_output
 

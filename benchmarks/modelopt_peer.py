@@ -1,0 +1,61 @@
+"""NVIDIA ModelOpt's ONNX PTQ as a peer in onnx_bench.py, run by the Python of the environment ModelOpt lives in
+(it needs its own torch and ONNX packages; keep it apart from lowbit's):
+
+    python -m venv benchmarks/.venv-modelopt
+    benchmarks/.venv-modelopt/bin/pip install torch==2.13.0 "nvidia-modelopt[onnx]==0.47.0"
+
+    benchmarks/.venv-modelopt/bin/python benchmarks/modelopt_peer.py SRC.onnx DST.onnx CALIB.npy INPUT METHOD
+
+Quantizes SRC with ``modelopt.onnx.quantization.quantize`` (INT8, calibration method METHOD: entropy, ModelOpt's
+default, or max; calibration on the CPU execution provider; the float remainder kept in FP32, as the other CPU
+rows) and prints one JSON line: wall seconds and how far peak resident memory rose after the samples were loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def main() -> None:
+    src, dst, calib_path, input_name, method = sys.argv[1:6]
+    import numpy as np
+    from modelopt.onnx.quantization import quantize
+
+    calib = {input_name: np.load(calib_path)}
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    base = _status_mb("VmRSS")
+    t0 = time.perf_counter()
+    quantize(
+        src,
+        quantize_mode="int8",
+        calibration_data=calib,
+        calibration_method=method,
+        calibration_eps=["cpu"],
+        high_precision_dtype="fp32",
+        output_path=dst,
+        log_level="ERROR",
+    )
+    seconds = time.perf_counter() - t0
+    peak = _status_mb("VmHWM")
+    print(json.dumps({"quantize_s": seconds, "process_mb": base,
+                      "peak_mb": None if peak is None or base is None else peak - base}))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
