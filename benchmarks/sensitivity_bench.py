@@ -342,6 +342,7 @@ def main() -> None:
     print("\n" + text)
     if not args.no_write:
         write_section("sensitivity", text, results)
+        (DOCS / "benchmarks" / "sensitivity.partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
