@@ -20,7 +20,7 @@ import copy
 import fnmatch
 import itertools
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -210,7 +210,7 @@ def quantize(
         raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if rounding == "gptq" and calib is None:
         raise CalibrationError("rounding='gptq' needs calibration data (calib=): it fits the codes to the inputs")
-    if rounding == "gptq" and not _is_loop(calib) and iter(calib) is calib:
+    if rounding == "gptq" and isinstance(calib, Iterator):
         calib = list(calib)  # a one-shot iterator: GPTQ reads the batches a second time
     if not isinstance(model, nn.Module):
         raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")

@@ -124,7 +124,7 @@ class TensorQuantizer(nn.Module):
         self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
         self._hi: np.ndarray | None = None
         self.register_buffer("zero_point", torch.zeros(0))  # float: it takes part in the float fake quantization
-        # A weight's integer codes chosen by GPTQ (lowbit.torch.gptq) at the current scale; empty: plain rounding
+        # A weight's integer codes chosen by GPTQ (lowbit.torch.rounding) at the current scale; empty: nearest rounding
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int32))
         if learn_scale:
             self.scale = nn.Parameter(torch.zeros(0))
