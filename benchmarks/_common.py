@@ -37,6 +37,29 @@ def machine() -> dict:
     }
 
 
+def status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak), in MB;
+    None where there is no /proc (not Linux)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def reset_peak_memory() -> float | None:
+    """Reset this process's peak resident memory (VmHWM) to what it holds now (Linux /proc/self/clear_refs);
+    returns that, in MB, for :func:`status_mb` ("VmHWM") to be measured against."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return status_mb("VmRSS")
+
+
 def write_section(name: str, section: str, results: dict) -> None:
     """Replace the ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of docs/BENCHMARKS.md (or append it)
     and write the raw figures to docs/benchmarks/<name>.json (under :data:`DOCS`)."""

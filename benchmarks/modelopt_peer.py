@@ -17,15 +17,7 @@ import json
 import sys
 import time
 
-
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+from _common import reset_peak_memory, status_mb  # numpy only: runs in ModelOpt's environment too
 
 
 def main() -> None:
@@ -34,12 +26,7 @@ def main() -> None:
     from modelopt.onnx.quantization import quantize
 
     calib = {input_name: np.load(calib_path)}
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    base = _status_mb("VmRSS")
+    base = reset_peak_memory()
     t0 = time.perf_counter()
     quantize(
         src,
@@ -52,7 +39,7 @@ def main() -> None:
         log_level="ERROR",
     )
     seconds = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     print(json.dumps({"quantize_s": seconds, "process_mb": base,
                       "peak_mb": None if peak is None or base is None else peak - base}))  # fmt: skip
 

