@@ -66,6 +66,23 @@ def _run_batch(model: nn.Module, batch: Any, index: int) -> Any:
         ) from exc
 
 
+def run_data(model: nn.Module, calib: Calib, desc: str, progress: bool, batches: Iterable[Any] | None = None) -> int:
+    """Run ``calib`` through ``model``: a forward loop ``calib(model)`` is called, batches run one by one under a
+    progress bar (``batches``, when given, replace ``calib``'s own: what is left after a first batch was taken).
+    Returns how many batches ran (0 for a forward loop)."""
+    if batches is None and _is_loop(calib):
+        calib(model)
+        return 0
+    source = batches if batches is not None else calib
+    total = len(calib) if hasattr(calib, "__len__") else None
+    count = 0
+    for count, batch in enumerate(
+        tqdm(source, total=total, desc=desc, unit="batch", disable=not progress, leave=False), 1
+    ):
+        _run_batch(model, batch, count - 1)
+    return count
+
+
 def _is_loop(calib: Calib) -> bool:
     """Whether ``calib`` is a forward loop ``calib(model)`` rather than an iterable of batches."""
     return callable(calib) and not isinstance(calib, (torch.Tensor, Iterable))
@@ -154,17 +171,8 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
         return 0
     for q in static:
         q.mode = "calibrate"
-    count = 0
     with torch.no_grad():
-        if batches is None and _is_loop(calib):
-            calib(model)
-        else:
-            source = batches if batches is not None else calib
-            total = len(calib) if hasattr(calib, "__len__") else None
-            for count, batch in enumerate(
-                tqdm(source, total=total, desc="calibrating", unit="batch", disable=not progress, leave=False), 1
-            ):
-                _run_batch(model, batch, count - 1)
+        count = run_data(model, calib, "calibrating", progress, batches)
     unused = []
     for q in static:
         if q.mode == "disabled":  # it switched itself off (an Add of non-tensors)

@@ -120,7 +120,7 @@ def gptq(
     those in ``names``) from the inputs they see on ``calib`` (batches, as :func:`lowbit.torch.quantize` takes
     them, or a forward loop ``calib(model)``). Returns the names of the layers rounded; the others keep plain
     rounding. Call it after calibration; it runs the model in float, in eval mode, without gradients."""
-    from lowbit.torch.ptq import _is_loop, _run_batch
+    from lowbit.torch.ptq import run_data
     from lowbit.torch.sensitivity import only
 
     found = layers(model)
@@ -141,14 +141,7 @@ def gptq(
     model.eval()
     try:
         with torch.no_grad(), only(model, []):
-            if _is_loop(calib):
-                calib(model)
-            else:
-                total = len(calib) if hasattr(calib, "__len__") else None
-                for i, batch in enumerate(
-                    tqdm(calib, total=total, desc="GPTQ statistics", unit="batch", disable=not progress, leave=False)
-                ):
-                    _run_batch(model, batch, i)
+            run_data(model, calib, "GPTQ statistics", progress)
     finally:
         for h in hooks:
             h.remove()
