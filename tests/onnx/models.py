@@ -176,3 +176,69 @@ def calib_data(path, shape, n: int = 48, seed: int = 1, name: str = "x") -> str:
     rng = np.random.default_rng(seed)
     np.savez(path, **{name: rng.standard_normal((n, *shape)).astype(np.float32)})
     return str(path)
+
+
+def attention_block(seed: int = 0, hidden: int = 16) -> onnx.ModelProto:
+    """A one-head transformer block as exporters write it: x (N,T,hidden) and an additive mask (N,1,T) of 0 or
+    -10000 -> q/k/v MatMul + bias Add -> scores MatMul -> Mul(scale) -> Add(mask) -> Softmax -> MatMul(v) ->
+    MatMul + bias -> residual Add -> LayerNormalization -> MatMul + bias -> GELU (Mul, Erf, Add, Mul, Mul) ->
+    MatMul + bias -> residual Add -> LayerNormalization."""
+    rng = np.random.default_rng(seed)
+    h = hidden
+    inits = [_init(rng, f"{n}_w", (h, 4 * h if n == "up" else h), 0.4) for n in ("q", "k", "v", "o", "up")]
+    inits += [_init(rng, "down_w", (4 * h, h), 0.2)]
+    inits += [_init(rng, f"{n}_b", (4 * h if n == "up" else h,), 0.1) for n in ("q", "k", "v", "o", "up", "down")]
+    inits += [
+        numpy_helper.from_array(np.ones(h, np.float32), "ln_scale"),
+        numpy_helper.from_array(np.zeros(h, np.float32), "ln_bias"),
+        numpy_helper.from_array(np.array(h**-0.5, np.float32), "scale"),
+        numpy_helper.from_array(np.array(2**-0.5, np.float32), "inv_sqrt2"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = []
+    for n in ("q", "k", "v"):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"{n}_w"], [f"{n}_mm"], f"{n}_matmul"),
+            helper.make_node("Add", [f"{n}_mm", f"{n}_b"], [n], f"{n}_add"),
+        ]
+    nodes += [
+        helper.make_node("Transpose", ["k"], ["kt"], "k_transpose", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "kt"], ["scores"], "scores"),
+        helper.make_node("Mul", ["scores", "scale"], ["scaled"], "scaled"),
+        helper.make_node("Add", ["scaled", "mask"], ["masked"], "masked"),
+        helper.make_node("Softmax", ["masked"], ["probs"], "softmax", axis=-1),
+        helper.make_node("MatMul", ["probs", "v"], ["context"], "context"),
+        helper.make_node("MatMul", ["context", "o_w"], ["o_mm"], "o_matmul"),
+        helper.make_node("Add", ["o_mm", "o_b"], ["o"], "o_add"),
+        helper.make_node("Add", ["o", "x"], ["res1"], "residual1"),
+        helper.make_node("LayerNormalization", ["res1", "ln_scale", "ln_bias"], ["ln1"], "ln1", axis=-1),
+        helper.make_node("MatMul", ["ln1", "up_w"], ["up_mm"], "up_matmul"),
+        helper.make_node("Add", ["up_mm", "up_b"], ["up"], "up_add"),
+        helper.make_node("Mul", ["up", "inv_sqrt2"], ["gx"], "gelu_x"),
+        helper.make_node("Erf", ["gx"], ["erf"], "gelu_erf"),
+        helper.make_node("Add", ["erf", "one"], ["erf1"], "gelu_1p"),
+        helper.make_node("Mul", ["up", "erf1"], ["gm"], "gelu_mul"),
+        helper.make_node("Mul", ["gm", "half"], ["gelu"], "gelu"),
+        helper.make_node("MatMul", ["gelu", "down_w"], ["down_mm"], "down_matmul"),
+        helper.make_node("Add", ["down_mm", "down_b"], ["down"], "down_add"),
+        helper.make_node("Add", ["down", "ln1"], ["res2"], "residual2"),
+        helper.make_node("LayerNormalization", ["res2", "ln_scale", "ln_bias"], ["y"], "ln2", axis=-1),
+    ]
+    return _model(
+        nodes,
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", h]),
+            helper.make_tensor_value_info("mask", TensorProto.FLOAT, ["N", 1, "T"]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", h])],
+        inits,
+    )
+
+
+def attention_feeds(n: int = 32, tokens: int = 12, hidden: int = 16, seed: int = 1) -> dict[str, np.ndarray]:
+    """Inputs for :func:`attention_block`: random tokens and a mask hiding a random tail of each sequence."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, tokens + 1, n)
+    mask = np.where(np.arange(tokens)[None, :] < lengths[:, None], 0.0, -10000.0).astype(np.float32)[:, None, :]
+    return {"x": rng.standard_normal((n, tokens, hidden)).astype(np.float32), "mask": mask}

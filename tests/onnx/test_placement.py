@@ -155,3 +155,18 @@ def test_exclude_op_type(convnet):
 def test_unknown_target():
     with pytest.raises(ValueError, match="targets are ort, trt"):
         placement.plan(Graph(models.convnet()), "tpu")
+
+
+def test_ort_keeps_integers_only_where_they_reach_a_compute_op():
+    """In a transformer block, the mask Add before Softmax, the residual Adds before LayerNormalization and the
+    GELU's Erf/Add/Mul pieces stay in float; the q/k/v bias Adds, which feed the attention MatMuls, are integer."""
+    graph = Graph(preprocess(models.attention_block()))
+    plan = placement.plan(graph, "ort")
+    for name in ("q_add", "k_add", "v_add"):
+        assert name in plan.quantized_nodes
+    for name in ("masked", "scaled", "residual1", "residual2", "gelu_x", "gelu_1p", "gelu_mul", "gelu", "up_add"):
+        assert name not in plan.quantized_nodes, name
+    for tensor in ("masked", "scaled", "scores", "res1", "res2", "erf", "erf1", "gm", "up_mm", "down_mm", "o_mm"):
+        assert tensor not in plan.activations, tensor  # float: what reads it is a float op
+    for tensor in ("x", "q", "kt", "probs", "v", "context", "ln1", "gelu", "q_mm"):
+        assert tensor in plan.activations, tensor  # every input of a MatMul, and the MatMul -> bias Add chain

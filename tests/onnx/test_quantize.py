@@ -361,3 +361,15 @@ def test_a_dead_channel_keeps_its_large_bias(tmp_path, rounding):
     int32 = [i for i in q.graph.initializer if i.data_type == onnx.TensorProto.INT32]
     (bias_codes,) = [numpy_helper.to_array(i) for i in int32 if i.name.endswith("_quantized")]
     assert bias_codes.dtype == np.int32 and np.abs(bias_codes).max() <= 2**30
+
+
+def test_static_quantization_of_a_transformer_block_keeps_its_output(tmp_path):
+    """An additive -10000 attention mask must not set the range of the scores: the block keeps cosine > 0.99
+    with FP32 (quantizing the mask Add, the residual Adds and the GELU pieces, as lowbit did before, gave 0.77)."""
+    model = models.save(models.attention_block(), tmp_path / "attention.onnx")
+    calib, held_out = models.attention_feeds(seed=1), models.attention_feeds(seed=2)
+    np.savez(tmp_path / "calib.npz", **calib)
+    quantize(model, tmp_path / "q.onnx", tmp_path / "calib.npz", compare_models=False, progress=False)
+    ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, held_out)[0]
+    out = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, held_out)[0]
+    assert _cos(ref, out) > 0.99

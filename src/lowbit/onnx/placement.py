@@ -8,6 +8,11 @@ input of a residual Add, nothing on outputs: TensorRT fuses the rest (Conv + bia
 inputs and outputs of compute and elementwise ops; ops that only move values (MaxPool, Reshape, ...) share the
 scale of their input; Relu/Clip are absorbed by the quantizer after them (zero point 0 clips at 0). Biases become
 int32 with scale s_x * s_w, as QLinearConv needs. ORT's optimizer then turns each DQ -> op -> Q into one integer
+kernel. The integer domain is kept only where it pays: an elementwise op (Add, Mul, ...) is quantized only when
+its inputs come from integer ops and its result reaches a compute op (through ops that move values), and a
+MatMul/Gemm output only then gets a quantizer (ORT runs it as MatMulIntegerToFloat otherwise). In a transformer,
+the residual Add before a LayerNormalization, the attention-mask Add before a Softmax and the pieces of a GELU thus
+stay in float: quantizing them would cost accuracy (a -10000 mask swamps the scores' range) and buy no integer
 kernel.
 """
 
@@ -147,14 +152,73 @@ def _plain_bias(graph: Graph, node: onnx.NodeProto, bias: str) -> bool:
     return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
 
 
+def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
+    """The ids of the active elementwise, MatMul and Gemm nodes worth keeping in the integer domain.
+
+    An elementwise op qualifies when every activation it reads can arrive as integers (from a compute op or a
+    qualifying elementwise op, through share, activation and lookup ops) and its result reaches a compute op or
+    another qualifying elementwise op the same way; a MatMul/Gemm when its result reaches one. Anything else
+    would add a rounding for a kernel that ends in a float op anyway (a GELU written as Erf, Mul and Add; a
+    LayerNormalization; a Softmax)."""
+    ids = {id(n) for n in active}
+    kind = {id(n): rule_for(n).kind for n in active}
+
+    def through(tensor: str, seen: set[str]) -> str:
+        """Walk back from ``tensor`` through share/activation/lookup producers to the tensor they pass on."""
+        while tensor not in seen:
+            seen.add(tensor)
+            node = graph.producer.get(tensor)
+            if node is None or id(node) not in ids or kind[id(node)] not in ("share", "activation", "lookup"):
+                return tensor
+            tensor = node.input[0]
+        return tensor
+
+    arrives: set[int] = set()  # elementwise nodes whose activation inputs can all arrive as integers
+    for node in active:
+        if kind[id(node)] != "elementwise":
+            continue
+        inputs = [t for t in node.input if t and graph.is_activation(t)]
+        sources = [graph.producer.get(through(t, set())) for t in inputs]
+        if inputs and all(
+            s is not None and id(s) in ids and (kind[id(s)] == "compute" or id(s) in arrives) for s in sources
+        ):
+            arrives.add(id(node))
+
+    useful: set[int] = set()
+
+    def reaches(tensor: str, seen: set[str]) -> bool:
+        if tensor in seen:
+            return False
+        seen.add(tensor)
+        for reader in graph.consumers.get(tensor, []):
+            if id(reader) not in ids:
+                continue
+            k = kind[id(reader)]
+            if k == "compute" or (k == "elementwise" and id(reader) in useful):
+                return True
+            if k in ("share", "activation", "lookup") and any(reaches(o, seen) for o in reader.output if o):
+                return True
+        return False
+
+    for node in reversed(active):  # graph order is topological: readers are decided before their producers
+        k = kind[id(node)]
+        if (k == "elementwise" and id(node) in arrives) or node.op_type in ("MatMul", "Gemm"):
+            if reaches(node.output[0], set()):
+                useful.add(id(node))
+    return useful
+
+
 def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool) -> None:
     quantized_out: set[str] = set()
     followers: list[onnx.NodeProto] = []
+    useful = _worth_integer(graph, active)
     for node in active:
         rule = rule_for(node)
         if rule.kind in ("share", "activation", "lookup"):
             followers.append(node)
             continue
+        if rule.kind == "elementwise" and id(node) not in useful:
+            continue  # its result only feeds float ops: an integer kernel here would buy nothing and cost accuracy
         if rule.kind == "compute" and not _add_weights(graph, node, result, per_channel) and node.op_type != "MatMul":
             continue  # a Conv/Gemm with computed weights: leave it in float
         for i in rule.activation_inputs(node):
@@ -174,9 +238,9 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
             ):
                 result.biases[bias] = (node.input[0], weight)
         out = node.output[0]
-        # A MatMul/Gemm whose result is a graph output keeps a float output (QGemm/MatMulIntegerToFloat give one);
-        # a Conv's needs a quantizer to run as QLinearConv.
-        if graph.is_float(out) and not (node.op_type in ("Gemm", "MatMul") and out in graph.outputs):
+        # A MatMul/Gemm whose result feeds no integer op keeps a float output (QGemm/MatMulIntegerToFloat give
+        # one); a Conv's needs a quantizer to run as QLinearConv.
+        if graph.is_float(out) and not (node.op_type in ("Gemm", "MatMul") and id(node) not in useful):
             result.activations[out] = out
             quantized_out.add(out)
         result.quantized_nodes.append(graph.node_name(node))
