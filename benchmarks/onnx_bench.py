@@ -202,6 +202,15 @@ def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: st
         return pool.submit(_job, kind, src, dst, calib_path, name, options).result()
 
 
+def _peer(rows: dict, candidates: list, label: str, out: Path, run, *args, **options) -> None:
+    """Run one peer quantizer (``run(*args, **options)`` writes ``out`` and returns its measurements) into
+    ``candidates``; a peer that fails is reported in ``rows`` with its error, not dropped."""
+    try:
+        candidates.append((label, out, run(*args, **options)))
+    except Exception as exc:
+        rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+
+
 def _variants(extra=(), quick: bool = False) -> list[tuple[str, dict]]:
     """(label, quantize() options) of every lowbit row: each method with the defaults, then the default method
     without GPTQ rounding and without bias correction, then ``extra``; ``quick``: the default alone."""
@@ -244,17 +253,11 @@ def bench_model(
     for best in (False, True):
         out = work / f"{name}_ort_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
-        try:
-            candidates.append((label, out, _measured("ort_static", src, out, calib_path, input_name, best=best)))
-        except Exception as exc:  # a peer that fails is reported, not dropped
-            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        _peer(rows, candidates, label, out, _measured, "ort_static", src, out, calib_path, input_name, best=best)
     for method in ("entropy", "max"):
         out = work / f"{name}_modelopt_{method}.onnx"
         label = f"ModelOpt int8 {method}" + (", its default" if method == "entropy" else "")
-        try:
-            candidates.append((label, out, _modelopt(src, out, calib_path, input_name, method)))
-        except Exception as exc:
-            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        _peer(rows, candidates, label, out, _modelopt, src, out, calib_path, input_name, method)
     # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
     fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
@@ -368,10 +371,7 @@ def bench_dynamic(
     for per_channel in (False, True):
         out = work / f"{name}_ort_dynamic_{per_channel}.onnx"
         label = "ORT quantize_dynamic " + ("per_channel=True" if per_channel else "defaults")
-        try:
-            candidates.append((label, out, _measured("ort_dynamic", src, out, None, "", per_channel=per_channel)))
-        except Exception as exc:
-            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        _peer(rows, candidates, label, out, _measured, "ort_dynamic", src, out, None, "", per_channel=per_channel)
     calib_path = work / f"{name}_calib.pkl"
     calib_path.write_bytes(pickle.dumps(calib))
     out = work / f"{name}_lowbit_static.onnx"
@@ -379,10 +379,7 @@ def bench_dynamic(
     for best in (False, True):
         out = work / f"{name}_ort_static_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
-        try:
-            candidates.append((label, out, _measured("ort_static", src, out, calib_path, "", best=best)))
-        except Exception as exc:
-            rows[label] = {"error": f"{type(exc).__name__}: {exc}"}
+        _peer(rows, candidates, label, out, _measured, "ort_static", src, out, calib_path, "", best=best)
     latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     for label, path, measured in candidates:
