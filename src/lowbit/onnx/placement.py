@@ -218,7 +218,7 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
             followers.append(node)
             continue
         if rule.kind == "elementwise" and id(node) not in useful:
-            continue  # its result only feeds float ops: an integer kernel here would buy nothing and cost accuracy
+            continue  # float inputs or a float reader: an integer kernel here would buy nothing and cost accuracy
         if rule.kind == "compute" and not _add_weights(graph, node, result, per_channel) and node.op_type != "MatMul":
             continue  # a Conv/Gemm with computed weights: leave it in float
         for i in rule.activation_inputs(node):
