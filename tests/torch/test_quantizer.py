@@ -162,3 +162,20 @@ def test_mse_weight_ranges_clip_per_channel_and_lower_the_error():
         if method == "mse":
             assert torch.all(q.scale * 7 < w.abs().amax(dim=1))  # every Gaussian row's tail is clipped
     assert errors["mse"] < 0.8 * errors["minmax"]
+
+
+def test_evaluating_restores_the_mode_even_on_error():
+    from lowbit.torch.quantizer import evaluating
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout())
+    model.train()
+    with evaluating(model):
+        assert not any(m.training for m in model.modules())
+    assert all(m.training for m in model.modules())
+    with pytest.raises(RuntimeError), evaluating(model):
+        raise RuntimeError("boom")
+    assert all(m.training for m in model.modules())
+    model.eval()
+    with evaluating(model):
+        pass
+    assert not any(m.training for m in model.modules())

@@ -28,7 +28,7 @@ from torch import nn
 
 from lowbit._io import atomic_open
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.torch.quantizer import TensorQuantizer
+from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 DEFAULT_OPSET = 17
 TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest; later opsets are reached with onnx's version converter
@@ -218,12 +218,10 @@ def export_onnx(
         )
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     path = Path(path)
-    was_training = model.training
-    model.eval()
     buffer = io.BytesIO()
     n_in = len(args)
     input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
-    try:
+    with evaluating(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
             with torch.no_grad():
@@ -242,8 +240,6 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-    finally:
-        model.train(was_training)
     proto = onnx.load_from_string(buffer.getvalue())
     if opset > TRACE_MAX_OPSET:
         from onnx import version_converter

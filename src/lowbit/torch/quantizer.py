@@ -21,7 +21,9 @@ tensor([0.2992, 2.0000])
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,17 @@ def _round_ste(v: torch.Tensor) -> torch.Tensor:
 def _grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
     """``t`` forward, its gradient times ``factor`` backward."""
     return t * factor + (t - t * factor).detach()
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with ``model`` in eval mode; it goes back to the mode it was in, whatever happens."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)
 
 
 def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:

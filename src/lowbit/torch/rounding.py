@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
 from lowbit.errors import CalibrationError
 from lowbit.torch.layers import QuantMixin
-from lowbit.torch.quantizer import param_view
+from lowbit.torch.quantizer import evaluating, param_view
 
 UNFOLD_VALUES = 1 << 24  # unfolded patches held at once while gathering a convolution's H (64 MB of float32)
 
@@ -137,15 +137,12 @@ def gptq(
         return []
     moments = {name: _Moment(m) for name, m in found.items()}
     hooks = [m.register_forward_pre_hook(moments[name]) for name, m in found.items()]
-    was_training = model.training
-    model.eval()
     try:
-        with torch.no_grad(), only(model, []):
+        with evaluating(model), torch.no_grad(), only(model, []):
             run_data(model, calib, "GPTQ statistics", progress)
     finally:
         for h in hooks:
             h.remove()
-        model.train(was_training)
     rounded = []
     for name, moment in tqdm(moments.items(), desc="GPTQ rounding", unit="layer", disable=not progress, leave=False):
         module, q = moment.module, moment.module.weight_quantizer

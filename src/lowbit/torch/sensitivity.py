@@ -42,7 +42,7 @@ from lowbit.analysis import (
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.errors import CalibrationError
 from lowbit.torch.ptq import _run_batch
-from lowbit.torch.quantizer import TensorQuantizer
+from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 MODES = ("float", "bits")
 
@@ -325,9 +325,7 @@ def analyze(
     layers = quantized_layers(model)
     if not layers:
         raise CalibrationError("the model has no quantized layer: quantize it first (lowbit.torch.quantize)")
-    was_training = model.training
-    model.eval()
-    try:
+    with evaluating(model):
         own = layer_sensitivity(model, batches, mode=mode, progress=progress)
         whole, accumulated = ErrorMeter(), {name: ErrorMeter() for name in layers}
         agree, n, classifier = 0, 0, True
@@ -396,8 +394,6 @@ def analyze(
                 max_layers=max_layers,
                 progress=progress,
             )
-    finally:
-        model.train(was_training)
     analysis.seconds = time.perf_counter() - t0
     analysis.write(json_path, report)
     return analysis
