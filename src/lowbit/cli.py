@@ -422,6 +422,18 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """How the data is run (batch size, sample bound, image preprocessing), the accuracy budget, and -q: the
+    options ``quantize`` and ``analyze`` share besides the static ones."""
+    parser.add_argument("--batch-size", type=int, default=8, help="samples per ONNX Runtime run (default 8)")
+    parser.add_argument(
+        "--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)"
+    )
+    _add_image_args(parser)
+    _add_budget_args(parser)
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def _add_quantize(commands) -> None:
     q = commands.add_parser(
         "quantize",
@@ -451,15 +463,11 @@ def _add_quantize(commands) -> None:
         help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
-    q.add_argument("--batch-size", type=int, default=8, help="calibration batch size (default 8)")
-    q.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)")
     q.add_argument(
         "--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)"
     )
     q.add_argument("--no-compare", action="store_true", help="skip the latency and agreement measurements")
-    _add_image_args(q)
-    _add_budget_args(q)
-    q.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_run_args(q)
     q.set_defaults(func=_cmd_quantize)
 
 
@@ -483,8 +491,6 @@ def _add_analyze(commands) -> None:
     )
     _add_static_args(a)
     a.add_argument("--samples", type=int, default=64, help="samples the layers are measured on (default 64)")
-    a.add_argument("--batch-size", type=int, default=8, help="batch size (default 8)")
-    a.add_argument("--max-samples", type=int, default=512, help="calibrate on at most this many samples (512)")
     a.add_argument("--report", type=Path, help="write the HTML report here")
     a.add_argument("--json", type=Path, help="write every number as JSON here")
     a.add_argument(
@@ -494,9 +500,7 @@ def _add_analyze(commands) -> None:
     a.add_argument("--extract-dir", type=Path, help="where --extract writes (default: beside the model)")
     a.add_argument("--no-profile", action="store_true", help="skip profiling the quantized model in ONNX Runtime")
     a.add_argument("--top", type=int, default=15, help="layers printed (default 15; the report has all)")
-    _add_image_args(a)
-    _add_budget_args(a)
-    a.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_run_args(a)
     a.set_defaults(func=_cmd_analyze)
 
 
