@@ -317,6 +317,29 @@ def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
     assert "exclude_zeros" not in target_options("mse", "ort", None)
 
 
+@pytest.mark.parametrize("target", ["ort", "trt"])
+def test_entropy_keeps_the_whole_range_of_a_model_input_with_a_spike(tmp_path, target):
+    # An image normalised with a mean: most pixels are the background (one value), a few are bright. KL over |x|
+    # picks the spike as its threshold, which would clip every bright pixel; the input keeps its observed range.
+    rng = np.random.default_rng(3)
+    x = np.full((48, 3, 16, 16), -0.8, np.float32)
+    bright = rng.random(x.shape) < 0.1
+    x[bright] = rng.uniform(0.0, 2.0, int(bright.sum())).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x)
+    model = models.save(models.convnet(), tmp_path / "convnet.onnx")
+    out = tmp_path / "q.onnx"
+    quantize(model, out, tmp_path / "calib.npz", method="entropy", target=target, compare_models=False, progress=False)
+    record = json.loads((tmp_path / "q.ranges.json").read_text())
+    assert record["activations"]["x"]["hi"] >= float(x.max()) * 0.999
+    assert record["activations"]["x"]["lo"] <= -0.8 * 0.999
+    # the tensors the model computes still get entropy's threshold (the method is only overridden for inputs)
+    from lowbit.onnx.calibrate import collect
+
+    cals = collect(onnx.load(model), ["x", "r1"], [{"x": x}], method="entropy", progress=False)
+    assert cals["x"].method == "minmax" and cals["r1"].method == "entropy"
+    assert _cos(_run(model, x[:8])[0], _run(out, x[:8])[0]) > 0.99
+
+
 def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
     from lowbit.onnx.compare import interleaved_latency_ms
 

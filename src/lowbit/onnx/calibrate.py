@@ -20,6 +20,12 @@ from lowbit.calib.base import Calibrator
 from lowbit.errors import CalibrationError
 from lowbit.onnx.model import session
 
+# The method that calibrates a graph input instead of the one asked for. Entropy reads a histogram of |x|: an image
+# normalised with a mean, whose background is one value (Fashion-MNIST's -0.81), is a spike there, and KL picks
+# the spike as the threshold; every brighter pixel is then clipped (Fashion-MNIST's CNN: top-1 92.0% -> 82.8%).
+# Data the user feeds is never worth clipping: it keeps its range.
+INPUT_METHODS = {"entropy": "minmax"}
+
 
 def with_outputs(model: onnx.ModelProto, tensors: Sequence[str]) -> onnx.ModelProto:
     """A copy of ``model`` that also outputs ``tensors`` (float32)."""
@@ -44,11 +50,18 @@ def collect(
     observers: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Calibrator]:
     """One calibrator of ``method`` per tensor, fed by running ``model`` on each feed dict of ``feeds``.
-    ``observers`` (tensor -> objects with ``update(array)``) see their tensor's batches in the same pass."""
+    ``observers`` (tensor -> objects with ``update(array)``) see their tensor's batches in the same pass.
+
+    The model's inputs are calibrated with ``minmax`` when ``method`` is ``entropy`` (:data:`INPUT_METHODS`)."""
     options = dict(options or {})
-    calibrators = {t: calib.create(method, tensor=t, **options) for t in tensors}
-    observers = dict(observers or {})
     inputs = {i.name for i in model.graph.input}
+    calibrators = {
+        t: calib.create(INPUT_METHODS[method], tensor=t)
+        if t in inputs and method in INPUT_METHODS
+        else calib.create(method, tensor=t, **options)
+        for t in tensors
+    }
+    observers = dict(observers or {})
     run_names = [t for t in dict.fromkeys([*tensors, *observers]) if t not in inputs]
     sess = session(with_outputs(model, run_names)) if run_names else None
     seen = 0
