@@ -111,7 +111,8 @@ def test_dynamic_quantization_of_matmul_and_gemm(tmp_path):
     assert result.agreement is not None and result.agreement.cosine > 0.995
 
 
-def test_dynamic_quantization_stores_embedding_tables_as_int8(tmp_path):
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_quantization_stores_embedding_tables_as_int8(tmp_path, mode):
     rng = np.random.default_rng(4)
     table = numpy_helper.from_array((rng.standard_normal((500, 16)) * 0.1).astype(np.float32), "table")
     small = numpy_helper.from_array(rng.standard_normal((8, 16)).astype(np.float32), "small")  # < 4,096 values
@@ -136,7 +137,12 @@ def test_dynamic_quantization_stores_embedding_tables_as_int8(tmp_path):
     model.ir_version = 8
     src, out = tmp_path / "emb.onnx", tmp_path / "emb_dyn.onnx"
     onnx.save(model, str(src))
-    result = quantize(src, out, dynamic=True, compare_models=False, progress=False)
+    if mode == "dynamic":
+        result = quantize(src, out, dynamic=True, compare_models=False, progress=False)
+    else:  # static leaves the gathered rows float (they feed no compute op) but stores the table as int8 too
+        # ids_small has no batch axis: 6 sequences keep the first axes of both inputs the same length
+        calib = [{"ids": rng.integers(0, 500, (6, 6)), "ids_small": rng.integers(0, 8, 6)} for _ in range(8)]
+        result = quantize(src, out, calib, compare_models=False, progress=False)
     assert sorted(result.quantized_nodes) == ["embed", "proj"]
     q = onnx.load(str(out))
     inits = {t.name: t for t in q.graph.initializer}
@@ -148,6 +154,34 @@ def test_dynamic_quantization_stores_embedding_tables_as_int8(tmp_path):
     ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
     assert _cos(ref, got) > 0.995
+    record = json.loads((tmp_path / "emb_dyn.ranges.json").read_text())
+    assert "embed" in record["quantized_nodes"]
+
+
+def test_static_quantization_for_tensorrt_leaves_embedding_tables_in_float(tmp_path):
+    rng = np.random.default_rng(4)
+    table = numpy_helper.from_array((rng.standard_normal((500, 16)) * 0.1).astype(np.float32), "table")
+    w = numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "w")
+    nodes = [
+        onnx.helper.make_node("Gather", ["table", "ids"], ["emb"], "embed"),
+        onnx.helper.make_node("MatMul", ["emb", "w"], ["y"], "proj"),
+    ]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "embedding",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 6])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 6, 4])],
+        [table, w],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    src, out = tmp_path / "emb.onnx", tmp_path / "emb_trt.onnx"
+    onnx.save(model, str(src))
+    calib = [{"ids": rng.integers(0, 500, (4, 6))} for _ in range(8)]
+    result = quantize(src, out, calib, target="trt", compare_models=False, progress=False)
+    assert result.quantized_nodes == ["proj"]
+    inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert inits["table"].data_type == onnx.TensorProto.FLOAT
 
 
 def _recurrent_model(op: str, hidden: int, direction: str, rng) -> onnx.ModelProto:

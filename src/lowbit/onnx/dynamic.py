@@ -62,9 +62,12 @@ def quantize_dynamic(
     exclude_ops: Sequence[str] = (),
     per_channel: bool = True,
     weight_only_rnn: bool = False,
+    tables_only: bool = False,
 ) -> tuple[onnx.ModelProto, DynamicPlan]:
     """A copy of ``model`` whose MatMul/Gemm with constant 2-D weights (and LSTMs) run on int8 with run-time
-    activation scales; embedding tables, and with ``weight_only_rnn`` GRU/RNN weights, are stored as int8."""
+    activation scales; embedding tables, and with ``weight_only_rnn`` GRU/RNN weights, are stored as int8.
+    ``tables_only``: only the embedding tables (static quantization leaves them in float: they feed no compute
+    op, yet they are most of a transformer's file)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
@@ -84,18 +87,7 @@ def quantize_dynamic(
         return names.initializer(base, array, inits)
 
     for node in g.node:
-        w = _weight(graph, node)
         label = graph.node_name(node)
-        if _recurrent(graph, node) and (node.op_type == "LSTM" or weight_only_rnn):
-            if excluded(graph, node):
-                plan.excluded_nodes.append(label)
-                nodes.append(node)
-                continue
-            nodes += _quantize_recurrent(node, graph, names, init, per_channel)
-            for name in node.input[1:3]:
-                weight_users[name] -= 1
-            plan.quantized_nodes.append(label)
-            continue
         table = _table(graph, node)
         if table is not None and not excluded(graph, node):
             # An embedding lookup: gather int8 rows, then dequantize only the rows gathered.
@@ -113,6 +105,20 @@ def quantize_dynamic(
             ]
             plan.quantized_nodes.append(label)
             weight_users[base] -= 1
+            continue
+        if tables_only:
+            nodes.append(node)
+            continue
+        w = _weight(graph, node)
+        if _recurrent(graph, node) and (node.op_type == "LSTM" or weight_only_rnn):
+            if excluded(graph, node):
+                plan.excluded_nodes.append(label)
+                nodes.append(node)
+                continue
+            nodes += _quantize_recurrent(node, graph, names, init, per_channel)
+            for name in node.input[1:3]:
+                weight_users[name] -= 1
+            plan.quantized_nodes.append(label)
             continue
         if w is not None and excluded(graph, node):
             plan.excluded_nodes.append(label)
