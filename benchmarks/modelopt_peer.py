@@ -6,6 +6,8 @@
 
     benchmarks/.venv-modelopt/bin/python benchmarks/modelopt_peer.py SRC.onnx DST.onnx CALIB.npy INPUT METHOD
 
+CALIB is an .npy of the samples of the one input INPUT, or an .npz with one array per input (INPUT is then unused).
+
 Quantizes SRC with ``modelopt.onnx.quantization.quantize`` (INT8, calibration method METHOD: entropy, ModelOpt's
 default, or max; calibration on the CPU execution provider; the float remainder kept in FP32, as the other CPU
 rows) and prints one JSON line: wall seconds and how far peak resident memory rose after the samples were loaded.
@@ -25,7 +27,8 @@ def main() -> None:
     import numpy as np
     from modelopt.onnx.quantization import quantize
 
-    calib = {input_name: np.load(calib_path)}
+    # CALIB.npz: one array per model input (INPUT is then ignored); CALIB.npy: the array of INPUT
+    calib = dict(np.load(calib_path)) if calib_path.endswith(".npz") else {input_name: np.load(calib_path)}
     base = reset_peak_memory()
     t0 = time.perf_counter()
     quantize(

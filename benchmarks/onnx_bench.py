@@ -193,6 +193,14 @@ def _modelopt(src: Path, dst: Path, calib_path: Path, name: str, method: str) ->
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def _modelopt_rows(rows: dict, candidates: list, name: str, src: Path, work: Path, calib_path: Path, input_name: str):
+    """ModelOpt's INT8 PTQ with its default calibration (entropy) and with max, as two peer rows."""
+    for method in ("entropy", "max"):
+        out = work / f"{name}_modelopt_{method}.onnx"
+        label = f"ModelOpt int8 {method}" + (", its default" if method == "entropy" else "")
+        _peer(rows, candidates, label, out, _modelopt, src, out, calib_path, input_name, method)
+
+
 def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, **options) -> dict:
     """:func:`_job` in a fresh Python process, so that every quantizer starts from the same empty state."""
     import multiprocessing
@@ -254,10 +262,7 @@ def bench_model(
         out = work / f"{name}_ort_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
         _peer(rows, candidates, label, out, _measured, "ort_static", src, out, calib_path, input_name, best=best)
-    for method in ("entropy", "max"):
-        out = work / f"{name}_modelopt_{method}.onnx"
-        label = f"ModelOpt int8 {method}" + (", its default" if method == "entropy" else "")
-        _peer(rows, candidates, label, out, _modelopt, src, out, calib_path, input_name, method)
+    _modelopt_rows(rows, candidates, name, src, work, calib_path, input_name)
     # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
     fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
@@ -356,9 +361,9 @@ def _ort_quantize_dynamic(src: Path, dst: Path, per_channel: bool) -> None:
 def bench_dynamic(
     name: str, src: Path, feeds: list[dict], timing: dict[int, dict], work: Path, runs: int, calib: list[dict]
 ) -> dict:
-    """lowbit --dynamic and ORT's quantize_dynamic, then static quantization (lowbit and ORT's quantize_static,
-    calibrated on the feed dicts ``calib``, apart from ``feeds``): mean embedding cosine to FP32 over ``feeds``,
-    latency on the ``timing`` feeds (batch size -> feed)."""
+    """lowbit --dynamic and ORT's quantize_dynamic, then static quantization (lowbit, ORT's quantize_static and
+    ModelOpt, calibrated on the feed dicts ``calib``, apart from ``feeds``): mean embedding cosine to FP32 over
+    ``feeds``, latency on the ``timing`` feeds (batch size -> feed)."""
     import pickle
 
     print(f"\n== {name} (dynamic and static)")
@@ -382,6 +387,14 @@ def bench_dynamic(
         out = work / f"{name}_ort_static_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
         _peer(rows, candidates, label, out, _measured, "ort_static", src, out, calib_path, "", best=best)
+    # ModelOpt reads one array per input: the calibration sentences padded to one length (0: padding, masked out)
+    longest = max(next(iter(f.values())).shape[1] for f in calib)
+    padded = {
+        k: np.concatenate([np.pad(f[k], ((0, 0), (0, longest - f[k].shape[1]))) for f in calib]) for k in calib[0]
+    }
+    npz_path = work / f"{name}_calib.npz"
+    np.savez(npz_path, **padded)
+    _modelopt_rows(rows, candidates, name, src, work, npz_path, "")
     latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     for label, path, measured in candidates:
