@@ -674,10 +674,11 @@ def summarize(results: dict) -> str:
         if static:
             line += (
                 f". Static (calibrated): lowbit cosine {static['cosine']:.4f}, "
-                f"x{fp32['latency_ms'][8] / static['latency_ms'][8]:.2f}"
+                f"x{fp32['latency_ms'][8] / static['latency_ms'][8]:.2f}, "
+                f"file x{static['size_mb'] / fp32['size_mb']:.3f}"
             )
             for k, v in rows.items():
-                if k.startswith("ORT quantize_static"):
+                if k.startswith(("ORT quantize_static", "ModelOpt")):
                     line += f"; {k}: " + (f"cosine {v['cosine']:.4f}" if "cosine" in v else "failed")
         out.append(line + ".")
     resnet = results["models"].get("ResNet-18")
