@@ -395,20 +395,43 @@ def bench_dynamic(
     npz_path = work / f"{name}_calib.npz"
     np.savez(npz_path, **padded)
     _modelopt_rows(rows, candidates, name, src, work, npz_path, "")
-    latency = _timed({"FP32": src, **{label: path for label, path, _ in candidates}}, timing, runs)
+    # The deployment variants: FP16, and INT8 (--dynamic, the default here) with its float remainder in FP16.
+    fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
+    onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
+    quantize(src, mixed_path, dynamic=True, compare_models=False, progress=False, fp16_rest=True)
+    variants = {"FP32": src, "FP16": fp16_path, "INT8": candidates[0][1], "INT8 + FP16": mixed_path}
+    paths = {"FP32": src, **{label: path for label, path, _ in candidates}}
+    latency = _timed({**paths, "FP16": fp16_path, "INT8 + FP16": mixed_path}, timing, runs)
+    latency["INT8"] = latency[candidates[0][0]]
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
+    cosines = {src: _embedding_cosines(ref, ref)}
     for label, path, measured in candidates:
-        out = _embeddings(path, feeds)
+        cosines[path] = _embedding_cosines(ref, _embeddings(path, feeds))
         rows[label] = {
             "size_mb": path.stat().st_size / 1e6,
             **measured,
-            "cosine": _cosine(ref, out),
-            "min_cosine": float(((ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)).min()),
+            "cosine": float(cosines[path].mean()),
+            "min_cosine": float(cosines[path].min()),
             "latency_ms": latency[label],
         }
         print(f"  {label}: {rows[label]}")
+    table = {}
+    for label, path in variants.items():
+        if path not in cosines:
+            cosines[path] = _embedding_cosines(ref, _embeddings(path, feeds))
+        table[label] = {
+            "size_mb": path.stat().st_size / 1e6,
+            "latency_ms": latency[label],
+            "cosine": float(cosines[path].mean()),
+        }
     calibration = sum(len(next(iter(f.values()))) for f in calib)
-    return {"samples": {"evaluation": len(ref), "calibration": calibration}, "rows": rows, "kind": "embedding"}
+    samples = {"evaluation": len(ref), "calibration": calibration}
+    return {"samples": samples, "rows": rows, "kind": "embedding", "variants": table}
+
+
+def _embedding_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """The cosine of each embedding to its FP32 one."""
+    return (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
 
 
 def recurrent_model(op: str, hidden: int = 512, inputs: int = 256, seed: int = 0) -> onnx.ModelProto:
@@ -515,6 +538,7 @@ def render(results: dict) -> str:
         fp32 = rows["FP32"]
         if r.get("kind") == "embedding":
             lines += ["", f"### {name}", "", r["note"], "", "```", _render_embedding(rows), "```"]
+            lines += _render_variants(r["variants"]) if "variants" in r else []
             continue
         has_top1 = "top1" in fp32
         groups = list(r.get("groups", {}))
