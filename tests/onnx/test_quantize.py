@@ -158,6 +158,31 @@ def test_quantization_stores_embedding_tables_as_int8(tmp_path, mode):
     assert "embed" in record["quantized_nodes"]
 
 
+def test_embedding_rows_keep_their_own_scale():
+    # Word tables hold rows of very different sizes (rare words are small): one scale for the whole table would
+    # round the small rows to a few codes; a scale per row keeps each row's shape.
+    from lowbit.onnx.dynamic import quantize_dynamic
+
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((512, 16)) * np.logspace(-2, 0, 512)[:, None]
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Gather", ["table", "ids"], ["emb"], "embed")],
+        "embedding",
+        [onnx.helper.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"])],
+        [onnx.helper.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(table.astype(np.float32), "table")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    quantized, plan = quantize_dynamic(model, tables_only=True)
+    assert plan.quantized_nodes == ["embed"]
+    ids = np.arange(512)
+    sess = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"ids": ids})[0]
+    rows = (got * table).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(table, axis=1)
+    assert rows.min() > 0.999
+
+
 def test_static_quantization_for_tensorrt_leaves_embedding_tables_in_float(tmp_path):
     rng = np.random.default_rng(4)
     table = numpy_helper.from_array((rng.standard_normal((500, 16)) * 0.1).astype(np.float32), "table")

@@ -1,6 +1,7 @@
 """Dynamic quantization: weights of MatMul/Gemm quantized offline (int8, per output column), activations quantized
 at run time with a scale computed from each batch, so no calibration data is needed. Embedding tables (Gather from
-a constant 2-D table) are stored as int8 too (one scale): the int8 rows are gathered, then dequantized.
+a constant 2-D table) are stored as int8 too (a scale per row): the int8 rows and their scales are gathered, then
+multiplied.
 
     A -> DynamicQuantizeLinear -> (A_q uint8, s_a, z_a)
     MatMulInteger(A_q, W_q, z_a, z_w) -> int32 -> Cast -> * (s_a * s_w) [-> + bias]
@@ -90,18 +91,22 @@ def quantize_dynamic(
         label = graph.node_name(node)
         table = _table(graph, node)
         if table is not None and not excluded(graph, node):
-            # An embedding lookup: gather int8 rows, then dequantize only the rows gathered.
-            p, q = weight_qparams(table, None)
-            base, y = node.input[0], node.output[0]
-            gathered = names.new(f"{y}_quantized")
+            # An embedding lookup: gather int8 rows and their scales (one per row: rows of a word table differ
+            # tenfold in size), then dequantize only the rows gathered.
+            p, q = weight_qparams(table, 0)
+            base, y, ids = node.input[0], node.output[0], node.input[1]
+            gathered, scales = names.new(f"{y}_quantized"), names.new(f"{y}_scale")
+            as_float = names.new(f"{y}_quantized_float")
             q_name = init(f"{base}_quantized", q)
-            scale_name, zp_name = init(f"{base}_scale", p.scale), init(f"{base}_zero_point", p.zero_point)
+            scale_name = init(f"{base}_scale", np.asarray(p.scale, np.float32).reshape(-1, 1))
             attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
             nodes += [
-                helper.make_node("Gather", [q_name, node.input[1]], [gathered], name=label, **attrs),
+                helper.make_node("Gather", [q_name, ids], [gathered], name=label, **attrs),
+                helper.make_node("Gather", [scale_name, ids], [scales], name=names.new(f"{label}_scale"), **attrs),
                 helper.make_node(
-                    "DequantizeLinear", [gathered, scale_name, zp_name], [y], name=names.new(f"{label}_Dequantize")
+                    "Cast", [gathered], [as_float], to=onnx.TensorProto.FLOAT, name=names.new(f"{label}_Cast")
                 ),
+                helper.make_node("Mul", [as_float, scales], [y], name=names.new(f"{label}_Dequantize")),
             ]
             plan.quantized_nodes.append(label)
             weight_users[base] -= 1
