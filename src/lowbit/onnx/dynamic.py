@@ -91,8 +91,9 @@ def quantize_dynamic(
         label = graph.node_name(node)
         table = _table(graph, node)
         if table is not None and not excluded(graph, node):
-            # An embedding lookup: gather int8 rows and their scales (one per row: rows of a word table differ
-            # tenfold in size), then dequantize only the rows gathered.
+            # An embedding lookup: gather int8 rows and their scales, then dequantize only the rows gathered. A
+            # scale per row: in all-MiniLM-L6-v2's word table the largest value of a typical row is 0.18 and of the
+            # largest row 1.05, so one scale would leave most rows a sixth of the codes.
             p, q = weight_qparams(table, 0)
             base, y, ids = node.input[0], node.output[0], node.input[1]
             gathered, scales = names.new(f"{y}_quantized"), names.new(f"{y}_scale")
