@@ -31,7 +31,7 @@ from _common import ROOT, write_section  # noqa: E402
 # name -> (script, full-size arguments, quick arguments)
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "calibration": ("calib_bench.py", [], ["--quick"]),
-    "onnx": ("onnx_bench.py", [], ["--quick", "--crops", "200", "--sentences", "128"]),
+    "onnx": ("onnx_bench.py", [], ["--quick", "--crops", "200", "--calib-crops", "64", "--sentences", "128"]),
     "torch": ("torch_bench.py", [], ["--qat-epochs", "0"]),
     "sensitivity": ("sensitivity_bench.py", [], []),
 }

