@@ -104,9 +104,14 @@ def _kernel_difference(ours: dict[str, int], theirs: dict[str, int]) -> str:
     return ", ".join(parts) or "none"
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """The cosine of each row of ``b`` (an output, an embedding) to the same row of ``a``."""
     a, b = a.astype(np.float64), b.astype(np.float64)
-    return float(((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).mean())
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(_cosines(a, b).mean())
 
 
 def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool) -> None:
@@ -277,16 +282,8 @@ def bench_model(
     if modelopt:
         _modelopt_rows(rows, candidates, name, src, work, calib_path, input_name, quick)
     # The deployment variants: FP16, and INT8 with its float remainder in FP16 (lowbit's default otherwise).
-    fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
-    onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
-    quantize(src, mixed_path, {input_name: calib}, target="ort", compare_models=False, progress=False, fp16_rest=True)
-    variants = {"FP32": src, "FP16": fp16_path, "INT8": candidates[0][1], "INT8 + FP16": mixed_path}
-    latency = _timed(
-        {"FP32": src, **{label: path for label, path, _ in candidates}, "FP16": fp16_path, "INT8 + FP16": mixed_path},
-        {b: {input_name: evaluation[:b]} for b in (1, 8)},
-        runs,
-    )
-    latency["INT8"] = latency[candidates[0][0]]
+    variants = _deployment_variants(src, work, name, candidates[0][1], {input_name: calib})
+    latency = _timed_all(candidates, variants, {b: {input_name: evaluation[:b]} for b in (1, 8)}, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
     if labels is not None:
         rows["FP32"]["top1"] = float((ref.argmax(1) == labels).mean())
@@ -319,6 +316,25 @@ def bench_model(
         for label, path in variants.items()
     }
     return {"samples": {"calibration": len(calib), "evaluation": len(evaluation)}, "rows": rows, "variants": table}
+
+
+def _deployment_variants(src: Path, work: Path, name: str, int8: Path, calib, **options) -> dict[str, Path]:
+    """The model files TensorRT users compare (FP32, FP16, INT8, INT8 with the float remainder in FP16): ``int8`` is
+    lowbit's default output; the FP16 and INT8 + FP16 files are written here (``calib`` and ``options`` go to
+    :func:`quantize`)."""
+    fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
+    onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
+    quantize(src, mixed_path, calib, target="ort", compare_models=False, progress=False, fp16_rest=True, **options)
+    return {"FP32": src, "FP16": fp16_path, "INT8": int8, "INT8 + FP16": mixed_path}
+
+
+def _timed_all(candidates: list, variants: dict[str, Path], feeds: dict[int, dict], runs: int) -> dict:
+    """Latency of FP32, every candidate and the FP16 variants, interleaved in one run (:func:`_timed`); the INT8
+    variant is the first candidate, lowbit's default, timed once under both labels."""
+    paths = {"FP32": variants["FP32"], **{label: path for label, path, _ in candidates}}
+    latency = _timed({**paths, "FP16": variants["FP16"], "INT8 + FP16": variants["INT8 + FP16"]}, feeds, runs)
+    latency["INT8"] = latency[candidates[0][0]]
+    return latency
 
 
 def fashion_onnx(name: str, path: Path) -> None:
@@ -416,17 +432,12 @@ def bench_dynamic(
     np.savez(npz_path, **padded)
     _modelopt_rows(rows, candidates, name, src, work, npz_path, "", quick)
     # The deployment variants: FP16, and INT8 (--dynamic, the default here) with its float remainder in FP16.
-    fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
-    onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
-    quantize(src, mixed_path, dynamic=True, compare_models=False, progress=False, fp16_rest=True)
-    variants = {"FP32": src, "FP16": fp16_path, "INT8": candidates[0][1], "INT8 + FP16": mixed_path}
-    paths = {"FP32": src, **{label: path for label, path, _ in candidates}}
-    latency = _timed({**paths, "FP16": fp16_path, "INT8 + FP16": mixed_path}, timing, runs)
-    latency["INT8"] = latency[candidates[0][0]]
+    variants = _deployment_variants(src, work, name, candidates[0][1], None, dynamic=True)
+    latency = _timed_all(candidates, variants, timing, runs)
     rows["FP32"] = {"size_mb": src.stat().st_size / 1e6, "latency_ms": latency["FP32"]}
-    cosines = {src: _embedding_cosines(ref, ref)}
+    cosines = {src: _cosines(ref, ref)}
     for label, path, measured in candidates:
-        cosines[path] = _embedding_cosines(ref, _embeddings(path, feeds))
+        cosines[path] = _cosines(ref, _embeddings(path, feeds))
         rows[label] = {
             "size_mb": path.stat().st_size / 1e6,
             **measured,
@@ -438,7 +449,7 @@ def bench_dynamic(
     table = {}
     for label, path in variants.items():
         if path not in cosines:
-            cosines[path] = _embedding_cosines(ref, _embeddings(path, feeds))
+            cosines[path] = _cosines(ref, _embeddings(path, feeds))
         table[label] = {
             "size_mb": path.stat().st_size / 1e6,
             "latency_ms": latency[label],
@@ -447,11 +458,6 @@ def bench_dynamic(
     calibration = sum(len(next(iter(f.values()))) for f in calib)
     samples = {"evaluation": len(ref), "calibration": calibration}
     return {"samples": samples, "rows": rows, "kind": "embedding", "variants": table}
-
-
-def _embedding_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    """The cosine of each embedding to its FP32 one."""
-    return (ref * out).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(out, axis=1)
 
 
 def recurrent_model(op: str, hidden: int = 512, inputs: int = 256, seed: int = 0) -> onnx.ModelProto:
