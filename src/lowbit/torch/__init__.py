@@ -27,6 +27,7 @@ from lowbit.torch.layers import (
     QuantConvTranspose2d,
     QuantLinear,
 )
+from lowbit.torch.learned_rounding import adaround
 from lowbit.torch.ptq import calibrate, quantize, quantizers
 from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze_bn_stats
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
@@ -51,6 +52,7 @@ __all__ = [
     "QuantLinear",
     "QuantizerConfig",
     "TensorQuantizer",
+    "adaround",
     "analyze",
     "apply_mixed",
     "calibrate",

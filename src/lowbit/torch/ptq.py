@@ -38,7 +38,7 @@ from lowbit.torch.residual import trace_residual_adds
 Calib = Iterable[Any] | Callable[[nn.Module], Any]
 
 
-ROUNDINGS = ("nearest", "gptq")
+ROUNDINGS = ("nearest", "gptq", "adaround")
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -211,15 +211,17 @@ def quantize(
     folded BatchNorm training inside a :class:`~lowbit.torch.qat.QuantConvBn2d` (:mod:`lowbit.torch.qat`)
     instead of folding its statistics away. Either way the returned model is in eval mode: call ``.train()``.
     ``rounding``: ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the
-    Conv/Linear weights for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits).
+    Conv/Linear weights for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits);
+    ``"adaround"`` learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.learned_rounding`;
+    slower, better, and it needs ``calib`` as batches).
     """
     cfg = resolve(config)
     if rounding not in ROUNDINGS:
         raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    if rounding == "gptq" and calib is None:
-        raise CalibrationError("rounding='gptq' needs calibration data (calib=): it fits the codes to the inputs")
-    if rounding == "gptq" and isinstance(calib, Iterator):
-        calib = list(calib)  # a one-shot iterator: GPTQ reads the batches a second time
+    if rounding != "nearest" and calib is None:
+        raise CalibrationError(f"rounding={rounding!r} needs calibration data (calib=): it fits codes to the inputs")
+    if rounding != "nearest" and isinstance(calib, Iterator):
+        calib = list(calib)  # a one-shot iterator: the rounding reads the batches again
     if not isinstance(model, nn.Module):
         raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if calib is None and not cfg.dynamic:
@@ -255,4 +257,8 @@ def quantize(
         from lowbit.torch.rounding import gptq
 
         gptq(model, calib, progress=progress)
+    elif rounding == "adaround":
+        from lowbit.torch.learned_rounding import adaround
+
+        adaround(model, calib, progress=progress)
     return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too

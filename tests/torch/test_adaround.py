@@ -1,0 +1,113 @@
+"""AdaRound: weight codes learned layer by layer on the quantized model's inputs (lowbit.torch.learned_rounding)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lowbit.torch as lt
+from lowbit.errors import CalibrationError
+from lowbit.torch.learned_rounding import _Sample
+from tests.torch.test_gptq import _codes, _net, _smooth
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        nn.Conv2d(4, 6, (1, 3), padding=(0, 1), dilation=(1, 2)),
+        nn.Conv2d(4, 4, 3, padding="same", groups=4),
+        nn.Conv2d(4, 6, 1),
+        nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        nn.Linear(4, 6),
+    ],
+    ids=["strided-grouped", "dilated", "same-depthwise", "pointwise", "conv1d", "linear"],
+)
+def test_sampled_patches_times_the_weight_give_the_layer_output_at_the_sampled_positions(layer):
+    g = torch.Generator().manual_seed(0)
+    shape = {nn.Linear: (5, 7, 4), nn.Conv1d: (3, 4, 11)}.get(type(layer), (3, 4, 9, 10))
+    x = torch.randn(*shape, generator=g)
+    sample = _Sample(layer, 10, seed=1)
+    with torch.no_grad():
+        y = layer(x)
+        patches = sample.patches(x, batch=0)  # (rows, groups, columns)
+        target = sample.output(y, batch=0)  # (rows, channels)
+    groups = getattr(layer, "groups", 1)
+    w = layer.weight.reshape(groups, layer.weight.shape[0] // groups, -1)
+    out = torch.einsum("rgk,gok->rgo", patches, w).reshape(len(patches), -1) + layer.bias
+    assert len(patches) == 10
+    torch.testing.assert_close(out, target, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sample.patches(x, batch=0), patches)  # the same positions on every pass
+    assert not torch.equal(sample.positions(1, 100), sample.positions(0, 100))
+
+
+def test_adaround_lowers_the_output_error_on_new_data_keeps_scales_and_rounds_each_weight_up_or_down():
+    model = _net()
+    calib = list(_smooth(256).split(32))
+    test = _smooth(128, seed=1)
+    with torch.no_grad():
+        ref = model(test)
+    errors, models = {}, {}
+    for rounding in ("nearest", "adaround"):
+        q = lt.quantize(model, "w4a8", calib=calib, rounding=rounding, progress=False)
+        with torch.no_grad():
+            errors[rounding] = float(((q(test) - ref) ** 2).mean())
+        models[rounding] = q
+    assert errors["adaround"] < 0.7 * errors["nearest"]
+    near, learned = lt.quantizers(models["nearest"]), lt.quantizers(models["adaround"])
+    codes = _codes(models["adaround"])
+    assert set(codes) == {f"{i}.weight_quantizer" for i in (0, 2, 4, 7)}
+    for name, c in codes.items():
+        torch.testing.assert_close(learned[name].scale, near[name].scale, rtol=0, atol=0)  # only the codes change
+        layer = models["adaround"].get_submodule(name.rsplit(".", 1)[0])
+        scale = learned[name].scale.reshape(-1, *([1] * (layer.weight.dim() - 1)))
+        floor = torch.floor(layer.weight.detach() / scale)
+        spec = learned[name].spec
+        up = c - floor.clamp(spec.qmin, spec.qmax)
+        assert bool(((up == 0) | (up == 1)).all())  # each weight on one of its two neighbouring codes
+        nearest = torch.round(layer.weight.detach() / scale).clamp(spec.qmin, spec.qmax)
+        assert not torch.equal(c.float(), nearest)  # and the choice is not plain rounding
+
+
+def test_adaround_reports_errors_per_layer_and_rounds_only_the_named_layers():
+    model = _net()
+    calib = list(_smooth(64).split(32))
+    q = lt.quantize(model, "w4a8", calib=calib, progress=False)
+    errors = lt.adaround(q, calib, names=["2"], iterations=50, progress=False)
+    assert list(errors) == ["2"]
+    before, after = errors["2"]
+    assert 0 <= after <= before
+    assert set(_codes(q)) == {"2.weight_quantizer"}
+
+
+def test_adaround_asks_for_batches_and_names_it_can_round():
+    model = _net()
+    calib = list(_smooth(64).split(32))
+    q = lt.quantize(model, "w4a8", calib=calib, progress=False)
+    with pytest.raises(CalibrationError, match="not a forward loop"):
+        lt.adaround(q, lambda m: [m(b) for b in calib], progress=False)
+    with pytest.raises(CalibrationError, match="cannot round nope"):
+        lt.adaround(q, calib, names=["nope"], progress=False)
+    with pytest.raises(CalibrationError, match="calib is empty"):
+        lt.adaround(q, [], progress=False)
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        lt.quantize(model, "w4a8", rounding="adaround", progress=False)
+
+
+def test_adarounded_model_exports_with_its_codes(tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    model = _net()
+    calib = list(_smooth(128).split(32))
+    q = lt.quantize(model, "int8", calib=calib, rounding="adaround", progress=False)
+    x = _smooth(4, seed=5)
+    path = tmp_path / "m.onnx"
+    lt.export_onnx(q, x, path)
+    with torch.no_grad():
+        expected = q(x).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    step = float(abs(expected).max()) / 127
+    assert float(abs(got - expected).max()) <= step
+    assert F.mse_loss(torch.from_numpy(got), torch.from_numpy(expected)) < 1e-3
