@@ -211,8 +211,8 @@ def round_layer(
     qmin, qmax = q.spec.qmin, q.spec.qmax
     depthwise = ws.shape[1] == 1
 
-    order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0))  # mix the batches' rows
-    patches, target = patches[order], target[order]
+    order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0)).to(patches.device)
+    patches, target = patches[order], target[order]  # the batches' rows mixed
     if depthwise:  # one channel per group: a batched matrix-vector product, groups first
         patches = patches.transpose(0, 1).contiguous()  # (groups, rows, columns)
 
@@ -253,7 +253,7 @@ def round_layer(
         optimizer.step()
     hard = (v.detach() >= 0).float()
     after = error(hard)
-    if after > before:  # the sample did not generalise to itself: keep plain rounding
+    if after > before:  # the learning ended worse than plain rounding, even on its own rows: keep plain rounding
         hard, after = (frac >= 0.5).float(), before
     q.set_codes(torch.clamp(base + hard, qmin, qmax).reshape(w.shape).round().to(torch.int32))
     return before / count, after / count
