@@ -167,7 +167,7 @@ def test_gptq_on_a_quantized_model_and_bad_input():
     # One batch of 8 images: 8 rows for the Linear's 8 inputs, too few to know H; the convs see 256 patches each.
     assert lt.gptq(q, models.batches(1), progress=False) == ["0", "3"]
     with pytest.raises(SpecError, match="rounding must be one of"):
-        lt.quantize(model, "w4a8", calib=models.batches(), rounding="adaround")
+        lt.quantize(model, "w4a8", calib=models.batches(), rounding="adaquant")
     with pytest.raises(CalibrationError, match="needs calibration data"):
         lt.quantize(model, "w4a16_group128", rounding="gptq")
     one_shot = iter(models.batches(8))  # read twice: calibration, then GPTQ's statistics
