@@ -5,30 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 import lowbit.torch as lt
 from lowbit.errors import CalibrationError
 from lowbit.torch.learned_rounding import _Sample
-from tests.torch.test_gptq import _codes, _net, _smooth
+from tests.torch.test_gptq import LAYERS, _codes, _net, _smooth, layer_input
 
 
-@pytest.mark.parametrize(
-    "layer",
-    [
-        nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
-        nn.Conv2d(4, 6, (1, 3), padding=(0, 1), dilation=(1, 2)),
-        nn.Conv2d(4, 4, 3, padding="same", groups=4),
-        nn.Conv2d(4, 6, 1),
-        nn.Conv1d(4, 6, 3, stride=2, padding=1),
-        nn.Linear(4, 6),
-    ],
-    ids=["strided-grouped", "dilated", "same-depthwise", "pointwise", "conv1d", "linear"],
-)
+@LAYERS
 def test_sampled_patches_times_the_weight_give_the_layer_output_at_the_sampled_positions(layer):
-    g = torch.Generator().manual_seed(0)
-    shape = {nn.Linear: (5, 7, 4), nn.Conv1d: (3, 4, 11)}.get(type(layer), (3, 4, 9, 10))
-    x = torch.randn(*shape, generator=g)
+    x = layer_input(layer, torch.Generator().manual_seed(0))
     sample = _Sample(layer, 10, seed=1)
     with torch.no_grad():
         y = layer(x)

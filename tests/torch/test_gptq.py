@@ -61,7 +61,8 @@ def test_uncorrelated_inputs_leave_nearest_rounding_and_correlated_ones_lower_th
     assert output_error(q) < 0.7 * output_error(nearest)
 
 
-@pytest.mark.parametrize(
+# Layers of every geometry rounding handles, and an input for each (tests of GPTQ's H and AdaRound's patches).
+LAYERS = pytest.mark.parametrize(
     "layer",
     [
         nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
@@ -73,12 +74,19 @@ def test_uncorrelated_inputs_leave_nearest_rounding_and_correlated_ones_lower_th
     ],
     ids=["strided-grouped", "dilated", "same-depthwise", "pointwise", "conv1d", "linear"],
 )
+
+
+def layer_input(layer: nn.Module, generator: torch.Generator) -> torch.Tensor:
+    shape = {nn.Linear: (5, 7, 4), nn.Conv1d: (3, 4, 11)}.get(type(layer), (3, 4, 9, 10))
+    return torch.randn(*shape, generator=generator)
+
+
+@LAYERS
 def test_second_moment_gives_the_output_energy_of_any_weight(layer):
     """sum over outputs of (dW r)^2 = tr(dW H dW^T) * rows: checked against torch's own convolution, for a
     random weight change dW, so the patches H is made of are the ones the layer multiplies."""
     g = torch.Generator().manual_seed(0)
-    shape = {nn.Linear: (5, 7, 4), nn.Conv1d: (3, 4, 11)}.get(type(layer), (3, 4, 9, 10))
-    x = torch.randn(*shape, generator=g)
+    x = layer_input(layer, g)
     moment = _Moment(layer)
     moment(layer, (x[:2],))
     moment(layer, (x[2:],))

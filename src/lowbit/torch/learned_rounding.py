@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
-from lowbit.torch.rounding import layers as roundable
+from lowbit.torch.rounding import chosen_layers
 
 ITERATIONS = 500  # gradient steps per layer
 ROWS = 4096  # output positions (pixels, tokens) sampled per layer, over all the calibration batches
@@ -290,16 +290,7 @@ def adaround(
     those in ``names``), in the order the model runs them, from calibration batches ``calib``. Returns, per layer
     rounded, its mean square output error per sampled position with plain rounding and with the learned codes.
     Call it after calibration; the model runs in eval mode."""
-    found = roundable(model)
-    if names is not None:
-        wanted = list(names)
-        unknown = [n for n in wanted if n not in found]
-        if unknown:
-            raise CalibrationError(
-                f"AdaRound cannot round {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv1d/"
-                f"Conv2d/Linear layer of this model. Roundable layers: {', '.join(list(found)[:8]) or 'none'}"
-            )
-        found = {n: found[n] for n in wanted}
+    found = chosen_layers(model, names, "AdaRound")
     if not found:
         return {}
     if iterations < 1 or rows < 1:

@@ -54,6 +54,22 @@ def layers(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if _roundable(m)}
 
 
+def chosen_layers(model: nn.Module, names: Iterable[str] | None, method: str) -> dict[str, nn.Module]:
+    """The roundable layers of ``model`` named in ``names`` (all of them when None), in that order; a name that is
+    not one is an error that lists the roundable ones. ``method`` names the rounding in the message."""
+    found = layers(model)
+    if names is None:
+        return found
+    wanted = list(names)
+    unknown = [n for n in wanted if n not in found]
+    if unknown:
+        raise CalibrationError(
+            f"{method} cannot round {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv1d/Conv2d/"
+            f"Linear layer of this model. Roundable layers: {', '.join(list(found)[:8]) or 'none'}"
+        )
+    return {n: found[n] for n in wanted}
+
+
 def _groups(module: nn.Module) -> int:
     return module.groups if isinstance(module, nn.Conv1d | nn.Conv2d) else 1
 
@@ -123,16 +139,7 @@ def gptq(
     from lowbit.torch.ptq import run_data
     from lowbit.torch.sensitivity import only
 
-    found = layers(model)
-    if names is not None:
-        wanted = list(names)
-        unknown = [n for n in wanted if n not in found]
-        if unknown:
-            raise CalibrationError(
-                f"GPTQ cannot round {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv1d/Conv2d/"
-                f"Linear layer of this model. Roundable layers: {', '.join(list(found)[:8]) or 'none'}"
-            )
-        found = {n: found[n] for n in wanted}
+    found = chosen_layers(model, names, "GPTQ")
     if not found:
         return []
     moments = {name: _Moment(m) for name, m in found.items()}
