@@ -80,6 +80,10 @@ def test_adaround_asks_for_batches_and_names_it_can_round():
         lt.adaround(q, [], progress=False)
     with pytest.raises(CalibrationError, match="needs calibration data"):
         lt.quantize(model, "w4a8", rounding="adaround", progress=False)
+    runs = []
+    with pytest.raises(CalibrationError, match="not a forward loop"):
+        lt.quantize(model, "w4a8", calib=lambda m: runs.append([m(b) for b in calib]), rounding="adaround")
+    assert runs == []  # said before calibrating, not after
 
 
 def test_adarounded_model_exports_with_its_codes(tmp_path):

@@ -220,6 +220,11 @@ def quantize(
         raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if rounding != "nearest" and calib is None:
         raise CalibrationError(f"rounding={rounding!r} needs calibration data (calib=): it fits codes to the inputs")
+    if rounding == "adaround" and _is_loop(calib):
+        raise CalibrationError(
+            "rounding='adaround' needs calibration batches (a list of inputs), not a forward loop: it runs the float "
+            "and the quantized model on the same batches, once per layer"
+        )
     if rounding != "nearest" and isinstance(calib, Iterator):
         calib = list(calib)  # a one-shot iterator: the rounding reads the batches again
     if not isinstance(model, nn.Module):
