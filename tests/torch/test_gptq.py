@@ -70,9 +70,10 @@ LAYERS = pytest.mark.parametrize(
         nn.Conv2d(4, 4, 3, padding="same", groups=4),
         nn.Conv2d(4, 6, 1),
         nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        nn.Conv2d(4, 6, 2, padding="valid"),
         nn.Linear(4, 6),
     ],
-    ids=["strided-grouped", "dilated", "same-depthwise", "pointwise", "conv1d", "linear"],
+    ids=["strided-grouped", "dilated", "same-depthwise", "pointwise", "conv1d", "valid-even", "linear"],
 )
 
 

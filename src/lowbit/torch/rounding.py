@@ -109,9 +109,9 @@ class _Moment:
         else:
             kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
         if isinstance(padding, str):  # "same" / "valid": the padding torch computes
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)) if padding == "same" else 0
-            if any(d * (k - 1) % 2 for k, d in zip(kernel, dilation, strict=True)):
+            if padding == "same" and any(d * (k - 1) % 2 for k, d in zip(kernel, dilation, strict=True)):
                 raise CalibrationError("GPTQ cannot follow padding='same' with an even kernel; use explicit padding")
+            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)) if padding == "same" else 0
         n, c = x.shape[:2]
         if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(np.ravel(padding)):
             pixels = x.transpose(0, 1).reshape(g, c // g, -1)  # a 1x1 convolution: its rows are pixels
