@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
-from lowbit.torch.rounding import chosen_layers
+from lowbit.torch.rounding import _matrix, chosen_layers, conv_geometry
 
 ITERATIONS = 500  # gradient steps per layer
 ROWS = 4096  # output positions (pixels, tokens) sampled per layer, over all the calibration batches
@@ -67,23 +67,6 @@ def _all_float(model: nn.Module) -> Iterator[None]:
     finally:
         for q, mode in saved:
             q.mode = mode
-
-
-def _geometry(module: nn.Module) -> tuple[tuple[int, ...], ...]:
-    """(kernel, stride, padding, dilation) of a convolution, 2-D (a Conv1d is a 1-pixel-high Conv2d)."""
-    if isinstance(module, nn.Conv1d):
-        k, s, d = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
-        p = module.padding if isinstance(module.padding, str) else (0, *module.padding)
-    else:
-        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
-    if isinstance(p, str):
-        if p == "valid":
-            p = (0, 0)
-        elif any(dd * (kk - 1) % 2 for kk, dd in zip(k, d, strict=True)):
-            raise CalibrationError("AdaRound cannot follow padding='same' with an even kernel; use explicit padding")
-        else:
-            p = tuple(dd * (kk - 1) // 2 for kk, dd in zip(k, d, strict=True))
-    return tuple(k), tuple(s), tuple(p), tuple(d)
 
 
 class _Sample:
@@ -113,7 +96,7 @@ class _Sample:
             return flat[self.positions(batch, flat.shape[0]).to(flat.device)][:, None, :].detach().float()
         if isinstance(m, nn.Conv1d):
             x = x.unsqueeze(-2)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = _geometry(m)
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv_geometry(m, "AdaRound")
         n, _, h, w = x.shape
         oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
         ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
@@ -129,7 +112,9 @@ class _Sample:
 
 
 def _batches(calib: Any) -> list[Any]:
-    if callable(calib) and not isinstance(calib, (torch.Tensor, Iterable)):
+    from lowbit.torch.ptq import _is_loop
+
+    if _is_loop(calib):
         raise CalibrationError(
             "AdaRound needs calibration batches (a list of inputs), not a forward loop: it runs the float and the "
             "quantized model on the same batches, once per layer"
@@ -195,14 +180,9 @@ def round_layer(
     row before (plain rounding) and after."""
     q = module.weight_quantizer
     w = module.weight.detach().float()
-    groups = 1 if isinstance(module, nn.Linear) else module.groups
     scale = param_view(q.scale.detach(), w.shape, q.spec).expand(w.shape).float()
     zero = param_view(q.zero_point.detach(), w.shape, q.spec).expand(w.shape).float()
-
-    def grouped(t: torch.Tensor) -> torch.Tensor:  # (groups, out per group, columns)
-        return t.reshape(groups, t.shape[0] // groups, -1)
-
-    ws, ss, zs = grouped(w), grouped(scale), grouped(zero)
+    ws, ss, zs = (_matrix(module, t) for t in (w, scale, zero))  # (groups, out per group, columns)
     base = torch.floor(ws / ss) + zs
     frac = (ws / ss + zs - base).clamp(0.01, 0.99)
     v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)

@@ -81,6 +81,24 @@ def _matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     return t.reshape(g, t.shape[0] // g, -1)
 
 
+def conv_geometry(module: nn.Module, method: str) -> tuple[tuple[int, ...], ...]:
+    """(kernel, stride, padding, dilation) of a Conv1d/Conv2d as 2-D tuples (a Conv1d is a 1-pixel-high Conv2d),
+    with ``padding="same"``/``"valid"`` turned into the padding torch computes. ``method`` names the rounding in
+    the error for ``"same"`` with an even kernel, whose padding is not symmetric."""
+    if isinstance(module, nn.Conv1d):
+        k, s, d = (1, *module.kernel_size), (1, *module.stride), (1, *module.dilation)
+        p = module.padding if isinstance(module.padding, str) else (0, *module.padding)
+    else:
+        k, s, p, d = module.kernel_size, module.stride, module.padding, module.dilation
+    if p == "valid":
+        p = (0, 0)
+    elif p == "same":
+        if any(dd * (kk - 1) % 2 for kk, dd in zip(k, d, strict=True)):
+            raise CalibrationError(f"{method} cannot follow padding='same' with an even kernel; use explicit padding")
+        p = tuple(dd * (kk - 1) // 2 for kk, dd in zip(k, d, strict=True))
+    return tuple(k), tuple(s), tuple(p), tuple(d)
+
+
 class _Moment:
     """Running ``sum(r r^T)`` of a layer's input rows, per group, from a forward pre-hook."""
 
@@ -103,15 +121,7 @@ class _Moment:
             return
         if isinstance(module, nn.Conv1d):
             x = x.unsqueeze(-2)
-            kernel, stride = (1, *module.kernel_size), (1, *module.stride)
-            padding = (0, *module.padding) if not isinstance(module.padding, str) else module.padding
-            dilation = (1, *module.dilation)
-        else:
-            kernel, stride, padding, dilation = module.kernel_size, module.stride, module.padding, module.dilation
-        if isinstance(padding, str):  # "same" / "valid": the padding torch computes
-            if padding == "same" and any(d * (k - 1) % 2 for k, d in zip(kernel, dilation, strict=True)):
-                raise CalibrationError("GPTQ cannot follow padding='same' with an even kernel; use explicit padding")
-            padding = tuple(d * (k - 1) // 2 for k, d in zip(kernel, dilation, strict=True)) if padding == "same" else 0
+        kernel, stride, padding, dilation = conv_geometry(module, "GPTQ")
         n, c = x.shape[:2]
         if all(k == 1 for k in kernel) and all(s == 1 for s in stride) and not any(np.ravel(padding)):
             pixels = x.transpose(0, 1).reshape(g, c // g, -1)  # a 1x1 convolution: its rows are pixels
