@@ -101,3 +101,11 @@ def test_adarounded_model_exports_with_its_codes(tmp_path):
     step = float(abs(expected).max()) / 127
     assert float(abs(got - expected).max()) <= step
     assert F.mse_loss(torch.from_numpy(got), torch.from_numpy(expected)) < 1e-3
+
+
+def test_same_padding_with_an_even_kernel_is_a_clear_error_for_both_roundings():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, padding="same")).eval()
+    calib = list(_smooth(16).split(8))
+    for rounding, method in (("gptq", "GPTQ"), ("adaround", "AdaRound")):
+        with pytest.raises(CalibrationError, match=f"{method} cannot follow padding='same' with an even kernel"):
+            lt.quantize(model, "w4a8", calib=calib, rounding=rounding, progress=False)
