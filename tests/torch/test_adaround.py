@@ -103,6 +103,7 @@ def test_adarounded_model_exports_with_its_codes(tmp_path):
     assert F.mse_loss(torch.from_numpy(got), torch.from_numpy(expected)) < 1e-3
 
 
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")  # torch's own, about speed
 def test_same_padding_with_an_even_kernel_is_a_clear_error_for_both_roundings():
     model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 2, padding="same")).eval()
     calib = list(_smooth(16).split(8))
