@@ -12,6 +12,7 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from lowbit import analysis
 from lowbit.analysis import expected_sqnr_db, tensor_report
 from lowbit.analysis.report import render
 from lowbit.calib.histogram_methods import MSECalibrator
@@ -141,6 +142,30 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget(files):
         r = mixed.search(cal, ranked, metrics.OutputMetric("cosine", _feeds(seed=9)), budget, progress=False)
         assert r.met and r.kept == ["conv2"]
     assert "layer kept in float" in tight.table()
+
+
+def test_a_percentage_budget_says_how_noisy_its_score_is(files):
+    _tmp, model, _data = files
+    cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, per_channel=False, progress=False)
+    metric = metrics.OutputMetric("agreement", _feeds(seed=9))
+    result = mixed.search(cal, ["conv2"], metric, max_drop=20.0, progress=False)
+    assert result.samples == 16  # every evaluation sample, counted once
+    # 16 samples cannot tell a 20-point budget apart: the table says so and how many samples would.
+    assert result.noise == pytest.approx(100 * math.sqrt(0.8 * 0.2 / 16))
+    assert "16 samples" in result.table() and "Evaluate on more samples (about 64 " in result.table()
+    assert result.to_dict()["noise"] == result.noise
+    cosine = mixed.search(cal, ["conv2"], metrics.OutputMetric("cosine", _feeds(seed=9)), 1.0, progress=False)
+    assert cosine.samples is None and cosine.noise is None and "standard error" not in cosine.table()
+
+
+def test_standard_error_of_a_percentage():
+    assert analysis.standard_error_points(97.0, 256) == pytest.approx(1.0662, abs=1e-4)
+    assert analysis.standard_error_points(97.0, 1024) == pytest.approx(analysis.standard_error_points(97.0, 256) / 2)
+    assert analysis.standard_error_points(100.0, 100) > 0  # one sample's worth, never 0
+    quiet = analysis.MixedResult("agreement", " %", 100.0, 3.0, samples=1000)
+    assert "one standard error is 0.54 points" in quiet.noise_note() and "Evaluate" not in quiet.noise_note()
+    exact = analysis.MixedResult("agreement", " %", 100.0, 0.0, [analysis.Step(0, None, 100.0, 0.0)], True, samples=10)
+    assert "standard error" in exact.table() and "Evaluate" not in exact.table()  # no budget to weigh noise against
 
 
 def test_quantize_with_a_budget_keeps_layers_float(files):

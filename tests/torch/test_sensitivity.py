@@ -79,6 +79,14 @@ def test_search_keeps_layers_float_until_the_budget_holds():
     assert all(mode == "disabled" for mode in _modes(q).values())
 
 
+def test_agreement_search_counts_its_samples():
+    _m, q = _spoiled()
+    batches = models.batches(2, seed=5)
+    r = search(q, ["0"], "agreement", max_drop=100.0, batches=batches, progress=False)
+    assert r.met and r.samples == sum(len(b) for b in batches) and r.noise is not None
+    assert search(q, ["0"], "cosine", max_drop=1.0, batches=batches, progress=False).samples is None
+
+
 def test_metric_function_and_its_reference():
     _m, q = _spoiled()
     calls = []

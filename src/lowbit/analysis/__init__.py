@@ -236,6 +236,15 @@ class MixedResult:
     steps: list[Step] = field(default_factory=list)
     met: bool = False
     kind: str = "float"
+    samples: int | None = None  # the samples a percentage metric (agreement, accuracy) counts; None otherwise
+
+    @property
+    def noise(self) -> float | None:
+        """One standard error of a percentage metric at the budget line, in points: a score counts ``samples``
+        hits, so a step's score is only known to about this much (None for other metrics)."""
+        if not self.samples or self.unit.strip() != "%":
+            return None
+        return standard_error_points(self.reference - self.max_drop, self.samples)
 
     @property
     def action(self) -> str:
@@ -263,10 +272,42 @@ class MixedResult:
             f"mixed precision: {self.metric} FP32 {self.reference:.4f}{self.unit}, budget: drop <= {self.max_drop}"
             f"{self.budget_unit}; {verdict}"
         )
-        return head + "\n" + format_table(["k", f"layer {self.action}", "score", "drop", "gain"], rows, "rlrrr")
+        table = format_table(["k", f"layer {self.action}", "score", "drop", "gain"], rows, "rlrrr")
+        note = self.noise_note()
+        return head + "\n" + table + ("\n" + note if note else "")
+
+    def noise_note(self) -> str:
+        """How far a step's score can be trusted, for a percentage metric ('' otherwise)."""
+        noise = self.noise
+        if noise is None:
+            return ""
+        note = (
+            f"{self.metric} counted on {self.samples} samples: one standard error is {noise:.2f} points near the budget"
+        )
+        if 0 < self.max_drop < 4 * noise:
+            note += (
+                f", large against a budget of {self.max_drop:g} points; the search may stop early on a lucky step. "
+                f"Evaluate on more samples (about {_samples_for(self.reference - self.max_drop, self.max_drop / 4)} "
+                "bring it to a quarter of the budget)"
+            )
+        return note + "."
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "kept": self.kept}
+        return {**asdict(self), "kept": self.kept, "noise": self.noise}
+
+
+def standard_error_points(percent: float, samples: int) -> float:
+    """One standard error, in points, of a percentage near ``percent`` counted on ``samples`` samples
+    (binomial: sqrt(p (1 - p) / n)); p is kept half a sample from 0 and 100%, so that it is never 0 there."""
+    edge = 0.5 / samples
+    p = min(max(percent / 100, edge), 1.0 - edge)
+    return 100 * math.sqrt(p * (1 - p) / samples)
+
+
+def _samples_for(percent: float, points: float) -> int:
+    """The samples that bring the standard error of a percentage near ``percent`` down to ``points``."""
+    p = min(max(percent / 100, 0.0), 1.0)
+    return max(1, math.ceil(max(p * (1 - p), 1e-4) * (100 / points) ** 2 - 1e-9))
 
 
 def grid_range(c, symmetric: bool) -> tuple[float, float]:

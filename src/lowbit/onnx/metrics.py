@@ -32,6 +32,7 @@ class Metric:
 
     def __init__(self):
         self.reference: float | None = None
+        self.samples: int | None = None  # the samples a percentage score counts (agreement, accuracy), once prepared
 
     def prepare(self, float_session: ort.InferenceSession) -> float:
         """Score the FP32 session (and keep what later scores compare with); returns its score."""
@@ -81,6 +82,7 @@ class OutputMetric(Metric):
         if self.labels is not None and len(self.labels) != n:
             raise DataError(f"{len(self.labels)} labels for {n} evaluation samples: give one label per sample")
         self.reference = self._score(self.outputs)
+        self.samples = None if self.name == "cosine" else n
         return self.reference
 
     def score(self, session: ort.InferenceSession) -> float:

@@ -31,7 +31,7 @@ def search(
     """Keep ``ranked`` layers (most sensitive first) in float one more at a time until ``metric`` drops by at
     most ``max_drop`` from FP32; at most ``max_float`` layers (default: all)."""
     reference = metric.prepare(session(calibrated.float_model))
-    result = MixedResult(metric.name, metric.unit, reference, float(max_drop))
+    result = MixedResult(metric.name, metric.unit, reference, float(max_drop), samples=metric.samples)
     limit = len(ranked) if max_float is None else min(max_float, len(ranked))
     bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
     for k in range(limit + 1):

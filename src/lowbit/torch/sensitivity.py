@@ -192,11 +192,11 @@ def layer_sensitivity(
     return result
 
 
-def _metric(metric: Any, batches: Sequence[Any]) -> tuple[Callable[[nn.Module], float], str, str]:
-    """(score function, name, unit): ``"cosine"``/``"agreement"`` against FP32 outputs on ``batches``, or the
-    user's ``metric(model) -> float``."""
+def _metric(metric: Any, batches: Sequence[Any]) -> tuple[Callable[[nn.Module], float], str, str, list]:
+    """(score function, name, unit, FP32 outputs): ``"cosine"``/``"agreement"`` against FP32 outputs on
+    ``batches`` (the list fills on the first score, FP32's), or the user's ``metric(model) -> float``."""
     if callable(metric):
-        return metric, getattr(metric, "__name__", "metric"), ""
+        return metric, getattr(metric, "__name__", "metric"), "", []
     if metric not in ("cosine", "agreement"):
         raise ValueError(f"metric must be 'cosine', 'agreement' or a function model -> score, got {metric!r}")
     cache: list[np.ndarray] = []
@@ -212,7 +212,7 @@ def _metric(metric: Any, batches: Sequence[Any]) -> tuple[Callable[[nn.Module], 
         ref = np.concatenate([o.argmax(axis=1) for o in cache])
         return float((np.concatenate([o.argmax(axis=1) for o in outs]) == ref).mean() * 100)
 
-    return score, metric, "" if metric == "cosine" else " %"
+    return score, metric, "" if metric == "cosine" else " %", cache
 
 
 def search(
@@ -232,14 +232,15 @@ def search(
     is left as it was."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    score, name, unit = _metric(metric, batches)
+    score, name, unit, outputs = _metric(metric, batches)
     layers = quantized_layers(model)
     unknown = [n for n in ranked if n not in layers]
     if unknown:
         raise ValueError(f"not quantized layers of this model: {', '.join(unknown[:5])}")
     with only(model, [], layers):
         reference = score(model)
-    result = MixedResult(name, unit, reference, float(max_drop), kind=mode)
+    samples = sum(len(o) for o in outputs) if metric == "agreement" else None
+    result = MixedResult(name, unit, reference, float(max_drop), kind=mode, samples=samples)
     limit = len(ranked) if max_layers is None else min(max_layers, len(ranked))
     bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
     for k in range(limit + 1):
