@@ -555,7 +555,8 @@ def render(results: dict) -> str:
         "",
         f"`python benchmarks/onnx_bench.py` on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
         f"ONNX Runtime {m['onnxruntime']}, {m['date']}. Same float model, same calibration samples for every "
-        "quantizer; latency is the median of repeated ONNX Runtime CPU runs after warm-up (default threads).",
+        "quantizer; latency is the median of repeated ONNX Runtime CPU runs after warm-up (default threads), the "
+        "models timed in turn, each after 0.2 s of its own runs.",
     ]
     for name, r in results["models"].items():
         if r.get("kind") == "recurrent":
@@ -777,7 +778,7 @@ def main() -> None:
     parser.add_argument("--sentences", type=int, default=512, help="all-MiniLM-L6-v2 sentences (default 512)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing hint per call
-    runs = 5 if args.quick else 10
+    runs = 3 if args.quick else 5  # timing rounds; each times every model 5 times after 0.2 s of its own runs
     results = {"machine": machine(), "models": {}}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         work = Path(tmp)

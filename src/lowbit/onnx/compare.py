@@ -67,14 +67,24 @@ def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | 
 
 
 def interleaved_latency_ms(
-    sessions: Mapping[str, ort.InferenceSession], feed: Feed, *, warmup: int = 3, budget_s: float = 2.0, rounds: int = 7
+    sessions: Mapping[str, ort.InferenceSession],
+    feed: Feed,
+    *,
+    warmup: int = 3,
+    settle_s: float = 0.2,
+    runs: int = 5,
+    budget_s: float = 2.0,
+    rounds: int = 3,
 ) -> dict[str, float]:
     """Median wall time (ms) of each session on ``feed``, measured in rounds that run every session once, in an
     order rotated each round: a machine that slows down or speeds up mid-measurement (turbo, a neighbour's load,
-    caches) shifts every model alike instead of the ones measured at that moment. Each timed run follows an
-    untimed run of the same session: ONNX Runtime's worker threads spin for a while after a run, and the threads
-    of the model run before would otherwise share the cores with the one being timed. At least ``rounds``
-    rounds, more while ``budget_s`` lasts (up to 50)."""
+    caches) shifts every model alike instead of the ones measured at that moment.
+
+    In a round each session first runs untimed for ``settle_s`` (at least once), then ``runs`` timed runs. The
+    worker threads of ONNX Runtime's other sessions go on spinning, and sharing the cores, for tens of
+    milliseconds after their last run: on 2 cores, EfficientNet-Lite0 timed right after another model ran up to
+    2x slower at batch 8 and 2.7x at batch 1 than alone, while after 0.2 s of its own runs it times as alone.
+    At least ``rounds`` rounds, more while ``budget_s`` lasts (up to 50)."""
     names = list(sessions)
     for name in names:
         for _ in range(warmup):
@@ -85,10 +95,14 @@ def interleaved_latency_ms(
     while r < rounds or (time.perf_counter() - start < budget_s and r < 50):
         for k in range(len(names)):
             name = names[(k + r) % len(names)]
+            settled = time.perf_counter() + settle_s
             sessions[name].run(None, feed)
-            t0 = time.perf_counter()
-            sessions[name].run(None, feed)
-            times[name].append(time.perf_counter() - t0)
+            while time.perf_counter() < settled:
+                sessions[name].run(None, feed)
+            for _ in range(runs):
+                t0 = time.perf_counter()
+                sessions[name].run(None, feed)
+                times[name].append(time.perf_counter() - t0)
         r += 1
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
@@ -103,7 +117,7 @@ def latencies(
     out: dict[str, dict[int, float | None]] = {name: {} for name in sessions}
     for b in batches:
         feed = batch_of(sample, inputs, b)
-        times = interleaved_latency_ms(sessions, feed) if feed is not None else {}
+        times = interleaved_latency_ms(sessions, feed, budget_s=0.0) if feed is not None else {}
         for name in sessions:
             out[name][b] = times.get(name)
     return out
