@@ -413,7 +413,7 @@ def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
             calls.append((self.name, time.perf_counter()))
 
     sessions = {n: Fake(n) for n in "abc"}
-    times = interleaved_latency_ms(sessions, {}, warmup=1, settle_s=0.0, runs=2, budget_s=0.0, rounds=3)
+    times = interleaved_latency_ms(sessions, {}, warmup=1, settle_s=0.0, runs=2, timed_s=0.0, budget_s=0.0, rounds=3)
     assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
     names = [n for n, _ in calls]
     assert names[:3] == ["a", "b", "c"]  # warm-up
@@ -421,7 +421,7 @@ def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
     assert names[3:] == [n for n in "abcbcacab" for _ in range(3)]
 
     calls.clear()
-    interleaved_latency_ms(sessions, {}, warmup=0, settle_s=0.01, runs=1, budget_s=0.0, rounds=2)
+    interleaved_latency_ms(sessions, {}, warmup=0, settle_s=0.01, runs=1, timed_s=0.0, budget_s=0.0, rounds=2)
     blocks, i = [], 0
     while i < len(calls):  # split the calls into runs of one model
         j = i

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
@@ -73,6 +74,7 @@ def interleaved_latency_ms(
     warmup: int = 3,
     settle_s: float = 0.2,
     runs: int = 5,
+    timed_s: float = 0.05,
     budget_s: float = 2.0,
     rounds: int = 3,
 ) -> dict[str, float]:
@@ -80,7 +82,8 @@ def interleaved_latency_ms(
     order rotated each round: a machine that slows down or speeds up mid-measurement (turbo, a neighbour's load,
     caches) shifts every model alike instead of the ones measured at that moment.
 
-    In a round each session first runs untimed for ``settle_s`` (at least once), then ``runs`` timed runs. The
+    In a round each session first runs untimed for ``settle_s`` (at least once), then timed: ``runs`` runs, and
+    more while ``timed_s`` lasts (a small model gets many samples for the same settling). The
     worker threads of ONNX Runtime's other sessions go on spinning, and sharing the cores, for tens of
     milliseconds after their last run: on 2 cores, EfficientNet-Lite0 timed right after another model ran up to
     2x slower at batch 8 and 2.7x at batch 1 than alone, while after 0.2 s of its own runs it times as alone.
@@ -99,7 +102,10 @@ def interleaved_latency_ms(
             sessions[name].run(None, feed)
             while time.perf_counter() < settled:
                 sessions[name].run(None, feed)
-            for _ in range(runs):
+            timed_until = time.perf_counter() + timed_s
+            for i in itertools.count():
+                if i >= runs and time.perf_counter() >= timed_until:
+                    break
                 t0 = time.perf_counter()
                 sessions[name].run(None, feed)
                 times[name].append(time.perf_counter() - t0)
