@@ -144,7 +144,7 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget(files):
     assert "layer kept in float" in tight.table()
 
 
-def test_a_percentage_budget_says_how_noisy_its_score_is(files):
+def test_an_agreement_budget_says_how_noisy_its_score_is(files):
     _tmp, model, _data = files
     cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, per_channel=False, progress=False)
     metric = metrics.OutputMetric("agreement", _feeds(seed=9))
@@ -156,6 +156,11 @@ def test_a_percentage_budget_says_how_noisy_its_score_is(files):
     assert result.to_dict()["noise"] == result.noise
     cosine = mixed.search(cal, ["conv2"], metrics.OutputMetric("cosine", _feeds(seed=9)), 1.0, progress=False)
     assert cosine.samples is None and cosine.noise is None and "standard error" not in cosine.table()
+    labels = np.zeros(16, np.int64)  # accuracy's drop is paired on the same samples: no binomial note for it
+    accuracy = mixed.search(
+        cal, ["conv2"], metrics.OutputMetric("accuracy", _feeds(seed=9), labels), 100.0, progress=False
+    )
+    assert accuracy.samples is None and accuracy.noise is None
 
 
 def test_standard_error_of_a_percentage():

@@ -236,12 +236,12 @@ class MixedResult:
     steps: list[Step] = field(default_factory=list)
     met: bool = False
     kind: str = "float"
-    samples: int | None = None  # the samples a percentage metric (agreement, accuracy) counts; None otherwise
+    samples: int | None = None  # the samples a top-1 agreement metric counts; None for other metrics
 
     @property
     def noise(self) -> float | None:
-        """One standard error of a percentage metric at the budget line, in points: a score counts ``samples``
-        hits, so a step's score is only known to about this much (None for other metrics)."""
+        """One standard error of a top-1 agreement score at the budget line, in points: a score counts
+        ``samples`` hits, so a step's score is only known to about this much (None for other metrics)."""
         if not self.samples or self.unit.strip() != "%":
             return None
         return standard_error_points(self.reference - self.max_drop, self.samples)
@@ -277,7 +277,7 @@ class MixedResult:
         return head + "\n" + table + ("\n" + note if note else "")
 
     def noise_note(self) -> str:
-        """How far a step's score can be trusted, for a percentage metric ('' otherwise)."""
+        """How far a step's score can be trusted, for a top-1 agreement metric ('' otherwise)."""
         noise = self.noise
         if noise is None:
             return ""

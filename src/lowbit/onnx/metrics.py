@@ -32,7 +32,9 @@ class Metric:
 
     def __init__(self):
         self.reference: float | None = None
-        self.samples: int | None = None  # the samples a percentage score counts (agreement, accuracy), once prepared
+        # The samples an agreement score counts, once prepared. (Not for accuracy: its drop compares two scores on
+        # the same samples, whose paired noise is smaller than either score's own.)
+        self.samples: int | None = None
 
     def prepare(self, float_session: ort.InferenceSession) -> float:
         """Score the FP32 session (and keep what later scores compare with); returns its score."""
@@ -82,7 +84,7 @@ class OutputMetric(Metric):
         if self.labels is not None and len(self.labels) != n:
             raise DataError(f"{len(self.labels)} labels for {n} evaluation samples: give one label per sample")
         self.reference = self._score(self.outputs)
-        self.samples = None if self.name == "cosine" else n
+        self.samples = n if self.name == "agreement" else None
         return self.reference
 
     def score(self, session: ort.InferenceSession) -> float:
