@@ -114,8 +114,9 @@ def render(analysis) -> str:
             f"{escape(m.budget_unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) {escape(m.action)}: "
             f"{escape(', '.join(m.kept) or 'none')}.</p>"
         )
-        if m.noise_note():
-            out.append(f"<p class='note'>{escape(m.noise_note())}</p>")
+        noise = m.noise_note()
+        if noise:
+            out.append(f"<p class='note'>{escape(noise)}</p>")
         ks = [s.kept for s in m.steps]
         out.append(
             _img(
