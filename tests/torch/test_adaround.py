@@ -68,6 +68,35 @@ def test_adaround_reports_errors_per_layer_and_rounds_only_the_named_layers():
     assert set(_codes(q)) == {"2.weight_quantizer"}
 
 
+def test_with_drop_1_the_codes_are_learned_on_the_float_models_inputs_whatever_runs_upstream():
+    # QDrop: each input element comes from the float model with probability `drop`. At drop=1 the codes of layer 2
+    # cannot depend on how layer 0 is quantized; at drop=0 (AdaRound's own objective) they absorb its error.
+    model = _net()
+    calib = list(_smooth(64).split(32))
+    wide_first = lt.preset("w4a8").override(
+        "0", lt.LayerConfig(lt.QuantizerConfig(method="mse"), lt.QuantizerConfig(bits=8, granularity="channel"))
+    )
+    codes = {}
+    for drop in (0.0, 1.0):
+        inputs = None
+        for name, config in (("w4", "w4a8"), ("w8", wide_first)):
+            q = lt.quantize(model, config, calib=calib, progress=False)
+            quantizer = lt.quantizers(q)["2.input_quantizer"]
+            if inputs is None:
+                inputs = quantizer.scale.clone(), quantizer.zero_point.clone()
+            quantizer.scale.data, quantizer.zero_point.data = inputs  # calibration saw layer 0's error: undo that
+            lt.adaround(q, calib, names=["2"], iterations=100, drop=drop, progress=False)
+            codes[drop, name] = _codes(q)["2.weight_quantizer"]
+    assert torch.equal(codes[1.0, "w4"], codes[1.0, "w8"])
+    layer, weight_quantizer = q.get_submodule("2"), lt.quantizers(q)["2.weight_quantizer"]
+    spec, scale = weight_quantizer.spec, weight_quantizer.scale.reshape(-1, 1, 1, 1)
+    nearest = torch.round(layer.weight.detach() / scale).clamp(spec.qmin, spec.qmax)
+    assert not torch.equal(codes[1.0, "w4"].float(), nearest)  # learned, not plain rounding kept by the guard
+    assert not torch.equal(codes[0.0, "w4"], codes[0.0, "w8"])
+    with pytest.raises(CalibrationError, match="drop must be"):
+        lt.adaround(q, calib, drop=1.5, progress=False)
+
+
 def test_adaround_asks_for_batches_and_names_it_can_round():
     model = _net()
     calib = list(_smooth(64).split(32))
