@@ -37,7 +37,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import DOCS, machine, write_section
 from lowbit._table import format_table
-from lowbit.analysis import plots
+from lowbit.analysis import format_bytes, plots
 from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, fashion_mnist, photo_crops, photos
 from lowbit.onnx.analyze import analyze
 from lowbit.onnx.calibrated import calibrate_model
@@ -162,6 +162,7 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     import torch
 
     import lowbit.torch as lt
+    from lowbit.torch.sensitivity import by_noise_per_byte, quantized_layers, search, weight_bytes
     from torch_models import pretrained_efficientnet_lite0
 
     images = photos()
@@ -189,6 +190,11 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
     curves = _torch_curves(q, ranked, agreement, ks, seeds, "bits")
+    # The same budget, the layers taken by output noise per weight byte (what lt.analyze(minimize="size") does):
+    # the fewest bytes rather than the fewest layers.
+    t0 = time.perf_counter()
+    by_size = search(q, by_noise_per_byte(a.layers, quantized_layers(q)), agreement, BITS_BUDGET, mode="bits")
+    by_size_s = time.perf_counter() - t0
 
     # AdaRound learns each layer's codes on the quantized model's inputs, so its codes depend on what runs
     # upstream: the widths are chosen first (here: the first k layers of the GPTQ model's ranking at 8 bits,
@@ -196,16 +202,18 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     # layer: 64 of the 256 crops keep it to minutes.
     wide = lt.LayerConfig(config.default.input, dataclasses.replace(config.default.weight, bits=8))
     adaround = {}
-    for k in ADAROUND_KS:
+    sets = {f"{k} most sensitive": ranked[:k] for k in ADAROUND_KS}
+    sets[f"{len(by_size.kept)} by noise per byte"] = by_size.kept
+    for label, names in sets.items():
         cfg = config
-        for name in ranked[:k]:
+        for name in names:
             cfg = cfg.override(name, wide)
         t0 = time.perf_counter()
         qa = lt.quantize(model, cfg, calib=batches)  # activation ranges from all 256 crops, as GPTQ's
         lt.adaround(qa, batches[:4])
         seconds = time.perf_counter() - t0
-        adaround[k] = {"agreement": agreement(qa), "seconds": seconds}
-        print(f"  AdaRound, {k} layer(s) at 8-bit weights: {adaround[k]['agreement']:.2f}% ({seconds:.0f} s)")
+        adaround[label] = {"agreement": agreement(qa), "seconds": seconds, "weight_bytes": weight_bytes(qa)}
+        print(f"  AdaRound, {label} at 8-bit weights: {adaround[label]['agreement']:.2f}% ({seconds:.0f} s)")
     return _result(
         a, analysis_s, ks, curves, {"calibration": len(calib), "evaluation": len(test)},
         config="W4A8 (4-bit per-channel weights rounded by GPTQ, uint8 asymmetric activations), residual adds "
@@ -214,6 +222,7 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
         budget=f"drop <= {BITS_BUDGET:g} points",
         x_label="layers with 8-bit weights",
         rounding={"nearest": nearest, "gptq": a.mixed.steps[0].score, "gptq_seconds": gptq_s, "adaround": adaround},
+        by_size={**by_size.to_dict(), "seconds": by_size_s},
     )  # fmt: skip
 
 
@@ -250,6 +259,14 @@ def bench_fashion(config: str, ks: list[int], seeds: int, mode: str = "float") -
         budget="drop <= 0.2 points",
         x_label="layers with 8-bit weights" if widen else "layers kept in float",
     )  # fmt: skip
+
+
+def _weights_moved(m: dict) -> str:
+    """ ", weights A -> B" of a search's first and last step, when it counted them."""
+    first, last = m["steps"][0].get("weight_bytes"), m["steps"][-1].get("weight_bytes")
+    if first is None or last is None:
+        return ""
+    return f", weights {format_bytes(first)} -> {format_bytes(last)}"
 
 
 def _area(curve: list[float]) -> float:
@@ -297,21 +314,38 @@ def render(results: dict) -> str:
                 "",
             ]
             if "adaround" in rd:
-                rows = [[k, f"{v['agreement']:.2f}", f"{v['seconds']:.0f}"] for k, v in rd["adaround"].items()]
+                rows = [
+                    [k, f"{v['agreement']:.2f}", format_bytes(v["weight_bytes"]) if "weight_bytes" in v else "",
+                     f"{v['seconds']:.0f}"]
+                    for k, v in rd["adaround"].items()
+                ]  # fmt: skip
                 lines += [
                     "AdaRound (`lt.adaround(qmodel, batches)`, learned rounding on the quantized model's inputs, 64 "
-                    "crops) with the first k layers of the ranking above at 8-bit weights: its codes absorb the "
-                    "error of the layers upstream, so the widths are chosen first and the model rounded after (the "
-                    "curves above keep GPTQ's codes, which do not depend on upstream layers).",
+                    "crops) with these layers at 8-bit weights: its codes absorb the error of the layers upstream, "
+                    "so the widths are chosen first (on the GPTQ model) and the model rounded after (the curves "
+                    "above keep GPTQ's codes, which do not depend on upstream layers).",
                     "",
-                    format_table(["k", "agreement %", "seconds (calibration + AdaRound)"], rows, "rrr"),
+                    format_table(
+                        ["layers at 8-bit weights", "agreement %", "weights", "seconds (calibration + AdaRound)"],
+                        rows,
+                        "lrrr",
+                    ),
                     "",
                 ]
         lines.append(
             f"Automatic mixed precision, budget {r['budget']}: {verdict} with {len(kept)} layer(s) "
             f"({m['metric']} FP32 {m['reference']:.2f}, all quantized {m['steps'][0]['score']:.2f}, final "
-            f"{m['steps'][-1]['score']:.2f}): {', '.join(kept) or 'none'}."
+            f"{m['steps'][-1]['score']:.2f}){_weights_moved(m)}: {', '.join(kept) or 'none'}."
         )
+        if "by_size" in r:
+            b = r["by_size"]
+            lines += [
+                "",
+                f"The same search taking the layers by output noise removed per weight byte (`lt.analyze(..., "
+                f'mode="bits", minimize="size")`): {"met" if b["met"] else "not met"} with {len(b["kept"])} '
+                f"layer(s) (final {b['steps'][-1]['score']:.2f}){_weights_moved(b)}, {b['seconds']:.0f} s: "
+                f"{', '.join(b['kept']) or 'none'}.",
+            ]
         if "latency" in r:
             ms = {k: {int(b): v for b, v in r["latency"][k].items()} for k in r["sizes"]}  # JSON keys are strings
             rows = [[k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{ms[k][1]:.2f} ms", f"{ms[k][8]:.2f} ms"] for k in ms]

@@ -12,7 +12,16 @@ import lowbit.torch as lt
 from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
 from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
-from lowbit.torch.sensitivity import kept_float, only, quantized_layers, search, wider_weights
+from lowbit.analysis import Error, LayerReport
+from lowbit.torch.sensitivity import (
+    by_noise_per_byte,
+    kept_float,
+    only,
+    quantized_layers,
+    search,
+    weight_bytes,
+    wider_weights,
+)
 from tests.torch import models
 
 
@@ -116,6 +125,46 @@ def test_bit_width_search_widens_weights_and_restores_them():
     assert "layer with 8-bit weights" in a.mixed.table()
     lt.apply_mixed(q, a.mixed)
     assert all(layer.weight_quantizer.spec.bits == 8 for layer in layers.values())
+
+
+def _w4():
+    cfg = Config(LayerConfig(input=None, weight=QuantizerConfig(bits=4, granularity="channel")))
+    return lt.quantize(models.convnet(), cfg, calib=models.batches(), progress=False)
+
+
+def test_weight_bytes_follow_each_layers_width():
+    q = _w4()  # conv 0: 216 weights, depthwise conv 3: 72, linear 8: 32
+    assert weight_bytes(q) == (216 + 72 + 32) / 2
+    with wider_weights(q, ["0"]):
+        assert weight_bytes(q) == 216 + (72 + 32) / 2
+    with kept_float(q, ["3"]):
+        assert weight_bytes(q) == 72 * 4 + (216 + 32) / 2
+    assert weight_bytes(q) == 160
+
+
+def test_size_search_takes_the_most_noise_per_byte_first():
+    q = _w4()
+    layers = quantized_layers(q)
+
+    def report(name, sqnr_db):
+        return LayerReport(name, "", "", Error(0, 1, 0), Error(0, 1, 0), Error(sqnr_db, 1, 0))
+
+    # Widening costs 108 bytes for conv 0, 16 for the linear layer: at equal noise the small layer comes first...
+    assert by_noise_per_byte([report("0", 20), report("8", 20)], layers) == ["8", "0"]
+    # ...unless the large one adds 10x its noise (0.01 / 108 bytes > 0.001 / 16 bytes).
+    assert by_noise_per_byte([report("0", 20), report("8", 30)], layers) == ["0", "8"]
+    with wider_weights(q, ["8"]):  # already 8-bit: nothing to widen
+        assert by_noise_per_byte([report("0", 20), report("8", 20)], layers) == ["0"]
+
+    a = lt.analyze(q, models.batches(2, seed=5), mode="bits", minimize="size", max_drop=-1.0, progress=False)
+    sizes = [s.weight_bytes for s in a.mixed.steps]
+    assert sizes[0] == 160 and sizes[-1] == 320 and sizes == sorted(sizes)
+    assert "per weight byte" in a.mixed.order and "weights" in a.mixed.table()
+    assert "(2.00x)" in a.mixed.size_note() and "2.00x" in render(a)
+    with pytest.raises(ValueError, match="minimize='size' is for the bit-width search"):
+        lt.analyze(q, models.batches(1), minimize="size", max_drop=1.0, progress=False)
+    with pytest.raises(ValueError, match="minimize must be"):
+        lt.analyze(q, models.batches(1), minimize="bytes", progress=False)
 
 
 def test_report_of_a_torch_analysis():

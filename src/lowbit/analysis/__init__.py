@@ -222,6 +222,7 @@ class Step:
     layer: str | None
     score: float
     drop: float
+    weight_bytes: float | None = None  # the quantized layers' weights at their widths (float: 4 bytes), if known
 
 
 @dataclass
@@ -237,6 +238,7 @@ class MixedResult:
     met: bool = False
     kind: str = "float"
     samples: int | None = None  # the samples a top-1 agreement metric counts; None for other metrics
+    order: str = "most sensitive first"  # how the layers were taken, for the report
 
     @property
     def noise(self) -> float | None:
@@ -261,18 +263,33 @@ class MixedResult:
         """The layers kept in float by the last step."""
         return [s.layer for s in self.steps[1 : self.steps[-1].kept + 1] if s.layer is not None]
 
+    @property
+    def sized(self) -> bool:
+        """Whether every step knows its weights' size."""
+        return bool(self.steps) and all(s.weight_bytes is not None for s in self.steps)
+
+    def size_note(self) -> str:
+        """The weights' size of the first and the last step ('' when unknown)."""
+        if not self.sized:
+            return ""
+        first, last = self.steps[0].weight_bytes, self.steps[-1].weight_bytes
+        n, ratio = self.steps[-1].kept, last / first
+        return f"weights {format_bytes(first)} as quantized, {format_bytes(last)} with {n} {self.action} ({ratio:.2f}x)"
+
     def table(self) -> str:
         rows = []
         for prev, s in zip([None, *self.steps], self.steps, strict=False):
             gain = "" if prev is None else f"{s.score - prev.score:+.4g}"
-            rows.append([s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}", gain])
+            row = [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}", gain]
+            rows.append(row + ([format_bytes(s.weight_bytes)] if self.sized else []))
         n = self.steps[-1].kept
         verdict = f"within budget with {n} layer(s) {self.action}" if self.met else f"budget not met with {n} layer(s)"
         head = (
             f"mixed precision: {self.metric} FP32 {self.reference:.4f}{self.unit}, budget: drop <= {self.max_drop}"
-            f"{self.budget_unit}; {verdict}"
+            f"{self.budget_unit}; {verdict}" + (f"; {self.size_note()}" if self.sized else "")
         )
-        table = format_table(["k", f"layer {self.action}", "score", "drop", "gain"], rows, "rlrrr")
+        columns = ["k", f"layer {self.action}", "score", "drop", "gain"] + (["weights"] if self.sized else [])
+        table = format_table(columns, rows, "rlrrr" + ("r" if self.sized else ""))
         note = self.noise_note()
         return head + "\n" + table + ("\n" + note if note else "")
 
@@ -294,6 +311,11 @@ class MixedResult:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "kept": self.kept, "noise": self.noise}
+
+
+def format_bytes(n: float) -> str:
+    """A size in kB or MB (10^3, 10^6 bytes)."""
+    return f"{n / 1e6:.2f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def standard_error_points(percent: float, samples: int) -> float:

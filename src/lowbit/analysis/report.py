@@ -7,7 +7,7 @@ from html import escape
 from typing import Any
 
 from lowbit._io import atomic_write_text
-from lowbit.analysis import plots
+from lowbit.analysis import format_bytes, plots
 
 TOP_TENSORS = 8  # layers whose tensors get histograms
 TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted
@@ -109,11 +109,13 @@ def render(analysis) -> str:
         out.append("<h2>Automatic mixed precision</h2>")
         verdict = "met" if m.met else "not met"
         out.append(
-            f"<p class='note'>Layers {escape(m.action)} one more at a time, most sensitive first; metric "
+            f"<p class='note'>Layers {escape(m.action)} one more at a time, {escape(m.order)}; metric "
             f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
             f"{escape(m.budget_unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) {escape(m.action)}: "
             f"{escape(', '.join(m.kept) or 'none')}.</p>"
         )
+        if m.sized:
+            out.append(f"<p class='note'>{escape(m.size_note())}.</p>")
         noise = m.noise_note()
         if noise:
             out.append(f"<p class='note'>{escape(noise)}</p>")
@@ -133,8 +135,12 @@ def render(analysis) -> str:
         )
         out.append(
             _table(
-                ["k", f"layer {m.action}", "score", "drop"],
-                [[s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"] for s in m.steps],
+                ["k", f"layer {m.action}", "score", "drop"] + (["weights"] if m.sized else []),
+                [
+                    [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"]
+                    + ([format_bytes(s.weight_bytes)] if m.sized else [])
+                    for s in m.steps
+                ],
                 left=0,
             )
         )

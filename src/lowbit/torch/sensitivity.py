@@ -13,6 +13,10 @@ same as the ONNX analysis gives, and :func:`lowbit.analysis.report.write_report`
 
 ``mode="bits"`` ranks and searches weight bit widths instead: the model is weight-only quantized at low bits
 (``w4a16_group128``), and the most sensitive layers get 8-bit weights, fewest first, until the budget is met.
+There the cost of a layer is its weights' bytes, not its count: ``minimize="size"`` takes the layers by the output
+noise each one's narrow weights add (``10^(-SQNR/10)`` of the model output with only that layer narrow) per byte that
+widening it costs, so a large classifier layer waits behind the small early layers that hurt as much. Every step
+records the quantized layers' weight bytes (at their widths; float weights at 4 bytes).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from lowbit.torch.ptq import _run_batch
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 MODES = ("float", "bits")
+MINIMIZE = ("layers", "size")
 
 
 def own_quantizers(module: nn.Module) -> list[TensorQuantizer]:
@@ -115,6 +120,45 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
         for q, spec, scale, zero_point, codes in saved:
             q.spec = spec
             q.scale.data, q.zero_point.data, q.codes = scale, zero_point, codes
+
+
+def _weights(layer: nn.Module) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
+    """A layer's weight quantizers, each with the weight it quantizes."""
+    q = getattr(layer, "weight_quantizer", None)
+    if isinstance(q, TensorQuantizer) and isinstance(getattr(layer, "weight", None), torch.Tensor):
+        yield q, layer.weight
+    qs = getattr(layer, "weight_quantizers", None)
+    if isinstance(qs, nn.ModuleDict):
+        for pname, q in qs.items():
+            w = getattr(layer, pname, None)
+            if isinstance(q, TensorQuantizer) and isinstance(w, torch.Tensor):
+                yield q, w
+
+
+def weight_bytes(model: nn.Module) -> float:
+    """The bytes of the weights of the layers lowbit swapped in, as they run now: each at its quantizer's bits, or 4
+    bytes a value where the quantizer is off (scales, zero points and biases not counted)."""
+    return sum(
+        w.numel() * (q.spec.bits if q.mode == "quantize" else 32) / 8
+        for layer in model.modules()
+        for q, w in _weights(layer)
+    )
+
+
+def by_noise_per_byte(reports: Sequence[LayerReport], layers: dict[str, nn.Module], bits: int = 8) -> list[str]:
+    """The layers whose weights can be widened to ``bits``, the most output noise removed per byte added first:
+    a layer's noise is ``10^(-SQNR/10)`` of the model output with only that layer narrow (its
+    ``own_model`` error), its cost the bytes its weights gain."""
+    scored = []
+    for r in reports:
+        extra = sum(
+            w.numel() * (bits - q.spec.bits) / 8
+            for q, w in _weights(layers[r.name])
+            if q.mode == "quantize" and q.spec.bits < bits
+        )
+        if extra > 0:
+            scored.append((10 ** (-r.own_model.sqnr_db / 10) / extra, r.name))
+    return [name for _, name in sorted(scored, key=lambda t: -t[0])]
 
 
 def _first_tensor(out: Any) -> torch.Tensor:
@@ -225,11 +269,12 @@ def search(
     mode: str = "float",
     max_layers: int | None = None,
     progress: bool = True,
+    order: str = "most sensitive first",
 ) -> MixedResult:
     """Keep the layers of ``ranked`` (most sensitive first) in float (``mode="bits"``: give them 8-bit weights)
     one more at a time until ``metric`` drops by at most ``max_drop`` from FP32. ``metric``: ``"cosine"`` or
-    ``"agreement"`` against FP32 on ``batches``, or a function ``model -> score`` (higher is better). The model
-    is left as it was."""
+    ``"agreement"`` against FP32 on ``batches``, or a function ``model -> score`` (higher is better). ``order``
+    says how ``ranked`` was made, for the report. The model is left as it was."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     score, name, unit, outputs = _metric(metric, batches)
@@ -240,14 +285,15 @@ def search(
     with only(model, [], layers):
         reference = score(model)
     samples = sum(len(o) for o in outputs) if metric == "agreement" else None
-    result = MixedResult(name, unit, reference, float(max_drop), kind=mode, samples=samples)
+    result = MixedResult(name, unit, reference, float(max_drop), kind=mode, samples=samples, order=order)
     limit = len(ranked) if max_layers is None else min(max_layers, len(ranked))
     bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
     for k in range(limit + 1):
         ctx = kept_float(model, ranked[:k], layers) if mode == "float" else wider_weights(model, ranked[:k], 8, layers)
         with ctx:
             s = score(model)
-        result.steps.append(Step(k, ranked[k - 1] if k else None, s, reference - s))
+            size = weight_bytes(model)
+        result.steps.append(Step(k, ranked[k - 1] if k else None, s, reference - s, size or None))
         bar.update(1)
         if reference - s <= max_drop:
             result.met = True
@@ -308,6 +354,7 @@ def analyze(
     max_drop: float | None = None,
     mode: str = "float",
     max_layers: int | None = None,
+    minimize: str = "layers",
     report: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
@@ -315,11 +362,19 @@ def analyze(
     """Measure every quantized layer of ``model`` (quantized and calibrated by :func:`lowbit.torch.quantize`)
     against FP32 on ``batches`` (what the model's forward takes, as for calibration). With ``max_drop``, also
     search mixed precision (:func:`search`; ``metric`` defaults to ``"cosine"`` on ``batches``; at most
-    ``max_layers`` layers kept in float or widened). ``report``
-    writes the HTML report, ``json_path`` the numbers."""
+    ``max_layers`` layers kept in float or widened), taking the layers most sensitive first (``minimize="layers"``:
+    the fewest layers) or, with ``mode="bits"``, the most output noise per byte first (``minimize="size"``: the
+    smallest weights). ``report`` writes the HTML report, ``json_path`` the numbers."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if minimize not in MINIMIZE:
+        raise ValueError(f"minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
+    if minimize == "size" and mode != "bits":
+        raise ValueError(
+            "minimize='size' is for the bit-width search (mode='bits'): a layer kept in float costs speed more than "
+            "bytes; use minimize='layers' with mode='float'"
+        )
     batches = list(batches)
     if not batches:
         raise CalibrationError("the analysis batches are empty: give at least one batch")
@@ -385,15 +440,20 @@ def analyze(
             weights,
         )
         if max_drop is not None:
+            if minimize == "size":
+                ranked, order = by_noise_per_byte(reports, layers), "most output noise removed per weight byte first"
+            else:
+                ranked, order = [r.name for r in reports], "most sensitive first"
             analysis.mixed = search(
                 model,
-                [r.name for r in reports],
+                ranked,
                 metric or "cosine",
                 max_drop,
                 batches=batches,
                 mode=mode,
                 max_layers=max_layers,
                 progress=progress,
+                order=order,
             )
     analysis.seconds = time.perf_counter() - t0
     analysis.write(json_path, report)
