@@ -12,7 +12,7 @@ import lowbit.torch as lt
 from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
 from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
-from lowbit.analysis import Error, LayerReport
+from lowbit.analysis import Error, LayerReport, MixedResult, Step
 from lowbit.torch.sensitivity import (
     by_noise_per_byte,
     kept_float,
@@ -165,6 +165,24 @@ def test_size_search_takes_the_most_noise_per_byte_first():
         lt.analyze(q, models.batches(1), minimize="size", max_drop=1.0, progress=False)
     with pytest.raises(ValueError, match="minimize must be"):
         lt.analyze(q, models.batches(1), minimize="bytes", progress=False)
+
+
+def test_a_search_outcome_becomes_a_config_for_a_fresh_quantization():
+    cfg = Config(
+        LayerConfig(input=QuantizerConfig(method="mse"), weight=QuantizerConfig(bits=4, granularity="channel"))
+    )
+    steps = [Step(0, None, 50.0, 50.0), Step(1, "0", 60.0, 40.0), Step(2, "8", 95.0, 5.0)]
+    widened = lt.mixed_config(cfg, MixedResult("agreement", " %", 100.0, 10.0, steps, met=True, kind="bits"))
+    for name in ("0", "8"):
+        assert widened.for_layer(name).weight.bits == 8
+        assert widened.for_layer(name).input == cfg.default.input  # the input's config unchanged
+    assert widened.for_layer("3") == cfg.default
+    q = lt.quantize(models.convnet(), widened, calib=models.batches(), rounding="gptq", progress=False)
+    assert [q.get_submodule(n).weight_quantizer.spec.bits for n in ("0", "3", "8")] == [8, 4, 8]
+
+    floated = lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:2], met=True, kind="float"))
+    assert floated.for_layer("0") is None and floated.for_layer("3") == lt.preset("int8").default
+    assert lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:1])) == lt.preset("int8")
 
 
 def test_report_of_a_torch_analysis():

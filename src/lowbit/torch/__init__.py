@@ -33,7 +33,7 @@ from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze
 from lowbit.torch.quantizer import TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
 from lowbit.torch.rounding import gptq
-from lowbit.torch.sensitivity import analyze, apply_mixed
+from lowbit.torch.sensitivity import analyze, apply_mixed, mixed_config
 
 __all__ = [
     "MODULE_MAP",
@@ -61,6 +61,7 @@ __all__ = [
     "fold_batchnorm",
     "freeze_bn_stats",
     "gptq",
+    "mixed_config",
     "preset",
     "quantize",
     "quantizers",

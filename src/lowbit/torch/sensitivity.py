@@ -22,6 +22,7 @@ records the quantized layers' weight bytes (at their widths; float weights at 4 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -45,6 +46,7 @@ from lowbit.analysis import (
 )
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.errors import CalibrationError
+from lowbit.torch.config import Config, resolve
 from lowbit.torch.ptq import _run_batch
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
@@ -317,6 +319,26 @@ def apply_mixed(model: nn.Module, result: MixedResult) -> nn.Module:
             for q in own_quantizers(layer):
                 q.mode = "disabled"
     return model
+
+
+def mixed_config(config: str | Config, result: MixedResult) -> Config:
+    """The quantization config that gives a fresh :func:`lowbit.torch.quantize` a search's outcome: ``config`` (a
+    preset name or a :class:`Config`, the one the searched model was quantized with) plus an override per kept
+    layer, None for a layer kept in float, 8-bit weights for a widened one (its input's config unchanged). Use it
+    to quantize again with another rounding (AdaRound's codes depend on every width upstream, so widths come
+    first)::
+
+        a = lt.analyze(q_gptq, batches, metric=..., max_drop=2.0, mode="bits", minimize="size")
+        final = lt.quantize(model, lt.mixed_config("w4a8", a.mixed), calib=batches, rounding="adaround")
+    """
+    config = resolve(config)
+    for name in result.kept:
+        layer = config.for_layer(name)
+        if result.kind == "float" or layer is None:
+            config = config.override(glob.escape(name), None)
+        elif layer.weight is not None:
+            config = config.override(glob.escape(name), replace(layer, weight=replace(layer.weight, bits=8)))
+    return config
 
 
 def _histograms(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]) -> dict[str, Any]:
