@@ -86,6 +86,24 @@ def _plot(name: str, r: dict, budget: float, write: bool) -> str:
     return path.name
 
 
+def _size_plot(name: str, r: dict, budget: float, write: bool) -> str:
+    """The metric against the weights' size for the two bit-width search orders of ``r``, as an SVG in
+    docs/benchmarks/ (when ``write``); returns the file name."""
+    series = {
+        label: ([st["weight_bytes"] / 1e6 for st in m["steps"]], [st["score"] for st in m["steps"]])
+        for label, m in (("most sensitive first", r["mixed"]), ("most noise per weight byte first", r["by_size"]))
+    }
+    svg = plots.lines(series, f"{name}: {r['metric']} vs weights' size", "weights (MB)", r["metric"],
+                      hline=budget, hline_label="budget")  # fmt: skip
+    slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+    path = DOCS / "benchmarks" / f"sensitivity_{slug}_size.svg"
+    if write:
+        from lowbit._io import atomic_write_text
+
+        atomic_write_text(path, svg)
+    return path.name
+
+
 def _result(a, analysis_s: float, ks: list[int], curves: dict, samples: dict, **described) -> dict:
     """The raw figures of one model: what ``described`` says (config, metric, budget, ...), the analysis' top
     layers, the curves and the mixed-precision search."""
@@ -346,6 +364,8 @@ def render(results: dict) -> str:
                 f"layer(s) (final {b['steps'][-1]['score']:.2f}){_weights_moved(b)}, {b['seconds']:.0f} s: "
                 f"{', '.join(b['kept']) or 'none'}.",
             ]
+            if "size_plot" in r:
+                lines += ["", f"![{name}: agreement vs weights' size](benchmarks/{r['size_plot']})"]
         if "latency" in r:
             ms = {k: {int(b): v for b, v in r["latency"][k].items()} for k in r["sizes"]}  # JSON keys are strings
             rows = [[k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{ms[k][1]:.2f} ms", f"{ms[k][8]:.2f} ms"] for k in ms]
@@ -397,6 +417,8 @@ def main() -> None:
             r = run()
             budget = r["mixed"]["reference"] - r["mixed"]["max_drop"]
             r["plot"] = _plot(name, r, budget, not args.no_write)
+            if "by_size" in r:
+                r["size_plot"] = _size_plot(name, r, budget, not args.no_write)
             results["models"][name] = r
             if not args.no_write:  # each model's figures are kept as soon as they exist
                 from lowbit._io import atomic_write_text
