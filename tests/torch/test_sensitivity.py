@@ -9,10 +9,10 @@ import torch
 from torch import nn
 
 import lowbit.torch as lt
+from lowbit.analysis import Error, LayerReport, MixedResult, Step
 from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
 from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
-from lowbit.analysis import Error, LayerReport, MixedResult, Step
 from lowbit.torch.sensitivity import (
     by_noise_per_byte,
     kept_float,
