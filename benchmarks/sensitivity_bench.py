@@ -66,6 +66,18 @@ def _curve_summary(curves: dict[str, list[float]]) -> dict[str, list[float]]:
     return out
 
 
+def _save_svg(name: str, suffix: str, svg: str, write: bool) -> str:
+    """Writes ``svg`` as docs/benchmarks/sensitivity_<name as a slug><suffix>.svg (when ``write``); returns the file
+    name."""
+    slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+    path = DOCS / "benchmarks" / f"sensitivity_{slug}{suffix}.svg"
+    if write:
+        from lowbit._io import atomic_write_text
+
+        atomic_write_text(path, svg)
+    return path.name
+
+
 def _plot(name: str, r: dict, budget: float, write: bool) -> str:
     """The curves of ``r`` as an SVG in docs/benchmarks/ (when ``write``); returns the file name."""
     xlabel = r.get("x_label", "layers kept in float")
@@ -77,13 +89,7 @@ def _plot(name: str, r: dict, budget: float, write: bool) -> str:
         hline=budget,
         hline_label="budget",
     )
-    slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-    path = DOCS / "benchmarks" / f"sensitivity_{slug}.svg"
-    if write:
-        from lowbit._io import atomic_write_text
-
-        atomic_write_text(path, svg)
-    return path.name
+    return _save_svg(name, "", svg, write)
 
 
 def _size_plot(name: str, r: dict, budget: float, write: bool) -> str:
@@ -95,13 +101,7 @@ def _size_plot(name: str, r: dict, budget: float, write: bool) -> str:
     }
     svg = plots.lines(series, f"{name}: {r['metric']} vs weights' size", "weights (MB)", r["metric"],
                       hline=budget, hline_label="budget")  # fmt: skip
-    slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-    path = DOCS / "benchmarks" / f"sensitivity_{slug}_size.svg"
-    if write:
-        from lowbit._io import atomic_write_text
-
-        atomic_write_text(path, svg)
-    return path.name
+    return _save_svg(name, "_size", svg, write)
 
 
 def _result(a, analysis_s: float, ks: list[int], curves: dict, samples: dict, **described) -> dict:
