@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -183,6 +184,67 @@ def test_a_search_outcome_becomes_a_config_for_a_fresh_quantization():
     floated = lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:2], met=True, kind="float"))
     assert floated.for_layer("0") is None and floated.for_layer("3") == lt.preset("int8").default
     assert lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:1])) == lt.preset("int8")
+
+
+def _narrow_layers(model) -> int:
+    return sum(q.spec.bits == 4 and q.mode == "quantize" for q in lt.quantizers(model).values() if q.is_weight)
+
+
+def test_a_re_rounding_search_doubles_then_bisects_and_keeps_the_final_model():
+    torch.manual_seed(0)
+    m = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(9)])
+    cfg = Config(LayerConfig(input=None, weight=QuantizerConfig(bits=4, granularity="channel")))
+    calib = [torch.randn(16, 8) for _ in range(2)]
+    q = lt.quantize(m, cfg, calib=calib, progress=False)
+    ranked = [f"{i}.0" for i in (3, 1, 4, 0, 5, 2, 6, 8, 7)]
+    tried = []
+
+    def score(model):  # minus the layers still at 4-bit weights: 5 must be widened for a drop <= 4
+        tried.append(model)
+        return -float(_narrow_layers(model))
+
+    r = search(q, ranked, score, max_drop=4.0, mode="bits", rounding="gptq", calib=calib, progress=False)
+    assert r.met and [s.kept for s in r.steps] == [0, 1, 2, 4, 5, 6, 8]  # 0, 1, 2, 4, 8 met, then 6, 5
+    assert r.kept == ranked[:5] and r.final.kept == 5 and r.names == ranked
+    assert all(t is not q for t in tried[1:]) and _narrow_layers(q) == 9  # copies tried; the model untouched
+    assert r.model is not None and _narrow_layers(r.model) == 4
+    assert [r.model.get_submodule(n).weight_quantizer.spec.bits for n in ranked] == [8] * 5 + [4] * 4
+    assert "k-th layer" in r.table() and "re-rounded by gptq" in r.table()
+    assert r.to_dict()["kept"] == ranked[:5] and "model" not in r.to_dict()
+    miss = search(q, ranked, score, max_drop=-1.0, mode="bits", rounding="gptq", calib=calib, progress=False)
+    assert not miss.met and miss.model is None and [s.kept for s in miss.steps] == [0, 1, 2, 4, 8, 9]
+    assert miss.kept == ranked  # the most tried
+
+
+def test_a_re_rounding_search_rounds_each_model_as_a_fresh_adaround_would():
+    m = models.convnet()
+    cfg = Config(
+        LayerConfig(input=QuantizerConfig(method="mse"), weight=QuantizerConfig(bits=4, granularity="channel"))
+    )
+    q = lt.quantize(m, cfg, calib=models.batches(), progress=False)
+    batches = models.batches(2, seed=5)
+
+    def score(model):  # minus the layers still at 4-bit weights: two of three must be widened for a drop <= 1
+        return -float(_narrow_layers(model))
+
+    a = lt.analyze(q, batches, metric=score, mode="bits", max_drop=1.0, rounding="adaround", progress=False)
+    r = a.mixed
+    assert r.met and [s.kept for s in r.steps] == [0, 1, 2] and r.rounding == "adaround"
+    assert len(r.kept) == 2 and r.kept == [x.name for x in a.layers][:2]
+    # the final model has the codes AdaRound learns with those two layers widened: not the 4-bit model's codes
+    expected = lt.apply_mixed(copy.deepcopy(q), r)
+    lt.adaround(expected, batches, progress=False)
+    rounded = {n: r.model.get_submodule(n).weight_quantizer.codes for n in ("0", "3", "8")}
+    for name, codes in rounded.items():
+        assert torch.equal(codes, expected.get_submodule(name).weight_quantizer.codes)
+    plain = lt.apply_mixed(copy.deepcopy(q), r)
+    assert any(not torch.equal(c, plain.get_submodule(n).weight_quantizer.codes) for n, c in rounded.items())
+    html = render(a)
+    assert "bisection" in html and "re-rounded by adaround" in html
+    with pytest.raises(ValueError, match="rounding must be one of"):
+        lt.analyze(q, batches, max_drop=1.0, rounding="nearest", progress=False)
+    with pytest.raises(Exception, match="needs calibration batches"):
+        search(q, ["0"], "cosine", max_drop=1.0, batches=batches, rounding="adaround", progress=False)
 
 
 def test_report_of_a_torch_analysis():

@@ -10,7 +10,7 @@ the curve of an automatic mixed-precision search.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -239,6 +239,22 @@ class MixedResult:
     kind: str = "float"
     samples: int | None = None  # the samples a top-1 agreement metric counts; None for other metrics
     order: str = "most sensitive first"  # how the layers were taken, for the report
+    # A search that re-rounds the weights for every model it tries (``rounding``: "adaround", "gptq") tries the
+    # first k of ``names`` for a few k (found by doubling, then bisection) rather than every k: its steps, sorted by
+    # k, are those tried, and the final one is the fewest layers that met the budget.
+    names: list[str] | None = None
+    rounding: str | None = None
+    # The model of the final step, where the search built one per step (re-rounded); not in to_dict()
+    model: Any = field(default=None, repr=False, compare=False)
+
+    @property
+    def final(self) -> Step:
+        """The step the search ends on: the last one, or for a re-rounding search the fewest layers that met the
+        budget (the most tried where none did)."""
+        if self.names is None:
+            return self.steps[-1]
+        met = [s for s in self.steps if s.drop <= self.max_drop]
+        return min(met, key=lambda s: s.kept) if met else max(self.steps, key=lambda s: s.kept)
 
     @property
     def noise(self) -> float | None:
@@ -260,7 +276,9 @@ class MixedResult:
 
     @property
     def kept(self) -> list[str]:
-        """The layers kept in float by the last step."""
+        """The layers kept in float (or widened) by the final step."""
+        if self.names is not None:
+            return list(self.names[: self.final.kept])
         return [s.layer for s in self.steps[1 : self.steps[-1].kept + 1] if s.layer is not None]
 
     @property
@@ -272,8 +290,8 @@ class MixedResult:
         """The weights' size of the first and the last step ('' when unknown)."""
         if not self.sized:
             return ""
-        first, last = self.steps[0].weight_bytes, self.steps[-1].weight_bytes
-        n, ratio = self.steps[-1].kept, last / first
+        first, last = self.steps[0].weight_bytes, self.final.weight_bytes
+        n, ratio = self.final.kept, last / first
         return f"weights {format_bytes(first)} as quantized, {format_bytes(last)} with {n} {self.action} ({ratio:.2f}x)"
 
     def table(self) -> str:
@@ -282,13 +300,16 @@ class MixedResult:
             gain = "" if prev is None else f"{s.score - prev.score:+.4g}"
             row = [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}", gain]
             rows.append(row + ([format_bytes(s.weight_bytes)] if self.sized else []))
-        n = self.steps[-1].kept
+        n = self.final.kept
         verdict = f"within budget with {n} layer(s) {self.action}" if self.met else f"budget not met with {n} layer(s)"
         head = (
             f"mixed precision: {self.metric} FP32 {self.reference:.4f}{self.unit}, budget: drop <= {self.max_drop}"
             f"{self.budget_unit}; {verdict}" + (f"; {self.size_note()}" if self.sized else "")
         )
-        columns = ["k", f"layer {self.action}", "score", "drop", "gain"] + (["weights"] if self.sized else [])
+        if self.rounding:
+            head += f"\n(re-rounded by {self.rounding} for every k tried; the layer column is the k-th layer)"
+        column = "k-th layer" if self.names is not None else f"layer {self.action}"
+        columns = ["k", column, "score", "drop", "gain"] + (["weights"] if self.sized else [])
         table = format_table(columns, rows, "rlrrr" + ("r" if self.sized else ""))
         note = self.noise_note()
         return head + "\n" + table + ("\n" + note if note else "")
@@ -310,7 +331,10 @@ class MixedResult:
         return note + "."
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "kept": self.kept, "noise": self.noise}
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("steps", "model")}
+        out["steps"] = [asdict(s) for s in self.steps]
+        out["names"] = None if self.names is None else list(self.names)
+        return {**out, "kept": self.kept, "noise": self.noise}
 
 
 def format_bytes(n: float) -> str:

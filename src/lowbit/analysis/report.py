@@ -23,6 +23,14 @@ tr.bad td { background: #fde8e8; }
 """
 
 
+def _how(m) -> str:
+    """How a mixed-precision search took its layers, for the report."""
+    if m.names is None:
+        return "one more at a time"
+    rounded = f", the weights re-rounded by {m.rounding} for each" if m.rounding else ""
+    return f"the first k for a few k (doubling, then bisection{rounded})"
+
+
 def _img(svg: str, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="{plots.data_uri(svg)}">'
 
@@ -109,9 +117,9 @@ def render(analysis) -> str:
         out.append("<h2>Automatic mixed precision</h2>")
         verdict = "met" if m.met else "not met"
         out.append(
-            f"<p class='note'>Layers {escape(m.action)} one more at a time, {escape(m.order)}; metric "
+            f"<p class='note'>Layers {escape(m.action)} {escape(_how(m))}, {escape(m.order)}; metric "
             f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
-            f"{escape(m.budget_unit)} &mdash; {verdict} with {m.steps[-1].kept} layer(s) {escape(m.action)}: "
+            f"{escape(m.budget_unit)} &mdash; {verdict} with {m.final.kept} layer(s) {escape(m.action)}: "
             f"{escape(', '.join(m.kept) or 'none')}.</p>"
         )
         if m.sized:
@@ -135,7 +143,8 @@ def render(analysis) -> str:
         )
         out.append(
             _table(
-                ["k", f"layer {m.action}", "score", "drop"] + (["weights"] if m.sized else []),
+                ["k", "k-th layer" if m.names is not None else f"layer {m.action}", "score", "drop"]
+                + (["weights"] if m.sized else []),
                 [
                     [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"]
                     + ([format_bytes(s.weight_bytes)] if m.sized else [])

@@ -22,6 +22,7 @@ records the quantized layers' weight bytes (at their widths; float weights at 4 
 from __future__ import annotations
 
 import contextlib
+import copy
 import glob
 import os
 import time
@@ -52,6 +53,7 @@ from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 MODES = ("float", "bits")
 MINIMIZE = ("layers", "size")
+RE_ROUNDINGS = ("adaround", "gptq")  # what a search may round the weights again with, for each model it tries
 
 
 def own_quantizers(module: nn.Module) -> list[TensorQuantizer]:
@@ -272,13 +274,27 @@ def search(
     max_layers: int | None = None,
     progress: bool = True,
     order: str = "most sensitive first",
+    rounding: str | None = None,
+    calib: Iterable[Any] | None = None,
 ) -> MixedResult:
     """Keep the layers of ``ranked`` (most sensitive first) in float (``mode="bits"``: give them 8-bit weights)
     one more at a time until ``metric`` drops by at most ``max_drop`` from FP32. ``metric``: ``"cosine"`` or
     ``"agreement"`` against FP32 on ``batches``, or a function ``model -> score`` (higher is better). ``order``
-    says how ``ranked`` was made, for the report. The model is left as it was."""
+    says how ``ranked`` was made, for the report. The model is left as it was.
+
+    ``rounding="adaround"`` (or ``"gptq"``): the codes of a learned rounding depend on the widths upstream, so each
+    model tried is a copy of ``model`` with the first k layers kept in float (or widened) and every weight rounded
+    again on ``calib`` (batches). That costs a rounding per model, so k is found by doubling (0, 1, 2, 4, ...) and
+    then bisection, which assumes the metric grows with k; the result's ``model`` is the final step's model, the
+    one to deploy (its activation ranges those ``model`` was calibrated with)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if rounding is not None and rounding not in RE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
+    if rounding is not None:
+        calib = list(calib) if calib is not None else []
+        if not calib:
+            raise CalibrationError(f"a search with rounding={rounding!r} needs calibration batches (calib=)")
     score, name, unit, outputs = _metric(metric, batches)
     layers = quantized_layers(model)
     unknown = [n for n in ranked if n not in layers]
@@ -289,6 +305,8 @@ def search(
     samples = sum(len(o) for o in outputs) if metric == "agreement" else None
     result = MixedResult(name, unit, reference, float(max_drop), kind=mode, samples=samples, order=order)
     limit = len(ranked) if max_layers is None else min(max_layers, len(ranked))
+    if rounding is not None:
+        return _rounded_search(model, list(ranked[:limit]), score, result, rounding, calib, progress)
     bar = tqdm(total=limit + 1, desc="mixed precision", unit="model", disable=not progress)
     for k in range(limit + 1):
         ctx = kept_float(model, ranked[:k], layers) if mode == "float" else wider_weights(model, ranked[:k], 8, layers)
@@ -304,20 +322,85 @@ def search(
     return result
 
 
-def apply_mixed(model: nn.Module, result: MixedResult) -> nn.Module:
-    """Make a search's outcome permanent on ``model``: its kept layers' quantizers switched off (or, for a
-    bit-width search, their weights re-quantized at 8 bits). Returns ``model``."""
+def _rounded_search(
+    model: nn.Module,
+    ranked: list[str],
+    score: Callable[[nn.Module], float],
+    result: MixedResult,
+    rounding: str,
+    calib: list[Any],
+    progress: bool,
+) -> MixedResult:
+    """:func:`search` with the weights rounded again for each k tried (doubling, then bisection)."""
+    result.names, result.rounding = ranked, rounding
+    models: dict[int, nn.Module] = {}
+    bar = tqdm(desc=f"mixed precision ({rounding} for each)", unit="model", disable=not progress)
+
+    def met(k: int) -> bool:
+        trial = copy.deepcopy(model)
+        _widen_or_float(trial, ranked[:k], result.kind)
+        _round(trial, rounding, calib)
+        s = score(trial)
+        result.steps.append(Step(k, ranked[k - 1] if k else None, s, result.reference - s, weight_bytes(trial) or None))
+        bar.update(1)
+        ok = result.reference - s <= result.max_drop
+        if ok:
+            models[k] = trial
+        return ok
+
+    failed, found = -1, None  # the most layers known to miss the budget, the fewest known to meet it
+    k = 0
+    while k <= len(ranked):
+        if met(k):
+            found = k
+            break
+        failed = k
+        k = len(ranked) if k * 2 > len(ranked) and k < len(ranked) else max(1, k * 2)
+    while found is not None and found - failed > 1:
+        mid = (failed + found) // 2
+        if met(mid):
+            found = mid
+        else:
+            failed = mid
+    bar.close()
+    result.steps.sort(key=lambda s: s.kept)
+    result.met = found is not None
+    result.model = models.get(found)
+    return result
+
+
+def _round(model: nn.Module, rounding: str, calib: list[Any]) -> None:
+    if rounding == "adaround":
+        from lowbit.torch.learned_rounding import adaround
+
+        adaround(model, calib, progress=False)
+    else:
+        from lowbit.torch.rounding import gptq
+
+        gptq(model, calib, progress=False)
+
+
+def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:
+    """Give the layers ``names`` of ``model`` 8-bit weights (``kind="bits"``) or switch their quantizers off."""
     layers = quantized_layers(model)
-    for name in result.kept:
+    for name in names:
         layer = layers[name]
-        if result.kind == "bits":
-            for q in own_quantizers(layer):
-                if q.is_weight and q.mode == "quantize":
-                    q.spec = replace(q.spec, bits=8)
-            layer.calibrate_weight()
+        if kind == "bits":
+            qs = [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
+            for q in qs:
+                q.spec = replace(q.spec, bits=8)
+            if qs:
+                layer.calibrate_weight()
         else:
             for q in own_quantizers(layer):
                 q.mode = "disabled"
+
+
+def apply_mixed(model: nn.Module, result: MixedResult) -> nn.Module:
+    """Make a search's outcome permanent on ``model``: its kept layers' quantizers switched off (or, for a
+    bit-width search, their weights re-quantized at 8 bits). Returns ``model``. For a search that re-rounded its
+    weights (``rounding=``), ``result.model`` is the final model itself, codes and all."""
+    _widen_or_float(model, result.kept, result.kind)
     return model
 
 
@@ -377,6 +460,7 @@ def analyze(
     mode: str = "float",
     max_layers: int | None = None,
     minimize: str = "layers",
+    rounding: str | None = None,
     report: str | os.PathLike | None = None,
     json_path: str | os.PathLike | None = None,
     progress: bool = True,
@@ -386,12 +470,17 @@ def analyze(
     search mixed precision (:func:`search`; ``metric`` defaults to ``"cosine"`` on ``batches``; at most
     ``max_layers`` layers kept in float or widened), taking the layers most sensitive first (``minimize="layers"``:
     the fewest layers) or, with ``mode="bits"``, the most output noise per byte first (``minimize="size"``: the
-    smallest weights). ``report`` writes the HTML report, ``json_path`` the numbers."""
+    smallest weights). ``rounding="adaround"``: every model the search tries has its weights rounded again by
+    AdaRound on ``batches`` (learned codes depend on the widths upstream; see :func:`search`), and
+    ``analysis.mixed.model`` is the one that met the budget. ``report`` writes the HTML report, ``json_path`` the
+    numbers."""
     t0 = time.perf_counter()
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if minimize not in MINIMIZE:
         raise ValueError(f"minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
+    if rounding is not None and rounding not in RE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
     if minimize == "size" and mode != "bits":
         raise ValueError(
             "minimize='size' is for the bit-width search (mode='bits'): a layer kept in float costs speed more than "
@@ -476,6 +565,8 @@ def analyze(
                 max_layers=max_layers,
                 progress=progress,
                 order=order,
+                rounding=rounding,
+                calib=batches,
             )
     analysis.seconds = time.perf_counter() - t0
     analysis.write(json_path, report)
