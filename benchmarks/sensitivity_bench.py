@@ -15,7 +15,7 @@ curve in docs/benchmarks/.
 - EfficientNet-Lite0 W4A8, PyTorch (``lowbit.torch.analyze``, fake quantization, ``mode="bits"``): weights
   rounded by GPTQ, uint8 activations; analysis on 64 calibration crops; agreement with FP32 on 128 other crops
   (torch fake quantization is slow on 2 cores); the search widens weights to 8 bits; budget 25 points; one
-  random order. Then AdaRound (on 64 crops) with the first 0, 4 and 8 ranked layers at 8-bit weights.
+  random order. Then the same search with every model it tries rounded again by AdaRound (on 64 crops).
 - The Fashion-MNIST MobileNetV2-style net, PyTorch, W8A8 and W4A8 (residual adds quantized): calibration on 512
   training images, analysis on 256 others, top-1 accuracy on the 10,000 test images; budget 0.2 points. And the
   bit-width search: W4A8 with the most sensitive layers' weights widened to 8 bits.
@@ -24,7 +24,6 @@ curve in docs/benchmarks/.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import tempfile
@@ -46,7 +45,6 @@ from lowbit.onnx.metrics import OutputMetric
 from lowbit.onnx.model import file_size, preprocess, save_model, session
 
 BITS_BUDGET = 25.0  # points of agreement EfficientNet-Lite0 W4A8 may lose (its bit-width search)
-ADAROUND_KS = (0, 4, 8)  # EfficientNet-Lite0 W4A8 rounded by AdaRound with the first k ranked layers at 8 bits
 RANDOM_ORDERS = 3
 
 
@@ -81,8 +79,12 @@ def _save_svg(name: str, suffix: str, svg: str, write: bool) -> str:
 def _plot(name: str, r: dict, budget: float, write: bool) -> str:
     """The curves of ``r`` as an SVG in docs/benchmarks/ (when ``write``); returns the file name."""
     xlabel = r.get("x_label", "layers kept in float")
+    series = {k: (r["ks"], v) for k, v in _curve_summary(r["curves"]).items()}
+    if "rounded" in r:  # the k the AdaRound search tried, each model rounded again
+        steps = r["rounded"]["steps"]
+        series["analysis order, AdaRound"] = ([st["kept"] for st in steps], [st["score"] for st in steps])
     svg = plots.lines(
-        {k: (r["ks"], v) for k, v in _curve_summary(r["curves"]).items()},
+        series,
         name,
         f"{xlabel} (first k of each order)",
         r["metric"],
@@ -215,23 +217,23 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     by_size_s = time.perf_counter() - t0
 
     # AdaRound learns each layer's codes on the quantized model's inputs, so its codes depend on what runs
-    # upstream: the widths are chosen first (here: the first k layers of the GPTQ model's ranking at 8 bits,
-    # through config overrides), then the whole model is rounded. It runs its data through the model once per
-    # layer: 64 of the 256 crops keep it to minutes.
-    wide = lt.LayerConfig(config.default.input, dataclasses.replace(config.default.weight, bits=8))
-    adaround = {}
-    sets = {f"{k} most sensitive": ranked[:k] for k in ADAROUND_KS}
-    sets[f"{len(by_size.kept)} by noise per byte"] = by_size.kept
-    for label, names in sets.items():
-        cfg = config
-        for name in names:
-            cfg = cfg.override(name, wide)
-        t0 = time.perf_counter()
-        qa = lt.quantize(model, cfg, calib=batches)  # activation ranges from all 256 crops, as GPTQ's
-        lt.adaround(qa, batches[:4])
-        seconds = time.perf_counter() - t0
-        adaround[label] = {"agreement": agreement(qa), "seconds": seconds, "weight_bytes": weight_bytes(qa)}
-        print(f"  AdaRound, {label} at 8-bit weights: {adaround[label]['agreement']:.2f}% ({seconds:.0f} s)")
+    # upstream: the same search in the same order, with every model it tries rounded again by AdaRound (on 64 of
+    # the 256 crops: it runs its data through the model once per layer), k found by doubling then bisection.
+    t0 = time.perf_counter()
+    rounded = search(q, ranked, agreement, BITS_BUDGET, mode="bits", rounding="adaround", calib=batches[:4])
+    rounded_s = time.perf_counter() - t0
+    print(f"  AdaRound search: {len(rounded.kept)} layer(s), {rounded.final.score:.2f}% ({rounded_s:.0f} s)")
+    # and the size search's layers, widened through a config and rounded by AdaRound once
+    t0 = time.perf_counter()
+    qa = lt.quantize(model, lt.mixed_config(config, by_size), calib=batches)  # activation ranges from all 256 crops
+    lt.adaround(qa, batches[:4])
+    seconds = time.perf_counter() - t0
+    adaround = {
+        f"{len(by_size.kept)} by noise per byte": {
+            "agreement": agreement(qa), "seconds": seconds, "weight_bytes": weight_bytes(qa)
+        }
+    }  # fmt: skip
+    print(f"  AdaRound, the size search's {len(by_size.kept)} layers at 8-bit weights: {agreement(qa):.2f}%")
     return _result(
         a, analysis_s, ks, curves, {"calibration": len(calib), "evaluation": len(test)},
         config="W4A8 (4-bit per-channel weights rounded by GPTQ, uint8 asymmetric activations), residual adds "
@@ -241,6 +243,7 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
         x_label="layers with 8-bit weights",
         rounding={"nearest": nearest, "gptq": a.mixed.steps[0].score, "gptq_seconds": gptq_s, "adaround": adaround},
         by_size={**by_size.to_dict(), "seconds": by_size_s},
+        rounded={**rounded.to_dict(), "seconds": rounded_s},
     )  # fmt: skip
 
 
@@ -279,9 +282,14 @@ def bench_fashion(config: str, ks: list[int], seeds: int, mode: str = "float") -
     )  # fmt: skip
 
 
+def _final(m: dict) -> dict:
+    """The step a search ended on (for a re-rounding search not the last one tried)."""
+    return next(st for st in m["steps"] if st["kept"] == len(m["kept"]))
+
+
 def _weights_moved(m: dict) -> str:
-    """ ", weights A -> B" of a search's first and last step, when it counted them."""
-    first, last = m["steps"][0].get("weight_bytes"), m["steps"][-1].get("weight_bytes")
+    """ ", weights A -> B" of a search's first and final step, when it counted them."""
+    first, last = m["steps"][0].get("weight_bytes"), _final(m).get("weight_bytes")
     if first is None or last is None:
         return ""
     return f", weights {format_bytes(first)} -> {format_bytes(last)}"
@@ -331,29 +339,10 @@ def render(results: dict) -> str:
                 f"{rd['gptq_seconds']:.0f} s including calibration).",
                 "",
             ]
-            if "adaround" in rd:
-                rows = [
-                    [k, f"{v['agreement']:.2f}", format_bytes(v["weight_bytes"]) if "weight_bytes" in v else "",
-                     f"{v['seconds']:.0f}"]
-                    for k, v in rd["adaround"].items()
-                ]  # fmt: skip
-                lines += [
-                    "AdaRound (`lt.adaround(qmodel, batches)`, learned rounding on the quantized model's inputs, 64 "
-                    "crops) with these layers at 8-bit weights: its codes absorb the error of the layers upstream, "
-                    "so the widths are chosen first (on the GPTQ model) and the model rounded after (the curves "
-                    "above keep GPTQ's codes, which do not depend on upstream layers).",
-                    "",
-                    format_table(
-                        ["layers at 8-bit weights", "agreement %", "weights", "seconds (calibration + AdaRound)"],
-                        rows,
-                        "lrrr",
-                    ),
-                    "",
-                ]
         lines.append(
             f"Automatic mixed precision, budget {r['budget']}: {verdict} with {len(kept)} layer(s) "
             f"({m['metric']} FP32 {m['reference']:.2f}, all quantized {m['steps'][0]['score']:.2f}, final "
-            f"{m['steps'][-1]['score']:.2f}){_weights_moved(m)}: {', '.join(kept) or 'none'}."
+            f"{_final(m)['score']:.2f}){_weights_moved(m)}: {', '.join(kept) or 'none'}."
         )
         if "by_size" in r:
             b = r["by_size"]
@@ -361,11 +350,32 @@ def render(results: dict) -> str:
                 "",
                 f"The same search taking the layers by output noise removed per weight byte (`lt.analyze(..., "
                 f'mode="bits", minimize="size")`): {"met" if b["met"] else "not met"} with {len(b["kept"])} '
-                f"layer(s) (final {b['steps'][-1]['score']:.2f}){_weights_moved(b)}, {b['seconds']:.0f} s: "
+                f"layer(s) (final {_final(b)['score']:.2f}){_weights_moved(b)}, {b['seconds']:.0f} s: "
                 f"{', '.join(b['kept']) or 'none'}.",
             ]
             if "size_plot" in r:
                 lines += ["", f"![{name}: agreement vs weights' size](benchmarks/{r['size_plot']})"]
+        if "rounded" in r:
+            g = r["rounded"]
+            once = r["rounding"]["adaround"]
+            rows = [[st["kept"], f"{st['score']:.2f}", format_bytes(st["weight_bytes"])] for st in g["steps"]] + [
+                [k, f"{v['agreement']:.2f}", format_bytes(v["weight_bytes"])] for k, v in once.items()
+            ]
+            lines += [
+                "",
+                "AdaRound (learned rounding on the quantized model's inputs, 64 crops) absorbs the error of the "
+                "layers upstream, so its codes depend on every width upstream: the search below "
+                '(`lt.analyze(..., mode="bits", rounding="adaround")`) rounds each model it tries again, the '
+                "first k layers of the analysis order at 8-bit weights, and finds k by doubling then bisection "
+                f"({g['seconds']:.0f} s); the last row is the size search's layers, rounded by AdaRound once. "
+                "The curves above keep GPTQ's codes, which do not depend on upstream layers.",
+                "",
+                format_table(["layers at 8-bit weights", "agreement %", "weights"], rows, "lrr"),
+                "",
+                f"Automatic mixed precision with AdaRound, budget {r['budget']}: "
+                f"{'met' if g['met'] else 'not met'} with {len(g['kept'])} layer(s) (final "
+                f"{_final(g)['score']:.2f}){_weights_moved(g)}: {', '.join(g['kept']) or 'none'}.",
+            ]
         if "latency" in r:
             ms = {k: {int(b): v for b, v in r["latency"][k].items()} for k in r["sizes"]}  # JSON keys are strings
             rows = [[k, f"{r['sizes'][k] / 1e6:.2f} MB", f"{ms[k][1]:.2f} ms", f"{ms[k][8]:.2f} ms"] for k in ms]
