@@ -17,6 +17,10 @@ There the cost of a layer is its weights' bytes, not its count: ``minimize="size
 noise each one's narrow weights add (``10^(-SQNR/10)`` of the model output with only that layer narrow) per byte that
 widening it costs, so a large classifier layer waits behind the small early layers that hurt as much. Every step
 records the quantized layers' weight bytes (at their widths; float weights at 4 bytes).
+
+The search leaves the weights' codes as they are, which is right for nearest rounding and GPTQ (whose codes do not
+depend on the layers upstream) but not for AdaRound, whose codes absorb the upstream error: ``rounding="adaround"``
+makes every model the search tries a copy, rounded again with its widths (see :func:`search`).
 """
 
 from __future__ import annotations
@@ -282,11 +286,13 @@ def search(
     ``"agreement"`` against FP32 on ``batches``, or a function ``model -> score`` (higher is better). ``order``
     says how ``ranked`` was made, for the report. The model is left as it was.
 
-    ``rounding="adaround"`` (or ``"gptq"``): the codes of a learned rounding depend on the widths upstream, so each
-    model tried is a copy of ``model`` with the first k layers kept in float (or widened) and every weight rounded
-    again on ``calib`` (batches). That costs a rounding per model, so k is found by doubling (0, 1, 2, 4, ...) and
-    then bisection, which assumes the metric grows with k; the result's ``model`` is the final step's model, the
-    one to deploy (its activation ranges those ``model`` was calibrated with)."""
+    ``rounding="adaround"``: AdaRound's codes depend on the widths upstream, so each model tried is a copy of
+    ``model`` with the first k layers kept in float (or widened) and every weight rounded again on ``calib``
+    (batches). ``"gptq"`` does the same with GPTQ, whose codes come from the float model and do not depend on the
+    widths: there only the widened layers' 8-bit codes change (GPTQ's instead of nearest). A rounding per model
+    tried is slow, so k is found by doubling (0, 1, 2, 4, ...) and then bisection, which assumes the metric grows
+    with k; the result's ``model`` is the final step's model, the one to deploy (its activation ranges those
+    ``model`` was calibrated with)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if rounding is not None and rounding not in RE_ROUNDINGS:
