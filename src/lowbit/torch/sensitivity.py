@@ -339,7 +339,6 @@ def _rounded_search(
 ) -> MixedResult:
     """:func:`search` with the weights rounded again for each k tried (doubling, then bisection)."""
     result.names, result.rounding = ranked, rounding
-    models: dict[int, nn.Module] = {}
     bar = tqdm(desc=f"mixed precision ({rounding} for each)", unit="model", disable=not progress)
 
     def met(k: int) -> bool:
@@ -350,8 +349,8 @@ def _rounded_search(
         result.steps.append(Step(k, ranked[k - 1] if k else None, s, result.reference - s, weight_bytes(trial) or None))
         bar.update(1)
         ok = result.reference - s <= result.max_drop
-        if ok:
-            models[k] = trial
+        if ok:  # the bisection only ever meets the budget with fewer layers than before: keep the latest
+            result.model = trial
         return ok
 
     failed, found = -1, None  # the most layers known to miss the budget, the fewest known to meet it
@@ -371,7 +370,6 @@ def _rounded_search(
     bar.close()
     result.steps.sort(key=lambda s: s.kept)
     result.met = found is not None
-    result.model = models.get(found)
     return result
 
 
