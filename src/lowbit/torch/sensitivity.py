@@ -116,8 +116,8 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
     try:
         for name in names:
             layer = layers[name]
-            qs = [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
-            if not qs or not hasattr(layer, "calibrate_weight"):
+            qs = _quantized_weights(layer)
+            if not qs:
                 continue
             for q in qs:
                 saved.append((q, q.spec, q.scale.data, q.zero_point.data, q.codes.data))
@@ -128,6 +128,19 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
         for q, spec, scale, zero_point, codes in saved:
             q.spec = spec
             q.scale.data, q.zero_point.data, q.codes = scale, zero_point, codes
+
+
+def _quantized_weights(layer: nn.Module) -> list[TensorQuantizer]:
+    """The weight quantizers of ``layer`` that quantize now and that ``layer.calibrate_weight()`` recomputes (empty
+    where the layer has none)."""
+    if not hasattr(layer, "calibrate_weight"):
+        return []
+    return [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
+
+
+def _check_rounding(rounding: str | None) -> None:
+    if rounding is not None and rounding not in RE_ROUNDINGS:
+        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
 
 
 def _weights(layer: nn.Module) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
@@ -295,8 +308,7 @@ def search(
     ``model`` was calibrated with)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if rounding is not None and rounding not in RE_ROUNDINGS:
-        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
+    _check_rounding(rounding)
     if rounding is not None:
         calib = list(calib) if calib is not None else []
         if not calib:
@@ -390,7 +402,7 @@ def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:
     for name in names:
         layer = layers[name]
         if kind == "bits":
-            qs = [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
+            qs = _quantized_weights(layer)
             for q in qs:
                 q.spec = replace(q.spec, bits=8)
             if qs:
@@ -483,8 +495,7 @@ def analyze(
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     if minimize not in MINIMIZE:
         raise ValueError(f"minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
-    if rounding is not None and rounding not in RE_ROUNDINGS:
-        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
+    _check_rounding(rounding)
     if minimize == "size" and mode != "bits":
         raise ValueError(
             "minimize='size' is for the bit-width search (mode='bits'): a layer kept in float costs speed more than "
