@@ -228,12 +228,15 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     qa = lt.quantize(model, lt.mixed_config(config, by_size), calib=batches)  # activation ranges from all 256 crops
     lt.adaround(qa, batches[:4])
     seconds = time.perf_counter() - t0
+    score = agreement(qa)
     adaround = {
         f"{len(by_size.kept)} by noise per byte": {
-            "agreement": agreement(qa), "seconds": seconds, "weight_bytes": weight_bytes(qa)
+            "agreement": score,
+            "seconds": seconds,
+            "weight_bytes": weight_bytes(qa),
         }
-    }  # fmt: skip
-    print(f"  AdaRound, the size search's {len(by_size.kept)} layers at 8-bit weights: {agreement(qa):.2f}%")
+    }
+    print(f"  AdaRound, the size search's {len(by_size.kept)} layers at 8-bit weights: {score:.2f}%")
     return _result(
         a, analysis_s, ks, curves, {"calibration": len(calib), "evaluation": len(test)},
         config="W4A8 (4-bit per-channel weights rounded by GPTQ, uint8 asymmetric activations), residual adds "

@@ -257,6 +257,11 @@ class MixedResult:
         return min(met, key=lambda s: s.kept) if met else max(self.steps, key=lambda s: s.kept)
 
     @property
+    def layer_column(self) -> str:
+        """The heading of a step's layer in tables: the layer it added, or for a search that tried a few k, the k-th."""
+        return "k-th layer" if self.names is not None else f"layer {self.action}"
+
+    @property
     def noise(self) -> float | None:
         """One standard error of a top-1 agreement score at the budget line, in points: a score counts
         ``samples`` hits, so a step's score is only known to about this much (None for other metrics)."""
@@ -308,8 +313,7 @@ class MixedResult:
         )
         if self.rounding:
             head += f"\n(re-rounded by {self.rounding} for every k tried; the layer column is the k-th layer)"
-        column = "k-th layer" if self.names is not None else f"layer {self.action}"
-        columns = ["k", column, "score", "drop", "gain"] + (["weights"] if self.sized else [])
+        columns = ["k", self.layer_column, "score", "drop", "gain"] + (["weights"] if self.sized else [])
         table = format_table(columns, rows, "rlrrr" + ("r" if self.sized else ""))
         note = self.noise_note()
         return head + "\n" + table + ("\n" + note if note else "")

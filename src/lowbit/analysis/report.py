@@ -143,8 +143,7 @@ def render(analysis) -> str:
         )
         out.append(
             _table(
-                ["k", "k-th layer" if m.names is not None else f"layer {m.action}", "score", "drop"]
-                + (["weights"] if m.sized else []),
+                ["k", m.layer_column, "score", "drop"] + (["weights"] if m.sized else []),
                 [
                     [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"]
                     + ([format_bytes(s.weight_bytes)] if m.sized else [])
