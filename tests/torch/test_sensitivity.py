@@ -128,9 +128,13 @@ def test_bit_width_search_widens_weights_and_restores_them():
     assert all(layer.weight_quantizer.spec.bits == 8 for layer in layers.values())
 
 
+def _w4_config(input: QuantizerConfig | None = None) -> Config:
+    """4-bit per-channel weights; ``input``: the inputs' config (None: float inputs)."""
+    return Config(LayerConfig(input=input, weight=QuantizerConfig(bits=4, granularity="channel")))
+
+
 def _w4():
-    cfg = Config(LayerConfig(input=None, weight=QuantizerConfig(bits=4, granularity="channel")))
-    return lt.quantize(models.convnet(), cfg, calib=models.batches(), progress=False)
+    return lt.quantize(models.convnet(), _w4_config(), calib=models.batches(), progress=False)
 
 
 def test_weight_bytes_follow_each_layers_width():
@@ -169,9 +173,7 @@ def test_size_search_takes_the_most_noise_per_byte_first():
 
 
 def test_a_search_outcome_becomes_a_config_for_a_fresh_quantization():
-    cfg = Config(
-        LayerConfig(input=QuantizerConfig(method="mse"), weight=QuantizerConfig(bits=4, granularity="channel"))
-    )
+    cfg = _w4_config(QuantizerConfig(method="mse"))
     steps = [Step(0, None, 50.0, 50.0), Step(1, "0", 60.0, 40.0), Step(2, "8", 95.0, 5.0)]
     widened = lt.mixed_config(cfg, MixedResult("agreement", " %", 100.0, 10.0, steps, met=True, kind="bits"))
     for name in ("0", "8"):
@@ -193,9 +195,8 @@ def _narrow_layers(model) -> int:
 def test_a_re_rounding_search_doubles_then_bisects_and_keeps_the_final_model():
     torch.manual_seed(0)
     m = nn.Sequential(*[nn.Sequential(nn.Linear(8, 8), nn.ReLU()) for _ in range(9)])
-    cfg = Config(LayerConfig(input=None, weight=QuantizerConfig(bits=4, granularity="channel")))
     calib = [torch.randn(16, 8) for _ in range(2)]
-    q = lt.quantize(m, cfg, calib=calib, progress=False)
+    q = lt.quantize(m, _w4_config(), calib=calib, progress=False)
     ranked = [f"{i}.0" for i in (3, 1, 4, 0, 5, 2, 6, 8, 7)]
     tried = []
 
@@ -218,9 +219,7 @@ def test_a_re_rounding_search_doubles_then_bisects_and_keeps_the_final_model():
 
 def test_a_re_rounding_search_rounds_each_model_as_a_fresh_adaround_would():
     m = models.convnet()
-    cfg = Config(
-        LayerConfig(input=QuantizerConfig(method="mse"), weight=QuantizerConfig(bits=4, granularity="channel"))
-    )
+    cfg = _w4_config(QuantizerConfig(method="mse"))
     q = lt.quantize(m, cfg, calib=models.batches(), progress=False)
     batches = models.batches(2, seed=5)
 
