@@ -16,7 +16,9 @@ The file is written atomically (a temporary file renamed into place) and checked
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import os
 import warnings
 from pathlib import Path
@@ -184,6 +186,11 @@ def _limits(dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
+def _off_cpu(model: nn.Module, args: tuple[Any, ...]) -> bool:
+    tensors = itertools.chain(model.parameters(), model.buffers(), (a for a in args if isinstance(a, torch.Tensor)))
+    return any(t.device.type != "cpu" for t in tensors)
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[Any, ...],
@@ -198,7 +205,8 @@ def export_onnx(
 
     ``example_inputs``: a tensor or a tuple of positional inputs. ``opset``: 13 to 21 (21: INT4 weights and
     per-group weights, see the module docstring). ``dynamic_batch``: the first axis of every input and output is
-    named ``batch`` so that any batch size runs.
+    named ``batch`` so that any batch size runs. A model on a GPU is traced from a CPU copy of it and left where it
+    is.
     """
     import onnx
 
@@ -221,6 +229,11 @@ def export_onnx(
     buffer = io.BytesIO()
     n_in = len(args)
     input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    if _off_cpu(model, args):
+        # The TorchScript exporter's constant folding mixes its CPU constants with CUDA tensors (a BatchNorm kept
+        # training for QAT fails so): trace a CPU copy. The model itself stays where it is.
+        model = copy.deepcopy(model).cpu()
+        args = tuple(a.cpu() if isinstance(a, torch.Tensor) else a for a in args)
     with evaluating(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings

@@ -251,9 +251,12 @@ def quantize(
     if cfg.residual_adds:
         model = trace_residual_adds(model)
         _check_layers(model, cfg)
+    device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     for name, module in quantizable_layers(model, cfg).items():
         layer = cfg.for_layer(name)
         new = MODULE_MAP[type(module)].from_float(module, layer, name)
+        if next(module.parameters(), None) is None:  # an Add has no weights to sit beside: it goes to the model
+            new.to(device)
         new.calibrate_weight()
         set_submodule(model, name, new)
     if calib is not None and not cfg.dynamic:
