@@ -332,12 +332,17 @@ def search(
             s = score(model)
             size = weight_bytes(model)
         result.steps.append(Step(k, ranked[k - 1] if k else None, s, reference - s, size or None))
+        bar.set_postfix_str(_probe_note(k, s, result), refresh=False)
         bar.update(1)
         if reference - s <= max_drop:
             result.met = True
             break
     bar.close()
     return result
+
+
+def _probe_note(k: int, score: float, result: MixedResult) -> str:
+    return f"{k} layer(s): {score:.4g} (budget {result.reference - result.max_drop:.4g})"
 
 
 def _rounded_search(
@@ -359,6 +364,7 @@ def _rounded_search(
         _round(trial, rounding, calib)
         s = score(trial)
         result.steps.append(Step(k, ranked[k - 1] if k else None, s, result.reference - s, weight_bytes(trial) or None))
+        bar.set_postfix_str(_probe_note(k, s, result), refresh=False)  # a long search shows what it found so far
         bar.update(1)
         ok = result.reference - s <= result.max_drop
         if ok:  # the bisection only ever meets the budget with fewer layers than before: keep the latest
