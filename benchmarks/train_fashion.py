@@ -44,14 +44,19 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return padded[:, :, 2 + dy : 30 + dy, 2 + dx : 30 + dx]
 
 
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
 def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray, batch: int = 1000) -> float:
-    """Top-1 accuracy of ``model`` (put in eval mode) on ``x``."""
+    """Top-1 accuracy of ``model`` (put in eval mode) on ``x``, run on the device of its parameters."""
     model.eval()
+    device = _device(model)
     correct = 0
     with torch.no_grad():
         for i in range(0, len(x), batch):
-            out = model(torch.from_numpy(x[i : i + batch]))
-            correct += int((out.argmax(1).numpy() == y[i : i + batch]).sum())
+            out = model(torch.from_numpy(x[i : i + batch]).to(device))
+            correct += int((out.argmax(1).cpu().numpy() == y[i : i + batch]).sum())
     return correct / len(x)
 
 
@@ -71,7 +76,9 @@ def train(
     """Train ``model`` in place on ``(x, y)`` for ``epochs`` (a fraction trains part of the last epoch) with SGD
     (Nesterov momentum 0.9) and a one-cycle ("onecycle") or cosine-decay ("cosine", for fine-tuning) learning
     rate peaking at ``lr``. With a ``teacher`` (QAT from the float model), half of the loss is the KL divergence
-    to the teacher's predictions (distillation). Seeded: the same seed gives the same batches and augmentations."""
+    to the teacher's predictions (distillation). Seeded: the same seed gives the same batches and augmentations.
+    It runs on the device of ``model``'s parameters (the teacher's must be the same)."""
+    device = _device(model)
     gen = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(x) // BATCH
     total = max(1, round(epochs * steps_per_epoch))
@@ -97,9 +104,9 @@ def train(
                 if step == total:
                     break
                 idx = order[i * BATCH : (i + 1) * BATCH]
-                batch = augment(xt[idx], gen)
+                batch = augment(xt[idx], gen).to(device)
                 logits = model(batch)
-                loss = F.cross_entropy(logits, yt[idx], label_smoothing=0.1)
+                loss = F.cross_entropy(logits, yt[idx].to(device), label_smoothing=0.1)
                 if teacher is not None:
                     with torch.no_grad():
                         target = F.log_softmax(teacher(batch), dim=1)
