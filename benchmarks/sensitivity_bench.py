@@ -6,6 +6,8 @@ analysis' order against the reverse order and random orders, and automatic mixed
     python benchmarks/sensitivity_bench.py            # about 85 minutes on a 2-core machine
     python benchmarks/sensitivity_bench.py --quick    # fewer points and samples
     python benchmarks/sensitivity_bench.py --only Fashion   # rerun some models, keep the others' figures
+    python benchmarks/sensitivity_bench.py --device cuda --eval-crops 1000   # the EfficientNet-Lite0 W4A8 run
+                                                            # alone, on a GPU ("sensitivity-cuda" section)
 
 Writes the "sensitivity" section of docs/BENCHMARKS.md, docs/benchmarks/sensitivity.json and one SVG plot per
 curve in docs/benchmarks/.
@@ -14,8 +16,8 @@ curve in docs/benchmarks/.
   calibration crops; the metric is top-1 agreement with FP32 on 1,000 other crops; budget: agreement >= 97%.
 - EfficientNet-Lite0 W4A8, PyTorch (``lowbit.torch.analyze``, fake quantization, ``mode="bits"``): weights
   rounded by GPTQ, uint8 activations; analysis on 64 calibration crops; agreement with FP32 on 128 other crops
-  (torch fake quantization is slow on 2 cores); the search widens weights to 8 bits; budget 25 points; one
-  random order. Then the same search with every model it tries rounded again by AdaRound (on 64 crops).
+  (--eval-crops; torch fake quantization is slow on 2 cores); the search widens weights to 8 bits; budget 25
+  points; one random order. Then the same search with every model it tries rounded again by AdaRound (on 64 crops).
 - The Fashion-MNIST MobileNetV2-style net, PyTorch, W8A8 and W4A8 (residual adds quantized): calibration on 512
   training images, analysis on 256 others, top-1 accuracy on the 10,000 test images; budget 0.2 points. And the
   bit-width search: W4A8 with the most sensitive layers' weights widened to 8 bits.
@@ -45,6 +47,7 @@ from lowbit.onnx.metrics import OutputMetric
 from lowbit.onnx.model import file_size, preprocess, save_model, session
 
 BITS_BUDGET = 25.0  # points of agreement EfficientNet-Lite0 W4A8 may lose (its bit-width search)
+EVAL_CROPS = 128  # EfficientNet-Lite0 W4A8's evaluation crops (torch fake quantization is slow on 2 cores)
 RANDOM_ORDERS = 3
 
 
@@ -64,11 +67,11 @@ def _curve_summary(curves: dict[str, list[float]]) -> dict[str, list[float]]:
     return out
 
 
-def _save_svg(name: str, suffix: str, svg: str, write: bool) -> str:
-    """Writes ``svg`` as docs/benchmarks/sensitivity_<name as a slug><suffix>.svg (when ``write``); returns the file
+def _save_svg(name: str, suffix: str, svg: str, write: bool, section: str = "sensitivity") -> str:
+    """Writes ``svg`` as docs/benchmarks/<section>_<name as a slug><suffix>.svg (when ``write``); returns the file
     name."""
     slug = "_".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
-    path = DOCS / "benchmarks" / f"sensitivity_{slug}{suffix}.svg"
+    path = DOCS / "benchmarks" / f"{section}_{slug}{suffix}.svg"
     if write:
         from lowbit._io import atomic_write_text
 
@@ -76,7 +79,7 @@ def _save_svg(name: str, suffix: str, svg: str, write: bool) -> str:
     return path.name
 
 
-def _plot(name: str, r: dict, budget: float, write: bool) -> str:
+def _plot(name: str, r: dict, budget: float, write: bool, section: str = "sensitivity") -> str:
     """The curves of ``r`` as an SVG in docs/benchmarks/ (when ``write``); returns the file name."""
     xlabel = r.get("x_label", "layers kept in float")
     series = {k: (r["ks"], v) for k, v in _curve_summary(r["curves"]).items()}
@@ -91,10 +94,10 @@ def _plot(name: str, r: dict, budget: float, write: bool) -> str:
         hline=budget,
         hline_label="budget",
     )
-    return _save_svg(name, "", svg, write)
+    return _save_svg(name, "", svg, write, section)
 
 
-def _size_plot(name: str, r: dict, budget: float, write: bool) -> str:
+def _size_plot(name: str, r: dict, budget: float, write: bool, section: str = "sensitivity") -> str:
     """The metric against the weights' size for the two bit-width search orders of ``r``, as an SVG in
     docs/benchmarks/ (when ``write``); returns the file name."""
     series = {
@@ -103,7 +106,7 @@ def _size_plot(name: str, r: dict, budget: float, write: bool) -> str:
     }
     svg = plots.lines(series, f"{name}: {r['metric']} vs weights' size", "weights (MB)", r["metric"],
                       hline=budget, hline_label="budget")  # fmt: skip
-    return _save_svg(name, "_size", svg, write)
+    return _save_svg(name, "_size", svg, write, section)
 
 
 def _result(a, analysis_s: float, ks: list[int], curves: dict, samples: dict, **described) -> dict:
@@ -173,7 +176,9 @@ def _torch_curves(q, ranked, score, ks, seeds, mode="float") -> dict[str, list[f
     return curves
 
 
-def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
+def bench_efficientnet_torch(
+    ks: list[int], crops: int, seeds: int, device: str = "cpu", budget: float = BITS_BUDGET
+) -> dict:
     """W4A8 with weights rounded to nearest collapses on EfficientNet-Lite0 (a few percent agreement); GPTQ
     rounding lifts it, AdaRound (learned rounding, layer by layer) lifts it further, and the search widens the
     most sensitive layers' weights to 8 bits (activations stay 8-bit) rather than keeping them in float; the
@@ -188,7 +193,7 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     images = photos()
     calib = torch.from_numpy(efficientnet_input(np.stack([c for _, c in photo_crops(256, 0, images=images)])))
     test = torch.from_numpy(efficientnet_input(np.stack([c for _, c in photo_crops(crops, 1, images=images)])))
-    model = pretrained_efficientnet_lite0()
+    model, calib, test = pretrained_efficientnet_lite0().to(device), calib.to(device), test.to(device)
     batches = list(calib.split(16))
     act = lt.QuantizerConfig(signed=False, symmetric=False, method="mse")
     config = lt.Config(lt.LayerConfig(act, lt.QuantizerConfig(bits=4, granularity="channel"))).with_residual_adds()
@@ -206,21 +211,21 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
     gptq_s = time.perf_counter() - t0
     print(f"  W4A8 agreement: nearest rounding {nearest:.2f}%, GPTQ {agreement(q):.2f}% ({gptq_s:.0f} s)", flush=True)
     t0 = time.perf_counter()
-    a = lt.analyze(q, batches[:4], metric=agreement, max_drop=BITS_BUDGET, mode="bits", max_layers=max(ks))
+    a = lt.analyze(q, batches[:4], metric=agreement, max_drop=budget, mode="bits", max_layers=max(ks))
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
     curves = _torch_curves(q, ranked, agreement, ks, seeds, "bits")
     # The same budget, the layers taken by output noise per weight byte (what lt.analyze(minimize="size") does):
     # the fewest bytes rather than the fewest layers.
     t0 = time.perf_counter()
-    by_size = search(q, by_noise_per_byte(a.layers, quantized_layers(q)), agreement, BITS_BUDGET, mode="bits")
+    by_size = search(q, by_noise_per_byte(a.layers, quantized_layers(q)), agreement, budget, mode="bits")
     by_size_s = time.perf_counter() - t0
 
     # AdaRound learns each layer's codes on the quantized model's inputs, so its codes depend on what runs
     # upstream: the same search in the same order, with every model it tries rounded again by AdaRound (on 64 of
     # the 256 crops: it runs its data through the model once per layer), k found by doubling then bisection.
     t0 = time.perf_counter()
-    rounded = search(q, ranked, agreement, BITS_BUDGET, mode="bits", rounding="adaround", calib=batches[:4])
+    rounded = search(q, ranked, agreement, budget, mode="bits", rounding="adaround", calib=batches[:4])
     rounded_s = time.perf_counter() - t0
     print(f"  AdaRound search: {len(rounded.kept)} layer(s), {rounded.final.score:.2f}% ({rounded_s:.0f} s)")
     # and the size search's layers, widened through a config and rounded by AdaRound once
@@ -242,7 +247,7 @@ def bench_efficientnet_torch(ks: list[int], crops: int, seeds: int) -> dict:
         config="W4A8 (4-bit per-channel weights rounded by GPTQ, uint8 asymmetric activations), residual adds "
         "quantized; PyTorch; search: weights widened from 4 to 8 bits (rounded to nearest)",
         metric="top-1 agreement with FP32 (%)",
-        budget=f"drop <= {BITS_BUDGET:g} points",
+        budget=f"drop <= {budget:g} points",
         x_label="layers with 8-bit weights",
         rounding={"nearest": nearest, "gptq": a.mixed.steps[0].score, "gptq_seconds": gptq_s, "adaround": adaround},
         by_size={**by_size.to_dict(), "seconds": by_size_s},
@@ -303,11 +308,21 @@ def _area(curve: list[float]) -> float:
 
 
 def render(results: dict) -> str:
+    m = results["machine"]
+    command = "python benchmarks/sensitivity_bench.py" + " --device cuda" * bool(m.get("gpu"))
+    if m.get("eval_crops", EVAL_CROPS) != EVAL_CROPS:
+        command += f" --eval-crops {m['eval_crops']}"
+    if m.get("budget", BITS_BUDGET) != BITS_BUDGET:
+        command += f" --budget {m['budget']:g}"
+    title = "Sensitivity analysis and automatic mixed precision"
+    if m.get("gpu"):
+        where, title = f"on {m['gpu']} (and {m['cores']} CPU cores), torch {m['torch']}", title + " on CUDA"
+    else:
+        where = f"on {m['cpu']} ({m['cores']} cores)"
     lines = [
-        "## Sensitivity analysis and automatic mixed precision",
+        f"## {title}",
         "",
-        f"`python benchmarks/sensitivity_bench.py` on {results['machine']['cpu']} ({results['machine']['cores']} "
-        f"cores), {results['machine']['date']}. Each curve keeps the first k layers of an order in float (for the "
+        f"`{command}` {where}, {m['date']}. Each curve keeps the first k layers of an order in float (for the "
         "bit-width search: gives them 8-bit weights) and measures the metric; the analysis order is lowbit's "
         "ranking (the model's output SQNR with only that layer quantized, on the analysis samples, which are apart "
         f"from the evaluation samples). Random: the mean of {RANDOM_ORDERS} seeded random orders. The automatic search "
@@ -397,54 +412,86 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer points, crops and random orders")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the EfficientNet-Lite0 W4A8 run (PyTorch) runs: cpu (default) or cuda. "
+        'A CUDA run runs only that model and writes its own section ("sensitivity-cuda")',
+    )
+    parser.add_argument(
+        "--eval-crops",
+        type=int,
+        default=EVAL_CROPS,
+        help=f"the EfficientNet-Lite0 W4A8 run's evaluation crops (default {EVAL_CROPS}; "
+        "one standard error of its agreement is about 3.8 points at 128, 1.4 at 1,000)",
+    )
+    parser.add_argument(
+        "--budget", type=float, default=BITS_BUDGET,
+        help=f"the EfficientNet-Lite0 W4A8 run's budget: points of agreement it may lose (default {BITS_BUDGET:g})",
+    )  # fmt: skip
+    parser.add_argument(
         "--only", metavar="TEXT", help="run only the models whose name contains TEXT; the others keep their figures "
         "from docs/benchmarks/sensitivity.json",
     )  # fmt: skip
     args = parser.parse_args()
     import torch
 
+    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
+        parser.error(f"--device {args.device}: this machine has no CUDA device that torch can use; use --device cpu")
+    if args.eval_crops < 1:
+        parser.error(f"--eval-crops must be at least 1, got {args.eval_crops}")
     torch.manual_seed(0)
     k_max, crops, seeds = (6, 256, 1) if args.quick else (12, 1000, RANDOM_ORDERS)
     ks = list(range(k_max + 1))
     wide = list(range(0, 5 * k_max // 2 + 1, 3 if args.quick else 4))  # W4A8 EfficientNet needs many more layers
-    results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
+    run = {"eval_crops": args.eval_crops, "budget": args.budget}  # the W4A8 run's options
+    results = {"machine": {**machine(), "torch": torch.__version__, **run}, "models": {}}
+    section = "sensitivity"
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
+        results["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+        section = "sensitivity-cuda"
     with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
         work = Path(tmp)
         runs = [
             ("EfficientNet-Lite0 W8A8 (ONNX)", lambda: bench_efficientnet_onnx(work, ks, crops, seeds)),
-            ("EfficientNet-Lite0 W4A8, bit widths (PyTorch)", lambda: bench_efficientnet_torch(wide, 128, 1)),
+            (
+                "EfficientNet-Lite0 W4A8, bit widths (PyTorch)",
+                lambda: bench_efficientnet_torch(wide, args.eval_crops, 1, args.device, args.budget),
+            ),
             ("Fashion-MNIST MobileNetV2-style W8A8", lambda: bench_fashion("int8", ks, seeds)),
             ("Fashion-MNIST MobileNetV2-style W4A8", lambda: bench_fashion("w4a8", ks, seeds)),
             ("Fashion-MNIST MobileNetV2-style W4A8, bit widths", lambda: bench_fashion("w4a8", ks, seeds, "bits")),
         ]
         all_runs = list(runs)
+        if args.device != "cpu":
+            runs = [(name, run) for name, run in runs if "PyTorch" in name]
         if args.only:
             runs = [(name, run) for name, run in runs if args.only in name]
             if not runs:
                 parser.error(f"--only {args.only!r} matches no model")
-            saved = DOCS / "benchmarks" / "sensitivity.json"
+            saved = DOCS / "benchmarks" / f"{section}.json"
             old = json.loads(saved.read_text())["models"] if saved.exists() else {}
             results["models"] = {name: r for name, r in old.items() if name not in dict(runs)}
         for name, run in runs:
             print(f"\n== {name}", flush=True)
             r = run()
             budget = r["mixed"]["reference"] - r["mixed"]["max_drop"]
-            r["plot"] = _plot(name, r, budget, not args.no_write)
+            r["plot"] = _plot(name, r, budget, not args.no_write, section)
             if "by_size" in r:
-                r["size_plot"] = _size_plot(name, r, budget, not args.no_write)
+                r["size_plot"] = _size_plot(name, r, budget, not args.no_write, section)
             results["models"][name] = r
             if not args.no_write:  # each model's figures are kept as soon as they exist
                 from lowbit._io import atomic_write_text
 
-                atomic_write_text(DOCS / "benchmarks" / "sensitivity.partial.json", json.dumps(results, indent=2))
+                atomic_write_text(DOCS / "benchmarks" / f"{section}.partial.json", json.dumps(results, indent=2))
     order = [name for name, _ in all_runs]
     results["models"] = dict(sorted(results["models"].items(), key=lambda kv: order.index(kv[0])
                                     if kv[0] in order else len(order)))  # fmt: skip
     text = render(results)
     print("\n" + text)
     if not args.no_write:
-        write_section("sensitivity", text, results)
-        (DOCS / "benchmarks" / "sensitivity.partial.json").unlink(missing_ok=True)
+        write_section(section, text, results)
+        (DOCS / "benchmarks" / f"{section}.partial.json").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
