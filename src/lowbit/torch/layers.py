@@ -249,7 +249,7 @@ class QuantLSTM(nn.LSTM):
                 q.is_weight = True
                 new.weight_quantizers[pname] = q
         new.train(module.training)  # after the quantizers exist: they follow the layer's mode
-        return new
+        return new.to(module.weight_ih_l0.device)
 
     def calibrate_weight(self) -> None:
         if self.weight_float:
