@@ -151,21 +151,8 @@ def test_qat_trains_on_the_device_then_exports_what_it_computes(tmp_path):
     scales = [p for n, p in q.named_parameters() if n.endswith("scale")]
     rest = [p for n, p in q.named_parameters() if not n.endswith("scale")]
     opt = torch.optim.Adam([{"params": rest}, {"params": scales, "lr": 1e-3}], lr=1e-2)  # 4-bit weight steps: ~0.03
-
-    def loss_of(m):
-        with torch.no_grad():
-            return sum(nn.functional.cross_entropy(m(x), t).item() for x, t in zip(data, target, strict=True))
-
-    q.eval()
-    start = loss_of(q)
-    q.train()
-    for _ in range(10):
-        for x, t in zip(data, target, strict=True):
-            opt.zero_grad()
-            nn.functional.cross_entropy(q(x), t).backward()
-            opt.step()
-    q.eval()
-    assert loss_of(q) < 0.5 * start
+    start, end = models.fit(q, data, target, opt, epochs=10)
+    assert end < 0.5 * start
     assert all(tq.observe_steps == 0 for tq in lt.quantizers(q).values())
     _on_device(q)
     x = models.batches(1, seed=11)[0].to(DEVICE)

@@ -68,21 +68,8 @@ def test_qat_with_batchnorm_trains_and_exports(tmp_path):
     w4 = lt.Config(lt.LayerConfig(lt.QuantizerConfig(bits=4, method="mse", learn_scale=True),
                                   lt.QuantizerConfig(bits=4, granularity="channel")))  # fmt: skip
     q = lt.quantize(model, w4, calib=data[:2], qat=True, progress=False)
-    opt = torch.optim.Adam(q.parameters(), lr=1e-2)
-
-    def loss_of(m):
-        return sum(nn.functional.cross_entropy(m(x), t).item() for x, t in zip(data, target, strict=True))
-
-    q.eval()
-    start = loss_of(q)
-    q.train()
-    for _ in range(20):
-        for x, t in zip(data, target, strict=True):
-            opt.zero_grad()
-            nn.functional.cross_entropy(q(x), t).backward()
-            opt.step()
-    q.eval()
-    assert loss_of(q) < 0.5 * start
+    start, end = models.fit(q, data, target, torch.optim.Adam(q.parameters(), lr=1e-2), epochs=20)
+    assert end < 0.5 * start
     x = models.batches(1, seed=11)[0]
     path = lt.export_onnx(q, x, tmp_path / "qat.onnx")
     # ONNX Runtime computes every quantized tensor as the fake quantization did, up to one step where its float
