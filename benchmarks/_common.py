@@ -37,6 +37,19 @@ def machine() -> dict:
     }
 
 
+def use_device(parser, device: str) -> str | None:
+    """Check a benchmark's ``--device`` (cpu, cuda, cuda:N) and set torch up for it: on a GPU, plain float32
+    matrix products (no TF32), so that it computes what the CPU computes. Returns the GPU's name (None for cpu)."""
+    import torch
+
+    if device == "cpu":
+        return None
+    if not (device.startswith("cuda") and torch.cuda.is_available()):
+        parser.error(f"--device {device}: this machine has no CUDA device that torch can use; use --device cpu")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    return torch.cuda.get_device_name(torch.device(device))
+
+
 def status_mb(field: str) -> float | None:
     """A memory figure of this process from /proc/self/status (VmRSS: resident now, VmHWM: its peak), in MB;
     None where there is no /proc (not Linux)."""

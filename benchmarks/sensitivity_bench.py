@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, write_section
+from _common import DOCS, machine, use_device, write_section
 from lowbit._table import format_table
 from lowbit.analysis import format_bytes, plots
 from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, fashion_mnist, photo_crops, photos
@@ -435,8 +435,7 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        parser.error(f"--device {args.device}: this machine has no CUDA device that torch can use; use --device cpu")
+    gpu = use_device(parser, args.device)
     if args.eval_crops < 1:
         parser.error(f"--eval-crops must be at least 1, got {args.eval_crops}")
     torch.manual_seed(0)
@@ -446,9 +445,8 @@ def main() -> None:
     run = {"eval_crops": args.eval_crops, "budget": args.budget}  # the W4A8 run's options
     results = {"machine": {**machine(), "torch": torch.__version__, **run}, "models": {}}
     section = "sensitivity"
-    if args.device != "cpu":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
-        results["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    if gpu:
+        results["machine"]["gpu"] = gpu
         section = "sensitivity-cuda"
     with tempfile.TemporaryDirectory(prefix="lowbit-sensitivity-") as tmp:
         work = Path(tmp)

@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit.torch as lt
-from _common import machine, write_section
+from _common import machine, use_device, write_section
 from lowbit._table import format_table
 from lowbit.examples import fashion_mnist, mnist_digits
 from torch_models import pretrained_fashion, pretrained_mnistnet
@@ -200,13 +200,11 @@ def main() -> None:
         'run writes its own section ("torch-cuda") beside the CPU one'
     )  # fmt: skip
     args = parser.parse_args()
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        parser.error(f"--device {args.device}: this machine has no CUDA device that torch can use; use --device cpu")
+    gpu = use_device(parser, args.device)
     torch.manual_seed(0)
     results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
-    if args.device != "cpu":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
-        results["machine"]["gpu"] = torch.cuda.get_device_name(torch.device(args.device))
+    if gpu:
+        results["machine"]["gpu"] = gpu
     with tempfile.TemporaryDirectory(prefix="lowbit-torch-bench-") as tmp:
         results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp), args.device)
         for name in ("cnn", "mobilenet"):
