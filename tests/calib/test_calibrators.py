@@ -193,8 +193,22 @@ def test_compute_before_update_is_a_clear_error(method):
 @pytest.mark.parametrize("method", ALL_METHODS)
 def test_nan_or_inf_names_the_calibrator_and_tensor(method):
     c = create(method, tensor="conv1_out")
-    with pytest.raises(CalibrationError, match=r"for tensor 'conv1_out': batch 1 contains 1 NaN and 2 Inf values"):
+    with pytest.raises(
+        CalibrationError, match=r"for tensor 'conv1_out': batch 0 \(counting from 0\) contains 1 NaN and 2 Inf values"
+    ):
         c.update(np.array([1.0, np.nan, np.inf, -np.inf]))
+
+
+@pytest.mark.parametrize("method", ALL_METHODS)
+def test_nonfinite_message_counts_batches_from_0_and_spells_the_fix_for_both_front_ends(method):
+    c = create(method, tensor="relu3")
+    c.update(np.array([1.0, 2.0]))
+    with pytest.raises(CalibrationError) as info:
+        c.update(np.array([[np.inf, 1.0], [-np.inf, np.inf]]))
+    message = str(info.value)
+    assert "batch 1 (counting from 0) contains 0 NaN and 3 Inf values" in message
+    assert "skip_nonfinite=True" in message and "--option skip_nonfinite=true" in message
+    assert "--skip-nonfinite" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("method", ALL_METHODS)

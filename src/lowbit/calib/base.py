@@ -17,6 +17,11 @@ from lowbit.errors import CalibrationError, SpecError
 
 _REGISTRY: dict[str, type[Calibrator]] = {}
 
+# How each front end spells the option that makes a calibrator drop NaN/Inf values, for messages.
+SKIP_NONFINITE_HINT = (
+    "pass skip_nonfinite=True (lowbit quantize: --option skip_nonfinite=true; lowbit calibrate: --skip-nonfinite)"
+)
+
 
 class Range(NamedTuple):
     """A calibrated range: floats per tensor, arrays per channel. Symmetric methods give (-amax, amax)."""
@@ -203,11 +208,10 @@ class Calibrator:
         """A boolean mask of the finite values, or a clear error if NaN/Inf are not to be skipped."""
         finite = np.isfinite(x)
         if not self.skip_nonfinite:
-            nan = int(np.isnan(x).sum())
-            inf = int(x.size - finite.sum()) - nan
+            nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
             raise CalibrationError(
-                f"{self.describe()}: batch {self.num_batches + 1} contains {nan} NaN and {inf} Inf values; "
-                "fix the data upstream, or pass skip_nonfinite=True to ignore such values"
+                f"{self.describe()}: batch {self.num_batches} (counting from 0) contains {nan} NaN and {inf} Inf "
+                f"values; fix the data upstream, or ignore such values: {SKIP_NONFINITE_HINT}"
             )
         return finite
 
