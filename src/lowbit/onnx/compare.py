@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sized
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnxruntime as ort
+from tqdm.auto import tqdm
 
 from lowbit.analysis import cosine_rows
 from lowbit.data import Feed, InputSpec
@@ -18,40 +19,78 @@ from lowbit.data import Feed, InputSpec
 class Agreement:
     """How closely the quantized model's first output follows the float model's, over ``samples`` samples.
 
-    ``cosine``: mean over samples of the cosine similarity of the flattened outputs; ``max_abs_error``: the
-    largest absolute difference; ``top1``: fraction of samples whose argmax agrees (classifier outputs, else None).
+    A sample whose output holds a NaN or an infinity, in either model, is counted in ``nonfinite`` and left out
+    of every figure (``nonfinite_reference``: of those, the ones whose float output is not finite either, as when
+    the input itself holds a NaN). Over the ``finite`` rest: ``cosine``, the mean over samples of the cosine
+    similarity of the flattened outputs; ``max_abs_error``, the largest absolute difference; ``top1``, the
+    fraction of samples whose argmax agrees (classifier outputs, else None). With no finite sample, all three are
+    None: an argmax or a maximum over NaN means nothing.
     """
 
     samples: int
-    cosine: float
-    max_abs_error: float
+    cosine: float | None
+    max_abs_error: float | None
     top1: float | None
+    nonfinite: int = 0
+    nonfinite_reference: int = 0
+
+    @property
+    def finite(self) -> int:
+        """The samples the figures are computed over."""
+        return self.samples - self.nonfinite
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
+def _finite_rows(x: np.ndarray) -> np.ndarray:
+    return np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+
+
 def agreement(
-    reference: ort.InferenceSession, candidate: ort.InferenceSession, feeds: Iterable[Feed]
+    reference: ort.InferenceSession,
+    candidate: ort.InferenceSession,
+    feeds: Iterable[Feed],
+    *,
+    total: int | None = None,
+    progress: bool = True,
 ) -> Agreement | None:
-    """Compare the first outputs of two sessions over ``feeds``; None when there were no samples."""
+    """Compare the first outputs of two sessions over ``feeds``; None when there were no samples (or the output
+    is not a float tensor with a sample axis). ``total``: the number of feeds for the progress bar (default:
+    ``len(feeds)`` when it has one)."""
     name = reference.get_outputs()[0].name
+    if total is None and isinstance(feeds, Sized):
+        total = len(feeds) or None
     cosines: list[np.ndarray] = []
     max_err, agree, n, classifier = 0.0, 0, 0, True
-    for feed in feeds:
-        a = reference.run([name], dict(feed))[0]
-        b = candidate.run([name], dict(feed))[0]
-        if a.dtype.kind != "f" or a.ndim == 0:
-            return None
-        cosines.append(cosine_rows(a, b))
-        max_err = max(max_err, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
-        classifier = classifier and a.ndim == 2 and a.shape[1] > 1
-        if classifier:
-            agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
-        n += a.shape[0]
+    nonfinite = nonfinite_reference = 0
+    with tqdm(feeds, total=total, desc="comparing FP32 and quantized", unit="batch", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        for feed in bar:
+            a = reference.run([name], dict(feed))[0]
+            b = candidate.run([name], dict(feed))[0]
+            if a.dtype.kind != "f" or a.ndim == 0:
+                return None
+            n += a.shape[0]
+            classifier = classifier and a.ndim == 2 and a.shape[1] > 1
+            ok_a = _finite_rows(a)
+            ok = ok_a & _finite_rows(b)
+            nonfinite += int((~ok).sum())
+            nonfinite_reference += int((~ok_a).sum())
+            a, b = a[ok], b[ok]
+            if not len(a):
+                continue
+            cosines.append(cosine_rows(a, b))
+            max_err = max(max_err, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
+            if classifier:
+                agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
     if n == 0:
         return None
-    return Agreement(n, float(np.concatenate(cosines).mean()), max_err, agree / n if classifier else None)
+    finite = n - nonfinite
+    if finite == 0:
+        return Agreement(n, None, None, None, nonfinite, nonfinite_reference)
+    top1 = agree / finite if classifier else None
+    return Agreement(n, float(np.concatenate(cosines).mean()), max_err, top1, nonfinite, nonfinite_reference)
 
 
 def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | None:
@@ -113,17 +152,36 @@ def interleaved_latency_ms(
     return {name: float(np.median(t) * 1e3) for name, t in times.items()}
 
 
+def untimed(inputs: tuple[InputSpec, ...], batches: Iterable[int] = (1, 8)) -> dict[int, str]:
+    """Why :func:`latencies` leaves each of ``batches`` untimed (None), for the batch sizes it does: an input whose
+    first dimension is fixed at another size. ``{8: "the model's batch size is fixed at 1"}``."""
+    out = {}
+    for b in batches:
+        fixed = sorted({s.shape[0] for s in inputs if s.shape and s.shape[0] is not None and s.shape[0] != b})
+        if fixed:
+            out[b] = f"the model's batch size is fixed at {', '.join(map(str, fixed))}"
+    return out
+
+
 def latencies(
     sessions: Mapping[str, ort.InferenceSession],
     sample: Feed,
     inputs: tuple[InputSpec, ...],
     batches: Iterable[int] = (1, 8),
+    *,
+    progress: bool = True,
 ) -> dict[str, dict[int, float | None]]:
-    """``{name: {batch: median ms}}`` for each session; None where the model's batch size is fixed otherwise."""
+    """``{name: {batch: median ms}}`` for each session; None where the model's batch size is fixed otherwise
+    (:func:`untimed` says so in words)."""
+    batches = list(batches)
     out: dict[str, dict[int, float | None]] = {name: {} for name in sessions}
-    for b in batches:
-        feed = batch_of(sample, inputs, b)
-        times = interleaved_latency_ms(sessions, feed, budget_s=0.0) if feed is not None else {}
-        for name in sessions:
-            out[name][b] = times.get(name)
+    with tqdm(total=len(batches) * len(sessions), desc="timing latency", unit="model", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        for b in batches:
+            bar.set_postfix_str(f"batch {b}")
+            feed = batch_of(sample, inputs, b)
+            times = interleaved_latency_ms(sessions, feed, budget_s=0.0) if feed is not None else {}
+            for name in sessions:
+                out[name][b] = times.get(name)
+            bar.update(len(sessions))
     return out

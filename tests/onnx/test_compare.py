@@ -1,0 +1,84 @@
+"""Float vs quantized comparison: agreement over finite outputs only, progress bars, untimed batch sizes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from lowbit.data import InputSpec
+from lowbit.onnx import compare
+from lowbit.onnx.model import session
+
+
+def _model(nodes, batch="N") -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "t",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _pair():
+    """y = |x| and y = sqrt(x) * sqrt(x): equal where x >= 0, NaN in the second where an element is negative."""
+    reference = _model([helper.make_node("Abs", ["x"], ["y"])])
+    candidate = _model(
+        [helper.make_node("Sqrt", ["x"], ["s"]), helper.make_node("Mul", ["s", "s"], ["y"])],
+    )
+    return session(reference), session(candidate)
+
+
+def _feeds(*rows):
+    return [{"x": np.array(rows, np.float32)}]
+
+
+def test_nan_outputs_are_left_out_of_every_figure():
+    ref, cand = _pair()
+    # The last row's NaN sits where the reference's argmax is: counted as agreement before, with cosine NaN.
+    feeds = _feeds([1, 2, 3, 4], [4, 1, 2, 3], [0.5, 0.25, 2, 1], [-9, 1, 2, 3])
+    a = compare.agreement(ref, cand, feeds, progress=False)
+    assert (a.samples, a.nonfinite, a.nonfinite_reference, a.finite) == (4, 1, 0, 3)
+    assert a.cosine == pytest.approx(1.0) and a.top1 == 1.0
+    assert a.max_abs_error < 1e-5
+
+
+def test_top1_counts_only_finite_samples():
+    ref, cand = _pair()
+    # Row 2 disagrees (|-1| is the reference's largest, the candidate's NaN); no finite sample disagrees.
+    feeds = _feeds([1, 2, 3, 4], [0, -1, 0.5, 0.25], [np.inf, 1, 1, 1], [np.nan, 1, 1, 1])
+    a = compare.agreement(ref, cand, feeds, progress=False)
+    assert (a.samples, a.nonfinite, a.nonfinite_reference) == (4, 3, 2)
+    assert a.top1 == 1.0 and a.cosine == pytest.approx(1.0) and np.isfinite(a.max_abs_error)
+
+
+def test_no_finite_sample_leaves_no_figure():
+    ref, cand = _pair()
+    a = compare.agreement(ref, cand, _feeds([-1, 2, 3, 4], [np.nan, 0, 0, 0]), progress=False)
+    assert (a.samples, a.nonfinite, a.nonfinite_reference) == (2, 2, 1)
+    assert a.cosine is None and a.max_abs_error is None and a.top1 is None
+    assert a.to_dict()["nonfinite"] == 2
+
+
+def test_agreement_shows_a_bar_per_batch(capsys):
+    ref, cand = _pair()
+    feeds = _feeds([1, 2, 3, 4]) * 3
+    compare.agreement(ref, cand, feeds, progress=False)
+    assert capsys.readouterr().err == ""
+    compare.agreement(ref, cand, feeds)
+    err = capsys.readouterr().err
+    assert "comparing" in err and "/3 " in err  # the total comes from len(feeds)
+
+
+def test_latencies_say_why_a_batch_size_was_not_timed(capsys):
+    sess = session(_model([helper.make_node("Abs", ["x"], ["y"])], batch=1))
+    inputs = (InputSpec("x", np.dtype("float32"), (1, 4)),)
+    assert compare.untimed(inputs, (1, 8)) == {8: "the model's batch size is fixed at 1"}
+    assert compare.untimed((InputSpec("x", np.dtype("float32"), (None, 4)),), (1, 8)) == {}
+    times = compare.latencies({"a": sess}, {"x": np.ones((1, 4), np.float32)}, inputs, (1, 8))
+    assert times["a"][8] is None and times["a"][1] > 0
+    assert "timing latency" in capsys.readouterr().err
