@@ -166,3 +166,15 @@ def test_a_dead_input_column_keeps_its_nearest_code():
     _, nearest = rewrite.weight_qparams(w, layer.axis)
     np.testing.assert_array_equal(codes[:, 0], nearest[:, 0])
     assert not np.array_equal(codes[:, 1:], nearest[:, 1:])
+
+
+def test_gptq_codes_show_a_bar_per_layer(capsys):
+    rng = np.random.default_rng(3)
+    model, _ = models.single_layer("Gemm", rng.standard_normal((8, 4)).astype(np.float32), (100, 4), transB=1)
+    graph, layer = _layer(model)
+    moment = gptq.SecondMoment(layer)
+    moment.update(rng.standard_normal((100, 4)).astype(np.float32))
+    assert set(gptq.codes(graph, [moment], progress=False)) == {"w"}
+    assert capsys.readouterr().err == ""
+    gptq.codes(graph, [moment])
+    assert "GPTQ rounding" in capsys.readouterr().err

@@ -186,5 +186,5 @@ def calibrate_model(
     )
     act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
     result.floors = rewrite.weight_scale_floors(graph, full, act)
-    result.codes = gptq.codes(graph, moments, result.floors)
+    result.codes = gptq.codes(graph, moments, result.floors, progress=progress)
     return result

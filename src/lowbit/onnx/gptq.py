@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper
+from tqdm.auto import tqdm
 
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
 from lowbit.onnx.graph import Graph
@@ -255,7 +256,7 @@ def round_weight(
 
 
 def codes(
-    graph: Graph, moments: list[SecondMoment], floors: dict[str, np.ndarray] | None = None
+    graph: Graph, moments: list[SecondMoment], floors: dict[str, np.ndarray] | None = None, *, progress: bool = True
 ) -> dict[str, np.ndarray]:
     """GPTQ's int8 codes of every weight a :class:`SecondMoment` saw enough data for, at the scales of plain
     rounding (:func:`lowbit.onnx.rewrite.weight_qparams`, raised to ``floors`` where given). A weight keeps
@@ -268,7 +269,7 @@ def codes(
     for m in moments:
         readers[m.layer.weight] = readers.get(m.layer.weight, 0) + 1
     out = {}
-    for m in moments:
+    for m in tqdm(moments, desc="GPTQ rounding", unit="layer", disable=not progress or not moments, leave=False):
         layer = m.layer
         if readers[layer.weight] > 1 or m.sum is None or m.count < ROWS_PER_COLUMN * m.sum.shape[-1]:
             continue
