@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,7 @@ from lowbit._table import format_table
 from lowbit.calib.run import calibrate, evaluate
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
+from lowbit.paths import check_outputs, ranges_path_for
 from lowbit.trt_cache import write_trt_cache
 
 
@@ -53,13 +57,6 @@ def _method_options(methods: Sequence[str], items: Sequence[str], spec: QuantSpe
     return options
 
 
-def _check_outputs(inputs: Sequence[Path], outputs: Sequence[Path | None]) -> None:
-    resolved = {p.resolve() for p in inputs}
-    for out in outputs:
-        if out is not None and out.resolve() in resolved:
-            raise UsageError(f"refusing to overwrite the input {out}: choose another output path")
-
-
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from lowbit.data import tensor_batches
     from lowbit.demo import demo_tensors
@@ -75,9 +72,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
             raise UsageError(f"unknown method {m!r}; known methods: {', '.join(calib.available())} (or 'all')")
     spec = QuantSpec(bits=args.bits, signed=not args.asymmetric, symmetric=not args.asymmetric)
     options = _method_options(methods, args.option, spec)
-    outputs = [args.trt_cache, args.json, args.save_stats]
     if args.data is not None:
-        _check_outputs([args.data], outputs)
         sources = tensor_batches(args.data, args.batch_size)
     else:
         sources = demo_tensors()
@@ -116,6 +111,34 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
         calib.save(args.save_stats, {t: by_method[first] for t, by_method in calibrators.items()})
         print(f"wrote {first} statistics to {args.save_stats} (merge them across processes with lowbit.calib.load)")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
+
+
+def _drop(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"the largest drop allowed is 0 or more, got {text}")
+    return value
+
+
+def _regex(text: str) -> str:
+    try:
+        re.compile(text)
+    except re.error as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a valid regular expression: {exc}") from None
+    return text
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -168,17 +191,26 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         compare_models=not args.no_compare,
         progress=not args.quiet,
     )
+    _print_quantized(result)
+    return 0
+
+
+def _print_quantized(result) -> None:
     kind = "dynamic (run-time activation scales)" if result.dynamic else f"static, {result.method} calibration"
-    print(f"quantized {len(result.quantized_nodes)} nodes for {result.target} ({kind})", end="")
-    if result.calibration_samples:
-        print(f" on {result.calibration_samples} samples in {result.calibration_seconds:.1f} s", end="")
-    print()
+    layers = "layer" if result.layers == 1 else "layers"
+    others = len(result.quantized_nodes) - result.layers
+    also = f"; with the {others} nodes that follow them, {len(result.quantized_nodes)} nodes" if others > 0 else ""
+    print(f"quantized {result.layers} {layers} for {result.target} ({kind}{also})")
+    if result.samples_note:
+        print(f"{result.samples_note}, in {result.calibration_seconds:.1f} s")
+    for text in result.warnings:
+        print(f"warning: {text}", file=sys.stderr)
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
     if result.gptq_layers:
-        print(f"GPTQ rounding on {result.gptq_layers} layers")
+        print(f"GPTQ rounding on {_count(result.gptq_layers, 'layer')}")
     if result.bias_corrections:
-        print(f"bias correction on {len(result.bias_corrections)} layers")
+        print(f"bias correction on {_count(len(result.bias_corrections), 'layer')}")
     if result.mixed is not None:
         print(result.mixed.table())
     if result.excluded_nodes:
@@ -189,7 +221,11 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     print(f"wrote ranges to {result.ranges_path}")
     if result.trt_cache is not None:
         print(f"wrote TensorRT calibration cache to {result.trt_cache}")
-    return 0
+    print(f"done in {result.seconds:.1f} s")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _image_options(args: argparse.Namespace):
@@ -204,9 +240,11 @@ def _image_options(args: argparse.Namespace):
 def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
     """The metric ``--metric``/``--eval``/``--labels`` ask for, over the evaluation data (or held-out calibration
     samples); None when no budget was asked for."""
+    from lowbit import sampling
     from lowbit.data import InputSpec, open_feeds
     from lowbit.onnx import metrics
-    from lowbit.onnx.model import input_specs, load_model
+    from lowbit.onnx.model import batch_size_for, input_specs, load_model
+    from lowbit.onnx.quantize import HOLDOUT
 
     if args.eval is not None and metrics.is_metric_function(args.eval):
         if args.metric is not None or args.labels is not None:
@@ -221,13 +259,16 @@ def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
         raise UsageError("--labels go with --eval: the labels of the evaluation samples, in order")
     inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
     source = open_feeds(data, inputs, image_options=_image_options(args))
-    if args.eval is None:  # held out of the calibration data, as the comparison does
-        from lowbit.onnx.quantize import split_samples
-
-        feeds = source.batches(args.batch_size, *split_samples(source, args.max_samples, True)[1])
-    else:
-        feeds = source.batches(args.batch_size)
-    return metrics.OutputMetric(kind, feeds, labels)
+    batch = batch_size_for(inputs, args.batch_size)
+    if args.eval is not None:
+        return metrics.OutputMetric(kind, source.batches(batch), labels)
+    held = sampling.split(source, args.max_samples, HOLDOUT).held  # the samples quantize holds out, too
+    if held is None:
+        raise UsageError(
+            f"--max-drop needs samples to measure on: {source.description} has too few to hold any out of "
+            "calibration; give --eval DATA"
+        )
+    return metrics.OutputMetric(kind, held.batches(batch), labels)
 
 
 def _eval_data(args: argparse.Namespace) -> Any:
@@ -246,7 +287,6 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         from lowbit.onnx.analyze import analyze
     except ImportError as exc:
         raise UsageError(f"lowbit analyze needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
-    _check_outputs([args.model], [args.report, args.json])
     metric = _metric(args, args.model, args.calib) if args.max_drop is not None else None
     method = args.method or "mse"
     spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
@@ -365,8 +405,10 @@ def _add_example(commands) -> None:
 
 def _add_image_args(parser: argparse.ArgumentParser) -> None:
     images = parser.add_argument_group("image folders")
-    images.add_argument("--image-size", type=int, help="crop size (default: the model's input size)")
-    images.add_argument("--resize", type=int, help="shorter side before the centre crop (default: the crop size)")
+    images.add_argument("--image-size", type=_positive_int, help="crop size (default: the model's input size)")
+    images.add_argument(
+        "--resize", type=_positive_int, help="shorter side before the centre crop (default: the crop size)"
+    )
     images.add_argument(
         "--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406"
     )
@@ -379,7 +421,7 @@ def _add_image_args(parser: argparse.ArgumentParser) -> None:
 def _add_budget_args(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_argument_group("automatic mixed precision")
     budget.add_argument(
-        "--max-drop", type=float, metavar="X",
+        "--max-drop", type=_drop, metavar="X",
         help="keep the most sensitive layers in float, fewest first, until the metric drops by at most X from FP32",
     )  # fmt: skip
     budget.add_argument(
@@ -406,7 +448,12 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
                        help="one weight scale per output channel (default)")  # fmt: skip
     group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
     parser.add_argument(
-        "--exclude", action="append", default=[], metavar="REGEX", help="keep nodes whose name matches in float"
+        "--exclude",
+        action="append",
+        default=[],
+        type=_regex,
+        metavar="REGEX",
+        help="keep nodes whose name matches in float (a pattern that matches no node is an error)",
     )
     parser.add_argument(
         "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
@@ -425,10 +472,11 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     """How the data is run (batch size, sample bound, image preprocessing), the accuracy budget, and -q: the
     options ``quantize`` and ``analyze`` share besides the static ones."""
-    parser.add_argument("--batch-size", type=int, default=8, help="samples per ONNX Runtime run (default 8)")
+    parser.add_argument("--batch-size", type=_positive_int, default=8, help="samples per ONNX Runtime run (default 8)")
     parser.add_argument(
-        "--max-samples", type=int, default=512, help="calibrate on at most this many samples (default 512)"
-    )
+        "--max-samples", type=_positive_int, default=512,
+        help="calibrate on at most this many samples, a seeded spread over the data (default 512)",
+    )  # fmt: skip
     _add_image_args(parser)
     _add_budget_args(parser)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -490,7 +538,7 @@ def _add_analyze(commands) -> None:
         help="analysis data (default: the calibration data), or module:function, a metric function(session) -> score",
     )
     _add_static_args(a)
-    a.add_argument("--samples", type=int, default=64, help="samples the layers are measured on (default 64)")
+    a.add_argument("--samples", type=_positive_int, default=64, help="samples the layers are measured on (default 64)")
     a.add_argument("--report", type=Path, help="write the HTML report here")
     a.add_argument("--json", type=Path, help="write every number as JSON here")
     a.add_argument(
@@ -499,7 +547,7 @@ def _add_analyze(commands) -> None:
     )  # fmt: skip
     a.add_argument("--extract-dir", type=Path, help="where --extract writes (default: beside the model)")
     a.add_argument("--no-profile", action="store_true", help="skip profiling the quantized model in ONNX Runtime")
-    a.add_argument("--top", type=int, default=15, help="layers printed (default 15; the report has all)")
+    a.add_argument("--top", type=_positive_int, default=15, help="layers printed (default 15; the report has all)")
     _add_run_args(a)
     a.set_defaults(func=_cmd_analyze)
 
@@ -516,8 +564,8 @@ def _add_inspect(commands) -> None:
     )
     i.add_argument("model", type=Path, help="the ONNX model (usually a quantized one)")
     i.add_argument("--data", help="inputs to run on (as --calib of quantize; default: random, batch --batch-size)")
-    i.add_argument("--batch-size", type=int, default=1, help="batch size (default 1)")
-    i.add_argument("--runs", type=int, default=20, help="profiled runs after warm-up (default 20)")
+    i.add_argument("--batch-size", type=_positive_int, default=1, help="batch size (default 1)")
+    i.add_argument("--runs", type=_positive_int, default=20, help="profiled runs after warm-up (default 20)")
     i.add_argument("--json", type=Path, help="write the kernels as JSON here")
     _add_image_args(i)
     i.set_defaults(func=_cmd_inspect)
@@ -529,6 +577,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Quantize neural networks to INT8 and below without losing their accuracy.",
     )
     parser.add_argument("--version", action="version", version=f"lowbit {lowbit.__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     cal = commands.add_parser(
@@ -551,7 +600,9 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     cal.add_argument("--bits", type=int, default=8, help="bits of the quantized values (default 8)")
     cal.add_argument("--asymmetric", action="store_true", help="unsigned asymmetric codes instead of signed symmetric")
-    cal.add_argument("--batch-size", type=int, default=32, help="samples per batch read from DATA (default 32)")
+    cal.add_argument(
+        "--batch-size", type=_positive_int, default=32, help="samples per batch read from DATA (default 32)"
+    )
     cal.add_argument("--skip-nonfinite", action="store_true", help="ignore NaN/Inf values instead of failing")
     cal.add_argument("--trt-cache", type=Path, help="write a TensorRT calibration cache of the first method's ranges")
     cal.add_argument("--trt-algorithm", default="EntropyCalibration2", help="algorithm named in the cache header")
@@ -563,20 +614,90 @@ def build_parser() -> argparse.ArgumentParser:
     _add_analyze(commands)
     _add_inspect(commands)
     _add_example(commands)
+    for command in commands.choices.values():  # --debug after the command too; SUPPRESS keeps the top level's value
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
+def _quantize_paths(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    outputs = {"-o": args.output, "the ranges file of -o": ranges_path_for(args.output), "--trt-cache": args.trt_cache}
+    return outputs, {"MODEL": args.model, "--calib": args.calib, "--eval": args.eval, "--labels": args.labels}
+
+
+def _analyze_paths(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    outputs = {"--report": args.report, "--json": args.json}
+    return outputs, {"MODEL": args.model, "--calib": args.calib, "--eval": args.eval, "--labels": args.labels}
+
+
+def _calibrate_paths(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"--trt-cache": args.trt_cache, "--json": args.json, "--save-stats": args.save_stats}, {"DATA": args.data}
+
+
+def _inspect_paths(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    return {"--json": args.json}, {"MODEL": args.model, "--data": args.data}
+
+
+PATHS = {
+    "quantize": _quantize_paths,
+    "analyze": _analyze_paths,
+    "calibrate": _calibrate_paths,
+    "inspect": _inspect_paths,
+}
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_ino
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    print(f"lowbit: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command. Errors are one line on stderr (``--debug`` shows the traceback): exit 2 for bad input,
+    1 for an unexpected failure, 130 when interrupted (saying which outputs, if any, were already written)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()
         return 0
-    try:
-        return args.func(args)
-    except LowbitError as exc:
-        print(f"lowbit {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    where = f"lowbit {args.command}"
+    outputs, inputs = PATHS[args.command](args) if args.command in PATHS else ({}, {})
+    before = {Path(p): _stamp(Path(p)) for p in outputs.values() if p is not None}
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            check_outputs(outputs, inputs)
+            return args.func(args)
+        except KeyboardInterrupt:
+            written = [str(p) for p, stamp in before.items() if _stamp(p) not in (None, stamp)]
+            done = f"already written: {', '.join(written)}" if written else "nothing was written"
+            print(f"{where}: interrupted; {done}", file=sys.stderr)
+            return 130
+        except LowbitError as exc:
+            if args.debug:
+                traceback.print_exc()
+            print(f"{where}: error: {exc}", file=sys.stderr)
+            return 2
+        except OSError as exc:
+            if args.debug:
+                traceback.print_exc()
+            about = f"{exc.filename}: " if exc.filename else ""
+            print(f"{where}: error: {about}{exc.strerror or exc}", file=sys.stderr)
+            return 2
+        except Exception as exc:  # a bug, or a model lowbit does not handle: one line, the traceback on request
+            if args.debug:
+                traceback.print_exc()
+            print(
+                f"{where}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback, "
+                "and please report it)",
+                file=sys.stderr,
+            )
+            return 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from lowbit.onnx.analyze import AnalyzeError, analyze
 from lowbit.onnx.calibrated import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.quantize import quantize
+from lowbit.paths import PathError
 from tests.onnx import models
 
 
@@ -175,8 +176,9 @@ def test_standard_error_of_a_percentage():
 
 def test_quantize_with_a_budget_keeps_layers_float(files):
     tmp, model, data = files
-    metric = metrics.OutputMetric("cosine", _feeds(seed=11))
-    result = quantize(model, tmp / "q.onnx", data, per_channel=False, metric=metric, max_drop=-1.0,
+    scores = iter([1.0] + [0.0] * 10)  # FP32 scores 1, every quantized model 0: a budget no model meets
+    metric = metrics.FunctionMetric(lambda session: next(scores), "never")
+    result = quantize(model, tmp / "q.onnx", data, per_channel=False, metric=metric, max_drop=0.5,
                       compare_models=False, progress=False)  # fmt: skip
     assert not result.mixed.met and set(result.mixed.kept) == {"conv1", "conv2", "add", "gap", "fc"}
     assert set(result.excluded_nodes) >= {"conv1", "conv2", "add", "fc"}
@@ -248,7 +250,7 @@ def test_bad_requests_are_clear_errors(files):
     _tmp, model, data = files
     with pytest.raises(AnalyzeError, match="no node of that name"):
         analyze(model, data, samples=8, extract=["nope"], profile=False, progress=False)
-    with pytest.raises(AnalyzeError, match="overwrite"):
+    with pytest.raises(PathError, match="report .* is the same file as model"):
         analyze(model, data, report=model, progress=False)
     with pytest.raises(AnalyzeError, match="calibration data"):
         analyze(model, None, progress=False)

@@ -26,6 +26,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit import calib as calib_registry
+from lowbit import sampling
 from lowbit.analysis import Analysis, Error, LayerReport, WeightReport, tensor_report, weight_report
 from lowbit.calib.histogram_methods import HistogramCalibrator
 from lowbit.data import DataError, Feed, InputSpec, open_feeds
@@ -36,6 +37,7 @@ from lowbit.onnx.graph import Graph
 from lowbit.onnx.measure import compare_tensors
 from lowbit.onnx.model import batch_size_for, input_specs, load_model, preprocess
 from lowbit.onnx.rules import rule_for
+from lowbit.paths import check_outputs
 
 CHUNK = 12  # single-layer models held in memory at once
 SAMPLES = 64
@@ -166,15 +168,18 @@ def analyze(
 
     t_start = time.perf_counter()
     model_path = Path(model)
-    for out in (report, json_path):
-        if out is not None and Path(out).resolve() == model_path.resolve():
-            raise AnalyzeError(f"refusing to overwrite the input model {model_path}: choose another output path")
+    check_outputs(
+        {"report": report, "json_path": json_path}, {"model": model_path, "calib": calib, "eval_data": eval_data}
+    )
     if target not in placement.TARGETS:
         raise AnalyzeError(f"unknown target {target!r}; targets are {', '.join(placement.TARGETS)}")
     if method not in calib_registry.available():
         raise AnalyzeError(f"unknown method {method!r}; methods: {', '.join(calib_registry.available())}")
-    if samples < 1 or batch_size < 1 or max_samples < 1:
-        raise AnalyzeError("samples, batch_size and max_samples must be positive")
+    for name, value in (("samples", samples), ("batch_size", batch_size), ("max_samples", max_samples)):
+        if not isinstance(value, int) or value < 1:
+            raise AnalyzeError(f"{name} must be a positive integer, got {value!r}")
+    if max_drop is not None and not max_drop >= 0:
+        raise AnalyzeError(f"max_drop must be 0 or more (the largest drop from FP32 allowed), got {max_drop}")
     if calib is None:
         raise AnalyzeError("the analysis calibrates the model as quantize would: give calibration data (--calib)")
     if (metric is None) != (max_drop is None):
@@ -184,6 +189,7 @@ def analyze(
     source = open_feeds(calib, inputs, image_options=image_options)
     eval_source = open_feeds(eval_data, inputs, image_options=image_options) if eval_data is not None else None
     graph = Graph(float_model)
+    placement.check_exclusions(graph, exclude, exclude_ops)
     full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
     if not full.quantized_nodes:
         raise AnalyzeError("nothing to analyse: no node of a supported type (Conv, Gemm, MatMul, ...) is quantized")
@@ -194,7 +200,8 @@ def analyze(
         raise AnalyzeError(f"--extract {missing[0]!r}: no node of that name; quantized nodes include: {known}")
 
     batch = batch_size_for(inputs, batch_size)
-    cal_batches = source.batches(batch, 0, max_samples)
+    cal_source = sampling.split(source, max_samples).calib
+    cal_batches = cal_source.batches(batch)
     histogram_based = issubclass(type(calib_registry.create(method)), HistogramCalibrator)
     observers = {}
     if not histogram_based:
@@ -212,7 +219,7 @@ def analyze(
         per_channel=per_channel,
         bias_correction=bias_correction,
         rounding=rounding,
-        samples=source.num_samples and min(max_samples, source.num_samples),
+        samples=cal_source.num_samples,
         every_tensor=True,
         total=len(cal_batches) or None,
         progress=progress,

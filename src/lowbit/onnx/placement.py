@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
+from lowbit.errors import LowbitError
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
 
@@ -51,10 +52,41 @@ class Plan:
         return [t for t, root in self.activations.items() if t == root]
 
 
+class ExclusionError(LowbitError, ValueError):
+    """An exclusion that is not a valid regex, or that names nothing in the model."""
+
+
+def compile_pattern(pattern: str) -> re.Pattern:
+    """``pattern`` compiled, or an :class:`ExclusionError` that says what is wrong with it."""
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ExclusionError(f"exclude (--exclude) {pattern!r} is not a valid regular expression: {exc}") from None
+
+
+def check_exclusions(graph: Graph, exclude: Sequence[str], exclude_ops: Sequence[str]) -> None:
+    """Refuse a regex of ``exclude`` that matches no node's name and an op type of ``exclude_ops`` that no node has:
+    a typo would otherwise keep nothing in float, silently."""
+    names = [graph.node_name(n) for n in graph.nodes]
+    for pattern in exclude:
+        regex = compile_pattern(pattern)
+        if not any(regex.search(name) for name in names):
+            sample = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+            raise ExclusionError(
+                f"exclude (--exclude) {pattern!r} matches no node of the model (it searches node names, e.g. {sample})"
+            )
+    present = sorted({n.op_type for n in graph.nodes})
+    for op in exclude_ops:
+        if op not in present:
+            raise ExclusionError(
+                f"exclude_ops (--exclude-op) {op!r}: the model has no node of that type; it has {', '.join(present)}"
+            )
+
+
 def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str], exclude_nodes: Collection[str] = ()):
     """A predicate ``(graph, node) -> bool``: the node's name matches a regex of ``exclude``, its op type is in
     ``exclude_ops``, or its name is one of ``exclude_nodes``."""
-    patterns = [re.compile(p) for p in exclude]
+    patterns = [compile_pattern(p) for p in exclude]
     ops = set(exclude_ops)
     names = set(exclude_nodes)
 
