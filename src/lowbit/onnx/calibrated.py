@@ -139,12 +139,15 @@ def calibrate_model(
     total: int | None = None,
     progress: bool = True,
     observers: Mapping[str, Sequence[Any]] | None = None,
+    run_model: onnx.ModelProto | None = None,
 ) -> Calibrated:
     """Calibrate ``float_model`` (preprocessed) on ``batches`` for ``target``: the ranges of the tensors the full
     plan quantizes (``every_tensor``: of every float activation, so that any later plan, and a TensorRT cache, find
     theirs), the weights' GPTQ codes (``rounding="gptq"``; ``samples`` is the number of calibration samples when
     known) and the input means bias correction needs. ``observers`` (tensor -> objects with ``update(array)``)
-    see their tensor's batches in the same pass."""
+    see their tensor's batches in the same pass. ``run_model``: the model run over ``batches`` when it is not
+    ``float_model`` itself: the same graph with its batch size freed (:func:`lowbit.onnx.model.free_batch`), so
+    that a model fixed at batch 1 calibrates at a larger batch; what is built stays ``float_model``."""
     graph = Graph(float_model)
     full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
     tensors = list(full.calibrated)
@@ -162,7 +165,7 @@ def calibrate_model(
         feeding.setdefault(name, []).extend(extra)
     t0 = time.perf_counter()
     cals = calibrate.collect(
-        float_model,
+        float_model if run_model is None else run_model,
         tensors,
         batches,
         method=method,

@@ -203,3 +203,68 @@ def batch_size_for(inputs, requested: int) -> int:
     if len(fixed) == 1:
         return fixed.pop()
     return requested
+
+
+BATCH_CHECK_ROWS = 4  # samples of the check batch compared with the model run on each alone
+
+
+def _check_feed(specs, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+    """Distinct random samples for float inputs (a graph that mixes samples then shows it), zeros for others."""
+    feed = {}
+    for name, dtype, shape in specs:
+        if any(d is None for d in shape[1:]):
+            return None  # a free inner dimension: no size is known to work
+        size = (batch, *shape[1:])
+        feed[name] = rng.standard_normal(size).astype(dtype) if dtype.kind == "f" else np.zeros(size, dtype)
+    return feed
+
+
+def free_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto | None:
+    """A copy of ``model`` whose inputs and outputs take any batch size, for a model whose inputs fix their first
+    dimension at 1; None when it cannot be made so. The copy has the same graph, with the first dimension of every
+    input and output made symbolic and the inferred intermediate shapes dropped. It is kept only when one run at
+    ``batch`` on random samples gives each of the first :data:`BATCH_CHECK_ROWS` samples the outputs the model
+    gives it alone: a Reshape to a constant ``[1, -1]``, a reduction over the batch axis or an output without a
+    batch axis break that, and the model then runs at batch 1 only.
+
+    >>> fixed = free_batch(model, 8)  # doctest: +SKIP
+    >>> run = fixed if fixed is not None else model  # calibrate ``run`` at batch 8, or ``model`` at batch 1
+    """
+    specs = input_specs(model)
+    if batch <= 1 or not specs or any(not shape or shape[0] != 1 for _, _, shape in specs):
+        return None
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    inits = {t.name for t in out.graph.initializer}
+    for info in [*(i for i in out.graph.input if i.name not in inits), *out.graph.output]:
+        dims = info.type.tensor_type.shape.dim
+        if not len(dims) or (dims[0].HasField("dim_value") and dims[0].dim_value != 1):
+            return None  # an output with no batch axis, or one fixed at another size
+        dims[0].dim_param = "batch"
+    del out.graph.value_info[:]
+    try:
+        out = onnx.shape_inference.infer_shapes(out)
+    except Exception:
+        pass  # ONNX Runtime infers the shapes itself; the check run below decides
+    feed = _check_feed(specs, batch, np.random.default_rng(0))
+    if feed is None:
+        return None
+    try:
+        freed = session(out).run(None, feed)
+        alone = session(model)
+        for i in range(min(batch, BATCH_CHECK_ROWS)):
+            one = alone.run(None, {k: v[i : i + 1] for k, v in feed.items()})
+            for a, b in zip(one, freed, strict=True):
+                if b.shape != (batch, *a.shape[1:]) or not _close(a, b[i : i + 1]):
+                    return None
+    except Exception:  # ONNX Runtime rejects the copy (a shape fixed inside the graph): batch 1 it is
+        return None
+    return out
+
+
+def _close(a: np.ndarray, b: np.ndarray) -> bool:
+    """Equal up to float rounding (a batched kernel may sum in another order)."""
+    if a.dtype.kind not in "fc":
+        return bool(np.array_equal(a, b))
+    scale = float(np.abs(a[np.isfinite(a)]).max(initial=0.0))
+    return bool(np.allclose(a, b, rtol=1e-3, atol=1e-4 * max(scale, 1.0), equal_nan=True))
