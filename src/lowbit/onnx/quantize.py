@@ -72,6 +72,7 @@ class QuantizeResult:
     batch_size: int = 8  # the batch the model ran at (fixed by the model, else the one asked for)
     seconds: float = 0.0  # the whole call, calibration included
     warnings: list[str] = field(default_factory=list)
+    untimed: dict[int, str] = field(default_factory=dict)  # batch -> why its latency was not measured
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -90,13 +91,10 @@ class QuantizeResult:
         text = format_table(["model", "file size", "latency b=1", "latency b=8"], rows, "lrrr")
         if self.target == "trt" and self.latency:
             text += "\n(latency on ONNX Runtime CPU; a --target trt model is laid out for TensorRT, not for this)"
-        a = self.agreement
-        if a is not None:
-            top1 = "" if a.top1 is None else f", top-1 agreement {a.top1 * 100:.2f}%"
-            text += (
-                f"\noutput agreement on {a.samples} held-out samples: cosine {a.cosine:.5f}, "
-                f"max abs error {a.max_abs_error:.4g}{top1}"
-            )
+        for b, why in self.untimed.items():
+            text += f"\n(- at batch {b}: {why})"
+        if self.agreement is not None:
+            text += "\n" + _agreement_line(self.agreement)
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,6 +103,22 @@ class QuantizeResult:
         out["agreement"] = None if self.agreement is None else self.agreement.to_dict()
         out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
         return out
+
+
+def _agreement_line(a: compare.Agreement) -> str:
+    """One line of output agreement; NaN/Inf outputs are counted apart and never averaged in."""
+    if a.nonfinite:
+        where = "the FP32 model's too" if a.nonfinite_reference else "FP32's are finite"
+        warn = f"; WARNING: the INT8 output is NaN/Inf on {a.nonfinite} of {a.samples} samples ({where})"
+    else:
+        warn = ""
+    if a.cosine is None:
+        return f"output agreement on {a.samples} held-out samples: none is finite{warn}"
+    top1 = "" if a.top1 is None else f", top-1 agreement {a.top1 * 100:.2f}%"
+    return (
+        f"output agreement on {a.finite} held-out samples: cosine {a.cosine:.5f}, max abs error "
+        f"{a.max_abs_error:.4g} (in the output's units){top1}{warn}"
+    )
 
 
 def _speedup(before: float, after: float) -> str:
@@ -386,10 +400,12 @@ def _compare(result, float_model, quant_sess, model_path, held, sample_source, i
     float_sess = session(float_model)
     result.sizes = {"fp32": file_size(model_path), "int8": file_size(result.output)}
     if held is not None:
-        result.agreement = compare.agreement(float_sess, quant_sess, held.batches(batch))
+        result.agreement = compare.agreement(float_sess, quant_sess, held.batches(batch), progress=progress)
     sample = next(iter(sample_source.batches(batch, 0, batch)), None) if sample_source is not None else None
     if sample is not None:
-        result.latency = compare.latencies({"fp32": float_sess, "int8": quant_sess}, sample, inputs)
+        sessions = {"fp32": float_sess, "int8": quant_sess}
+        result.latency = compare.latencies(sessions, sample, inputs, progress=progress)
+        result.untimed = compare.untimed(inputs)
 
 
 def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges) -> dict:
