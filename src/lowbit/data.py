@@ -10,15 +10,16 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import warnings
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from lowbit.errors import LowbitError
+from lowbit.errors import DataWarning, LowbitError
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ def tensor_batches(path: str | os.PathLike, batch_size: int = 32) -> dict[str, B
     of .npy files. The first axis of each array is the sample axis.
     """
     if not isinstance(batch_size, int) or batch_size < 1:
-        raise DataError(f"batch_size must be a positive integer, got {batch_size!r}")
+        raise DataError(f"batch_size (--batch-size) must be a positive integer, got {batch_size!r}")
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path} does not exist; pass a .npz file, a .npy file, or a folder of .npy files")
@@ -124,14 +125,17 @@ Feed = dict[str, np.ndarray]
 class FeedSource:
     """Samples for a model, as a re-iterable stream of feed dicts whose arrays share a first (sample) axis.
 
-    ``chunks()`` yields feed dicts of any size; :meth:`batches` re-cuts them into batches of a fixed size and
-    checks each against the model's inputs.
+    ``read()`` yields feed dicts of any size as they come; :meth:`chunks` yields them checked against the model's
+    inputs (:func:`check_feed`) and for NaN/Inf (:func:`check_finite`); :meth:`batches` re-cuts those into
+    batches of a fixed size.
     """
 
-    chunks: Callable[[], Iterator[Feed]]
+    read: Callable[[], Iterator[Any]]
     num_samples: int | None
     description: str
     inputs: tuple[InputSpec, ...]
+    # Array names already warned about as used for an input of another name: one warning per source, not per chunk.
+    renamed: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def batches(self, batch_size: int, start: int = 0, stop: int | None = None) -> Batches:
         """Feed dicts of ``batch_size`` samples (the last may be shorter) for samples ``start`` .. ``stop``."""
@@ -139,12 +143,21 @@ class FeedSource:
         length = 0 if end is None else max(0, -(-(end - start) // batch_size))
         return Batches(lambda: self._cut(batch_size, start, end), length)
 
+    def chunks(self) -> Iterator[Feed]:
+        """The feed dicts ``read()`` yields, each checked: one that does not fit the model or holds NaN/Inf is a
+        :class:`DataError` naming the data, the input and the first bad sample (counting from 0)."""
+        position = 0
+        for chunk in self.read():
+            chunk = check_feed(chunk, self.inputs, self.description, renamed=self.renamed)
+            check_finite(chunk, self.description, position)
+            position += _samples(chunk)
+            yield chunk
+
     def _cut(self, batch_size: int, start: int, stop: int | None) -> Iterator[Feed]:
         position = 0
         pending: list[Feed] = []
         held = 0
         for chunk in self.chunks():
-            chunk = check_feed(chunk, self.inputs, self.description)
             n = _samples(chunk)
             lo, hi = max(start - position, 0), n if stop is None else min(n, stop - position)
             position += n
@@ -188,10 +201,12 @@ def _expected(inputs: Sequence[InputSpec]) -> str:
     return "; ".join(i.describe() for i in inputs)
 
 
-def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str) -> Feed:
+def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str, *, renamed: set[str] | None = None) -> Feed:
     """``feed`` as a dict of arrays that fit ``inputs``, or a :class:`DataError` that lists what the model expects.
 
-    One array and a one-input model need not agree on the name. Arrays must already have the model's dtype.
+    One array and a one-input model need not agree on the name: a named array used for an input of another name
+    gives a :class:`~lowbit.errors.DataWarning`, once per name in ``renamed`` (the names warned about so far).
+    Arrays must already have the model's dtype.
     """
     if not isinstance(feed, Mapping):
         if len(inputs) == 1 and isinstance(feed, np.ndarray):
@@ -201,7 +216,17 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str) -> Feed:
     feed = {str(k): np.asarray(v) for k, v in feed.items()}
     names = [i.name for i in inputs]
     if len(inputs) == 1 and len(feed) == 1 and names[0] not in feed:
-        feed = {names[0]: next(iter(feed.values()))}
+        (given,) = feed
+        if renamed is None or given not in renamed:
+            warnings.warn(
+                f"{where}: using the array {given!r} for the model's only input {names[0]!r}; "
+                f"name the array {names[0]!r} to silence this",
+                DataWarning,
+                stacklevel=2,
+            )
+            if renamed is not None:
+                renamed.add(given)
+        feed = {names[0]: feed[given]}
     missing = [n for n in names if n not in feed]
     extra = [n for n in feed if n not in names]
     if missing or extra:
@@ -213,15 +238,11 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str) -> Feed:
     sizes = set()
     for spec in inputs:
         value = feed[spec.name]
+        _check_dtype(value, spec, where)
         if value.ndim != len(spec.shape):
             raise DataError(
                 f"{where}: input {spec.name!r} has shape {value.shape} (rank {value.ndim}) but the model expects "
                 f"rank {len(spec.shape)}: {spec.describe()}; the first axis is the sample axis"
-            )
-        if value.dtype != spec.dtype:
-            raise DataError(
-                f"{where}: input {spec.name!r} is {value.dtype} but the model expects {np.dtype(spec.dtype).name} "
-                f"({spec.describe()}); convert it, e.g. array.astype(np.{np.dtype(spec.dtype).name})"
             )
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
             if axis > 0 and want is not None and got != want:
@@ -233,6 +254,54 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str) -> Feed:
     if len(sizes) > 1:
         raise DataError(f"{where}: the inputs have different numbers of samples {sorted(sizes)}")
     return feed
+
+
+# What an array of a dtype kind holds, for kinds no cast makes into the numbers a model wants.
+_NOT_NUMBERS = {
+    "U": "strings",
+    "S": "bytes",
+    "O": "Python objects",
+    "V": "records",
+    "M": "dates",
+    "m": "time spans",
+    "c": "complex numbers",
+    "b": "booleans",
+}
+
+
+def _check_dtype(value: np.ndarray, spec: InputSpec, where: str) -> None:
+    want = np.dtype(spec.dtype)
+    if value.dtype == want:
+        return
+    holds = _NOT_NUMBERS.get(value.dtype.kind)
+    if holds is not None and value.dtype.kind != want.kind:
+        raise DataError(
+            f"{where}: input {spec.name!r} holds {holds} (dtype {value.dtype}) but the model expects "
+            f"{want.name} ({spec.describe()}); give it an array of {want.name} numbers"
+        )
+    raise DataError(
+        f"{where}: input {spec.name!r} is {value.dtype} but the model expects {want.name} "
+        f"({spec.describe()}); convert it, e.g. array.astype(np.{want.name})"
+    )
+
+
+def check_finite(feed: Feed, where: str, first_sample: int = 0) -> None:
+    """A :class:`DataError` if a float array of ``feed`` holds NaN or Inf: it names the input, the first bad
+    sample (``first_sample`` is the index of the feed's sample 0 in the data) and the counts of each."""
+    for name, value in feed.items():
+        if value.dtype.kind not in "fc" or value.size == 0:
+            continue
+        finite = np.isfinite(value)
+        if finite.all():
+            continue
+        nan, inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+        n = len(value) if value.ndim else 1
+        bad = int((~finite.reshape(n, -1).all(axis=1)).argmax())
+        raise DataError(
+            f"{where}: input {name!r} has NaN/Inf values, the first in sample {first_sample + bad} (counting from 0); "
+            f"samples {first_sample}-{first_sample + n - 1} hold {nan} NaN and {inf} Inf values; "
+            "fix or drop the samples with them"
+        )
 
 
 def _array_chunks(path: Path) -> tuple[Callable[[], Iterator[Feed]], int | None]:
@@ -301,27 +370,39 @@ def _callable_chunks(spec: str) -> Callable[[], Iterator[Feed]]:
     return chunks
 
 
-def open_feeds(source: Any, inputs: Sequence[InputSpec], *, image_options: Any = None) -> FeedSource:
+def open_feeds(
+    source: Any, inputs: Sequence[InputSpec], *, image_options: Any = None, role: str = "calibration data"
+) -> FeedSource:
     """A :class:`FeedSource` for the model inputs ``inputs`` from any supported source:
 
     - a path: .npz (arrays keyed by input name, first axis = samples), .npy (one-input models), a folder of
       .npz / .npy files, or a folder of images (preprocessed as ``image_options``, an
       :class:`lowbit.images.ImageOptions`, says);
     - ``"module:function"``: a function that returns an iterable of feed dicts;
-    - in Python: a dict of arrays, an iterable of feed dicts, or a callable returning one.
+    - in Python: an array (one-input models; first axis = samples), a dict of arrays, an iterable of feed dicts,
+      or a callable returning one.
+
+    ``role`` ("calibration data", "evaluation data") names data that has no file name in messages.
     """
     inputs = tuple(inputs)
+    if isinstance(source, np.ndarray):
+        if len(inputs) != 1:
+            raise DataError(
+                f"{role}: one array feeds a one-input model, but the model has {len(inputs)} inputs "
+                f"({_expected(inputs)}); pass a dict of input name -> array"
+            )
+        source = {inputs[0].name: source}
     if isinstance(source, Mapping):
-        feed = check_feed(source, inputs, "calibration data")
-        return FeedSource(lambda: iter([feed]), _samples(feed), "calibration data", inputs)
+        feed = check_feed(source, inputs, role)
+        check_finite(feed, role)
+        return FeedSource(lambda: iter([feed]), _samples(feed), role, inputs)
     if isinstance(source, str) and ":" in source and not Path(source).exists() and not source[1:3] == ":\\":
         return FeedSource(_callable_chunks(source), None, source, inputs)
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.exists():
             raise DataError(
-                f"{path} does not exist; calibration data is a .npz/.npy file, a folder of them or of images, "
-                "or module:function"
+                f"{path} does not exist; {role} is a .npz/.npy file, a folder of them or of images, or module:function"
             )
         from lowbit import images
 
@@ -329,11 +410,22 @@ def open_feeds(source: Any, inputs: Sequence[InputSpec], *, image_options: Any =
             if len(inputs) != 1:
                 raise DataError(f"{path} holds images, but the model has {len(inputs)} inputs: {_expected(inputs)}")
             return images.image_source(path, inputs[0], image_options)
+        if path.is_dir() and not any(path.glob("*.np[yz]")):
+            raise DataError(
+                f"{path} holds no images ({', '.join(images.EXTENSIONS[:3])}, ...) and no .npy/.npz files; "
+                f"{role} is a .npz/.npy file, a folder of them or of images, or module:function"
+            )
         chunks, n = _array_chunks(path)
+        if path.suffix == ".npy" and len(inputs) == 1:  # a lone .npy file's name is no input name: no warning
+            chunks = _unnamed(chunks)
         return FeedSource(chunks, n, str(path), inputs)
     if callable(source):
-        return FeedSource(lambda: iter(source()), None, getattr(source, "__name__", "data"), inputs)
+        return FeedSource(lambda: iter(source()), None, getattr(source, "__name__", role), inputs)
     if isinstance(source, Iterable):
         items = source if isinstance(source, (list, tuple)) else list(source)
-        return FeedSource(lambda: iter(items), None, "calibration data", inputs)
-    raise DataError(f"cannot read calibration data from a {type(source).__name__}")
+        return FeedSource(lambda: iter(items), None, role, inputs)
+    raise DataError(f"cannot read {role} from a {type(source).__name__}")
+
+
+def _unnamed(chunks: Callable[[], Iterator[Feed]]) -> Callable[[], Iterator[np.ndarray]]:
+    return lambda: (next(iter(feed.values())) for feed in chunks())

@@ -15,3 +15,7 @@ class CalibrationError(LowbitError, ValueError):
 
 class FormatError(LowbitError, ValueError):
     """A file is not in the format it claims to be."""
+
+
+class DataWarning(UserWarning):
+    """Data lowbit accepts, but perhaps not as meant (an array used for an input of another name)."""

@@ -34,10 +34,38 @@ class ImageOptions:
     layout: str | None = None
 
     def __post_init__(self):
+        sizes = (self.size,) if isinstance(self.size, (int, np.integer)) or self.size is None else tuple(self.size)
+        if len(sizes) not in (1, 2) or not all(s is None or _positive_int(s) for s in sizes):
+            raise DataError(
+                f"the image size (--image-size, ImageOptions.size) must be a positive integer or a pair of them, "
+                f"got {self.size!r}"
+            )
+        if self.resize is not None and not _positive_int(self.resize):
+            raise DataError(
+                f"the resize size (--resize, ImageOptions.resize) must be a positive integer, got {self.resize!r}"
+            )
+        for option, values in (("mean", self.mean), ("std", self.std)):
+            try:
+                values = np.asarray(values, dtype=np.float64).reshape(-1)
+            except (TypeError, ValueError):
+                values = np.array([np.nan])
+            if values.size == 0 or not np.all(np.isfinite(values)):
+                raise DataError(
+                    f"the image {option} (--{option}, ImageOptions.{option}) must be one finite number or one per "
+                    f"channel, got {getattr(self, option)!r}"
+                )
+        if np.any(np.asarray(self.std, dtype=np.float64) == 0):
+            raise DataError(f"the image std (--std, ImageOptions.std) must not contain 0, got {self.std!r}")
+        if not (isinstance(self.scale, (int, float, np.number)) and np.isfinite(self.scale) and self.scale > 0):
+            raise DataError(f"the pixel scale (--scale, ImageOptions.scale) must be positive, got {self.scale!r}")
         if self.layout not in (None, "nchw", "nhwc"):
-            raise DataError(f"image layout must be 'nchw' or 'nhwc', got {self.layout!r}")
-        if any(s == 0 for s in self.std):
-            raise DataError("image std must not contain 0")
+            raise DataError(
+                f"the image layout (--layout, ImageOptions.layout) must be 'nchw' or 'nhwc', got {self.layout!r}"
+            )
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool) and value > 0
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -53,11 +81,19 @@ def _geometry(spec: InputSpec, options: ImageOptions) -> tuple[str, int, tuple[i
     layout = options.layout or ("nchw" if spec.shape[1] in (1, 3) else "nhwc")
     channels, h, w = (spec.shape[1], *spec.shape[2:]) if layout == "nchw" else (spec.shape[3], *spec.shape[1:3])
     if options.size is not None:
-        h, w = (options.size, options.size) if isinstance(options.size, int) else options.size
+        h, w = (options.size, options.size) if isinstance(options.size, (int, np.integer)) else options.size
     if h is None or w is None:
         raise DataError(f"the model's input {spec.describe()} has a free image size; give the size (--image-size)")
     if channels not in (1, 3):
         raise DataError(f"image input {spec.describe()} must have 1 or 3 channels (layout {layout})")
+    for option, values in (("mean", options.mean), ("std", options.std)):
+        count = np.asarray(values).size
+        if count not in (1, channels):
+            raise DataError(
+                f"--{option} (ImageOptions.{option}) has {count} values but the model's input {spec.describe()} "
+                f"has {channels} channel{'s' if channels > 1 else ''}: give "
+                + ("1 value" if channels == 1 else f"1 value or {channels}")
+            )
     return layout, channels, (int(h), int(w))
 
 
