@@ -4,9 +4,13 @@ ONNX Runtime rewrites a Q/DQ model when it loads it: DequantizeLinear -> Conv ->
 QLinearConv, and so on. What a model costs is what runs after that rewriting, so this reads ONNX Runtime's own
 profile: every kernel, its type, the element types it read and its time. A kernel is
 
-- ``integer`` when it reads 8-bit integers (QLinearConv, QGemm, a MaxPool or Transpose on uint8, ...);
 - ``convert`` for QuantizeLinear/DequantizeLinear that were left standing (each pays a pass over its tensor);
-- ``float`` otherwise. A Conv, Gemm or MatMul on float is flagged: it was meant to run on integers and did not.
+- ``move`` when it only moves or copies elements (Transpose, Reshape, Flatten, Concat, Slice, Gather, ONNX
+  Runtime's layout reorders, ...; see :data:`MOVE`), whatever their type: a Flatten of uint8 is no integer arithmetic;
+- ``integer`` when it computes on 8- or 4-bit integers (QLinearConv, QGemm, a MaxPool on uint8, ...);
+- ``float`` when it computes on floating point. A Conv, Gemm or MatMul on float is flagged: it was meant to run on
+  integers and did not;
+- ``other`` for the rest: arithmetic on indices and shapes (int32, int64, bool).
 """
 
 from __future__ import annotations
@@ -27,7 +31,16 @@ from lowbit.onnx.model import is_large, save_model
 
 CONVERT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 MATRIX = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
+# Kernels that only move, copy or select elements (with their ONNX Runtime contrib and layout-optimizer forms)
+MOVE = {
+    "Transpose", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Concat", "Split", "Slice", "Gather", "GatherElements",
+    "GatherND", "ScatterND", "ScatterElements", "Identity", "Expand", "Tile", "Pad", "DepthToSpace", "SpaceToDepth",
+    "Shape", "Size", "Compress", "ReverseSequence", "Dropout", "ReorderInput", "ReorderOutput", "MemcpyFromHost",
+    "MemcpyToHost",
+}  # fmt: skip
 INTEGER_TYPES = {"int8", "uint8", "int4", "uint4"}
+FLOAT_TYPES = {"float", "float16", "bfloat16", "double", "float8e4m3fn", "float8e5m2"}
+KINDS = ("integer", "float", "convert", "move", "other")
 _SUFFIX = re.compile(r"(_token_\d+)?_kernel_time$")
 
 
@@ -58,9 +71,11 @@ class Profile:
 
     def summary(self) -> str:
         total = self.total_ms() or 1.0
+        found = {k.kind for k in self.kernels}
         parts = [
             f"{kind} {self.total_ms(kind):.3f} ms ({self.total_ms(kind) / total * 100:.0f}%)"
-            for kind in ("integer", "float", "convert")
+            for kind in KINDS
+            if kind in ("integer", "float", "convert") or kind in found
         ]
         text = f"{len(self.kernels)} kernels, {self.total_ms():.3f} ms per run at batch {self.batch}: " + ", ".join(
             parts
@@ -83,12 +98,22 @@ class Profile:
         return {"runs": self.runs, "batch": self.batch, "kernels": [asdict(k) for k in self.kernels]}
 
 
-def _kind(op: str, input_types: list[str]) -> str:
+def kernel_kind(op: str, input_types: list[str]) -> str:
+    """What kernel ``op`` reading elements of ``input_types`` does: one of :data:`KINDS` (see the module's
+    docstring). The op decides first (a conversion, a data movement), then the types it reads.
+
+    >>> kernel_kind("Flatten", ["uint8"]), kernel_kind("MaxPool", ["uint8"]), kernel_kind("Gather", ["float", "int64"])
+    ('move', 'integer', 'move')
+    """
     if op in CONVERT:
         return "convert"
+    if op in MOVE:
+        return "move"
     if any(t in INTEGER_TYPES for t in input_types):
         return "integer"
-    return "float"
+    if any(t in FLOAT_TYPES for t in input_types) or not input_types:
+        return "float"
+    return "other"
 
 
 def parse(events: list[dict], runs: int, batch: int) -> Profile:
@@ -108,7 +133,7 @@ def parse(events: list[dict], runs: int, batch: int) -> Profile:
     for node, durations in times.items():
         op, types = info[node]
         last = durations[-runs:] if runs > 0 else durations
-        kernels.append(Kernel(node, op, _kind(op, types), float(np.mean(last)), types))
+        kernels.append(Kernel(node, op, kernel_kind(op, types), float(np.mean(last)), types))
     return Profile(kernels, runs, batch)
 
 

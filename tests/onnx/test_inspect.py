@@ -1,0 +1,51 @@
+"""lowbit inspect: what each kernel ONNX Runtime ran does (integer or float arithmetic, a conversion, a move)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lowbit.onnx import inspect
+from lowbit.onnx.quantize import quantize
+from tests.onnx import models
+from tests.onnx.test_analyze import _feeds
+
+
+def _event(node, op, types, dur=10):
+    return {"cat": "Node", "name": f"{node}_kernel_time", "dur": dur,
+            "args": {"op_name": op, "input_type_shape": [{t: [1]} for t in types]}}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("op", "types", "kind"),
+    [
+        ("Flatten", ["uint8"], "move"),
+        ("Transpose", ["uint8"], "move"),
+        ("Reshape", ["uint8", "int64"], "move"),
+        ("Concat", ["int8", "int8"], "move"),
+        ("ReorderOutput", ["float"], "move"),
+        ("Flatten", ["float"], "move"),
+        ("QLinearConv", ["uint8", "float", "uint8", "float", "int8", "float", "uint8", "int32"], "integer"),
+        ("MaxPool", ["uint8"], "integer"),  # a max is arithmetic on the integers
+        ("Conv", ["float", "float", "float"], "float"),
+        ("DequantizeLinear", ["uint8", "float", "uint8"], "convert"),
+        ("Mul", ["int64", "int64"], "other"),  # shape arithmetic is neither integer (8-bit) nor float work
+    ],
+)
+def test_each_kernel_is_told_by_what_it_does(op, types, kind):
+    assert inspect.parse([_event("n", op, types)], runs=1, batch=1).kernels[0].kind == kind
+
+
+def test_the_summary_counts_data_movement_apart():
+    p = inspect.parse([_event("conv", "QLinearConv", ["uint8"], 30), _event("flat", "Flatten", ["uint8"], 10)], 1, 1)
+    assert p.total_ms("integer") == pytest.approx(0.03) and p.total_ms("move") == pytest.approx(0.01)
+    assert "integer 0.030 ms (75%)" in p.summary() and "move 0.010 ms (25%)" in p.summary()
+
+
+def test_a_quantized_convnet_moves_bytes_in_its_flatten_and_layout_transpose(tmp_path):
+    model = models.save(models.convnet(), tmp_path / "convnet.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
+    quantize(model, tmp_path / "q.onnx", data, compare_models=False, progress=False)
+    p = inspect.profile(str(tmp_path / "q.onnx"), _feeds(8)[0], runs=2)
+    kinds = {k.op: k.kind for k in p.kernels}
+    assert kinds["Flatten"] == "move" and kinds["QLinearConv"] == "integer"
+    assert all(k.kind != "integer" for k in p.kernels if k.op in inspect.MOVE)
