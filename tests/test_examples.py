@@ -112,7 +112,7 @@ def test_example_efficientnet_quantizes_from_image_folders(tmp_path, capsys):
     assert main(args) == 0
     text = capsys.readouterr().out
     assert "bias correction on 50 layers" in text
-    assert "output agreement on 8 held-out samples" in text
+    assert "output agreement on 8 evaluation samples" in text
     assert out.exists() and out.stat().st_size < 0.3 * paths["model"].stat().st_size
 
 

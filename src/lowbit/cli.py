@@ -203,8 +203,6 @@ def _print_quantized(result) -> None:
     print(f"quantized {result.layers} {layers} for {result.target} ({kind}{also})")
     if result.samples_note:
         print(f"{result.samples_note}, in {result.calibration_seconds:.1f} s")
-    for text in result.warnings:
-        print(f"warning: {text}", file=sys.stderr)
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
     if result.gptq_layers:
@@ -258,7 +256,8 @@ def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
     if args.eval is None and labels is not None:
         raise UsageError("--labels go with --eval: the labels of the evaluation samples, in order")
     inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
-    source = open_feeds(data, inputs, image_options=_image_options(args))
+    role = "evaluation data" if args.eval is not None else "calibration data"
+    source = open_feeds(data, inputs, image_options=_image_options(args), role=role)
     batch = batch_size_for(inputs, args.batch_size)
     if args.eval is not None:
         return metrics.OutputMetric(kind, source.batches(batch), labels)

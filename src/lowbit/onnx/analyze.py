@@ -187,7 +187,11 @@ def analyze(
     float_model = preprocess(load_model(model_path))
     inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
     source = open_feeds(calib, inputs, image_options=image_options)
-    eval_source = open_feeds(eval_data, inputs, image_options=image_options) if eval_data is not None else None
+    eval_source = (
+        open_feeds(eval_data, inputs, image_options=image_options, role="evaluation data")
+        if eval_data is not None
+        else None
+    )
     graph = Graph(float_model)
     placement.check_exclusions(graph, exclude, exclude_ops)
     full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -94,7 +95,7 @@ class QuantizeResult:
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"
         if self.agreement is not None:
-            text += "\n" + _agreement_line(self.agreement)
+            text += "\n" + _agreement_line(self.agreement, "held-out" if self.held_out_samples else "evaluation")
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -105,7 +106,7 @@ class QuantizeResult:
         return out
 
 
-def _agreement_line(a: compare.Agreement) -> str:
+def _agreement_line(a: compare.Agreement, kind: str) -> str:
     """One line of output agreement; NaN/Inf outputs are counted apart and never averaged in."""
     if a.nonfinite:
         where = "the FP32 model's too" if a.nonfinite_reference else "FP32's are finite"
@@ -113,10 +114,10 @@ def _agreement_line(a: compare.Agreement) -> str:
     else:
         warn = ""
     if a.cosine is None:
-        return f"output agreement on {a.samples} held-out samples: none is finite{warn}"
+        return f"output agreement on {a.samples} {kind} samples: none is finite{warn}"
     top1 = "" if a.top1 is None else f", top-1 agreement {a.top1 * 100:.2f}%"
     return (
-        f"output agreement on {a.finite} held-out samples: cosine {a.cosine:.5f}, max abs error "
+        f"output agreement on {a.finite} {kind} samples: cosine {a.cosine:.5f}, max abs error "
         f"{a.max_abs_error:.4g} (in the output's units){top1}{warn}"
     )
 
@@ -198,7 +199,11 @@ def quantize(
     placement.check_exclusions(Graph(float_model), exclude, exclude_ops)
     inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
     batch = batch_size_for(inputs, batch_size)
-    eval_source = open_feeds(eval_data, inputs, image_options=image_options) if eval_data is not None else None
+    eval_source = (
+        open_feeds(eval_data, inputs, image_options=image_options, role="evaluation data")
+        if eval_data is not None
+        else None
+    )
     source = open_feeds(calib, inputs, image_options=image_options) if calib is not None else None
     if eval_source is not None:
         _read_through(eval_source, batch, "evaluation data", progress)
@@ -299,6 +304,7 @@ def _quantize_dynamic(float_model, result, exclude, exclude_ops, per_channel, we
 
 
 def _warn_few(result: QuantizeResult, wanted_holdout: bool) -> None:
+    """Warn (``warnings.warn``, and in ``result.warnings``) when the calibration set is too small to trust."""
     n = result.calibration_samples
     if n < FEW_SAMPLES:
         result.warnings.append(
@@ -310,6 +316,8 @@ def _warn_few(result: QuantizeResult, wanted_holdout: bool) -> None:
             f"{n} samples are too few to hold any out of calibration (at least 5 are needed), so FP32 and INT8 are "
             "not compared: give evaluation data (--eval)"
         )
+    for text in result.warnings:
+        warnings.warn(text, stacklevel=3)
 
 
 class _Static:
