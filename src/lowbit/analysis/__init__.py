@@ -156,26 +156,26 @@ class Analysis:
 
     def table(self, top: int = 15) -> str:
         rows = [
-            [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.1f}", f"{r.own_model.cosine:.5f}",
+            [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.1f}", format_cosine_gap(r.own_model.cosine),
              f"{r.own.sqnr_db:.1f}", f"{r.accumulated.sqnr_db:.1f}"]
             for i, r in enumerate(self.layers[:top])
         ]  # fmt: skip
         head = (
             f"{len(self.layers)} quantized layers of {self.model} ({self.target}, {self.method}), "
             f"{self.samples} samples; whole model: output SQNR {self.output_error.sqnr_db:.1f} dB, "
-            f"cosine {self.output_error.cosine:.5f}"
+            f"1 - cosine {format_cosine_gap(self.output_error.cosine)}"
         )
         if self.top1_agreement is not None:
             head += f", top-1 agreement {self.top1_agreement:.2f}%"
         text = format_table(
-            ["rank", "layer", "op", "model SQNR dB", "model cosine", "own SQNR dB", "accumulated SQNR dB"],
+            ["rank", "layer", "op", "model SQNR dB", "model 1 - cosine", "own SQNR dB", "accumulated SQNR dB"],
             rows,
             "rllrrrr",
         )
         more = f"\n... and {len(self.layers) - top} more (see the JSON or the report)" if len(self.layers) > top else ""
         return (
-            f"{head}\nmost sensitive first; model SQNR/cosine: the model's output with only that layer quantized\n"
-            f"{text}{more}"
+            f"{head}\nmost sensitive first; model SQNR / 1 - cosine: the model's output with only that layer "
+            f"quantized\n{text}{more}"
         )
 
     def write(self, json_path=None, report=None) -> None:
@@ -339,6 +339,17 @@ class MixedResult:
         out["steps"] = [asdict(s) for s in self.steps]
         out["names"] = None if self.names is None else list(self.names)
         return {**out, "kept": self.kept, "noise": self.noise}
+
+
+def format_cosine_gap(cosine: float) -> str:
+    """``1 - cosine`` in three significant digits, so that small errors read apart (a cosine of 0.9999996 prints
+    as 1.00000 to five places); "0" for an exact match, where rounding leaves 1 - cosine at or just below 0.
+
+    >>> format_cosine_gap(0.9999996), format_cosine_gap(1.0)
+    ('4.00e-07', '0')
+    """
+    gap = 1.0 - cosine
+    return "0" if gap <= 1e-15 else f"{gap:.2e}"
 
 
 def format_bytes(n: float) -> str:

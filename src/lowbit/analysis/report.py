@@ -7,7 +7,7 @@ from html import escape
 from typing import Any
 
 from lowbit._io import atomic_write_text
-from lowbit.analysis import format_bytes, plots
+from lowbit.analysis import format_bytes, format_cosine_gap, plots
 
 TOP_TENSORS = 8  # layers whose tensors get histograms
 TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted
@@ -35,14 +35,18 @@ def _img(svg: str, alt: str) -> str:
     return f'<img alt="{escape(alt)}" src="{plots.data_uri(svg)}">'
 
 
-def _table(headers: list[str], rows: list[list[Any]], left: int = 1, bad: list[bool] | None = None) -> str:
-    head = "".join(f'<th class="{"l" if i < left else ""}">{escape(h)}</th>' for i, h in enumerate(headers))
+def _table(headers: list[str] | None, rows: list[list[Any]], left: int = 1, bad: list[bool] | None = None) -> str:
+    """An HTML table: a header row of ``headers`` (none when None), the first ``left`` columns left-aligned, the
+    rows where ``bad`` is true marked."""
     body = []
+    if headers is not None:
+        body.append("<tr>" + "".join(f'<th class="{"l" if i < left else ""}">{escape(h)}</th>'
+                                     for i, h in enumerate(headers)) + "</tr>")  # fmt: skip
     for r, row in enumerate(rows):
         cls = ' class="bad"' if bad and bad[r] else ""
         cells = "".join(f'<td class="{"l" if i < left else ""}">{escape(str(c))}</td>' for i, c in enumerate(row))
         body.append(f"<tr{cls}>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(body)}</table>"
+    return f"<table>{''.join(body)}</table>"
 
 
 def render(analysis) -> str:
@@ -59,13 +63,13 @@ def render(analysis) -> str:
         ["analysis samples", a.samples],
         ["quantized layers", len(a.layers)],
         ["whole model: output SQNR", f"{a.output_error.sqnr_db:.2f} dB"],
-        ["whole model: output cosine", f"{a.output_error.cosine:.6f}"],
+        ["whole model: output 1 - cosine", format_cosine_gap(a.output_error.cosine)],
         ["whole model: max abs error", f"{a.output_error.max_abs_error:.4g}"],
     ]
     if a.top1_agreement is not None:
         summary.append(["whole model: top-1 agreement with FP32", f"{a.top1_agreement:.2f}%"])
     summary += [["calibration time", f"{a.calibration_seconds:.1f} s"], ["analysis time", f"{a.seconds:.1f} s"]]
-    out.append(_table(["", ""], summary, left=2))
+    out.append(_table(None, summary, left=2))
 
     out.append("<h2>Layer sensitivity</h2>")
     out.append(
@@ -87,26 +91,28 @@ def render(analysis) -> str:
         _img(
             plots.lines(
                 {
-                    "accumulated (full INT8 model)": ([r.index for r in order], [r.accumulated.sqnr_db for r in order]),
-                    "own (only this layer INT8)": ([r.index for r in order], [r.own.sqnr_db for r in order]),
+                    "accumulated (full INT8 model)": (range(len(order)), [r.accumulated.sqnr_db for r in order]),
+                    "own (only this layer INT8)": (range(len(order)), [r.own.sqnr_db for r in order]),
                 },
                 "SQNR of each layer's output, in graph order",
                 "layer (graph order)",
                 "SQNR (dB)",
+                xnames=[r.name for r in order],
             ),
             "error along the graph",
         )
     )
     out.append(f"<div class='figs'>{''.join(figs)}</div>")
     rows = [
-        [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.2f}", f"{r.own_model.cosine:.6f}", f"{r.own.sqnr_db:.2f}",
-         f"{r.accumulated.sqnr_db:.2f}", f"{r.accumulated.cosine:.5f}", f"{r.accumulated.max_abs_error:.4g}"]
+        [i + 1, r.name, r.op_type, f"{r.own_model.sqnr_db:.2f}", format_cosine_gap(r.own_model.cosine),
+         f"{r.own.sqnr_db:.2f}", f"{r.accumulated.sqnr_db:.2f}", format_cosine_gap(r.accumulated.cosine),
+         f"{r.accumulated.max_abs_error:.4g}"]
         for i, r in enumerate(a.layers)
     ]  # fmt: skip
     out.append(
         _table(
-            ["rank", "layer", "op", "model SQNR dB", "model cosine", "own SQNR dB", "accum. SQNR dB",
-             "accum. cosine", "accum. max err"],
+            ["rank", "layer", "op", "model SQNR dB", "model 1 - cosine", "own SQNR dB", "accum. SQNR dB",
+             "accum. 1 - cosine", "accum. max err"],
             rows,
             left=0,
         )
