@@ -1,4 +1,5 @@
-"""The HTML report opened in headless Chromium: it renders without errors and every image loads.
+"""The HTML report opened in headless Chromium: it renders without errors, every image loads, and with the
+browser's own fonts every legend's text fits its box, no legend lies on the data, no label leaves its image.
 
 Needs Debian's chromium (``apt-get install chromium``; .ci/run installs it); skipped where it is missing.
 """
@@ -50,7 +51,7 @@ def test_report_renders_in_chromium_and_every_image_loads(tmp_path):
     from lowbit.onnx import metrics
     from tests.onnx.test_analyze import _feeds
 
-    analyze(model, data, samples=16, report=report, metric=metrics.OutputMetric("cosine", _feeds()), max_drop=-1,
+    analyze(model, data, samples=16, report=report, metric=metrics.OutputMetric("cosine", _feeds()), max_drop=0,
             per_channel=False, progress=False)  # fmt: skip
     html = report.read_text()
     probed = tmp_path / "probed.html"
@@ -62,3 +63,57 @@ def test_report_renders_in_chromium_and_every_image_loads(tmp_path):
     assert check["errors"] == [] and check["broken"] == []
     assert check["images"] == html.count("<img ") and check["images"] >= 5
     assert check["height"] > 2000  # tables and plots laid out, not an empty page
+
+
+# Run in a page holding each chart of a report inline (an <img> hides an SVG's elements from scripts): measures,
+# with the fonts Chromium really uses, each legend's text against its box and the data area, and every text
+# against its chart.
+MEASURE = """<script>
+window.addEventListener('load', () => {
+  const problems = [];
+  const r = e => e.getBoundingClientRect();
+  const inside = (a, b) => a.left >= b.left - 0.5 && a.right <= b.right + 0.5 && a.top >= b.top - 0.5
+                           && a.bottom <= b.bottom + 0.5;
+  const overlap = (a, b) => a.left < b.right && b.left < a.right && a.top < b.bottom && b.top < a.bottom;
+  let legends = 0;
+  document.querySelectorAll('svg').forEach((svg, i) => {
+    const title = svg.querySelector('text').textContent;
+    svg.querySelectorAll('text').forEach(t => {
+      if (!inside(r(t), r(svg))) problems.push(`${title}: "${t.textContent}" leaves the chart`);
+    });
+    const legend = svg.querySelector('g.legend'), plot = svg.querySelector('rect.plot');
+    if (!legend) return;
+    legends += 1;
+    const box = r(legend.querySelector('rect'));
+    if (plot && overlap(box, r(plot))) problems.push(`${title}: the legend lies on the data`);
+    legend.querySelectorAll('text').forEach(t => {
+      if (!inside(r(t), box)) problems.push(`${title}: "${t.textContent}" runs out of the legend's box`);
+    });
+  });
+  const d = document.createElement('div');
+  d.id = 'lowbit-measure';
+  d.textContent = JSON.stringify({charts: document.querySelectorAll('svg').length, legends: legends,
+                                  problems: problems});
+  document.body.appendChild(d);
+});
+</script>"""
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
+def test_legends_and_labels_fit_with_the_browsers_own_fonts(tmp_path):
+    import base64
+
+    model = models.save(models.convnet(), tmp_path / "convnet.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
+    analyze(model, data, samples=16, report=tmp_path / "report.html", per_channel=False, profile=False,
+            progress=False)  # fmt: skip
+    uris = re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', (tmp_path / "report.html").read_text())
+    charts = "".join(f"<div>{base64.b64decode(u).decode()}</div>" for u in uris)
+    page = tmp_path / "charts.html"
+    page.write_text(f"<!DOCTYPE html><html><head><meta charset='utf-8'>{MEASURE}</head><body>{charts}</body></html>")
+    run = _chromium(tmp_path, "--dump-dom", page.as_uri())
+    found = re.search(r'<div id="lowbit-measure">(.*?)</div>', run.stdout)
+    assert found, f"the page did not finish loading in Chromium: {run.stderr[-2000:]}"
+    check = json.loads(found.group(1).replace("&quot;", '"'))
+    assert check["charts"] == len(uris) and check["legends"] >= 3  # the SQNR chart and the histograms
+    assert check["problems"] == []
