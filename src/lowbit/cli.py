@@ -191,18 +191,23 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         compare_models=not args.no_compare,
         progress=not args.quiet,
     )
-    _print_quantized(result)
+    _print_quantized(result, args.batch_size)
     return 0
 
 
-def _print_quantized(result) -> None:
+def _print_quantized(result, args_batch: int) -> None:
     kind = "dynamic (run-time activation scales)" if result.dynamic else f"static, {result.method} calibration"
     layers = "layer" if result.layers == 1 else "layers"
     others = len(result.quantized_nodes) - result.layers
     also = f"; with the {others} nodes that follow them, {len(result.quantized_nodes)} nodes" if others > 0 else ""
     print(f"quantized {result.layers} {layers} for {result.target} ({kind}{also})")
     if result.samples_note:
-        print(f"{result.samples_note}, in {result.calibration_seconds:.1f} s")
+        how = f"at batch {result.calibration_batch}"
+        if result.calibration_batch != result.batch_size:
+            how += f" (through a copy of the model with a free batch size; the model fixes it at {result.batch_size})"
+        elif result.batch_size != args_batch:
+            how += " (the model fixes the batch size, and no copy with a free one gives the same outputs)"
+        print(f"{result.samples_note}, {how}, in {result.calibration_seconds:.1f} s")
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
     if result.gptq_layers:

@@ -212,7 +212,8 @@ def test_profile_tells_integer_kernels_from_float_ones(files):
     kinds = {k.op: k.kind for k in q.kernels}
     assert kinds.get("QLinearConv") == "integer" and not any(k.float_matrix for k in q.kernels)
     f = inspect.profile(model, feed, runs=2)
-    assert all(k.kind == "float" for k in f.kernels) and any(k.float_matrix for k in f.kernels)
+    assert all(k.kind in ("float", "move") for k in f.kernels) and any(k.float_matrix for k in f.kernels)
+    assert {k.op: k.kind for k in f.kernels}.get("Flatten") == "move"  # data movement, not arithmetic
     assert "ran in float" in f.summary() and q.batch == 8
 
 

@@ -227,6 +227,7 @@ def test_fixed_batch_models_say_why_a_batch_was_not_timed_and_search_at_their_ba
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "(- at batch 8: the model's batch size is fixed at 1)" in out
+    assert "at batch 8 (through a copy of the model with a free batch size; the model fixes it at 1)" in out
     assert onnx.load(tmp_path / "q.onnx").graph.input[0].type.tensor_type.shape.dim[0].dim_value == 1
 
 

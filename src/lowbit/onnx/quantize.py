@@ -30,7 +30,16 @@ from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
 from lowbit.onnx.calibrated import calibrate_model, target_options, units  # noqa: F401 (public here too)
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.model import batch_size_for, file_size, input_specs, load_model, preprocess, save_model, session
+from lowbit.onnx.model import (
+    batch_size_for,
+    file_size,
+    free_batch,
+    input_specs,
+    load_model,
+    preprocess,
+    save_model,
+    session,
+)
 from lowbit.paths import check_outputs, ranges_path_for
 from lowbit.trt_cache import write_trt_cache
 
@@ -71,6 +80,7 @@ class QuantizeResult:
     held_out_samples: int = 0
     samples_note: str = ""  # which samples calibrated and which were held out, in one line
     batch_size: int = 8  # the batch the model ran at (fixed by the model, else the one asked for)
+    calibration_batch: int = 8  # the batch calibration ran at (a model fixed at 1 runs larger through a free copy)
     seconds: float = 0.0  # the whole call, calibration included
     warnings: list[str] = field(default_factory=list)
     untimed: dict[int, str] = field(default_factory=dict)  # batch -> why its latency was not measured
@@ -221,10 +231,13 @@ def quantize(
         if not chosen.calib.num_samples and chosen.total is not None:
             raise DataError(f"{source.description}: no samples left for calibration")
         static = _Static(float_model, target, method, method_options, exclude, exclude_ops, per_channel)
+        if batch == 1 < batch_size:  # a model fixed at batch 1 calibrates through a copy that takes batch_size
+            static.run_model = free_batch(float_model, batch_size)
+        result.calibration_batch = batch_size if static.run_model is not None else batch
         sample_feeds = (eval_source or held or chosen.calib).batches(batch, 0, HOLDOUT)
         quantized, record = static.run(
-            chosen.calib, batch, result, bias_correction=bias_correction, rounding=rounding, trt_cache=trt_cache,
-            metric=metric, max_drop=max_drop, sample_feeds=sample_feeds, progress=progress,
+            chosen.calib, result.calibration_batch, result, bias_correction=bias_correction, rounding=rounding,
+            trt_cache=trt_cache, metric=metric, max_drop=max_drop, sample_feeds=sample_feeds, progress=progress,
         )  # fmt: skip
         _warn_few(result, compare_models and eval_source is None)
 
@@ -327,6 +340,7 @@ class _Static:
         self.float_model, self.target, self.method, self.method_options = float_model, target, method, method_options
         self.exclude, self.exclude_ops, self.per_channel = exclude, exclude_ops, per_channel
         self.graph = Graph(float_model)
+        self.run_model: onnx.ModelProto | None = None  # what calibration runs, when not float_model itself
 
     def run(self, calib_source, batch, result, *, bias_correction, rounding, trt_cache, metric, max_drop,
             sample_feeds, progress):  # fmt: skip
@@ -353,6 +367,7 @@ class _Static:
             every_tensor=trt_cache is not None or metric is not None,
             total=len(batches) or None,
             progress=progress,
+            run_model=self.run_model,
         )
         result.calibration_seconds = calibrated.seconds
         known = calib_source.num_samples
