@@ -106,7 +106,9 @@ def test_many_names_are_thinned_to_stay_readable():
     root, _plot, labels = _xnames(plots.lines({"a": (range(300), [float(i) for i in range(300)])}, "t", "l", "dB",
                                               xnames=names))  # fmt: skip
     xs = [float(t.get("x")) for t in labels]
-    assert 10 < len(labels) < 300 and min(b - a for a, b in itertools.pairwise(xs)) >= 12
+    assert (
+        10 < len(labels) < 300 and min(b - a for a, b in itertools.pairwise(xs)) * 0.7071 >= 11
+    )  # a line apart, across
     assert float(root.get("width")) <= 1100
 
 

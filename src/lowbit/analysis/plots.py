@@ -18,6 +18,7 @@ CHAR_WIDTH = 0.6  # an upper estimate of a sans-serif character's mean width, in
 NAME_CHARS = 18  # the longest name written under an x axis; longer ones keep their end after an ellipsis
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#17becf")
 SIN45 = math.sqrt(0.5)
+NAME_GAP = 16  # px between names rotated by 45 degrees along the x axis: a line's height (11 px) across them
 
 
 def data_uri(svg: str) -> str:
@@ -86,7 +87,7 @@ class _Frame:
         if self.xnames:
             # a rotated name hangs down and to the left of its tick: leave room for the first one
             self.left = max(PAD_L, math.ceil(4 + SIN45 * text_width(shorten(self.xnames[0]))))
-            width = max(width, min(MAX_WIDTH, self.left + PAD_R + 14 * len(self.xnames)))
+            width = max(width, min(MAX_WIDTH, self.left + PAD_R + NAME_GAP * len(self.xnames)))
             below = 10 + SIN45 * max(text_width(shorten(n)) for n in self.xnames) + FONT
         else:
             below = 16
@@ -137,8 +138,8 @@ class _Frame:
 
     def _xnames(self) -> None:
         """Each name under its integer x, rotated by 45 degrees; every k-th only where they would overlap (a name
-        needs about a line's height across); the full name in its tooltip."""
-        step = max(1, math.ceil(14 / max(self.px(1) - self.px(0), 1e-9)))
+        needs NAME_GAP px along the axis); the full name in its tooltip."""
+        step = max(1, math.ceil(NAME_GAP / max(self.px(1) - self.px(0), 1e-9)))
         y = self.bottom + 10
         for i in range(0, len(self.xnames), step):
             x, name = self.px(i), self.xnames[i]
