@@ -244,3 +244,51 @@ def test_calibration_and_held_out_samples_spread_over_ordered_data():
     again = sampling.split(source, max_samples=40, holdout=10)
     assert np.array_equal(calib, np.concatenate([f["x"][:, 0] for f in again.calib.batches(8)]))  # seeded
     assert "40 of 100 samples, 10 others held out" in split.describe()
+
+
+class _Outputs:
+    """A stand-in session that returns fixed outputs, to score a metric on chosen values."""
+
+    def __init__(self, outputs):
+        self.outputs = iter(outputs)
+
+    def get_outputs(self):
+        return [type("Out", (), {"name": "y"})()]
+
+    def run(self, names, feed):
+        return [next(self.outputs)]
+
+
+def test_a_budget_never_counts_nan_outputs_as_agreement():
+    from lowbit.onnx.metrics import OutputMetric
+
+    ref = np.eye(4, dtype=np.float32)
+    broken = ref.copy()
+    broken[1:] = np.nan  # argmax of a NaN row is 0, which used to "agree" with row 0's class
+    feeds = [{"x": np.zeros((4, 1), np.float32)}]
+    for kind, expected in (("agreement", 25.0), ("cosine", 0.25)):
+        metric = OutputMetric(kind, feeds)
+        metric.prepare(_Outputs([ref]))
+        assert metric.score(_Outputs([broken])) == pytest.approx(expected)
+
+
+def test_analyze_calibrates_a_fixed_batch_model_at_the_batch_size_asked_for(tmp_path, monkeypatch):
+    from lowbit.onnx import analyze as analyze_module
+    from lowbit.onnx.analyze import analyze
+
+    seen = []
+
+    def recording(float_model, batches, **kwargs):
+        seen.append((next(iter(batches))["x"].shape[0], kwargs["run_model"] is not None))
+        return calibrate_model(float_model, batches, **kwargs)
+
+    calibrate_model = analyze_module.calibrate_model
+    monkeypatch.setattr(analyze_module, "calibrate_model", recording)
+    model = models.convnet()
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    path = models.save(model, tmp_path / "b1.onnx")
+    calib = models.calib_data(tmp_path / "c.npz", (3, 16, 16), n=24)
+    result = analyze(path, calib, samples=4, profile=False, progress=False)
+    assert seen == [(8, True)]  # batches of 8 through the freed copy, not of 1
+    assert result.layers and all(np.isfinite(r.own_model.sqnr_db) for r in result.layers)

@@ -35,7 +35,7 @@ from lowbit.onnx import placement, rewrite
 from lowbit.onnx.calibrated import Calibrated, calibrate_model, units
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.measure import compare_tensors
-from lowbit.onnx.model import batch_size_for, input_specs, load_model, preprocess
+from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
 from lowbit.onnx.rules import rule_for
 from lowbit.paths import check_outputs
 
@@ -205,7 +205,8 @@ def analyze(
 
     batch = batch_size_for(inputs, batch_size)
     cal_source = sampling.split(source, max_samples).calib
-    cal_batches = cal_source.batches(batch)
+    run_model = free_batch(float_model, batch_size) if batch == 1 < batch_size else None  # as quantize does
+    cal_batches = cal_source.batches(batch_size if run_model is not None else batch)
     histogram_based = issubclass(type(calib_registry.create(method)), HistogramCalibrator)
     observers = {}
     if not histogram_based:
@@ -228,6 +229,7 @@ def analyze(
         total=len(cal_batches) or None,
         progress=progress,
         observers=observers,
+        run_model=run_model,
     )
     feeds = _analysis_feeds(source, eval_source, batch, samples)
     n_batches = len(feeds) or None
@@ -249,7 +251,7 @@ def analyze(
         desc="whole model",
         progress=progress,
     )["full"]
-    top1 = _top1(float_model, built.model, feeds)
+    top1 = _top1(float_model, built.model, feeds, progress)
     own = layer_sensitivity(calibrated, layer_names, feeds, total=n_batches, progress=progress)
 
     by_name = {graph.node_name(n): n for n in graph.nodes}
@@ -294,9 +296,11 @@ def analyze(
     return analysis
 
 
-def _top1(reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable[Feed]) -> float | None:
+def _top1(
+    reference: onnx.ModelProto, candidate: onnx.ModelProto, feeds: Iterable[Feed], progress: bool
+) -> float | None:
     from lowbit.onnx.compare import agreement
     from lowbit.onnx.model import session
 
-    a = agreement(session(reference), session(candidate), feeds)
+    a = agreement(session(reference), session(candidate), feeds, progress=progress)
     return None if a is None or a.top1 is None else a.top1 * 100

@@ -91,9 +91,13 @@ class OutputMetric(Metric):
         return self._score(self._run(session))
 
     def _score(self, outputs: list[np.ndarray]) -> float:
+        """The score over every sample; a sample whose output holds NaN/Inf counts as a miss (cosine 0, a top-1
+        that matches nothing), never as agreement."""
+        finite = np.concatenate([np.isfinite(o.reshape(len(o), -1)).all(axis=1) for o in outputs])
         if self.name == "cosine":
-            return float(np.concatenate([cosine_rows(a, b) for a, b in zip(self.outputs, outputs, strict=True)]).mean())
-        top = np.concatenate([o.argmax(axis=1) for o in outputs])
+            cos = np.concatenate([cosine_rows(a, b) for a, b in zip(self.outputs, outputs, strict=True)])
+            return float(np.where(finite, cos, 0.0).mean())
+        top = np.where(finite, np.concatenate([o.argmax(axis=1) for o in outputs]), -1)
         if self.name == "agreement":
             ref = np.concatenate([o.argmax(axis=1) for o in self.outputs])
             return float((top == ref).mean() * 100)

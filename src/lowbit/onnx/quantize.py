@@ -243,30 +243,37 @@ def quantize(
 
     if fp16_rest:
         quantized, result.fp16_nodes = fp16.convert(quantized)
+    quant_sess = _write(original, quantized, record, result, model_path)
+    if compare_models:
+        compared = eval_source or held
+        _compare(result, float_model, quant_sess, model_path, compared, compared or source, inputs, batch, progress)
+    result.seconds = time.perf_counter() - t_start
+    return result
+
+
+def _write(original, quantized, record, result, model_path) -> Any:
+    """Check the quantized model, load it in ONNX Runtime, then write it and its ranges file (both atomically);
+    returns its session."""
     _copy_metadata(original, quantized)
     try:
         onnx.checker.check_model(quantized, full_check=False)
     except onnx.checker.ValidationError as exc:  # a bug in lowbit, not in the user's input
         raise LowbitError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
     quant_sess = session(quantized)
-    save_model(quantized, output)
+    save_model(quantized, result.output)
     record.update(
         {
             "lowbit": lowbit.__version__,
             "model": str(model_path),
             "target": result.target,
-            "method": method,
-            "dynamic": dynamic,
+            "method": result.method,
+            "dynamic": result.dynamic,
             "quantized_nodes": result.quantized_nodes,
             "excluded_nodes": result.excluded_nodes,
         }
     )
-    atomic_write_text(ranges_path, json.dumps(record, indent=1) + "\n")
-    if compare_models:
-        compared = eval_source or held
-        _compare(result, float_model, quant_sess, model_path, compared, compared or source, inputs, batch, progress)
-    result.seconds = time.perf_counter() - t_start
-    return result
+    atomic_write_text(result.ranges_path, json.dumps(record, indent=1) + "\n")
+    return quant_sess
 
 
 def _check_options(target, dynamic, trt_cache, metric, max_drop, calib, rounding, max_samples, batch_size) -> None:
