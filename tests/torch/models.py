@@ -143,3 +143,23 @@ def fit(model: nn.Module, data, target, opt, epochs: int) -> tuple[float, float]
             nn.functional.cross_entropy(model(x), t).backward()
             opt.step()
     return start, loss()
+
+
+class FreshResNet(nn.Module):
+    """Conv-BN-ReLU, a residual block (two Conv-BN, ReLU after the add), global average pooling, Linear; freshly
+    initialised: its BatchNorms' running statistics are still at their init values (mean 0, variance 1), far from
+    the batch statistics, so eval-mode and train-mode activations differ by a wide margin."""
+
+    def __init__(self, seed: int = 0, channels: int = 8, classes: int = 4):
+        super().__init__()
+        torch.manual_seed(seed)
+        c = channels
+        self.conv1, self.bn1 = nn.Conv2d(3, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv3, self.bn3 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(x + self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(x))))))
+        return self.fc(x.mean((2, 3)))

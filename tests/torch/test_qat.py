@@ -16,7 +16,8 @@ def _convbn(model):
 
 def test_qat_keeps_batchnorm_and_in_eval_mode_equals_the_folded_ptq_model():
     model, data = models.convnet(), models.batches()
-    q = lt.quantize(model, "int8", calib=data, qat=True, progress=False)
+    # Ranges calibrated on inference's activations, as PTQ's (QAT's default is training's: test_qat_ranges.py)
+    q = lt.quantize(model, "int8", calib=data, qat=True, progress=False, bn_stats="running")
     ptq = lt.quantize(model, "int8", calib=data, progress=False)
     assert len(_convbn(q)) == 2 and all(isinstance(m.bn, nn.BatchNorm2d) for m in _convbn(q))
     x = models.batches(1, seed=4)[0]

@@ -29,8 +29,8 @@ from lowbit.torch.layers import (
 )
 from lowbit.torch.learned_rounding import adaround
 from lowbit.torch.ptq import calibrate, quantize, quantizers
-from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, freeze_bn_stats
-from lowbit.torch.quantizer import TensorQuantizer, fake_quant
+from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, batch_statistics, freeze_bn_stats
+from lowbit.torch.quantizer import ClippingWarning, TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
 from lowbit.torch.rounding import gptq
 from lowbit.torch.sensitivity import analyze, apply_mixed, mixed_config
@@ -39,6 +39,7 @@ __all__ = [
     "MODULE_MAP",
     "PRESETS",
     "Add",
+    "ClippingWarning",
     "Config",
     "LayerConfig",
     "QuantAdd",
@@ -55,6 +56,7 @@ __all__ = [
     "adaround",
     "analyze",
     "apply_mixed",
+    "batch_statistics",
     "calibrate",
     "export_onnx",
     "fake_quant",

@@ -16,6 +16,7 @@ model over data itself (a forward loop: for loaders that yield (input, label) pa
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fnmatch
 import itertools
@@ -31,7 +32,7 @@ from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch.config import Config, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
-from lowbit.torch.qat import prepare_conv_bn
+from lowbit.torch.qat import batch_statistics, prepare_conv_bn
 from lowbit.torch.quantizer import TensorQuantizer
 from lowbit.torch.residual import trace_residual_adds
 
@@ -39,6 +40,7 @@ Calib = Iterable[Any] | Callable[[nn.Module], Any]
 
 
 ROUNDINGS = ("nearest", "gptq", "adaround")
+BN_STATS = ("running", "batch")
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
@@ -159,9 +161,24 @@ def quantizers(model: nn.Module) -> dict[str, TensorQuantizer]:
     return {name: m for name, m in model.named_modules() if isinstance(m, TensorQuantizer)}
 
 
-def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches: Iterable[Any] | None = None) -> int:
+def calibrate(
+    model: nn.Module,
+    calib: Calib,
+    *,
+    progress: bool = True,
+    batches: Iterable[Any] | None = None,
+    bn_stats: str = "running",
+) -> int:
     """Run ``calib`` through ``model`` with every static, enabled input quantizer in ``"calibrate"`` mode, then
-    fix their scales. Returns how many batches ran (0 for a forward loop)."""
+    fix their scales. Returns how many batches ran (0 for a forward loop).
+
+    ``bn_stats``: the statistics the BatchNorms normalise with meanwhile: ``"running"`` (the model's own mode; in
+    eval mode, inference's running statistics) or ``"batch"`` (each batch's own, as in training, through
+    :func:`~lowbit.torch.qat.batch_statistics`; the running statistics are left as they were). Recalibrating a QAT
+    model whose BatchNorm statistics moved: ``calibrate(model, batches, bn_stats="batch")``.
+    """
+    if bn_stats not in BN_STATS:
+        raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
     static = [
         q
         for q in model.modules()
@@ -171,7 +188,8 @@ def calibrate(model: nn.Module, calib: Calib, *, progress: bool = True, batches:
         return 0
     for q in static:
         q.mode = "calibrate"
-    with torch.no_grad():
+    normalising = batch_statistics(model) if bn_stats == "batch" else contextlib.nullcontext()
+    with torch.no_grad(), normalising:
         count = run_data(model, calib, "calibrating", progress, batches)
     unused = []
     for q in static:
@@ -201,6 +219,7 @@ def quantize(
     inplace: bool = False,
     progress: bool = True,
     rounding: str = "nearest",
+    bn_stats: str | None = None,
 ) -> nn.Module:
     """A quantized copy of ``model`` (in eval mode; ``inplace=True`` changes ``model`` itself).
 
@@ -214,8 +233,23 @@ def quantize(
     Conv/Linear weights for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits);
     ``"adaround"`` learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.learned_rounding`;
     slower, better, and it needs ``calib`` as batches).
+    ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
+    are calibrated: ``"batch"``, those of each calibration batch, as training will (the default with ``qat``: the
+    ranges fit what training feeds the quantizers, even when the running statistics are far from converged, as
+    in a freshly initialised model; ranges calibrated on inference's activations would then clip nearly every
+    training activation and the straight-through gradient would stop there), or ``"running"``, inference's running
+    statistics (the default without ``qat``, where BatchNorms are folded away; with ``qat``, ranges equal to those
+    of the PTQ model, fit for training once the running statistics have converged). The running statistics
+    themselves are left as they were. In training a quantizer that clips most of its input warns
+    (:class:`lowbit.torch.ClippingWarning`).
+
+    >>> qat = quantize(model, preset("w4a4").with_learned_scales(), calib=batches, qat=True).train()  # doctest: +SKIP
     """
     cfg = resolve(config)
+    if bn_stats is None:
+        bn_stats = "batch" if qat else "running"
+    if bn_stats not in BN_STATS:
+        raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
     if rounding not in ROUNDINGS:
         raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if rounding != "nearest" and calib is None:
@@ -260,7 +294,7 @@ def quantize(
         new.calibrate_weight()
         set_submodule(model, name, new)
     if calib is not None and not cfg.dynamic:
-        calibrate(model, calib, progress=progress, batches=batches)
+        calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
     if rounding == "gptq":
         from lowbit.torch.rounding import gptq
 

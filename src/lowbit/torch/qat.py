@@ -14,12 +14,18 @@ so the quantizer always sees the folded weight that the exported model carries, 
 statistics stay those of the convolution's real output, and in eval mode (and in the exported ONNX model) the
 layer is exactly the folded convolution. :func:`freeze_bn_stats` switches the BatchNorms to their running
 statistics for the last steps of training, as Krishnamoorthi recommends.
+
+Training normalises with the batch statistics, inference with the running ones: until these have converged (a
+freshly initialised model, or data unlike the pretraining data) the activations of training are not those of
+inference. :func:`batch_statistics` runs a model as training will see it, so that :func:`lowbit.torch.quantize`
+with ``qat=True`` calibrates the activation ranges on what training feeds them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -101,3 +107,31 @@ def freeze_bn_stats(model: nn.Module, frozen: bool = True) -> int:
     for m in layers:
         m.bn_frozen = frozen
     return len(layers)
+
+
+@contextlib.contextmanager
+def batch_statistics(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the body with every BatchNorm of ``model`` (plain, or kept by a :class:`QuantConvBn2d` (1d, 3d) whose
+    statistics are not frozen) normalising with the statistics of each batch, as in training; everything else
+    keeps its mode (Dropout stays off in eval mode). The running statistics, and every mode, are restored after.
+
+    >>> with batch_statistics(qmodel.eval()):  # doctest: +SKIP
+    ...     lowbit.torch.calibrate(qmodel, batches)
+    """
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = [m for m in model.modules() if isinstance(m, _ConvBn) and not m.bn_frozen]
+    frozen = {id(m.bn) for m in model.modules() if isinstance(m, _ConvBn) and m.bn_frozen}
+    switched = [m for m in [*bns, *layers] if id(m) not in frozen]
+    modes = [m.training for m in switched]
+    saved = [{k: b.clone() for k, b in bn.named_buffers(recurse=False)} for bn in bns]
+    try:
+        for m in switched:
+            m.training = True  # this module only: its quantizers keep their own mode
+        yield model
+    finally:
+        for m, was in zip(switched, modes, strict=True):
+            m.training = was
+        with torch.no_grad():
+            for bn, buffers in zip(bns, saved, strict=True):
+                for k, b in buffers.items():
+                    getattr(bn, k).copy_(b)

@@ -11,6 +11,10 @@ The scale can be learned (LSQ, Esser et al. 2020, "Learned Step Size Quantizatio
 ``round(x / s) - x / s`` inside the range and ``qmin - z`` or ``qmax - z`` outside, LSQ's step-size gradient,
 scaled by ``1 / sqrt(n * qmax)``. Rounding is half to even, as ONNX QuantizeLinear.
 
+In training a quantizer looks, on its first step and then every :data:`CLIP_CHECK_EVERY` steps, at how much of its
+input lies outside its range; above :data:`CLIP_WARN_FRACTION` it warns once (:class:`ClippingWarning`): the
+gradient does not pass those values, and the layers before it stop learning.
+
 >>> import torch
 >>> from lowbit.core import QuantSpec
 >>> q = TensorQuantizer(QuantSpec(bits=8))
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -36,6 +41,13 @@ from lowbit.errors import CalibrationError
 
 MODES = ("calibrate", "quantize", "disabled")
 _MIN_SCALE = 1e-12
+CLIP_WARN_FRACTION = 0.5  # a quantizer that clips more than this share of its input in training warns
+CLIP_CHECK_EVERY = 16  # training steps between two looks (the first step is always looked at)
+
+
+class ClippingWarning(UserWarning):
+    """A quantizer clips most of its input in training: the straight-through gradient is zero for the clipped
+    values, so little or nothing reaches the layers before it."""
 
 
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
@@ -110,7 +122,8 @@ class TensorQuantizer(nn.Module):
     or per-group quantizer (weights) takes min/max per slice. ``dynamic`` computes the range of every batch at
     run time. ``learn_scale`` makes the scale an ``nn.Parameter`` (LSQ). ``observe_steps`` (QAT): for that many
     training steps after calibration, the range follows an exponential moving average of each batch's min/max
-    (``momentum``), then it is frozen.
+    (``momentum``), then it is frozen. In training it warns once (:class:`ClippingWarning`) if it clips more than
+    :data:`CLIP_WARN_FRACTION` of its input, looked at on the first step and every :data:`CLIP_CHECK_EVERY`.
     """
 
     def __init__(
@@ -133,6 +146,8 @@ class TensorQuantizer(nn.Module):
         self.is_weight = False  # a constant: export clips it per channel and stores its integer codes
         self.observe_steps = 0
         self.momentum = 0.1
+        self.training_steps = 0  # forwards in training mode, quantized
+        self.clip_warned = False
         self._calibrator: calib.Calibrator | None = None
         self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
         self._hi: np.ndarray | None = None
@@ -309,7 +324,45 @@ class TensorQuantizer(nn.Module):
             if self.training:
                 per_scale = x.numel() / max(self.scale.numel(), 1)
                 factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+        if self.training and not self.clip_warned and self.observe_steps == 0:  # a following range is not judged
+            if self.training_steps % CLIP_CHECK_EVERY == 0:
+                self._check_clipping(x, scale)
+            self.training_steps += 1
         return fake_quant(x, scale, self.zero_point, self.spec, factor)
+
+    def _check_clipping(self, x: torch.Tensor, scale: torch.Tensor) -> None:
+        """Warn (once) if more than :data:`CLIP_WARN_FRACTION` of ``x`` lies outside the grid."""
+        spec = self.spec
+        with torch.no_grad():
+            s, z = param_view(scale.detach(), x.shape, spec), param_view(self.zero_point, x.shape, spec)
+            codes = torch.round(x.detach() / s) + z
+            share = float(((codes < spec.qmin) | (codes > spec.qmax)).float().mean())
+            if not share > CLIP_WARN_FRACTION:
+                return
+            lo, hi = float(((spec.qmin - z) * s).min()), float(((spec.qmax - z) * s).max())
+            x_lo, x_hi = float(x.min()), float(x.max())
+        self.clip_warned = True
+        if self.is_weight:
+            what = "weight"
+            advice = (
+                "The gradient stops at clipped weights, so they stop learning. The (folded) weight outgrew the range "
+                "fixed when it was quantized: learn the weight scales (Config.with_learned_scales()) or fix them "
+                "again from the weight (the layer's calibrate_weight())"
+            )
+        else:
+            what = "batch"
+            advice = (
+                "The gradient stops at clipped values, so the layers before it barely train. Calibrate on "
+                "training's activations: lowbit.torch.calibrate(model, batches, bn_stats='batch') "
+                "(lowbit.torch.quantize(..., qat=True) does by default), or let the range follow the data for a few "
+                "steps (observe_steps)"
+            )
+        warnings.warn(
+            f"{self._describe()} clips {share:.0%} of its input in training: its range is [{lo:.3g}, {hi:.3g}], the "
+            f"{what} spans [{x_lo:.3g}, {x_hi:.3g}]. {advice}",
+            ClippingWarning,
+            stacklevel=2,
+        )
 
     def _export(self, x: torch.Tensor) -> torch.Tensor:
         """The traced form: QuantizeLinear + DequantizeLinear in the 8-bit storage type, after clipping ``x`` to

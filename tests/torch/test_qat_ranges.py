@@ -1,0 +1,110 @@
+"""QAT from a model whose BatchNorm running statistics are not converged: eval-mode calibration must not leave
+the activation ranges of training-mode activations clipping everything (issue 23)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lowbit.torch as lt
+from lowbit.errors import SpecError
+from tests.torch import models
+
+
+def _labels(data, seed: int = 3) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 4, (len(x),), generator=g) for x in data]
+
+
+@pytest.mark.parametrize("learned", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_qat_from_unconverged_batchnorm_statistics_trains_the_first_layer(seed, learned):
+    model, data = models.FreshResNet(seed), models.batches(3, batch=16, seed=seed + 10)
+    cfg = lt.preset("w4a4").with_learned_scales() if learned else lt.preset("w4a4")
+    q = lt.quantize(model.eval(), cfg, calib=data, qat=True, progress=False).train()
+    opt = torch.optim.Adam(q.parameters(), lr=1e-3)
+    before = q.conv1.weight.detach().clone()
+    for x, t in zip(data, _labels(data), strict=True):
+        opt.zero_grad()
+        nn.functional.cross_entropy(q(x), t).backward()
+        assert q.conv1.weight.grad.abs().sum() > 0  # the gradient reaches the first layer on every step
+        opt.step()
+    assert not torch.equal(before, q.conv1.weight.detach())
+
+
+def test_qat_calibrates_on_batch_statistics_and_leaves_the_running_ones_alone():
+    model, data = models.FreshResNet(), models.batches(3, batch=16, seed=10)
+    q = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False)
+    old = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False, bn_stats="running")
+    layers = [m for m in q.modules() if isinstance(m, lt.QuantConvBn2d)]
+    assert len(layers) == 3 and not q.training and not any(m.training for m in q.modules())
+    for layer in layers:  # still at init: calibration did not move them
+        assert torch.equal(layer.bn.running_mean, torch.zeros(8)) and torch.equal(layer.bn.running_var, torch.ones(8))
+        assert int(layer.bn.num_batches_tracked) == 0
+    # The head's range fits its training-mode input, larger than the eval-mode one (running variance 1 against a
+    # batch variance of about 1/3 at the first convolution's output).
+    head, head_old = q.fc.input_quantizer, old.fc.input_quantizer
+    seen = []
+    hook = q.fc.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+    q.train()
+    with torch.no_grad():
+        q(data[0])
+    hook.remove()
+    hi = float((head.spec.qmax - head.zero_point) * head.scale)
+    hi_old = float((head_old.spec.qmax - head_old.zero_point) * head_old.scale)
+    assert hi > 1.2 * hi_old
+    assert float((seen[0] > hi * (1 + 1 / 30)).float().mean()) < 0.05
+
+
+def test_batch_statistics_normalises_like_training_and_restores_everything():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Dropout(0.5)).eval()
+    x = models.batches(1, batch=8)[0] * 3 + 1
+    expected = nn.functional.batch_norm(model[0](x), None, None, model[1].weight, model[1].bias, training=True)
+    with torch.no_grad(), lt.batch_statistics(model):
+        assert model[1].training and not model[2].training and not model.training  # Dropout stays off
+        got = model(x)
+    torch.testing.assert_close(got, expected.detach())
+    assert not model[1].training and torch.equal(model[1].running_mean, torch.zeros(4))
+    assert int(model[1].num_batches_tracked) == 0
+
+
+def test_an_unknown_bn_stats_is_a_clear_error():
+    with pytest.raises(SpecError, match="bn_stats must be one of"):
+        lt.quantize(models.FreshResNet(), "int8", calib=models.batches(1), qat=True, bn_stats="train")
+
+
+def test_a_quantizer_that_clips_most_of_its_input_in_training_warns_once_naming_itself():
+    q = lt.TensorQuantizer(lt.preset("w4a4").default.input.spec(None), name="head.input")
+    q(torch.linspace(0, 1, 100))
+    q.load_calibration()
+    q.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        q(torch.linspace(0, 1, 100))  # inside its range: quiet
+        assert not caught
+        for _ in range(40):
+            q(torch.cat([torch.zeros(20), torch.full((80,), 3.0)]))  # 80% above 1: noticed within 16 steps
+    assert len(caught) == 1 and issubclass(caught[0].category, lt.ClippingWarning)
+    assert "'head.input' clips 80% of its input" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        q2 = lt.TensorQuantizer(q.spec)
+        q2(torch.linspace(0, 1, 100))
+        q2.load_calibration()
+        q2.eval()
+        q2(torch.linspace(0.5, 3, 100))  # inference: clipping is not checked
+
+
+def test_qat_on_eval_mode_ranges_of_unconverged_batchnorm_warns_for_the_head():
+    model, data = models.FreshResNet(), models.batches(2, batch=16, seed=10)
+    q = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False, bn_stats="running").train()
+    with pytest.warns(lt.ClippingWarning, match="'fc.input' clips"):
+        q(data[0])
+    q = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False).train()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lt.ClippingWarning)
+        for _ in range(3):
+            q(data[1])
