@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 import lowbit.torch as lt
-from lowbit.errors import CalibrationError, SpecError
+from lowbit.errors import CalibrationError, LowbitError, SpecError
+from lowbit.paths import PathError
 from lowbit.torch.layers import QuantMixin
 from tests.torch import models
 
@@ -189,3 +190,43 @@ def test_a_batchnorm_channel_that_saw_a_constant_folds_to_its_beta():
             qz.mode = "disabled"
         with torch.no_grad():
             torch.testing.assert_close(m(x), model(x), atol=1e-5, rtol=1e-4)
+
+
+def test_example_inputs_of_the_wrong_shape_are_a_one_line_error_naming_them(tmp_path):
+    q = lt.quantize(models.convnet(), "int8", calib=models.batches(), progress=False)
+    with pytest.raises(SpecError) as info:
+        lt.export_onnx(q, torch.randn(2, 5, 16, 16), tmp_path / "q.onnx")
+    message = str(info.value)
+    assert "\n" not in message and isinstance(info.value, LowbitError)
+    assert message.startswith("example_inputs (a tensor of shape (2, 5, 16, 16)) do not fit the model")
+    assert "shaped like one batch of its calibration data" in message
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_output_path_that_cannot_be_written_is_refused_before_tracing(tmp_path, monkeypatch):
+    q = lt.quantize(models.convnet(), "int8", calib=models.batches(), progress=False)
+    x = models.batches(1)[0]
+
+    def never(*args, **kwargs):
+        raise AssertionError("the export traced the model before checking its output")
+
+    monkeypatch.setattr(torch.onnx, "export", never)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(PathError, match=r"^path .*afile/q\.onnx: .*afile is a file, not a folder"):
+        lt.export_onnx(q, x, tmp_path / "afile" / "q.onnx")
+    with pytest.raises(PathError, match="is a folder"):
+        lt.export_onnx(q, x, tmp_path)
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    (tmp_path / "ro").mkdir()
+    monkeypatch.setattr("lowbit.paths.tempfile.mkstemp", denied)  # as root, chmod would not stop a write
+    with pytest.raises(PathError) as info:
+        lt.export_onnx(q, x, tmp_path / "ro" / "q.onnx")
+    assert str(info.value) == (
+        f"path {tmp_path / 'ro' / 'q.onnx'}: cannot write in {tmp_path / 'ro'} (Permission denied); "
+        "choose a folder you can write to"
+    )
+    assert isinstance(info.value, LowbitError)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro"] and not list((tmp_path / "ro").iterdir())

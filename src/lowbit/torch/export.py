@@ -11,7 +11,9 @@ weights are clipped to their grid before their codes are stored.
 as INT4 (an eighth of the float size) and writes per-group weights as blocked DequantizeLinear (``block_size``);
 per-group quantizers need it.
 
-The file is written atomically (a temporary file renamed into place) and checked with ``onnx.checker``.
+The output path is checked first (that a file can be created there), before any tracing; the example inputs are
+run through the model before the export; the file is written atomically (a temporary file renamed into place) and
+checked with ``onnx.checker``: a failure leaves no half-written file.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 
 from lowbit._io import atomic_open
 from lowbit.errors import CalibrationError, SpecError
+from lowbit.paths import check_outputs
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 DEFAULT_OPSET = 17
@@ -191,6 +194,25 @@ def _off_cpu(model: nn.Module, args: tuple[Any, ...]) -> bool:
     return any(t.device.type != "cpu" for t in tensors)
 
 
+def _describe_inputs(args: tuple[Any, ...]) -> str:
+    return ", ".join(
+        f"a tensor of shape {tuple(a.shape)}" if isinstance(a, torch.Tensor) else type(a).__name__ for a in args
+    )
+
+
+def _run_example(model: nn.Module, args: tuple[Any, ...]) -> Any:
+    try:
+        with torch.no_grad():
+            return model(*args)
+    except Exception as exc:  # the user's inputs (or model): say which argument and what it must be
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise SpecError(
+            f"example_inputs ({_describe_inputs(args)}) do not fit the model: running it failed "
+            f"({type(exc).__name__}: {reason}). Pass what the model's forward takes, a tensor or a tuple of "
+            "positional inputs, shaped like one batch of its calibration data"
+        ) from exc
+
+
 def export_onnx(
     model: nn.Module,
     example_inputs: torch.Tensor | tuple[Any, ...],
@@ -203,7 +225,9 @@ def export_onnx(
 ) -> Path:
     """Write ``model`` (quantized and calibrated) to ``path`` as a Q/DQ ONNX model; returns the path.
 
-    ``example_inputs``: a tensor or a tuple of positional inputs. ``opset``: 13 to 21 (21: INT4 weights and
+    ``example_inputs``: a tensor or a tuple of positional inputs (inputs that the model cannot run on raise
+    :class:`~lowbit.errors.SpecError`; a ``path`` where no file can be written, :class:`~lowbit.paths.PathError`,
+    both before any tracing). ``opset``: 13 to 21 (21: INT4 weights and
     per-group weights, see the module docstring). ``dynamic_batch``: the first axis of every input and output is
     named ``batch`` so that any batch size runs. A model on a GPU is traced from a CPU copy of it and left where it
     is.
@@ -225,6 +249,7 @@ def export_onnx(
             "opset 21 on; export with opset=21"
         )
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    check_outputs({"path": path}, {})  # a PathError now rather than after the tracing
     path = Path(path)
     buffer = io.BytesIO()
     n_in = len(args)
@@ -237,8 +262,7 @@ def export_onnx(
     with evaluating(model):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer warnings
-            with torch.no_grad():
-                out = model(*args)
+            out = _run_example(model, args)
             n_out = len(out) if isinstance(out, (tuple, list)) else 1
             output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
             dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
