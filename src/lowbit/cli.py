@@ -562,8 +562,8 @@ def _add_inspect(commands) -> None:
         help="profile an ONNX model in ONNX Runtime: which kernel ran for each node, integer or float, and its time",
         description=(
             "Run MODEL.onnx under ONNX Runtime's profiler (CPU, graph optimizations on, as deployed) and print, per "
-            "node, the kernel that ran, whether it ran on integers or float (or converted between them), and its "
-            "time. Matrix ops that ran in float are flagged."
+            "node, the kernel that ran, whether it ran on integers or float, converted between them or only moved "
+            "data, and its time. Matrix ops that ran in float are flagged."
         ),
     )
     i.add_argument("model", type=Path, help="the ONNX model (usually a quantized one)")
