@@ -1,0 +1,270 @@
+"""QAT from a model whose BatchNorm statistics are not converged, against one whose are (issue 23).
+
+    apt-get install dataset-fashion-mnist
+    python benchmarks/qat_bn_bench.py              # ~4 min on 2 cores
+    python benchmarks/qat_bn_bench.py --no-write   # print only
+
+Writes the "qat-bn" section of docs/BENCHMARKS.md and docs/benchmarks/qat-bn.json.
+
+The model: a small residual CNN (Conv-BN-ReLU, max pool, a residual block, a strided Conv-BN-ReLU, a residual block,
+global average pooling, Linear), freshly initialised (seeded). Its BatchNorm running statistics are either left at
+their init values (mean 0, variance 1: "not converged"), or converged: averaged over 50 batches of training images
+run in train mode, the weights untouched. Each is quantized for QAT exactly as the bug report did,
+``lt.quantize(model.eval(), "w4a4" [.with_learned_scales()], calib=8 batches, qat=True)``, then trained with Adam
+(lr 1e-3, batches of 64 of a seeded subset of the training images). The activation ranges are calibrated either
+on inference's activations (``bn_stats="running"``: lowbit before the fix) or on training's
+(``bn_stats="batch"``: the QAT default since the fix). Reported: the mean norm of the first convolution's weight
+gradient over the steps and on how many steps it was non-zero, how far the first layer's weights moved
+(``|w_end - w_start| / |w_start|``), the largest share of a layer's folded weight outside its range after
+training, top-1 on the 10,000 test images, and which quantizers warned that they clip
+most of their input (``lt.ClippingWarning``). The float model trained the same way is the reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import lowbit.torch as lt
+from _common import machine, write_section
+from lowbit._table import format_table
+from lowbit.examples import fashion_mnist
+
+CALIB_BATCHES = 8
+BN_BATCHES = 50
+BATCH = 64
+LR = 1e-3
+
+
+class ResCNN(nn.Module):
+    """Conv-BN-ReLU (16), max pool, a residual block, Conv-BN-ReLU (32, stride 2), a residual block, global average
+    pooling, Linear (10)."""
+
+    def __init__(self, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+
+        def cb(cin, cout, stride=1):
+            return nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False), nn.BatchNorm2d(cout)
+
+        self.conv1, self.bn1 = cb(1, 16)
+        self.b1_conv1, self.b1_bn1 = cb(16, 16)
+        self.b1_conv2, self.b1_bn2 = cb(16, 16)
+        self.conv2, self.bn2 = cb(16, 32, stride=2)
+        self.b2_conv1, self.b2_bn1 = cb(32, 32)
+        self.b2_conv2, self.b2_bn2 = cb(32, 32)
+        self.fc = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = nn.functional.max_pool2d(torch.relu(self.bn1(self.conv1(x))), 2)
+        x = torch.relu(x + self.b1_bn2(self.b1_conv2(torch.relu(self.b1_bn1(self.b1_conv1(x))))))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(x + self.b2_bn2(self.b2_conv2(torch.relu(self.b2_bn1(self.b2_conv1(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def converge_bn(model: nn.Module, x: np.ndarray) -> nn.Module:
+    """The BatchNorms' running statistics averaged over ``BN_BATCHES`` batches in train mode; weights untouched."""
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # a plain average over the batches
+    model.train()
+    with torch.no_grad():
+        for i in range(BN_BATCHES):
+            model(torch.from_numpy(x[i * BATCH : (i + 1) * BATCH]))
+    for bn in bns:
+        bn.momentum = 0.1
+    return model.eval()
+
+
+def evaluate(model: nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for i in range(0, len(x), 1000):
+            correct += int((model(torch.from_numpy(x[i : i + 1000])).argmax(1).numpy() == y[i : i + 1000]).sum())
+    return correct / len(x)
+
+
+def first_conv(model: nn.Module) -> nn.Module:
+    return model.get_submodule("conv1")
+
+
+def weights_clipped(model: nn.Module, x: torch.Tensor) -> float:
+    """The largest share of a layer's (BatchNorm-folded) weight outside its quantizer's range, seen in one
+    inference pass on ``x`` through forward hooks of the weight quantizers."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [
+        q.register_forward_pre_hook(lambda m, a, n=n: seen.__setitem__(n, a[0]))
+        for n, q in lt.quantizers(model).items()
+        if q.is_weight and q.mode == "quantize"
+    ]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    worst = 0.0
+    for n, w in seen.items():
+        q = model.get_submodule(n)
+        shape = [-1] + [1] * (w.dim() - 1)
+        s, z = q.scale.detach().clamp_min(1e-12).reshape(shape), q.zero_point.reshape(shape)
+        codes = torch.round(w / s) + z
+        worst = max(worst, float(((codes < q.spec.qmin) | (codes > q.spec.qmax)).float().mean()))
+    return worst
+
+
+def train(model: nn.Module, x: np.ndarray, y: np.ndarray, steps: int, seed: int) -> dict:
+    """Adam over seeded batches; the first convolution's gradient norm on every step, its weights' relative move."""
+    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(model.parameters(), lr=LR)
+    w0 = first_conv(model).weight.detach().clone()
+    norms = []
+    model.train()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", lt.ClippingWarning)
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (BATCH,), generator=gen).numpy()
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(torch.from_numpy(x[idx])), torch.from_numpy(y[idx])).backward()
+            norms.append(float(first_conv(model).weight.grad.norm()))
+            opt.step()
+    w = first_conv(model).weight.detach()
+    clipping = [str(w.message).split(" clips ")[0].removeprefix("quantizer ").strip("'") for w in caught
+                if issubclass(w.category, lt.ClippingWarning)]  # fmt: skip
+    return {
+        "grad_norm": float(np.mean(norms)),
+        "steps_with_grad": int(sum(n > 0 for n in norms)),
+        "steps": steps,
+        "weight_change": float((w - w0).norm() / w0.norm()),
+        "clipping_warnings": clipping,
+        "weights_clipped": weights_clipped(model, torch.from_numpy(x[:BATCH])) if lt.quantizers(model) else 0.0,
+    }
+
+
+def run(args) -> dict:
+    torch.set_num_threads(args.threads)
+    x, y = fashion_mnist("train")
+    xt, yt = fashion_mnist("test")
+    order = np.random.default_rng(args.seed).permutation(len(x))[: args.train_images]
+    x, y = x[order], y[order]
+    calib = [torch.from_numpy(x[i * BATCH : (i + 1) * BATCH]) for i in range(CALIB_BATCHES)]
+    rows: dict[str, dict] = {}
+
+    def record(name: str, model: nn.Module, started: float, stats: dict) -> None:
+        stats.update(top1=evaluate(model, xt, yt), seconds=time.perf_counter() - started)
+        rows[name] = stats
+        print(
+            f"{name:<52} grad {stats['grad_norm']:.3g} on {stats['steps_with_grad']}/{stats['steps']} steps, "
+            f"first layer moved {stats['weight_change']:.3f}, weights clipped {stats['weights_clipped']:.0%}, "
+            f"top-1 {stats['top1'] * 100:.2f}%, "
+            f"{len(stats['clipping_warnings'])} clipping warning(s), {stats['seconds']:.0f} s",
+            flush=True,
+        )
+
+    started = time.perf_counter()
+    model = ResCNN(args.seed)
+    record("FP32 (reference)", model, started, train(model, x, y, args.steps, args.seed))
+    for bn in ("not converged", "converged"):
+        for learned in (False, True):
+            for bn_stats, when in (("running", "before the fix"), ("batch", "after the fix")):
+                started = time.perf_counter()
+                model = ResCNN(args.seed)
+                if bn == "converged":
+                    converge_bn(model, x)
+                cfg = lt.preset("w4a4").with_learned_scales() if learned else lt.preset("w4a4")
+                q = lt.quantize(model.eval(), cfg, calib=calib, qat=True, progress=False, bn_stats=bn_stats)
+                stats = train(q, x, y, args.steps, args.seed)
+                stats.update(bn=bn, learned_scales=learned, bn_stats=bn_stats)
+                name = f"W4A4{' LSQ' if learned else ''}, BN {bn}, ranges on {bn_stats} stats ({when})"
+                record(name, q, started, stats)
+    return {
+        "machine": machine(),
+        "torch": torch.__version__,
+        "settings": {
+            "seed": args.seed,
+            "steps": args.steps,
+            "batch": BATCH,
+            "lr": LR,
+            "train_images": args.train_images,
+            "calibration_batches": CALIB_BATCHES,
+            "bn_convergence_batches": BN_BATCHES,
+            "threads": args.threads,
+        },
+        "rows": rows,
+    }
+
+
+def render(results: dict) -> str:
+    s = results["settings"]
+    headers = [
+        "run",
+        "BN stats",
+        "ranges on",
+        "|grad conv1|",
+        "steps with grad",
+        "conv1 moved",
+        "w clipped",
+        "top-1 %",
+        "warned",
+    ]
+    table = []
+    for r in results["rows"].values():
+        run_name = "FP32" if "bn" not in r else ("W4A4 LSQ" if r["learned_scales"] else "W4A4")
+        warned = ", ".join(dict.fromkeys(r["clipping_warnings"])) or "-"
+        table.append([
+            run_name, r.get("bn", "-"), r.get("bn_stats", "-"), f"{r['grad_norm']:.3g}",
+            f"{r['steps_with_grad']}/{r['steps']}", f"{r['weight_change']:.3f}", f"{r['weights_clipped']:.0%}",
+            f"{r['top1'] * 100:.2f}", warned,
+        ])  # fmt: skip
+    m = results["machine"]
+    return "\n".join([
+        "## QAT and BatchNorm statistics that have not converged",
+        "",
+        "`python benchmarks/qat_bn_bench.py` (issue 23). A freshly initialised residual CNN (Conv-BN-ReLU, two "
+        "residual blocks, global pooling, Linear) on Fashion-MNIST, quantized W4A4 for QAT "
+        "(`lt.quantize(model.eval(), cfg, calib=..., qat=True)`, BatchNorm kept training) with its BatchNorm running "
+        f"statistics at their init values (\"not converged\") or averaged over {s['bn_convergence_batches']} training "
+        "batches (\"converged\", same weights), then trained from scratch: Adam, lr "
+        f"{s['lr']}, {s['steps']} steps of {s['batch']} images from {s['train_images']} training images (seed "
+        f"{s['seed']}); top-1 on the 10,000 test images. \"ranges on running stats\": the activation ranges "
+        "calibrated on inference's activations, as lowbit did before the fix (`bn_stats=\"running\"`); \"batch "
+        "stats\": on training's, the QAT default now. |grad conv1|: the mean norm of the first convolution's weight "
+        "gradient; conv1 moved: |w_end - w_start| / |w_start|; w clipped: after training, the largest share of a "
+        "layer's (BatchNorm-folded) weight outside its weight quantizer's range; warned: the quantizers that "
+        "warned that they clip most of their input (`lt.ClippingWarning`).",
+        "",
+        "```",
+        format_table(headers, table, align="lllrrrrrl"),
+        "```",
+        "",
+        f"{m['cpu']}, {s['threads']} threads, torch {results['torch']}, {m['date']}.",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
+    parser.add_argument("--train-images", type=int, default=12000, help="the training subset (default 12000)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    args = parser.parse_args()
+    results = run(args)
+    text = render(results)
+    print(text)
+    if not args.no_write:
+        write_section("qat-bn", text, results)
+
+
+if __name__ == "__main__":
+    main()
