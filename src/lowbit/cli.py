@@ -658,7 +658,17 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    _end_bars()
     print(f"lowbit: warning: {message}", file=sys.stderr)
+
+
+def _end_bars() -> None:
+    """Close the progress bars a failure left open, so that the message starts a line of its own instead of
+    following a half-drawn bar (a bar whose loop raised is only closed when it is collected)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -678,22 +688,26 @@ def main(argv: Sequence[str] | None = None) -> int:
             check_outputs(outputs, inputs)
             return args.func(args)
         except KeyboardInterrupt:
+            _end_bars()
             written = [str(p) for p, stamp in before.items() if _stamp(p) not in (None, stamp)]
             done = f"already written: {', '.join(written)}" if written else "nothing was written"
             print(f"{where}: interrupted; {done}", file=sys.stderr)
             return 130
         except LowbitError as exc:
+            _end_bars()
             if args.debug:
                 traceback.print_exc()
             print(f"{where}: error: {exc}", file=sys.stderr)
             return 2
         except OSError as exc:
+            _end_bars()
             if args.debug:
                 traceback.print_exc()
             about = f"{exc.filename}: " if exc.filename else ""
             print(f"{where}: error: {about}{exc.strerror or exc}", file=sys.stderr)
             return 2
         except Exception as exc:  # a bug, or a model lowbit does not handle: one line, the traceback on request
+            _end_bars()
             if args.debug:
                 traceback.print_exc()
             print(

@@ -31,11 +31,15 @@ def _digest(*paths) -> list[str]:
 
 
 def _error_line(capsys) -> str:
+    """The one error line on stderr, checked to start a line of its own on a terminal: any progress bar before it
+    on the same line was cleared (only spaces between carriage returns)."""
     err = capsys.readouterr().err
     assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if "error:" in line]
+    lines = [line for line in err.split("\n") if "error:" in line]
     assert len(lines) == 1, err
-    return lines[0]
+    *before, visible = lines[0].split("\r")
+    assert visible.startswith("lowbit ") and (not before or not before[-1].strip()), repr(lines[0])
+    return visible
 
 
 @pytest.mark.parametrize(
