@@ -687,35 +687,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             check_outputs(outputs, inputs)
             return args.func(args)
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Exception) as exc:
             _end_bars()
-            written = [str(p) for p, stamp in before.items() if _stamp(p) not in (None, stamp)]
-            done = f"already written: {', '.join(written)}" if written else "nothing was written"
-            print(f"{where}: interrupted; {done}", file=sys.stderr)
-            return 130
-        except LowbitError as exc:
-            _end_bars()
-            if args.debug:
+            if args.debug and not isinstance(exc, KeyboardInterrupt):
                 traceback.print_exc()
-            print(f"{where}: error: {exc}", file=sys.stderr)
-            return 2
-        except OSError as exc:
-            _end_bars()
-            if args.debug:
-                traceback.print_exc()
-            about = f"{exc.filename}: " if exc.filename else ""
-            print(f"{where}: error: {about}{exc.strerror or exc}", file=sys.stderr)
-            return 2
-        except Exception as exc:  # a bug, or a model lowbit does not handle: one line, the traceback on request
-            _end_bars()
-            if args.debug:
-                traceback.print_exc()
-            print(
-                f"{where}: error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback, "
-                "and please report it)",
-                file=sys.stderr,
-            )
-            return 1
+            code, message = _failure(exc, before)
+            print(f"{where}: {message}", file=sys.stderr)
+            return code
+
+
+def _failure(exc: BaseException, before: dict[Path, tuple[int, int] | None]) -> tuple[int, str]:
+    """The exit code and the one line for a command that stopped on ``exc``: 130 for an interrupt (with the
+    outputs already written, judged by their stamps ``before`` it ran), 2 for bad input or a file that cannot be
+    used, 1 for anything else (a bug, or a model lowbit does not handle)."""
+    if isinstance(exc, KeyboardInterrupt):
+        written = [str(p) for p, stamp in before.items() if _stamp(p) not in (None, stamp)]
+        return 130, "interrupted; " + (f"already written: {', '.join(written)}" if written else "nothing was written")
+    if isinstance(exc, LowbitError):
+        return 2, f"error: {exc}"
+    if isinstance(exc, OSError):
+        about = f"{exc.filename}: " if exc.filename else ""
+        return 2, f"error: {about}{exc.strerror or exc}"
+    return (
+        1,
+        f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback, and please report it)",
+    )
 
 
 if __name__ == "__main__":
