@@ -108,3 +108,48 @@ def test_qat_on_eval_mode_ranges_of_unconverged_batchnorm_warns_for_the_head():
         warnings.simplefilter("error", lt.ClippingWarning)
         for _ in range(3):
             q(data[1])
+
+
+def _weight_range(quantizer) -> torch.Tensor:
+    return (quantizer.scale * (quantizer.spec.qmax - quantizer.zero_point)).detach().clone()
+
+
+@pytest.mark.parametrize("method", ["minmax", "mse"])
+def test_in_training_a_weight_range_follows_the_weight_at_its_calibrated_clip(method):
+    spec = lt.preset("w4a4").default.weight.spec(0)
+    q = lt.TensorQuantizer(spec, method=method, name="fc.weight")
+    q.is_weight = True
+    w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    q.calibrate_on(w)
+    calibrated = _weight_range(q)
+    ratio = calibrated / w.abs().amax(1)
+    assert torch.all(ratio <= 1 + 1e-6) and (method == "minmax") == bool(torch.all(ratio > 1 - 1e-6))
+    q.train()
+    q(w)  # the first step sees the weight calibration saw: the range stays
+    torch.testing.assert_close(_weight_range(q), calibrated)
+    grown = w * torch.linspace(1, 3, 8)[:, None]  # training (or a BatchNorm's running variance) grew the weight
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", lt.ClippingWarning)
+        q(grown)
+    torch.testing.assert_close(_weight_range(q), ratio * grown.abs().amax(1))  # the same clip, on the new weight
+    q.eval()
+    q(w)  # inference does not move it
+    torch.testing.assert_close(_weight_range(q), ratio * grown.abs().amax(1))
+
+
+def test_qat_weights_that_grow_are_not_clipped_and_keep_learning():
+    model, data = models.FreshResNet(0), models.batches(3, batch=16, seed=10)
+    q = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False).train()
+    layer = q.fc
+    with torch.no_grad():
+        layer.weight.mul_(3)  # as weights trained from scratch grow
+    x = data[0]
+    for fixed in (True, False):
+        layer.weight_quantizer.follow_weight = not fixed
+        layer.zero_grad()
+        q(x).square().sum().backward()
+        reached = float((layer.weight.grad != 0).float().mean())
+        if fixed:  # the range of quantize time: most of the grown weight is clipped, and gets no gradient
+            assert reached < 0.5
+        else:
+            assert reached > 0.95

@@ -50,6 +50,12 @@ class ClippingWarning(UserWarning):
     values, so little or nothing reaches the layers before it."""
 
 
+def _ratio(calibrated: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
+    """``calibrated / observed`` where ``observed`` is not 0 (and of the same sign), else 1."""
+    usable = (observed != 0) & (calibrated * observed > 0)
+    return torch.where(usable, calibrated / torch.where(usable, observed, torch.ones_like(observed)), 1.0)
+
+
 def _round_ste(v: torch.Tensor) -> torch.Tensor:
     """Round half to even forward, identity backward."""
     return v + (torch.round(v) - v).detach()
@@ -144,6 +150,9 @@ class TensorQuantizer(nn.Module):
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
         self.mode = "quantize" if dynamic else "calibrate"
         self.is_weight = False  # a constant: export clips it per channel and stores its integer codes
+        # In training, a weight's range (unless learned) follows the weight: see _follow_weight.
+        self.follow_weight = True
+        self._weight_ratio: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observe_steps = 0
         self.momentum = 0.1
         self.training_steps = 0  # forwards in training mode, quantized
@@ -227,11 +236,14 @@ class TensorQuantizer(nn.Module):
             self.set_range(*mse_range_per_slice(x.detach().float().cpu().numpy(), self.spec))
             self._calibrator, self._lo, self._hi = None, None, None
             self.mode = "quantize"
-            return
-        self.mode = "calibrate"
-        with torch.no_grad():
-            self(x)
-        self.load_calibration()
+        else:
+            self.mode = "calibrate"
+            with torch.no_grad():
+                self(x)
+            self.load_calibration()
+        self._weight_ratio = None
+        if self.is_weight:
+            self._weight_ratio = self._clip_ratio(x.detach().float())
 
     def load_calibration(self) -> None:
         """Turn the statistics gathered in ``"calibrate"`` mode into the scale, and switch to ``"quantize"``."""
@@ -284,6 +296,50 @@ class TensorQuantizer(nn.Module):
         old_hi = (self.spec.qmax - old_zp) * old_scale
         self.set_range(np.minimum((1 - m) * old_lo + m * lo, 0), np.maximum((1 - m) * old_hi + m * hi, 0))
 
+    def _weight_minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-slice min and max of a weight, on its device (per group: through NumPy)."""
+        spec = self.spec
+        if spec.axis is None:
+            return w.amin(), w.amax()
+        if spec.group_size is None:
+            axis = layout.normalize_axis(spec.axis, w.dim())
+            flat = w.movedim(axis, 0).reshape(w.shape[axis], -1)
+            return flat.amin(1), flat.amax(1)
+        lo, hi = self._slice_minmax(w.cpu().numpy())
+        return torch.as_tensor(lo, device=w.device), torch.as_tensor(hi, device=w.device)
+
+    def _follow_weight(self, x: torch.Tensor) -> None:
+        """Keep a weight's range the same fraction of the weight's own per-slice min and max that calibration chose
+        (1 for min/max, less for an MSE-clipped range), as training moves the weight, and a BatchNorm's running
+        variance the folded weight. A range fixed at quantize time clips a growing weight, and the gradient stops
+        at clipped weights (torch.ao's weight observers likewise follow the weight every step)."""
+        w = x.detach().float()
+        if self._weight_ratio is None:  # set without calibrate_on (a loaded state dict): take the range as it is
+            self._weight_ratio = self._clip_ratio(w)
+        r_lo, r_hi = self._weight_ratio
+        with torch.no_grad():
+            w_lo, w_hi = self._signed_minmax(w)
+            new_lo = (r_lo.to(w.device) * w_lo).cpu().numpy()
+            new_hi = (r_hi.to(w.device) * w_hi).cpu().numpy()
+        self.set_range(new_lo, new_hi)
+
+    def _signed_minmax(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weight's per-slice (min, max), or (-max|w|, max|w|) for a symmetric spec."""
+        w_lo, w_hi = self._weight_minmax(w)
+        if not self.spec.symmetric:
+            return w_lo, w_hi
+        w_amax = torch.maximum(w_lo.abs(), w_hi.abs())
+        return -w_amax, w_amax
+
+    def _clip_ratio(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The quantizer's range (lo, hi) as fractions of ``w``'s per-slice min and max."""
+        spec = self.spec
+        with torch.no_grad():
+            s, z = self.scale.detach(), self.zero_point
+            lo = -s * (spec.qmax - z) if spec.symmetric else (spec.qmin - z) * s
+            w_lo, w_hi = self._signed_minmax(w)
+            return _ratio(lo, w_lo), _ratio((spec.qmax - z) * s, w_hi)
+
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "disabled":
@@ -313,7 +369,9 @@ class TensorQuantizer(nn.Module):
                     )
                 z = param_view(self.zero_point, x.shape, self.spec)
                 x = ((self.codes.to(x.dtype) - z) * param_view(self.scale, x.shape, self.spec)).detach()
-        if self.training and self.observe_steps > 0:
+        if self.training and self.is_weight and self.follow_weight and not self.learn_scale:
+            self._follow_weight(x)
+        elif self.training and self.observe_steps > 0:
             self._follow(x)
             self.observe_steps -= 1
         if torch.onnx.is_in_onnx_export():
