@@ -7,7 +7,7 @@
     python -m benchmarks --only onnx,calibration
     python -m benchmarks --summary-only   # rebuild the summary at the top of BENCHMARKS.md from the JSONs
 
-Each benchmark (calibration, onnx, torch, sensitivity; see each script's docstring for its models, what it needs
+Each benchmark (calibration, onnx, torch, sensitivity, qat-bn; see each script's docstring for its models, what it needs
 installed and how long it takes) runs in its own Python process, one after the other, so that one's memory and
 threads do not touch the next one's timings. Each writes its section of BENCHMARKS.md and a JSON of its raw figures
 with the machine's description, the package versions and the date. Then the summary at the top of BENCHMARKS.md
@@ -34,6 +34,7 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "onnx": ("onnx_bench.py", [], ["--quick", "--crops", "200", "--calib-crops", "64", "--sentences", "128"]),
     "torch": ("torch_bench.py", [], ["--qat-epochs", "0"]),
     "sensitivity": ("sensitivity_bench.py", [], []),
+    "qat-bn": ("qat_bn_bench.py", [], ["--seeds", "1", "--steps", "100"]),
 }
 NOT_QUICK = ("sensitivity",)  # its searches score whole test sets: minutes even when reduced; --quick leaves it out
 QUICK_DOCS = ROOT / "build" / "benchmarks-quick"

@@ -1,7 +1,7 @@
 """QAT from a model whose BatchNorm statistics are not converged, against one whose are (issue 23).
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/qat_bn_bench.py              # ~4 min on 2 cores
+    python benchmarks/qat_bn_bench.py              # ~7 min on 2 cores (3 seeds)
     python benchmarks/qat_bn_bench.py --no-write   # print only
 
 Writes the "qat-bn" section of docs/BENCHMARKS.md and docs/benchmarks/qat-bn.json.
@@ -12,8 +12,10 @@ their init values (mean 0, variance 1: "not converged"), or converged: averaged 
 run in train mode, the weights untouched. Each is quantized for QAT exactly as the bug report did,
 ``lt.quantize(model.eval(), "w4a4" [.with_learned_scales()], calib=8 batches, qat=True)``, then trained with Adam
 (lr 1e-3, batches of 64 of a seeded subset of the training images). The activation ranges are calibrated either
-on inference's activations (``bn_stats="running"``: lowbit before the fix) or on training's
-(``bn_stats="batch"``: the QAT default since the fix). Reported: the mean norm of the first convolution's weight
+on inference's activations and the weight ranges fixed at quantize time (``bn_stats="running"``,
+``follow_weight=False``: lowbit before the fix) or the activation ranges on training's activations and the weight
+ranges following the (folded) weights in training (``bn_stats="batch"``, ``follow_weight=True``: the QAT default
+since the fix). Reported: the mean norm of the first convolution's weight
 gradient over the steps and on how many steps it was non-zero, how far the first layer's weights moved
 (``|w_end - w_start| / |w_start|``), the largest share of a layer's folded weight outside its range after
 training, top-1 on the 10,000 test images, and which quantizers warned that they clip
@@ -158,11 +160,11 @@ def run(args) -> dict:
     order = np.random.default_rng(args.seed).permutation(len(x))[: args.train_images]
     x, y = x[order], y[order]
     calib = [torch.from_numpy(x[i * BATCH : (i + 1) * BATCH]) for i in range(CALIB_BATCHES)]
-    rows: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {}
 
     def record(name: str, model: nn.Module, started: float, stats: dict) -> None:
         stats.update(top1=evaluate(model, xt, yt), seconds=time.perf_counter() - started)
-        rows[name] = stats
+        rows.setdefault(name, []).append(stats)
         print(
             f"{name:<52} grad {stats['grad_norm']:.3g} on {stats['steps_with_grad']}/{stats['steps']} steps, "
             f"first layer moved {stats['weight_change']:.3f}, weights clipped {stats['weights_clipped']:.0%}, "
@@ -171,27 +173,13 @@ def run(args) -> dict:
             flush=True,
         )
 
-    started = time.perf_counter()
-    model = ResCNN(args.seed)
-    record("FP32 (reference)", model, started, train(model, x, y, args.steps, args.seed))
-    for bn in ("not converged", "converged"):
-        for learned in (False, True):
-            for bn_stats, when in (("running", "before the fix"), ("batch", "after the fix")):
-                started = time.perf_counter()
-                model = ResCNN(args.seed)
-                if bn == "converged":
-                    converge_bn(model, x)
-                cfg = lt.preset("w4a4").with_learned_scales() if learned else lt.preset("w4a4")
-                q = lt.quantize(model.eval(), cfg, calib=calib, qat=True, progress=False, bn_stats=bn_stats)
-                stats = train(q, x, y, args.steps, args.seed)
-                stats.update(bn=bn, learned_scales=learned, bn_stats=bn_stats)
-                name = f"W4A4{' LSQ' if learned else ''}, BN {bn}, ranges on {bn_stats} stats ({when})"
-                record(name, q, started, stats)
+    for seed in range(args.seed, args.seed + args.seeds):
+        _run_seed(seed, x, y, calib, args.steps, record)
     return {
         "machine": machine(),
         "torch": torch.__version__,
         "settings": {
-            "seed": args.seed,
+            "seeds": list(range(args.seed, args.seed + args.seeds)),
             "steps": args.steps,
             "batch": BATCH,
             "lr": LR,
@@ -202,6 +190,28 @@ def run(args) -> dict:
         },
         "rows": rows,
     }
+
+
+def _run_seed(seed: int, x: np.ndarray, y: np.ndarray, calib: list, steps: int, record) -> None:
+    """The float reference and the eight QAT runs, for the model and the batches of one seed."""
+    started = time.perf_counter()
+    model = ResCNN(seed)
+    record("FP32 (reference)", model, started, train(model, x, y, steps, seed))
+    for bn in ("not converged", "converged"):
+        for learned in (False, True):
+            for bn_stats, when in (("running", "before the fix"), ("batch", "after the fix")):
+                started = time.perf_counter()
+                model = ResCNN(seed)
+                if bn == "converged":
+                    converge_bn(model, x)
+                cfg = lt.preset("w4a4").with_learned_scales() if learned else lt.preset("w4a4")
+                q = lt.quantize(model.eval(), cfg, calib=calib, qat=True, progress=False, bn_stats=bn_stats)
+                for quantizer in lt.quantizers(q).values():  # before the fix, weight ranges stayed where set
+                    quantizer.follow_weight = bn_stats == "batch"
+                stats = train(q, x, y, steps, seed)
+                stats.update(bn=bn, learned_scales=learned, bn_stats=bn_stats, seed=seed)
+                name = f"W4A4{' LSQ' if learned else ''}, BN {bn}, ranges on {bn_stats} stats ({when})"
+                record(name, q, started, stats)
 
 
 def render(results: dict) -> str:
@@ -215,16 +225,20 @@ def render(results: dict) -> str:
         "conv1 moved",
         "w clipped",
         "top-1 %",
+        "per seed",
         "warned",
     ]
     table = []
-    for r in results["rows"].values():
+    for runs in results["rows"].values():
+        r = runs[0]
         run_name = "FP32" if "bn" not in r else ("W4A4 LSQ" if r["learned_scales"] else "W4A4")
-        warned = ", ".join(dict.fromkeys(r["clipping_warnings"])) or "-"
+        top1 = np.array([t["top1"] * 100 for t in runs])
+        warned = ", ".join(dict.fromkeys(w for t in runs for w in t["clipping_warnings"])) or "-"
         table.append([
-            run_name, r.get("bn", "-"), r.get("bn_stats", "-"), f"{r['grad_norm']:.3g}",
-            f"{r['steps_with_grad']}/{r['steps']}", f"{r['weight_change']:.3f}", f"{r['weights_clipped']:.0%}",
-            f"{r['top1'] * 100:.2f}", warned,
+            run_name, r.get("bn", "-"), r.get("bn_stats", "-"), f"{np.mean([t['grad_norm'] for t in runs]):.3g}",
+            f"{min(t['steps_with_grad'] for t in runs)}/{r['steps']}",
+            f"{np.mean([t['weight_change'] for t in runs]):.3f}", f"{max(t['weights_clipped'] for t in runs):.0%}",
+            f"{top1.mean():.2f} ± {top1.std():.2f}", " ".join(f"{v:.1f}" for v in top1), warned,
         ])  # fmt: skip
     m = results["machine"]
     return "\n".join([
@@ -235,16 +249,20 @@ def render(results: dict) -> str:
         "(`lt.quantize(model.eval(), cfg, calib=..., qat=True)`, BatchNorm kept training) with its BatchNorm running "
         f"statistics at their init values (\"not converged\") or averaged over {s['bn_convergence_batches']} training "
         "batches (\"converged\", same weights), then trained from scratch: Adam, lr "
-        f"{s['lr']}, {s['steps']} steps of {s['batch']} images from {s['train_images']} training images (seed "
-        f"{s['seed']}); top-1 on the 10,000 test images. \"ranges on running stats\": the activation ranges "
-        "calibrated on inference's activations, as lowbit did before the fix (`bn_stats=\"running\"`); \"batch "
-        "stats\": on training's, the QAT default now. |grad conv1|: the mean norm of the first convolution's weight "
-        "gradient; conv1 moved: |w_end - w_start| / |w_start|; w clipped: after training, the largest share of a "
+        f"{s['lr']}, {s['steps']} steps of {s['batch']} images from {s['train_images']} training images; top-1 on "
+        f"the 10,000 test images, mean ± standard deviation over {len(s['seeds'])} seeds (model, batches; "
+        "'per seed' lists them). \"ranges on running stats\": the activation ranges "
+        "calibrated on inference's activations and the weight ranges fixed at quantize time, as lowbit did before "
+        "the fix (`bn_stats=\"running\"`, `follow_weight=False`); \"batch stats\": activation ranges on training's "
+        "activations and weight ranges that follow the weights in training, the QAT default now. "
+        "|grad conv1|: the mean norm of the first convolution's weight "
+        "gradient (mean over seeds; steps with grad: the fewest); conv1 moved: |w_end - w_start| / |w_start|; "
+        "w clipped: after training, the largest share of a "
         "layer's (BatchNorm-folded) weight outside its weight quantizer's range; warned: the quantizers that "
         "warned that they clip most of their input (`lt.ClippingWarning`).",
         "",
         "```",
-        format_table(headers, table, align="lllrrrrrl"),
+        format_table(headers, table, align="lllrrrrrll"),
         "```",
         "",
         f"{m['cpu']}, {s['threads']} threads, torch {results['torch']}, {m['date']}.",
@@ -255,7 +273,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     parser.add_argument("--train-images", type=int, default=12000, help="the training subset (default 12000)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
+    parser.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     args = parser.parse_args()
