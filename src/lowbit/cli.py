@@ -197,10 +197,9 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 def _print_quantized(result, args_batch: int) -> None:
     kind = "dynamic (run-time activation scales)" if result.dynamic else f"static, {result.method} calibration"
-    layers = "layer" if result.layers == 1 else "layers"
     others = len(result.quantized_nodes) - result.layers
     also = f"; with the {others} nodes that follow them, {len(result.quantized_nodes)} nodes" if others > 0 else ""
-    print(f"quantized {result.layers} {layers} for {result.target} ({kind}{also})")
+    print(f"quantized {_count(result.layers, 'layer')} for {result.target} ({kind}{also})")
     if result.samples_note:
         how = f"at batch {result.calibration_batch}"
         if result.calibration_batch != result.batch_size:

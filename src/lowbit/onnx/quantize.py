@@ -303,10 +303,10 @@ def _read_through(source: FeedSource, batch: int, what: str, progress: bool) -> 
     """Read every batch of ``source`` once, so that data that does not fit the model (shape, dtype, NaN) is an
     error before anything is computed or written, not after."""
     batches = source.batches(batch)
-    bar = tqdm(total=len(batches) or None, desc=f"checking {what}", unit="batch", disable=not progress, leave=False)
-    for _ in batches:
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(batches) or None, desc=f"checking {what}", unit="batch", disable=not progress,
+              leave=False) as bar:  # fmt: skip
+        for _ in batches:
+            bar.update(1)
 
 
 def _quantize_dynamic(float_model, result, exclude, exclude_ops, per_channel, weight_only_rnn):
@@ -388,7 +388,7 @@ class _Static:
         built = calibrated.build(keep_float=keep_float)
         quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
         result.quantized_nodes, result.excluded_nodes = list(plan.quantized_nodes), plan.excluded_nodes
-        result.layers = len(units(Graph(self.float_model), plan))
+        result.layers = len(units(self.graph, plan))
         if self.target == "ort":
             # Embedding tables feed no compute op, so the plan leaves them in float; stored as int8 they take
             # more than half off a transformer's file (all-MiniLM-L6-v2: 59 MB -> 23 MB).
