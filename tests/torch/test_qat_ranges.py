@@ -11,6 +11,7 @@ from torch import nn
 
 import lowbit.torch as lt
 from lowbit.errors import SpecError
+from lowbit.torch.fold import folded
 from tests.torch import models
 
 
@@ -118,7 +119,7 @@ def _weight_range(quantizer) -> torch.Tensor:
 def test_in_training_a_weight_range_follows_the_weight_at_its_calibrated_clip(method):
     spec = lt.preset("w4a4").default.weight.spec(0)
     q = lt.TensorQuantizer(spec, method=method, name="fc.weight")
-    q.is_weight = True
+    q.is_weight, q.follow_weight = True, True
     w = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     q.calibrate_on(w)
     calibrated = _weight_range(q)
@@ -153,3 +154,43 @@ def test_qat_weights_that_grow_are_not_clipped_and_keep_learning():
             assert reached < 0.5
         else:
             assert reached > 0.95
+
+
+def _clipped(layer) -> float:
+    """The share of a QuantConvBn layer's folded weight outside its weight quantizer's range."""
+    q = layer.weight_quantizer
+    with torch.no_grad():
+        w = layer._weight_to_quantize()
+        s = q.scale.reshape(-1, *([1] * (w.dim() - 1)))
+        codes = torch.round(w / s) + q.zero_point.reshape(s.shape)
+        return float(((codes < q.spec.qmin) | (codes > q.spec.qmax)).float().mean())
+
+
+def test_qat_weight_ranges_move_with_the_batchnorm_fold_not_with_the_weight():
+    model, data = models.FreshResNet(0), models.batches(4, batch=16, seed=10)
+    clipped = {}
+    for follow in (False, True):
+        q = lt.quantize(model, "w4a4", calib=data, qat=True, progress=False)
+        layers = [m for m in q.modules() if isinstance(m, lt.QuantConvBn2d)]
+        for layer in layers:
+            layer.follow_bn = follow
+        q.train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", lt.ClippingWarning)
+            with torch.no_grad():
+                for _ in range(20):  # the running variances settle from 1 towards the real ones: f grows
+                    for x in data:
+                        q(x)
+        clipped[follow] = max(_clipped(layer) for layer in layers)
+        if follow:  # the range is the calibrated one times f / f_calibrated, channel by channel
+            layer = layers[0]
+            layer.bn.momentum = 0.0  # one more step that leaves the running statistics, so f is the one it used
+            with torch.no_grad():
+                q(data[0])
+            f0, _, hi0 = layer._calibration
+            f, _ = folded(layer.bn, None)
+            expected = hi0 * (f / f0).abs()
+            torch.testing.assert_close(_weight_range(layer.weight_quantizer), expected, rtol=1e-4, atol=1e-6)
+            assert float((f / f0).abs().min()) > 1.5  # the fold really moved
+    assert clipped[False] > 0.5  # a range fixed at quantize time clips most of the folded weight
+    assert clipped[True] < 0.01

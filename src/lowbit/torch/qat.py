@@ -36,10 +36,45 @@ from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
 
 
 class _ConvBn:
-    """The simulated fold over a ``Quant*Conv`` parent class; ``bn`` is the BatchNorm it folds."""
+    """The simulated fold over a ``Quant*Conv`` parent class; ``bn`` is the BatchNorm it folds.
+
+    The weight quantizer sees the folded weight ``w * f``, and ``f`` moves in training with the BatchNorm's running
+    variance and its ``gamma``: from statistics that have not converged, a range fixed at quantize time would clip
+    the whole folded weight once the variance settles (and the gradient stops at clipped weights). With
+    ``follow_bn`` (default) the range moves with ``f`` in training: per output channel, the calibrated range times
+    ``f / f_calibrated``. The weight's own changes do not move it (see ``TensorQuantizer.follow_weight``).
+    """
 
     bn: nn.modules.batchnorm._BatchNorm
     bn_frozen: bool = False  # use (and keep) the running statistics in training too
+    follow_bn: bool = True
+    _calibration: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # f, lo, hi when calibrated
+
+    def calibrate_weight(self) -> None:
+        super().calibrate_weight()
+        q = self.weight_quantizer
+        self._calibration = None
+        if not self.weight_float and q.calibrated and not q.dynamic:
+            with torch.no_grad():
+                f, _ = folded(self.bn, None)
+                s, z = q.scale.detach(), q.zero_point
+                hi = (q.spec.qmax - z) * s
+                lo = -hi if q.spec.symmetric else (q.spec.qmin - z) * s  # the range qparams gave this scale from
+                self._calibration = (f.detach().clone(), lo, hi)
+
+    def _follow_fold(self, f: torch.Tensor) -> None:
+        """The weight range, as calibrated, times each channel's ``f / f_calibrated`` (a per-tensor range: the
+        largest such factor)."""
+        q = self.weight_quantizer
+        f0, lo, hi = (t.to(f.device) for t in self._calibration)
+        with torch.no_grad():
+            r = torch.where(f0 != 0, f / torch.where(f0 != 0, f0, torch.ones_like(f0)), torch.ones_like(f0))
+            if q.spec.axis is None or q.spec.axis != 0:
+                r = r.abs().max()
+            else:
+                r = r.reshape(-1, *([1] * (lo.dim() - 1)))
+            new_lo, new_hi = torch.minimum(lo * r, hi * r), torch.maximum(lo * r, hi * r)
+        q.set_range(new_lo.cpu().numpy(), new_hi.cpu().numpy())
 
     @classmethod
     def from_conv_bn(cls, conv: nn.Module, bn: nn.Module, cfg, name: str = ""):
@@ -54,6 +89,9 @@ class _ConvBn:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, bias = folded(self.bn, self.bias)  # f = 0 for a dead channel: see lowbit.torch.fold.dead_channels
+        q = self.weight_quantizer
+        if self.training and self.follow_bn and self._calibration is not None and not q.learn_scale:
+            self._follow_fold(f.detach())
         w = self.weight_quantizer(self.weight * f.reshape(-1, *([1] * (self.weight.dim() - 1))))
         x = self.input_quantizer(x)
         if self.training and not self.bn_frozen:

@@ -128,8 +128,10 @@ class TensorQuantizer(nn.Module):
     or per-group quantizer (weights) takes min/max per slice. ``dynamic`` computes the range of every batch at
     run time. ``learn_scale`` makes the scale an ``nn.Parameter`` (LSQ). ``observe_steps`` (QAT): for that many
     training steps after calibration, the range follows an exponential moving average of each batch's min/max
-    (``momentum``), then it is frozen. In training it warns once (:class:`ClippingWarning`) if it clips more than
-    :data:`CLIP_WARN_FRACTION` of its input, looked at on the first step and every :data:`CLIP_CHECK_EVERY`.
+    (``momentum``), then it is frozen. ``follow_weight`` (off by default): in training a weight's range keeps the
+    fraction of the weight's own range that calibration chose (:meth:`_follow_weight`). In training it warns once
+    (:class:`ClippingWarning`) if it clips more than :data:`CLIP_WARN_FRACTION` of its input, looked at on the first
+    step and every :data:`CLIP_CHECK_EVERY`.
     """
 
     def __init__(
@@ -150,8 +152,8 @@ class TensorQuantizer(nn.Module):
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
         self.mode = "quantize" if dynamic else "calibrate"
         self.is_weight = False  # a constant: export clips it per channel and stores its integer codes
-        # In training, a weight's range (unless learned) follows the weight: see _follow_weight.
-        self.follow_weight = True
+        # Opt-in: in training, a weight's range (unless learned) follows the weight: see _follow_weight.
+        self.follow_weight = False
         self._weight_ratio: tuple[torch.Tensor, torch.Tensor] | None = None
         self.observe_steps = 0
         self.momentum = 0.1
@@ -310,9 +312,11 @@ class TensorQuantizer(nn.Module):
 
     def _follow_weight(self, x: torch.Tensor) -> None:
         """Keep a weight's range the same fraction of the weight's own per-slice min and max that calibration chose
-        (1 for min/max, less for an MSE-clipped range), as training moves the weight, and a BatchNorm's running
-        variance the folded weight. A range fixed at quantize time clips a growing weight, and the gradient stops
-        at clipped weights (torch.ao's weight observers likewise follow the weight every step)."""
+        (1 for min/max, less for an MSE-clipped range), as training moves the weight (torch.ao's weight observers
+        likewise follow the weight every step; ModelOpt keeps the calibrated range, as lowbit does by default).
+        Measured in benchmarks/qat_bn_bench.py: with min/max weight ranges following costs a point or two at 4
+        bits (a fixed range clips the few weights that grow and keeps a fine grid for the rest), with MSE ranges
+        it gains one."""
         w = x.detach().float()
         if self._weight_ratio is None:  # set without calibrate_on (a loaded state dict): take the range as it is
             self._weight_ratio = self._clip_ratio(w)
