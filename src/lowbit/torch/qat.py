@@ -90,7 +90,8 @@ class _ConvBn:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f, bias = folded(self.bn, self.bias)  # f = 0 for a dead channel: see lowbit.torch.fold.dead_channels
         q = self.weight_quantizer
-        if self.training and self.follow_bn and self._calibration is not None and not q.learn_scale:
+        # Only in training proper: calibrating on batch statistics switches this module, not its quantizers.
+        if self.training and q.training and self.follow_bn and self._calibration is not None and not q.learn_scale:
             self._follow_fold(f.detach())
         w = self.weight_quantizer(self.weight * f.reshape(-1, *([1] * (self.weight.dim() - 1))))
         x = self.input_quantizer(x)

@@ -408,8 +408,9 @@ class TensorQuantizer(nn.Module):
             what = "weight"
             advice = (
                 "The gradient stops at clipped weights, so they stop learning. The (folded) weight outgrew the range "
-                "fixed when it was quantized: learn the weight scales (Config.with_learned_scales()) or fix them "
-                "again from the weight (the layer's calibrate_weight())"
+                "fixed when it was quantized: let the range follow the weight (this quantizer's follow_weight = "
+                "True), learn the weight scales (Config.with_learned_scales()) or fix them again from the weight "
+                "(the layer's calibrate_weight())"
             )
         else:
             what = "batch"
