@@ -1,7 +1,7 @@
 """QAT from a model whose BatchNorm statistics are not converged, against one whose are (issue 23).
 
     apt-get install dataset-fashion-mnist
-    python benchmarks/qat_bn_bench.py              # ~7 min on 2 cores (3 seeds)
+    python benchmarks/qat_bn_bench.py              # ~10 min on 2 cores (3 seeds)
     python benchmarks/qat_bn_bench.py --no-write   # print only
 
 Writes the "qat-bn" section of docs/BENCHMARKS.md and docs/benchmarks/qat-bn.json.
@@ -11,11 +11,10 @@ global average pooling, Linear), freshly initialised (seeded). Its BatchNorm run
 their init values (mean 0, variance 1: "not converged"), or converged: averaged over 50 batches of training images
 run in train mode, the weights untouched. Each is quantized for QAT exactly as the bug report did,
 ``lt.quantize(model.eval(), "w4a4" [.with_learned_scales()], calib=8 batches, qat=True)``, then trained with Adam
-(lr 1e-3, batches of 64 of a seeded subset of the training images). The activation ranges are calibrated either
-on inference's activations and the weight ranges fixed at quantize time (``bn_stats="running"``,
-``follow_weight=False``: lowbit before the fix) or the activation ranges on training's activations and the weight
-ranges following the (folded) weights in training (``bn_stats="batch"``, ``follow_weight=True``: the QAT default
-since the fix). Reported: the mean norm of the first convolution's weight
+(lr 1e-3, batches of 64 of a seeded subset of the training images). The activation ranges are calibrated on
+inference's activations (``bn_stats="running"``) or on training's (``bn_stats="batch"``), and the weight ranges are
+fixed at quantize time, moved with the BatchNorm fold factor, or follow the weights (see VARIANTS): lowbit before
+the fix is running + fixed, since the fix batch + fold. Reported: the mean norm of the first convolution's weight
 gradient over the steps and on how many steps it was non-zero, how far the first layer's weights moved
 (``|w_end - w_start| / |w_start|``), the largest share of a layer's folded weight outside its range after
 training, top-1 on the 10,000 test images, and which quantizers warned that they clip
@@ -25,6 +24,7 @@ most of their input (``lt.ClippingWarning``). The float model trained the same w
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 import warnings
@@ -42,6 +42,10 @@ from lowbit.examples import fashion_mnist
 
 CALIB_BATCHES = 8
 BN_BATCHES = 50
+# (activation ranges calibrated on "running" or "batch" BatchNorm statistics, weight ranges): "fixed" at quantize time
+# (lowbit before the fix), moving with the BatchNorm "fold" factor (the default since), "follow"ing the weight's own
+# range (TensorQuantizer.follow_weight), or the same with MSE-clipped weight ranges ("mse follow").
+VARIANTS = (("running", "fixed"), ("batch", "fixed"), ("batch", "fold"), ("batch", "follow"), ("batch", "mse follow"))
 BATCH = 64
 LR = 1e-3
 
@@ -192,25 +196,44 @@ def run(args) -> dict:
     }
 
 
+def _config(learned: bool, weights: str) -> lt.Config:
+    if learned:
+        return lt.preset("w4a4").with_learned_scales()
+    base = lt.preset("w4a4")
+    if weights != "mse follow":
+        return base
+    return lt.Config(lt.LayerConfig(base.default.input, dataclasses.replace(base.default.weight, method="mse")))
+
+
+def _set_weight_ranges(model: nn.Module, weights: str) -> None:
+    """How the weight ranges move in training: not at all, with the BatchNorm fold (default), with the weight."""
+    for m in model.modules():
+        if isinstance(m, lt.QuantConvBn2d):
+            m.follow_bn = weights != "fixed"
+    for quantizer in lt.quantizers(model).values():
+        quantizer.follow_weight = weights.endswith("follow")
+
+
 def _run_seed(seed: int, x: np.ndarray, y: np.ndarray, calib: list, steps: int, record) -> None:
-    """The float reference and the eight QAT runs, for the model and the batches of one seed."""
+    """The float reference and the QAT runs, for the model and the batches of one seed."""
     started = time.perf_counter()
     model = ResCNN(seed)
     record("FP32 (reference)", model, started, train(model, x, y, steps, seed))
     for bn in ("not converged", "converged"):
         for learned in (False, True):
-            for bn_stats, when in (("running", "before the fix"), ("batch", "after the fix")):
+            # A learned weight scale neither follows nor moves with the fold: LSQ runs only before and after.
+            variants = VARIANTS if not learned else (("running", "learned"), ("batch", "learned"))
+            for bn_stats, weights in variants:
                 started = time.perf_counter()
                 model = ResCNN(seed)
                 if bn == "converged":
                     converge_bn(model, x)
-                cfg = lt.preset("w4a4").with_learned_scales() if learned else lt.preset("w4a4")
-                q = lt.quantize(model.eval(), cfg, calib=calib, qat=True, progress=False, bn_stats=bn_stats)
-                for quantizer in lt.quantizers(q).values():  # before the fix, weight ranges stayed where set
-                    quantizer.follow_weight = bn_stats == "batch"
+                q = lt.quantize(model.eval(), _config(learned, weights), calib=calib, qat=True, progress=False,
+                                bn_stats=bn_stats)  # fmt: skip
+                _set_weight_ranges(q, weights)
                 stats = train(q, x, y, steps, seed)
-                stats.update(bn=bn, learned_scales=learned, bn_stats=bn_stats, seed=seed)
-                name = f"W4A4{' LSQ' if learned else ''}, BN {bn}, ranges on {bn_stats} stats ({when})"
+                stats.update(bn=bn, learned_scales=learned, bn_stats=bn_stats, weights=weights, seed=seed)
+                name = f"W4A4{' LSQ' if learned else ''}, BN {bn}, activations on {bn_stats} stats, weights {weights}"
                 record(name, q, started, stats)
 
 
@@ -219,7 +242,8 @@ def render(results: dict) -> str:
     headers = [
         "run",
         "BN stats",
-        "ranges on",
+        "act. ranges on",
+        "weights",
         "|grad conv1|",
         "steps with grad",
         "conv1 moved",
@@ -235,7 +259,8 @@ def render(results: dict) -> str:
         top1 = np.array([t["top1"] * 100 for t in runs])
         warned = ", ".join(dict.fromkeys(w for t in runs for w in t["clipping_warnings"])) or "-"
         table.append([
-            run_name, r.get("bn", "-"), r.get("bn_stats", "-"), f"{np.mean([t['grad_norm'] for t in runs]):.3g}",
+            run_name, r.get("bn", "-"), r.get("bn_stats", "-"), r.get("weights", "-"),
+            f"{np.mean([t['grad_norm'] for t in runs]):.3g}",
             f"{min(t['steps_with_grad'] for t in runs)}/{r['steps']}",
             f"{np.mean([t['weight_change'] for t in runs]):.3f}", f"{max(t['weights_clipped'] for t in runs):.0%}",
             f"{top1.mean():.2f} ± {top1.std():.2f}", " ".join(f"{v:.1f}" for v in top1), warned,
@@ -251,10 +276,13 @@ def render(results: dict) -> str:
         "batches (\"converged\", same weights), then trained from scratch: Adam, lr "
         f"{s['lr']}, {s['steps']} steps of {s['batch']} images from {s['train_images']} training images; top-1 on "
         f"the 10,000 test images, mean ± standard deviation over {len(s['seeds'])} seeds (model, batches; "
-        "'per seed' lists them). \"ranges on running stats\": the activation ranges "
-        "calibrated on inference's activations and the weight ranges fixed at quantize time, as lowbit did before "
-        "the fix (`bn_stats=\"running\"`, `follow_weight=False`); \"batch stats\": activation ranges on training's "
-        "activations and weight ranges that follow the weights in training, the QAT default now. "
+        "'per seed' lists them). act. ranges on: the activation ranges calibrated on inference's activations "
+        "(\"running\" BatchNorm statistics, `bn_stats=\"running\"`) or on training's (\"batch\", the QAT default "
+        "now); weights: the weight ranges fixed at quantize time (\"fixed\", `QuantConvBn2d.follow_bn=False`), "
+        "moved in training with each channel's BatchNorm fold factor gamma / sqrt(running_var + eps) (\"fold\", "
+        "the default now), following the weight's own range (\"follow\", `TensorQuantizer.follow_weight=True`), the "
+        "same with MSE-clipped weight ranges (\"mse follow\", weight `method=\"mse\"`), or learned (LSQ). Lowbit "
+        "before the fix: running + fixed; since: batch + fold. "
         "|grad conv1|: the mean norm of the first convolution's weight "
         "gradient (mean over seeds; steps with grad: the fewest); conv1 moved: |w_end - w_start| / |w_start|; "
         "w clipped: after training, the largest share of a "
@@ -262,7 +290,7 @@ def render(results: dict) -> str:
         "warned that they clip most of their input (`lt.ClippingWarning`).",
         "",
         "```",
-        format_table(headers, table, align="lllrrrrrll"),
+        format_table(headers, table, align="llllrrrrrll"),
         "```",
         "",
         f"{m['cpu']}, {s['threads']} threads, torch {results['torch']}, {m['date']}.",

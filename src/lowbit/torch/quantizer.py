@@ -314,9 +314,10 @@ class TensorQuantizer(nn.Module):
         """Keep a weight's range the same fraction of the weight's own per-slice min and max that calibration chose
         (1 for min/max, less for an MSE-clipped range), as training moves the weight (torch.ao's weight observers
         likewise follow the weight every step; ModelOpt keeps the calibrated range, as lowbit does by default).
-        Measured in benchmarks/qat_bn_bench.py: with min/max weight ranges following costs a point or two at 4
-        bits (a fixed range clips the few weights that grow and keeps a fine grid for the rest), with MSE ranges
-        it gains one."""
+        In benchmarks/qat_bn_bench.py (W4A4, 3 seeds, about 1.5 points of noise) following min/max ranges gave
+        77.3% from converged BatchNorm statistics against 77.9% with the default (a fixed range clips the few
+        weights that grow and keeps a fine grid for the rest), 78.0% against 76.9% from unconverged ones; following
+        MSE-clipped ranges (weight ``method="mse"``) was best in both, 79.1% and 78.1%."""
         w = x.detach().float()
         if self._weight_ratio is None:  # set without calibrate_on (a loaded state dict): take the range as it is
             self._weight_ratio = self._clip_ratio(w)
