@@ -251,7 +251,7 @@ def test_bad_requests_are_clear_errors(files):
     _tmp, model, data = files
     with pytest.raises(AnalyzeError, match="no node of that name"):
         analyze(model, data, samples=8, extract=["nope"], profile=False, progress=False)
-    with pytest.raises(PathError, match="report .* is the same file as model"):
+    with pytest.raises(PathError, match=r"report .* is the same file as model"):
         analyze(model, data, report=model, progress=False)
     with pytest.raises(AnalyzeError, match="calibration data"):
         analyze(model, None, progress=False)

@@ -298,7 +298,7 @@ def test_control_flow_is_quantized_outside_the_subgraphs(tmp_path):
 def test_refuses_to_overwrite_the_input(convnet_files):
     tmp, model, data = convnet_files
     before = (tmp / "convnet.onnx").read_bytes()
-    with pytest.raises(PathError, match="output .* is the same file as model .*: writing it would overwrite it"):
+    with pytest.raises(PathError, match=r"output .* is the same file as model .*: writing it would overwrite it"):
         quantize(model, model, data, progress=False)
     assert (tmp / "convnet.onnx").read_bytes() == before
 
