@@ -34,6 +34,11 @@ def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.where(both_zero, 1.0, dot / np.maximum(na * nb, 1e-300))
 
 
+def finite_rows(x: np.ndarray) -> np.ndarray:
+    """Whether each sample (first axis) of ``x`` holds only finite values (no NaN, no infinity)."""
+    return np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
+
+
 MAX_SQNR_DB = 300.0  # what an exact match reports (JSON has no infinity)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from lowbit.analysis import cosine_rows
+from lowbit.analysis import cosine_rows, finite_rows
 from lowbit.data import Feed, InputSpec
 
 
@@ -43,10 +43,6 @@ class Agreement:
         return asdict(self)
 
 
-def _finite_rows(x: np.ndarray) -> np.ndarray:
-    return np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)
-
-
 def agreement(
     reference: ort.InferenceSession,
     candidate: ort.InferenceSession,
@@ -73,8 +69,8 @@ def agreement(
                 return None
             n += a.shape[0]
             classifier = classifier and a.ndim == 2 and a.shape[1] > 1
-            ok_a = _finite_rows(a)
-            ok = ok_a & _finite_rows(b)
+            ok_a = finite_rows(a)
+            ok = ok_a & finite_rows(b)
             nonfinite += int((~ok).sum())
             nonfinite_reference += int((~ok_a).sum())
             a, b = a[ok], b[ok]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from lowbit.analysis import cosine_rows
+from lowbit.analysis import cosine_rows, finite_rows
 from lowbit.data import DataError, Feed, load_function
 
 METRICS = ("cosine", "agreement", "accuracy")
@@ -93,7 +93,7 @@ class OutputMetric(Metric):
     def _score(self, outputs: list[np.ndarray]) -> float:
         """The score over every sample; a sample whose output holds NaN/Inf counts as a miss (cosine 0, a top-1
         that matches nothing), never as agreement."""
-        finite = np.concatenate([np.isfinite(o.reshape(len(o), -1)).all(axis=1) for o in outputs])
+        finite = np.concatenate([finite_rows(o) for o in outputs])
         if self.name == "cosine":
             cos = np.concatenate([cosine_rows(a, b) for a, b in zip(self.outputs, outputs, strict=True)])
             return float(np.where(finite, cos, 0.0).mean())

@@ -57,10 +57,7 @@ class _ConvBn:
         if not self.weight_float and q.calibrated and not q.dynamic:
             with torch.no_grad():
                 f, _ = folded(self.bn, None)
-                s, z = q.scale.detach(), q.zero_point
-                hi = (q.spec.qmax - z) * s
-                lo = -hi if q.spec.symmetric else (q.spec.qmin - z) * s  # the range qparams gave this scale from
-                self._calibration = (f.detach().clone(), lo, hi)
+                self._calibration = (f.detach().clone(), *q.real_range())
 
     def _follow_fold(self, f: torch.Tensor) -> None:
         """The weight range, as calibrated, times each channel's ``f / f_calibrated`` (a per-tensor range: the

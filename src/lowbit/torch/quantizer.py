@@ -336,14 +336,18 @@ class TensorQuantizer(nn.Module):
         w_amax = torch.maximum(w_lo.abs(), w_hi.abs())
         return -w_amax, w_amax
 
+    def real_range(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The real range ``(lo, hi)`` the scale and zero point stand for, in the parameter shape; for a symmetric
+        spec ``(-amax, amax)``, the range :func:`lowbit.core.qparams` gives this scale from."""
+        s, z = self.scale.detach(), self.zero_point
+        hi = (self.spec.qmax - z) * s
+        return (-hi if self.spec.symmetric else (self.spec.qmin - z) * s), hi
+
     def _clip_ratio(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantizer's range (lo, hi) as fractions of ``w``'s per-slice min and max."""
-        spec = self.spec
         with torch.no_grad():
-            s, z = self.scale.detach(), self.zero_point
-            lo = -s * (spec.qmax - z) if spec.symmetric else (spec.qmin - z) * s
-            w_lo, w_hi = self._signed_minmax(w)
-            return _ratio(lo, w_lo), _ratio((spec.qmax - z) * s, w_hi)
+            (lo, hi), (w_lo, w_hi) = self.real_range(), self._signed_minmax(w)
+            return _ratio(lo, w_lo), _ratio(hi, w_hi)
 
     # -- forward ----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
