@@ -43,6 +43,11 @@ ROUNDINGS = ("nearest", "gptq", "adaround")
 BN_STATS = ("running", "batch")
 
 
+def _check_bn_stats(bn_stats: str) -> None:
+    if bn_stats not in BN_STATS:
+        raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+
+
 def _call(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, torch.Tensor):
         return model(batch)
@@ -177,8 +182,7 @@ def calibrate(
     :func:`~lowbit.torch.qat.batch_statistics`; the running statistics are left as they were). Recalibrating a QAT
     model whose BatchNorm statistics moved: ``calibrate(model, batches, bn_stats="batch")``.
     """
-    if bn_stats not in BN_STATS:
-        raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+    _check_bn_stats(bn_stats)
     static = [
         q
         for q in model.modules()
@@ -248,8 +252,7 @@ def quantize(
     cfg = resolve(config)
     if bn_stats is None:
         bn_stats = "batch" if qat else "running"
-    if bn_stats not in BN_STATS:
-        raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
+    _check_bn_stats(bn_stats)
     if rounding not in ROUNDINGS:
         raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
     if rounding != "nearest" and calib is None:
