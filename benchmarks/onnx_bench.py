@@ -60,7 +60,7 @@ from lowbit.examples import (
 from lowbit.onnx import fp16
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.metrics import OutputMetric
-from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
+from lowbit.onnx.pipeline import DEFAULT_METHOD, quantize
 from models import resnet18
 
 METHODS = ("mse", "minmax", "percentile", "entropy", "ema")

@@ -41,7 +41,7 @@ from lowbit._table import format_table
 from lowbit.analysis import format_bytes, plots
 from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, fashion_mnist, photo_crops, photos
 from lowbit.onnx.analyze import analyze
-from lowbit.onnx.calibrated import calibrate_model
+from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.metrics import OutputMetric
 from lowbit.onnx.model import file_size, preprocess, save_model, session

@@ -13,7 +13,7 @@ from lowbit.cli import main
 from lowbit.data import DataError, InputSpec, open_feeds, tensor_batches
 from lowbit.errors import DataWarning
 from lowbit.images import ImageOptions
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 
 X = (InputSpec("x", np.dtype("float32"), (None, 3, 16, 16)),)

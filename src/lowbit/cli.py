@@ -150,7 +150,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from lowbit.onnx.quantize import DEFAULT_METHOD, quantize
+        from lowbit.onnx.pipeline import DEFAULT_METHOD, quantize
     except ImportError as exc:
         raise UsageError(f"lowbit quantize needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
     if args.dynamic and args.calib is not None:
@@ -246,7 +246,7 @@ def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
     from lowbit.data import InputSpec, open_feeds
     from lowbit.onnx import metrics
     from lowbit.onnx.model import batch_size_for, input_specs, load_model
-    from lowbit.onnx.quantize import HOLDOUT
+    from lowbit.onnx.pipeline import HOLDOUT
 
     if args.eval is not None and metrics.is_metric_function(args.eval):
         if args.metric is not None or args.labels is not None:
@@ -342,7 +342,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
         import numpy as np
 
         from lowbit.data import InputSpec, open_feeds
-        from lowbit.onnx.inspect import profile
+        from lowbit.onnx.kernels import profile
         from lowbit.onnx.model import input_specs, load_model
     except ImportError as exc:
         raise UsageError(f"lowbit inspect needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None

@@ -18,11 +18,11 @@ from lowbit.analysis.report import render
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
 from lowbit.core import QuantSpec, fake_quant, qparams
-from lowbit.onnx import inspect, metrics, mixed
+from lowbit.onnx import kernels, metrics, mixed
 from lowbit.onnx.analyze import AnalyzeError, analyze
-from lowbit.onnx.calibrated import calibrate_model
+from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import preprocess
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx.pipeline import quantize
 from lowbit.paths import PathError
 from tests.onnx import models
 
@@ -208,10 +208,10 @@ def test_profile_tells_integer_kernels_from_float_ones(files):
     tmp, model, data = files
     quantize(model, tmp / "q.onnx", data, compare_models=False, progress=False)
     feed = _feeds(8)[0]
-    q = inspect.profile(str(tmp / "q.onnx"), feed, runs=2)
+    q = kernels.profile(str(tmp / "q.onnx"), feed, runs=2)
     kinds = {k.op: k.kind for k in q.kernels}
     assert kinds.get("QLinearConv") == "integer" and not any(k.float_matrix for k in q.kernels)
-    f = inspect.profile(model, feed, runs=2)
+    f = kernels.profile(model, feed, runs=2)
     assert all(k.kind in ("float", "move") for k in f.kernels) and any(k.float_matrix for k in f.kernels)
     assert {k.op: k.kind for k in f.kernels}.get("Flatten") == "move"  # data movement, not arithmetic
     assert "ran in float" in f.summary() and q.batch == 8
@@ -223,7 +223,7 @@ def test_profile_parse_averages_the_last_runs():
          "args": {"op_name": "QLinearConv", "input_type_shape": [{"uint8": [1]}, {"float": []}]}}
         for d in (1000, 20, 40)
     ] + [{"cat": "Session", "name": "model_run", "dur": 5}]  # fmt: skip
-    p = inspect.parse(events, runs=2, batch=1)
+    p = kernels.parse(events, runs=2, batch=1)
     assert [(k.node, k.op, k.kind) for k in p.kernels] == [("conv", "QLinearConv", "integer")]
     assert p.kernels[0].ms == pytest.approx(0.03)
 

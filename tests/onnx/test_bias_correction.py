@@ -11,7 +11,7 @@ from onnx import TensorProto
 from lowbit.onnx import bias_correction as bc
 from lowbit.onnx import placement, rewrite
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 
 

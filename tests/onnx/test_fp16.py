@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, numpy_helper
 
 from lowbit.onnx import fp16
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 
 

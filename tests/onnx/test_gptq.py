@@ -9,7 +9,7 @@ import pytest
 
 from lowbit.onnx import gptq, placement, rewrite
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.quantize import QuantizeError, quantize
+from lowbit.onnx.pipeline import QuantizeError, quantize
 from tests.onnx import models
 
 

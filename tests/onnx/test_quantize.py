@@ -1,4 +1,4 @@
-"""``lowbit.onnx.quantize`` and ``lowbit quantize`` end to end on small models built in code."""
+"""``lowbit.onnx.pipeline`` and ``lowbit quantize`` end to end on small models built in code."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from onnx import numpy_helper
 from lowbit.cli import main
 from lowbit.data import DataError
 from lowbit.errors import FormatError
-from lowbit.onnx.quantize import QuantizeError, quantize
+from lowbit.onnx.pipeline import QuantizeError, quantize
 from lowbit.paths import PathError
 from lowbit.trt_cache import read_trt_cache
 from tests.onnx import models
@@ -371,7 +371,7 @@ def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, m
 
 
 def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
-    from lowbit.onnx.quantize import target_options
+    from lowbit.onnx.pipeline import target_options
 
     assert target_options("entropy", "ort", None)["exclude_zeros"] is True
     assert target_options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
@@ -394,7 +394,7 @@ def test_entropy_keeps_the_whole_range_of_a_model_input_with_a_spike(tmp_path, t
     assert record["activations"]["x"]["hi"] >= float(x.max()) * 0.999
     assert record["activations"]["x"]["lo"] <= -0.8 * 0.999
     # the tensors the model computes still get entropy's threshold (the method is only overridden for inputs)
-    from lowbit.onnx.calibrate import collect
+    from lowbit.onnx.collect import collect
 
     cals = collect(onnx.load(model), ["x", "r1"], [{"x": x}], method="entropy", progress=False)
     assert cals["x"].method == "minmax" and cals["r1"].method == "entropy"

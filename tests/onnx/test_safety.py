@@ -12,8 +12,8 @@ import pytest
 from lowbit import sampling
 from lowbit.cli import main
 from lowbit.data import InputSpec, open_feeds
+from lowbit.onnx.pipeline import quantize
 from lowbit.onnx.placement import ExclusionError
-from lowbit.onnx.quantize import quantize
 from lowbit.paths import PathError, check_outputs
 from tests.onnx import models
 
@@ -103,7 +103,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(files, capsys, monkeypa
     def never(*args, **kwargs):
         raise AssertionError("calibration started before the output was checked")
 
-    monkeypatch.setattr("lowbit.onnx.quantize.calibrate_model", never)
+    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", never)
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 2
     assert f"-o {out}: cannot write in {out.parent} (Permission denied)" in _error_line(capsys)
     with pytest.raises(PathError, match="cannot write in"):
@@ -173,12 +173,12 @@ def test_interrupt_says_what_was_written(files, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lowbit.onnx.quantize.calibrate_model", interrupted)
+    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", interrupted)
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 130
     assert capsys.readouterr().err.strip() == "lowbit quantize: interrupted; nothing was written"
 
     monkeypatch.undo()
-    monkeypatch.setattr("lowbit.onnx.quantize.compare.agreement", interrupted)  # after the model was written
+    monkeypatch.setattr("lowbit.onnx.pipeline.compare.agreement", interrupted)  # after the model was written
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 130
     err = capsys.readouterr().err
     assert "interrupted; already written: " in err and str(out) in err and "q.ranges.json" in err
@@ -191,7 +191,7 @@ def test_unexpected_failures_are_one_line_and_debug_shows_the_traceback(files, c
     def broken(*args, **kwargs):
         raise RuntimeError("deep inside a library")
 
-    monkeypatch.setattr("lowbit.onnx.quantize.calibrate_model", broken)
+    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", broken)
     argv = ["quantize", model, "--calib", calib, "-o", str(tmp / "q.onnx"), "-q"]
     assert main(argv) == 1
     line = _error_line(capsys)

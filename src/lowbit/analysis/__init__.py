@@ -156,7 +156,7 @@ class Analysis:
     tensors: dict[str, TensorReport]
     weights: list[WeightReport]
     mixed: Any = None  # a lowbit.onnx.mixed.MixedResult when a budget was searched
-    profile: Any = None  # a lowbit.onnx.inspect.Profile when the model was profiled
+    profile: Any = None  # a lowbit.onnx.kernels.Profile when the model was profiled
     extracted: list[str] = field(default_factory=list)
 
     def table(self, top: int = 15) -> str:

@@ -114,7 +114,7 @@ class EntropyCalibrator(HistogramCalibrator):
     divergence. Zero is exact on every grid, but TensorRT's KL counts a large zero spike as information that
     wide quantization bins smear: after a ReLU/ReLU6, where a third or more of the values are zeros, the faithful
     search can pick a threshold a tenth of the real range (EfficientNet-Lite0: 0.38 of 6 on most ReLU6 outputs,
-    and 0% top-1 agreement). :func:`lowbit.onnx.quantize` turns it on; the default stays TensorRT's algorithm.
+    and 0% top-1 agreement). :func:`lowbit.onnx.pipeline` turns it on; the default stays TensorRT's algorithm.
 
     >>> rng = np.random.default_rng(0)
     >>> c = EntropyCalibrator()

@@ -32,7 +32,7 @@ from lowbit.calib.histogram_methods import HistogramCalibrator
 from lowbit.data import DataError, Feed, InputSpec, open_feeds
 from lowbit.errors import LowbitError
 from lowbit.onnx import placement, rewrite
-from lowbit.onnx.calibrated import Calibrated, calibrate_model, units
+from lowbit.onnx.calibration import Calibrated, calibrate_model, units
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.measure import compare_tensors
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
@@ -154,17 +154,16 @@ def analyze(
     image_options: Any = None,
     progress: bool = True,
 ) -> Analysis:
-    """Calibrate ``model`` on ``calib`` as :func:`lowbit.onnx.quantize.quantize` would, then measure every
+    """Calibrate ``model`` on ``calib`` as :func:`lowbit.onnx.pipeline.quantize` would, then measure every
     quantized layer against FP32 on ``samples`` samples (of ``eval_data`` if given, else of ``calib``).
 
     ``metric`` (a :class:`lowbit.onnx.metrics.Metric`) with ``max_drop`` also runs automatic mixed precision
     (:func:`lowbit.onnx.mixed.search`) and records its curve. ``extract`` names layers whose neighbourhood is
     written as standalone ONNX models with recorded inputs (:func:`lowbit.onnx.extract.extract`), into
     ``extract_dir``. ``profile`` runs the quantized model under ONNX Runtime's profiler
-    (:func:`lowbit.onnx.inspect.profile`). ``report`` writes the HTML report, ``json_path`` the numbers."""
+    (:func:`lowbit.onnx.kernels.profile`). ``report`` writes the HTML report, ``json_path`` the numbers."""
     from lowbit.onnx import extract as extract_mod
-    from lowbit.onnx import inspect as inspect_mod
-    from lowbit.onnx import mixed
+    from lowbit.onnx import kernels, mixed
 
     t_start = time.perf_counter()
     model_path = Path(model)
@@ -290,7 +289,7 @@ def analyze(
             analysis.extracted += [str(p) for p in extract_mod.extract(calibrated, built, name, feeds, folder)]
     if profile:  # the model a user would deploy: the mixed one when a budget was searched
         deployed = built.model if analysis.mixed is None else calibrated.build(keep_float=analysis.mixed.kept).model
-        analysis.profile = inspect_mod.profile(deployed, first_feed)
+        analysis.profile = kernels.profile(deployed, first_feed)
     analysis.seconds = time.perf_counter() - t_start
     analysis.write(json_path, report)
     return analysis

@@ -20,8 +20,8 @@ from onnx.utils import Extractor
 
 from lowbit._io import atomic_open
 from lowbit.data import Feed
-from lowbit.onnx.calibrate import with_outputs
-from lowbit.onnx.calibrated import Built, Calibrated
+from lowbit.onnx.calibration import Built, Calibrated
+from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.model import save_model, session
 
 MAX_RECORDED = 64  # samples of recorded inputs

@@ -166,7 +166,7 @@ def _pointwise(layer: Layer) -> bool:
 
 class SecondMoment:
     """Running ``E[r r^T]`` of a layer's input rows, per group: an observer for
-    :func:`lowbit.onnx.calibrate.collect`."""
+    :func:`lowbit.onnx.collect.collect`."""
 
     def __init__(self, layer: Layer, rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0):
         self.layer, self.limit = layer, rows_per_batch

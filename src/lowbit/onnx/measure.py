@@ -9,7 +9,7 @@ from tqdm.auto import tqdm
 
 from lowbit.analysis import Error, ErrorMeter
 from lowbit.data import Feed
-from lowbit.onnx.calibrate import with_outputs
+from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.model import session
 
 

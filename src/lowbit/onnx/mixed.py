@@ -2,7 +2,7 @@
 
 Layers come ranked by their own sensitivity (:func:`lowbit.onnx.analyze.layer_sensitivity`: the model's output
 error with only that layer quantized). The search builds the model with the first k of them in float for
-k = 0, 1, 2, ... (from one calibration, :class:`lowbit.onnx.calibrated.Calibrated`), scores each with the metric
+k = 0, 1, 2, ... (from one calibration, :class:`lowbit.onnx.calibration.Calibrated`), scores each with the metric
 and stops at the first k whose drop from FP32 is within ``max_drop``. Each step records the score, so the
 result is also the curve "metric vs number of layers kept in float".
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from tqdm.auto import tqdm
 
 from lowbit.analysis import MixedResult, Step
-from lowbit.onnx.calibrated import Calibrated
+from lowbit.onnx.calibration import Calibrated
 from lowbit.onnx.metrics import Metric
 from lowbit.onnx.model import session
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit.onnx import inspect
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx import kernels
+from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 from tests.onnx.test_analyze import _feeds
 
@@ -32,11 +32,11 @@ def _event(node, op, types, dur=10):
     ],
 )
 def test_each_kernel_is_told_by_what_it_does(op, types, kind):
-    assert inspect.parse([_event("n", op, types)], runs=1, batch=1).kernels[0].kind == kind
+    assert kernels.parse([_event("n", op, types)], runs=1, batch=1).kernels[0].kind == kind
 
 
 def test_the_summary_counts_data_movement_apart():
-    p = inspect.parse([_event("conv", "QLinearConv", ["uint8"], 30), _event("flat", "Flatten", ["uint8"], 10)], 1, 1)
+    p = kernels.parse([_event("conv", "QLinearConv", ["uint8"], 30), _event("flat", "Flatten", ["uint8"], 10)], 1, 1)
     assert p.total_ms("integer") == pytest.approx(0.03) and p.total_ms("move") == pytest.approx(0.01)
     assert "integer 0.030 ms (75%)" in p.summary() and "move 0.010 ms (25%)" in p.summary()
 
@@ -45,7 +45,7 @@ def test_a_quantized_convnet_moves_bytes_in_its_flatten_and_layout_transpose(tmp
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
     quantize(model, tmp_path / "q.onnx", data, compare_models=False, progress=False)
-    p = inspect.profile(str(tmp_path / "q.onnx"), _feeds(8)[0], runs=2)
+    p = kernels.profile(str(tmp_path / "q.onnx"), _feeds(8)[0], runs=2)
     kinds = {k.op: k.kind for k in p.kernels}
     assert kinds["Flatten"] == "move" and kinds["QLinearConv"] == "integer"
-    assert all(k.kind != "integer" for k in p.kernels if k.op in inspect.MOVE)
+    assert all(k.kind != "integer" for k in p.kernels if k.op in kernels.MOVE)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.onnx.calibrated import calibrate_model
+from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import free_batch, input_specs, preprocess, session
 from tests.onnx import models
 

@@ -1,6 +1,6 @@
 """``quantize``: an ONNX model in, a quantized ONNX model out (static with calibration, or dynamic).
 
-from lowbit.onnx.quantize import quantize
+from lowbit.onnx.pipeline import quantize
 result = quantize("model.onnx", "model_int8.onnx", calib="calib.npz")
 print(result.table())
 """
@@ -26,8 +26,8 @@ from lowbit._io import atomic_write_text
 from lowbit._table import format_table
 from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
 from lowbit.errors import LowbitError
-from lowbit.onnx import calibrate, compare, fp16, placement, rewrite
-from lowbit.onnx.calibrated import calibrate_model, target_options, units  # noqa: F401 (public here too)
+from lowbit.onnx import collect, compare, fp16, placement, rewrite
+from lowbit.onnx.calibration import calibrate_model, target_options, units  # noqa: F401 (public here too)
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import (
@@ -408,8 +408,8 @@ class _Static:
         """Implicit INT8 wants every tensor's symmetric amax; for --target trt the Q/DQ tensors keep theirs."""
         cals = calibrated.calibrators
         planned = {t: cals[t] for t in plan.calibrated}
-        symmetric = act_ranges if self.target == "trt" else calibrate.ranges(planned, symmetric=True)
-        others = calibrate.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
+        symmetric = act_ranges if self.target == "trt" else collect.ranges(planned, symmetric=True)
+        others = collect.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
         amax = {t: r[1] for t, r in others.items()}
         amax.update({t: symmetric[root][1] for t, root in plan.activations.items()})
         return amax

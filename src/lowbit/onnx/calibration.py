@@ -23,7 +23,7 @@ import onnx
 from lowbit import calib as calib_registry
 from lowbit.calib.base import Calibrator
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import calibrate, gptq, placement, rewrite
+from lowbit.onnx import collect, gptq, placement, rewrite
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
 
@@ -74,7 +74,7 @@ class Calibrated:
         """The calibrated range of each tensor (symmetric for TensorRT), computed once and kept."""
         todo = {t: self.calibrators[t] for t in tensors if t not in self._ranges and t in self.calibrators}
         if todo:
-            self._ranges.update(calibrate.ranges(todo, symmetric=self.target == "trt"))
+            self._ranges.update(collect.ranges(todo, symmetric=self.target == "trt"))
         return {t: self._ranges[t] for t in tensors if t in self._ranges}
 
     def build(self, keep_float: Collection[str] = ()) -> Built:
@@ -164,7 +164,7 @@ def calibrate_model(
     for name, extra in (observers or {}).items():
         feeding.setdefault(name, []).extend(extra)
     t0 = time.perf_counter()
-    cals = calibrate.collect(
+    cals = collect.collect(
         float_model if run_model is None else run_model,
         tensors,
         batches,
