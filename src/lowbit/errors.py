@@ -17,5 +17,9 @@ class FormatError(LowbitError, ValueError):
     """A file is not in the format it claims to be."""
 
 
+class AnalyzeError(LowbitError, ValueError):
+    """Options or a model that cannot be analysed as asked."""
+
+
 class DataWarning(UserWarning):
     """Data lowbit accepts, but perhaps not as meant (an array used for an input of another name)."""

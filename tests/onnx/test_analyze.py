@@ -18,8 +18,9 @@ from lowbit.analysis.report import render
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
 from lowbit.core import QuantSpec, fake_quant, qparams
+from lowbit.errors import AnalyzeError
 from lowbit.onnx import kernels, metrics, mixed
-from lowbit.onnx.analyze import AnalyzeError, analyze
+from lowbit.onnx.analyze import analyze
 from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.pipeline import quantize

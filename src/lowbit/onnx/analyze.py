@@ -30,34 +30,17 @@ from lowbit import sampling
 from lowbit.analysis import Analysis, Error, LayerReport, WeightReport, tensor_report, weight_report
 from lowbit.calib.histogram_methods import HistogramCalibrator
 from lowbit.data import DataError, Feed, InputSpec, open_feeds
-from lowbit.errors import LowbitError
+from lowbit.errors import AnalyzeError
 from lowbit.onnx import placement, rewrite
 from lowbit.onnx.calibration import Calibrated, calibrate_model, units
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.measure import compare_tensors
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
-from lowbit.onnx.rules import rule_for
+from lowbit.onnx.rules import rule_for, unit_output
 from lowbit.paths import check_outputs
 
 CHUNK = 12  # single-layer models held in memory at once
 SAMPLES = 64
-
-
-class AnalyzeError(LowbitError, ValueError):
-    """Options or a model that cannot be analysed as asked."""
-
-
-def unit_output(graph: Graph, name: str) -> str:
-    """The tensor a layer's error is read at: its output, or the output of the Relu/Clip right after it (the
-    quantizer there does the activation's job, so the layer's own output is never quantized)."""
-    node = next(n for n in graph.nodes if graph.node_name(n) == name)
-    tensor = node.output[0]
-    while True:
-        readers = graph.consumers.get(tensor, [])
-        rule = rule_for(readers[0]) if len(readers) == 1 else None
-        if rule is None or rule.kind != "activation" or tensor in graph.outputs:
-            return tensor
-        tensor = readers[0].output[0]
 
 
 def first_float_output(graph: Graph) -> str:

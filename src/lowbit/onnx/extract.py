@@ -20,9 +20,11 @@ from onnx.utils import Extractor
 
 from lowbit._io import atomic_open
 from lowbit.data import Feed
+from lowbit.errors import AnalyzeError
 from lowbit.onnx.calibration import Built, Calibrated
 from lowbit.onnx.collect import with_outputs
 from lowbit.onnx.model import save_model, session
+from lowbit.onnx.rules import unit_output
 
 MAX_RECORDED = 64  # samples of recorded inputs
 
@@ -55,8 +57,6 @@ def _rename(model: onnx.ModelProto, mapping: dict[str, str]) -> None:
 def extract(calibrated: Calibrated, built: Built, name: str, feeds: Iterable[Feed], folder: str | Path) -> list[Path]:
     """Write the float and quantized cut of layer ``name`` and its recorded inputs into ``folder`` (see the
     module doc); returns the paths written."""
-    from lowbit.onnx.analyze import AnalyzeError, unit_output
-
     graph = calibrated.graph
     node = next((n for n in graph.nodes if graph.node_name(n) == name), None)
     if node is None:

@@ -113,3 +113,16 @@ register(
 )
 register(("Relu", "Clip"), OpRule("activation"))
 register(("Sigmoid", "LeakyRelu", "HardSigmoid", "Tanh"), OpRule("lookup"))
+
+
+def unit_output(graph: Graph, name: str) -> str:
+    """The tensor a layer's error is read at: its output, or the output of the Relu/Clip right after it (the
+    quantizer there does the activation's job, so the layer's own output is never quantized)."""
+    node = next(n for n in graph.nodes if graph.node_name(n) == name)
+    tensor = node.output[0]
+    while True:
+        readers = graph.consumers.get(tensor, [])
+        rule = rule_for(readers[0]) if len(readers) == 1 else None
+        if rule is None or rule.kind != "activation" or tensor in graph.outputs:
+            return tensor
+        tensor = readers[0].output[0]
