@@ -13,7 +13,8 @@ import lowbit.torch as lt
 from lowbit.analysis import Error, LayerReport, MixedResult, Step
 from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
-from lowbit.torch.config import Config, LayerConfig, QuantizerConfig
+from lowbit.recipe import Config, LayerConfig, QuantizerConfig
+from lowbit.torch.config import resolve
 from lowbit.torch.sensitivity import (
     by_noise_per_byte,
     kept_float,
@@ -184,8 +185,8 @@ def test_a_search_outcome_becomes_a_config_for_a_fresh_quantization():
     assert [q.get_submodule(n).weight_quantizer.spec.bits for n in ("0", "3", "8")] == [8, 4, 8]
 
     floated = lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:2], met=True, kind="float"))
-    assert floated.for_layer("0") is None and floated.for_layer("3") == lt.preset("int8").default
-    assert lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:1])) == lt.preset("int8")
+    assert floated.for_layer("0") is None and floated.for_layer("3") == resolve("int8").default
+    assert lt.mixed_config("int8", MixedResult("cosine", "", 1.0, 0.1, steps[:1])) == resolve("int8")
 
 
 def _narrow_layers(model) -> int:

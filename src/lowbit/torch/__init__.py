@@ -14,7 +14,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "lowbit.torch needs PyTorch: pip install torch==2.13.0 (the CPU build), or see https://pytorch.org"
     ) from exc
 
-from lowbit.torch.config import PRESETS, Config, LayerConfig, QuantizerConfig, preset
+from lowbit.recipe import PRESETS, Config, LayerConfig, QuantizerConfig, preset
 from lowbit.torch.export import export_onnx
 from lowbit.torch.fold import fold_batchnorm
 from lowbit.torch.layers import (

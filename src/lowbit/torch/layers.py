@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import SpecError
-from lowbit.torch.config import LayerConfig, QuantizerConfig
+from lowbit.recipe import LayerConfig, QuantizerConfig
+from lowbit.torch.config import on_default_grid
 from lowbit.torch.quantizer import TensorQuantizer
 
 
@@ -26,6 +27,7 @@ def _quantizer(cfg: QuantizerConfig | None, axis: int, name: str) -> TensorQuant
         q = TensorQuantizer(QuantizerConfig().spec(None), name=name)
         q.mode = "disabled"
         return q
+    cfg = on_default_grid(cfg)
     return TensorQuantizer(
         cfg.spec(axis),
         method=cfg.method,

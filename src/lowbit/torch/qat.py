@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from lowbit.torch.config import Config
+from lowbit.recipe import Config
 from lowbit.torch.fold import fold_batchnorm, folded, set_submodule
 from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
 

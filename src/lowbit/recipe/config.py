@@ -1,0 +1,227 @@
+"""The recipe: what to quantize and how, as one frozen, validated value that both front ends take.
+
+A :class:`Config` says, for every quantizable layer, how its input activation and its weight are quantized
+(:class:`QuantizerConfig`, or None to keep that tensor in float), for which runtime (``target``), and which
+refinements run (weight rounding, bias correction, FP16 for the rest). ``overrides`` map glob patterns over layer
+names (``fnmatch``: ``"features.0"``, ``"*.fc"``, ``"encoder.*"``; PyTorch module names or ONNX node names) to
+another :class:`LayerConfig`, or to None to leave the matching layers in float; later patterns win.
+
+An activation config whose ``signed`` / ``symmetric`` are None stores activations as the target does (uint8
+asymmetric for ONNX Runtime's CPU kernels, int8 symmetric for TensorRT): :func:`resolve` fills them in.
+
+>>> from lowbit.recipe import preset, resolve
+>>> cfg = preset("int8").override("classifier", None)   # everything INT8 but the classifier
+>>> cfg.for_layer("classifier") is None, cfg.for_layer("conv1").weight.bits
+(True, 8)
+>>> resolve(cfg, "ort").default.input.signed, resolve(cfg, "trt").default.input.signed
+(False, True)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from lowbit.calib import available as calibration_methods
+from lowbit.core import QuantSpec
+from lowbit.errors import SpecError
+from lowbit.recipe.target import get_target
+
+GRANULARITIES = ("tensor", "channel", "group")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """How one tensor is quantized.
+
+    bits: 2..16 (codes in ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]`` when ``signed`` is False).
+    symmetric: zero point 0 (signed) and the range ``[-amax, amax]``; else an asymmetric range containing 0.
+        None (with ``signed`` None): as the target stores activations.
+    granularity: ``"tensor"``, ``"channel"`` (weights: per output channel) or ``"group"`` (weights: blocks of
+        ``group_size`` along the input axis).
+    method: the calibrator of activation ranges (``lowbit.calib`` names: minmax, ema, percentile, entropy,
+        mse); weights take their own max|w| per channel or group, or with ``mse`` the clipped range with the
+        least squared error per channel or group.
+    method_options: options of that calibrator (``{"percentile": 99.99}``).
+    dynamic: the scale is computed from each batch at run time (activations of dynamic quantization).
+    learn_scale: the scale is a trainable parameter (LSQ, Esser et al. 2020) during QAT.
+    narrow_range: drop the lowest code (int8: [-127, 127]).
+    """
+
+    bits: int = 8
+    symmetric: bool | None = True
+    signed: bool | None = True
+    granularity: str = "tensor"
+    group_size: int | None = None
+    method: str = "minmax"
+    method_options: dict[str, Any] = field(default_factory=dict)
+    dynamic: bool = False
+    learn_scale: bool = False
+    narrow_range: bool = False
+
+    def __post_init__(self) -> None:
+        if self.granularity not in GRANULARITIES:
+            raise SpecError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
+        if (self.granularity == "group") != (self.group_size is not None):
+            raise SpecError("granularity='group' needs a group_size, and a group_size needs granularity='group'")
+        if self.method not in calibration_methods():
+            raise SpecError(f"unknown calibration method {self.method!r}; methods: {', '.join(calibration_methods())}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
+            raise SpecError(f"bits must be an integer from 2 to 16, got {self.bits!r}")
+        if not isinstance(self.method_options, dict):
+            raise SpecError(f"method_options must be a dict of calibrator options, got {self.method_options!r}")
+        if (self.signed is None) != (self.symmetric is None):
+            raise SpecError("signed and symmetric are None together (the target's activation grid) or both given")
+        if not self.follows_target:
+            self.spec(1)  # validates the rest
+
+    @property
+    def follows_target(self) -> bool:
+        """Whether signedness and symmetry are left to the target (see :func:`resolve`)."""
+        return self.signed is None
+
+    def on_grid(self, activation: QuantSpec) -> QuantizerConfig:
+        """This config with the target's activation grid filled in where it is left to the target."""
+        if not self.follows_target:
+            return self
+        return replace(self, signed=activation.signed, symmetric=activation.symmetric)
+
+    def spec(self, axis: int | None) -> QuantSpec:
+        """The :class:`~lowbit.core.QuantSpec` of this config for a tensor whose channel axis is ``axis``."""
+        if self.follows_target:
+            raise SpecError("this activation config follows the target's grid: resolve the Config against a target")
+        return QuantSpec(
+            bits=self.bits,
+            signed=self.signed,
+            symmetric=self.symmetric,
+            narrow_range=self.narrow_range,
+            axis=None if self.granularity == "tensor" else axis,
+            group_size=self.group_size if self.granularity == "group" else None,
+        )
+
+
+@dataclass(frozen=True)
+class LayerConfig:
+    """How one layer is quantized: its input activation and its weight (None: that tensor stays float)."""
+
+    input: QuantizerConfig | None = QuantizerConfig()
+    weight: QuantizerConfig | None = QuantizerConfig(granularity="channel")
+
+    def on_grid(self, activation: QuantSpec) -> LayerConfig:
+        return LayerConfig(None if self.input is None else self.input.on_grid(activation), self.weight)
+
+
+def _names(value: Any, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise SpecError(f"{what} must be a list of strings, got {value!r}")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole model's quantization (see the module doc).
+
+    target: the runtime the model is laid out for (:func:`lowbit.recipe.available_targets`: ``ort``, ``trt``, ``qdq``);
+        None: the front end's default (``ort`` for ONNX models, ``trt`` for PyTorch's Q/DQ export).
+    default / overrides: the layers' configs, by glob pattern over layer names (later patterns win; None keeps
+        the matching layers in float).
+    exclude / exclude_ops: regexes over ONNX node names and ONNX op types kept in float (a pattern or op type
+        that matches nothing is an error).
+    rounding: how weights get their integer codes: a weight-rounding method of the front end (``nearest``,
+        ``gptq``; PyTorch also ``adaround``); None: the front end's default (ONNX: gptq; PyTorch: nearest).
+    bias_correction: move each Conv/Gemm bias by the mean shift weight rounding causes (ONNX; None: on).
+    fp16_rest: run every node outside the quantizers in float16 (ONNX; INT8 + FP16 as TensorRT builds).
+    weight_only_rnn: with dynamic activations, also store GRU/RNN weights as int8 (ONNX).
+    residual_adds: find the ``x + y`` additions of a PyTorch model's ``forward`` with torch.fx and quantize their
+        skip input with the layer input's config (TensorRT's rule); the quantized model is then a
+        ``torch.fx.GraphModule`` whose adds are ``lowbit.torch.Add`` layers named after the module that wrote them
+        (``layer1.0.add``), which overrides can match.
+    """
+
+    default: LayerConfig = LayerConfig()
+    overrides: tuple[tuple[str, LayerConfig | None], ...] = ()
+    residual_adds: bool = False
+    target: str | None = None
+    exclude: tuple[str, ...] = ()
+    exclude_ops: tuple[str, ...] = ()
+    rounding: str | None = None
+    bias_correction: bool | None = None
+    fp16_rest: bool = False
+    weight_only_rnn: bool = False
+
+    def __post_init__(self) -> None:
+        if self.target is not None:
+            get_target(self.target)  # an unknown name lists the targets
+        object.__setattr__(self, "exclude", _names(self.exclude, "exclude"))
+        object.__setattr__(self, "exclude_ops", _names(self.exclude_ops, "exclude_ops"))
+        object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
+        if self.rounding is not None and not isinstance(self.rounding, str):
+            raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
+        for name in ("residual_adds", "fp16_rest", "weight_only_rnn"):
+            if not isinstance(getattr(self, name), bool):
+                raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.bias_correction is not None and not isinstance(self.bias_correction, bool):
+            raise SpecError(f"bias_correction must be true, false or None, got {self.bias_correction!r}")
+
+    def override(self, pattern: str, layer: LayerConfig | None) -> Config:
+        """A copy with one more override (it wins over the earlier ones)."""
+        return replace(self, overrides=(*self.overrides, (pattern, layer)))
+
+    def with_residual_adds(self, on: bool = True) -> Config:
+        """A copy that quantizes (or not) the skip input of the model's residual additions."""
+        return replace(self, residual_adds=on)
+
+    def with_learned_scales(self, on: bool = True) -> Config:
+        """A copy whose every static quantizer learns its scale (LSQ) in QAT, overrides included."""
+
+        def learned(q: QuantizerConfig | None) -> QuantizerConfig | None:
+            return q if q is None or q.dynamic else replace(q, learn_scale=on)
+
+        return self._map_layers(lambda layer: LayerConfig(learned(layer.input), learned(layer.weight)))
+
+    def with_method(self, method: str, options: dict[str, Any] | None = None) -> Config:
+        """A copy whose static activation quantizers calibrate with ``method`` (and ``options``)."""
+
+        def calibrated(q: QuantizerConfig | None) -> QuantizerConfig | None:
+            if q is None or q.dynamic:
+                return q
+            return replace(q, method=method, method_options=dict(q.method_options if options is None else options))
+
+        return self._map_layers(lambda layer: LayerConfig(calibrated(layer.input), layer.weight))
+
+    def with_weight_granularity(self, granularity: str) -> Config:
+        """A copy whose weights are quantized per ``"channel"`` or per ``"tensor"``."""
+
+        def grained(q: QuantizerConfig | None) -> QuantizerConfig | None:
+            return q if q is None else replace(q, granularity=granularity, group_size=None)
+
+        return self._map_layers(lambda layer: LayerConfig(layer.input, grained(layer.weight)))
+
+    def _map_layers(self, fn) -> Config:
+        def apply(layer: LayerConfig | None) -> LayerConfig | None:
+            return None if layer is None else fn(layer)
+
+        return replace(self, default=apply(self.default), overrides=tuple((p, apply(lc)) for p, lc in self.overrides))
+
+    def for_layer(self, name: str) -> LayerConfig | None:
+        """The config of the layer called ``name`` (None: leave it in float)."""
+        out: LayerConfig | None = self.default
+        for pattern, layer in self.overrides:
+            if fnmatch.fnmatchcase(name, pattern):
+                out = layer
+        return out
+
+    @property
+    def dynamic(self) -> bool:
+        """Whether no layer needs calibration data (every quantized input is dynamic or float)."""
+        layers = [self.default, *(layer for _, layer in self.overrides)]
+        return all(layer is None or layer.input is None or layer.input.dynamic for layer in layers)
+
+
+def resolve(config: Config, default_target: str) -> Config:
+    """``config`` for its target (``default_target`` when it names none): the target set, and every activation
+    config that leaves its grid to the target given the target's (:attr:`Target.activation`)."""
+    target = get_target(config.target or default_target)
+    grid = target.activation
+    return replace(config, target=target.name)._map_layers(lambda layer: layer.on_grid(grid))
