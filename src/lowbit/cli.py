@@ -20,6 +20,7 @@ from lowbit.calib.run import calibrate, evaluate
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.paths import check_outputs, ranges_path_for
+from lowbit.recipe import PRESETS, available_targets, get_target
 from lowbit.trt_cache import write_trt_cache
 
 
@@ -34,10 +35,13 @@ def _parse_value(text: str) -> Any:
         return text
 
 
-def _method_options(methods: Sequence[str], items: Sequence[str], spec: QuantSpec) -> dict[str, dict[str, Any]]:
-    """``--option percentile.percentile=99.9`` or ``--option num_bins=4096`` (every method that has it)."""
+def _method_options(
+    methods: Sequence[str], items: Sequence[str], spec: QuantSpec | None = None
+) -> dict[str, dict[str, Any]]:
+    """``--option percentile.percentile=99.9`` or ``--option num_bins=4096`` (every method that has it); with
+    ``spec``, MSE searches that grid."""
     options: dict[str, dict[str, Any]] = {m: {} for m in methods}
-    if "mse" in options:
+    if "mse" in options and spec is not None:
         options["mse"]["spec"] = spec
     for item in items:
         key, sep, value = item.partition("=")
@@ -150,49 +154,70 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     try:
-        from lowbit.onnx.pipeline import DEFAULT_METHOD, quantize
+        from lowbit.onnx import Options, quantize
     except ImportError as exc:
         raise UsageError(f"lowbit quantize needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
     if args.dynamic and args.calib is not None:
         raise UsageError("--dynamic computes activation scales at run time: drop --calib, or drop --dynamic")
-    method = args.method or DEFAULT_METHOD[args.target]
-    spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
-    options = _method_options([method], args.option, spec)[method] if args.option else None
-    image_options = _image_options(args)
-    metric = None
-    if args.max_drop is not None:
-        if args.dynamic:
-            raise UsageError("--max-drop searches static quantization; drop --dynamic")
-        metric = _metric(args, args.model, args.calib)
-    elif args.metric is not None or args.labels is not None:
-        raise UsageError("--metric and --labels set the budget's metric: add --max-drop X")
-    result = quantize(
-        args.model,
-        args.output,
-        args.calib,
-        method=None if args.dynamic else method,
-        method_options=options,
-        target=args.target,
-        per_channel=args.per_channel,
-        exclude=args.exclude,
-        exclude_ops=args.exclude_op,
-        dynamic=args.dynamic,
-        weight_only_rnn=args.weight_only_rnn,
-        bias_correction=args.bias_correction,
-        rounding=args.rounding,
-        fp16_rest=args.fp16_rest,
-        trt_cache=args.trt_cache,
+    config = _recipe(args)
+    budget = _budget(args, dynamic=config.dynamic)
+    options = Options(
         batch_size=args.batch_size,
         max_samples=args.max_samples,
-        eval_data=_eval_data(args),
-        image_options=image_options,
-        metric=metric,
-        max_drop=args.max_drop,
-        compare_models=not args.no_compare,
+        image_options=_image_options(args),
+        compare=not args.no_compare,
         progress=not args.quiet,
+        trt_cache=args.trt_cache,
     )
+    result = quantize(args.model, args.output, args.calib, config, eval_data=_eval_data(args), budget=budget,
+                      options=options)  # fmt: skip
     _print_quantized(result, args.batch_size)
     return 0
+
+
+def _recipe(args: argparse.Namespace):
+    """The recipe of the command line: ``--config`` (a preset name or a JSON/YAML file; default the ``int8``
+    preset) with every flag given applied over it, parsed once into a :class:`lowbit.recipe.Config`."""
+    from lowbit.onnx.settings import Settings, edit
+    from lowbit.recipe import PRESETS, load, preset
+
+    if args.config is None or args.config in PRESETS:
+        base = preset(args.config or "int8")
+    else:
+        base = load(args.config)
+    config = edit(
+        base,
+        method=args.method,
+        target=args.target,
+        per_channel=args.per_channel,
+        exclude=args.exclude or None,
+        exclude_ops=args.exclude_op or None,
+        dynamic=getattr(args, "dynamic", False),
+        weight_only_rnn=getattr(args, "weight_only_rnn", None),
+        bias_correction=args.bias_correction,
+        rounding=args.rounding,
+        fp16_rest=getattr(args, "fp16_rest", None),
+    )
+    if args.option:
+        method = Settings.of(config).method
+        if method is None:
+            raise UsageError("--option sets a calibrator's option; dynamic quantization calibrates nothing")
+        given = _method_options([method], args.option)[method]
+        config = config.with_method(method, {**config.default.input.method_options, **given})
+    return config
+
+
+def _budget(args: argparse.Namespace, dynamic: bool):
+    """The mixed-precision budget ``--max-drop`` asks for (None without it)."""
+    from lowbit.onnx import Budget
+
+    if args.max_drop is None:
+        if args.metric is not None or args.labels is not None:
+            raise UsageError("--metric and --labels set the budget's metric: add --max-drop X")
+        return None
+    if dynamic:
+        raise UsageError("--max-drop searches static quantization; drop --dynamic")
+    return Budget(_metric(args, args.model, args.calib), args.max_drop)
 
 
 def _print_quantized(result, args_batch: int) -> None:
@@ -287,38 +312,17 @@ def _eval_data(args: argparse.Namespace) -> Any:
 
 def _cmd_analyze(args: argparse.Namespace) -> int:
     try:
-        from lowbit.onnx.analyze import analyze
+        from lowbit.onnx import Options, analyze
+        from lowbit.onnx.analyze import Reporting
     except ImportError as exc:
         raise UsageError(f"lowbit analyze needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
-    metric = _metric(args, args.model, args.calib) if args.max_drop is not None else None
-    method = args.method or "mse"
-    spec = QuantSpec(signed=args.target == "trt", symmetric=args.target == "trt")
-    options = _method_options([method], args.option, spec)[method] if args.option else None
-    analysis = analyze(
-        args.model,
-        args.calib,
-        eval_data=_eval_data(args),
-        metric=metric,
-        max_drop=args.max_drop,
-        method=method,
-        method_options=options,
-        target=args.target,
-        per_channel=args.per_channel,
-        exclude=args.exclude,
-        exclude_ops=args.exclude_op,
-        bias_correction=args.bias_correction,
-        rounding=args.rounding,
-        batch_size=args.batch_size,
-        max_samples=args.max_samples,
-        samples=args.samples,
-        report=args.report,
-        json_path=args.json,
-        extract=args.extract,
-        extract_dir=args.extract_dir,
-        profile=not args.no_profile,
-        image_options=_image_options(args),
-        progress=not args.quiet,
-    )
+    config = _recipe(args)
+    report = Reporting(samples=args.samples, html=args.report, json=args.json, extract=tuple(args.extract),
+                       extract_dir=args.extract_dir, profile=not args.no_profile)  # fmt: skip
+    options = Options(batch_size=args.batch_size, max_samples=args.max_samples, image_options=_image_options(args),
+                      progress=not args.quiet)  # fmt: skip
+    analysis = analyze(args.model, args.calib, config, eval_data=_eval_data(args),
+                       budget=_budget(args, dynamic=False), options=options, report=report)  # fmt: skip
     print(analysis.table(top=args.top))
     if analysis.mixed is not None:
         print()
@@ -326,8 +330,9 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
     if analysis.profile is not None:
         print()
         print(analysis.profile.summary())
-        if analysis.target == "trt":
-            print("(profiled in ONNX Runtime; a --target trt model is laid out for TensorRT, not for this)")
+        target = get_target(analysis.target)
+        if not target.timed_on_ort:
+            print(f"(profiled in ONNX Runtime; a --target {target.name} model is laid out for another runtime)")
     for path in analysis.extracted:
         print(f"wrote {path}")
     if args.json:
@@ -439,17 +444,25 @@ def _add_budget_args(parser: argparse.ArgumentParser) -> None:
 def _add_static_args(parser: argparse.ArgumentParser) -> None:
     """What static quantization is asked to do: calibration, target layout, exclusions, rounding."""
     parser.add_argument(
+        "--config", metavar="RECIPE",
+        help="the recipe: a preset name (" + ", ".join(PRESETS) + ") or a JSON/YAML recipe file (default int8); "
+        "the flags below change it",
+    )  # fmt: skip
+    parser.add_argument(
         "--method", "-m", choices=calib.available(),
-        help="calibration method (default: mse, which searches the target's own grid)",
+        help="calibration method (default: the target's, mse, which searches the target's own grid)",
     )  # fmt: skip
     parser.add_argument("--option", action="append", default=[], metavar="KEY=VALUE", help="a calibrator option")
     parser.add_argument(
-        "--target", choices=["ort", "trt"], default="ort", help="runtime to lay Q/DQ out for (default ort)"
-    )
+        "--target", choices=available_targets(),
+        help="runtime to lay Q/DQ out for (default ort): "
+        + "; ".join(f"{t}: {get_target(t).summary}" for t in available_targets()),
+    )  # fmt: skip
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--per-channel", dest="per_channel", action="store_true", default=True,
+    group.add_argument("--per-channel", dest="per_channel", action="store_const", const=True,
                        help="one weight scale per output channel (default)")  # fmt: skip
-    group.add_argument("--per-tensor", dest="per_channel", action="store_false", help="one weight scale per tensor")
+    group.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
+                       help="one weight scale per tensor")  # fmt: skip
     parser.add_argument(
         "--exclude",
         action="append",
@@ -462,11 +475,11 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
         "--exclude-op", action="append", default=[], metavar="TYPE", help="keep nodes of this op type in float"
     )
     parser.add_argument(
-        "--no-bias-correction", dest="bias_correction", action="store_false",
+        "--no-bias-correction", dest="bias_correction", action="store_const", const=False,
         help="leave biases as they are (default: move each Conv/Gemm bias by the mean shift weight rounding causes)",
     )  # fmt: skip
     parser.add_argument(
-        "--rounding", choices=("gptq", "nearest"), default="gptq",
+        "--rounding", metavar="METHOD",
         help="how weights get their int8 codes: gptq (default; least output error on the calibration data) or "
         "nearest (each weight to its nearest code)",
     )  # fmt: skip
@@ -505,12 +518,12 @@ def _add_quantize(commands) -> None:
     _add_static_args(q)
     q.add_argument("--dynamic", action="store_true", help="dynamic quantization of MatMul/Gemm (no --calib)")
     q.add_argument(
-        "--weight-only-rnn", action="store_true",
+        "--weight-only-rnn", action="store_const", const=True,
         help="with --dynamic, also store GRU/RNN weights as int8 (4x smaller, but slower: ONNX Runtime has no "
         "integer GRU/RNN kernel; LSTM always runs on int8)",
     )  # fmt: skip
     q.add_argument(
-        "--fp16-rest", action="store_true",
+        "--fp16-rest", action="store_const", const=True,
         help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")

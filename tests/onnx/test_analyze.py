@@ -25,7 +25,10 @@ from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.pipeline import quantize
 from lowbit.paths import PathError
+from lowbit.recipe import preset
 from tests.onnx import models
+
+PER_TENSOR = preset("int8").with_weight_granularity("tensor")
 
 
 def _spoiled_convnet():
@@ -130,7 +133,7 @@ def test_keeping_a_layer_in_float_leaves_its_weights_float(files):
 
 def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget(files):
     _tmp, model, _data = files
-    cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, per_channel=False, progress=False)
+    cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), PER_TENSOR, every_tensor=True, progress=False)
     ranked = ["conv2", "conv1", "add", "gap", "fc"]
     all_quantized = metrics.OutputMetric("cosine", _feeds(seed=9))
     result = mixed.search(cal, ranked, all_quantized, max_drop=1.0, progress=False)
@@ -148,7 +151,7 @@ def test_mixed_precision_keeps_the_fewest_layers_that_meet_the_budget(files):
 
 def test_an_agreement_budget_says_how_noisy_its_score_is(files):
     _tmp, model, _data = files
-    cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), every_tensor=True, per_channel=False, progress=False)
+    cal = calibrate_model(preprocess(onnx.load(model)), _feeds(), PER_TENSOR, every_tensor=True, progress=False)
     metric = metrics.OutputMetric("agreement", _feeds(seed=9))
     result = mixed.search(cal, ["conv2"], metric, max_drop=20.0, progress=False)
     assert result.samples == 16  # every evaluation sample, counted once

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import free_batch, input_specs, preprocess, session
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -74,9 +77,9 @@ def test_a_free_batch_is_left_alone():
 def test_calibrating_the_freed_copy_gives_the_ranges_of_batch_1_and_builds_the_fixed_model():
     fixed = _fix_batch(models.convnet())
     x = np.random.default_rng(1).standard_normal((16, 3, 16, 16)).astype(np.float32)
-    options = {"method": "minmax", "rounding": "nearest", "bias_correction": False, "progress": False}
-    one = calibrate_model(fixed, [{"x": x[i : i + 1]} for i in range(16)], **options)
-    eight = calibrate_model(fixed, [{"x": x[:8]}, {"x": x[8:]}], run_model=free_batch(fixed, 8), **options)
+    config = replace(preset("int8").with_method("minmax"), rounding="nearest", bias_correction=False)
+    one = calibrate_model(fixed, [{"x": x[i : i + 1]} for i in range(16)], config, progress=False)
+    eight = calibrate_model(fixed, [{"x": x[:8]}, {"x": x[8:]}], config, run_model=free_batch(fixed, 8), progress=False)
     assert eight.batches == 2
     tensors = list(one.calibrators)
     for t, (lo, hi) in one.ranges(tensors).items():

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
 
+from lowbit.errors import SpecError
 from lowbit.onnx import gptq, placement, rewrite
 from lowbit.onnx.graph import Graph
-from lowbit.onnx.pipeline import QuantizeError, quantize
+from lowbit.onnx.pipeline import quantize
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -147,8 +151,8 @@ def test_quantize_writes_the_gptq_codes(tmp_path):
         errors[rounding] = np.mean((_run(weight_only, {"x": test}) - ref) ** 2)
     assert results["gptq"].gptq_layers == 1 and results["nearest"].gptq_layers == 0
     assert errors["gptq"] < 0.5 * errors["nearest"]
-    with pytest.raises(QuantizeError, match="rounding"):
-        quantize(src, tmp_path / "bad.onnx", {"x": calib}, rounding="up", progress=False)
+    with pytest.raises(SpecError, match="unknown weight rounding 'up'"):
+        quantize(src, tmp_path / "bad.onnx", {"x": calib}, replace(preset("int8"), rounding="up"))
 
 
 def test_a_dead_input_column_keeps_its_nearest_code():

@@ -153,7 +153,7 @@ def test_exclude_op_type(convnet):
 
 
 def test_unknown_target():
-    with pytest.raises(ValueError, match="targets are ort, trt"):
+    with pytest.raises(ValueError, match="targets: ort, qdq, trt"):
         placement.plan(Graph(models.convnet()), "tpu")
 
 

@@ -371,11 +371,16 @@ def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, m
 
 
 def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
-    from lowbit.onnx.pipeline import target_options
+    from lowbit.onnx.calibration import calibrator_options
+    from lowbit.onnx.settings import Settings
+    from lowbit.recipe import preset
 
-    assert target_options("entropy", "ort", None)["exclude_zeros"] is True
-    assert target_options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
-    assert "exclude_zeros" not in target_options("mse", "ort", None)
+    def options(method, target, given=None):
+        return calibrator_options(Settings.of(preset(f"int8_{target}").with_method(method, given)))
+
+    assert options("entropy", "ort")["exclude_zeros"] is True
+    assert options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
+    assert "exclude_zeros" not in options("mse", "ort")
 
 
 @pytest.mark.parametrize("target", ["ort", "trt"])

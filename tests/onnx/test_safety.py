@@ -103,7 +103,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(files, capsys, monkeypa
     def never(*args, **kwargs):
         raise AssertionError("calibration started before the output was checked")
 
-    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", never)
+    monkeypatch.setattr("lowbit.onnx.stages.calibrate_model", never)
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 2
     assert f"-o {out}: cannot write in {out.parent} (Permission denied)" in _error_line(capsys)
     with pytest.raises(PathError, match="cannot write in"):
@@ -173,7 +173,7 @@ def test_interrupt_says_what_was_written(files, capsys, monkeypatch):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", interrupted)
+    monkeypatch.setattr("lowbit.onnx.stages.calibrate_model", interrupted)
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 130
     assert capsys.readouterr().err.strip() == "lowbit quantize: interrupted; nothing was written"
 
@@ -191,7 +191,7 @@ def test_unexpected_failures_are_one_line_and_debug_shows_the_traceback(files, c
     def broken(*args, **kwargs):
         raise RuntimeError("deep inside a library")
 
-    monkeypatch.setattr("lowbit.onnx.pipeline.calibrate_model", broken)
+    monkeypatch.setattr("lowbit.onnx.stages.calibrate_model", broken)
     argv = ["quantize", model, "--calib", calib, "-o", str(tmp / "q.onnx"), "-q"]
     assert main(argv) == 1
     line = _error_line(capsys)
@@ -277,17 +277,17 @@ def test_a_budget_never_counts_nan_outputs_as_agreement():
 
 
 def test_analyze_calibrates_a_fixed_batch_model_at_the_batch_size_asked_for(tmp_path, monkeypatch):
-    from lowbit.onnx import analyze as analyze_module
+    from lowbit.onnx import stages
     from lowbit.onnx.analyze import analyze
 
     seen = []
 
-    def recording(float_model, batches, **kwargs):
+    def recording(float_model, batches, settings, **kwargs):
         seen.append((next(iter(batches))["x"].shape[0], kwargs["run_model"] is not None))
-        return calibrate_model(float_model, batches, **kwargs)
+        return calibrate_model(float_model, batches, settings, **kwargs)
 
-    calibrate_model = analyze_module.calibrate_model
-    monkeypatch.setattr(analyze_module, "calibrate_model", recording)
+    calibrate_model = stages.calibrate_model
+    monkeypatch.setattr(stages, "calibrate_model", recording)
     model = models.convnet()
     for value in (*model.graph.input, *model.graph.output):
         value.type.tensor_type.shape.dim[0].dim_value = 1

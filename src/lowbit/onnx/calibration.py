@@ -23,9 +23,12 @@ import onnx
 from lowbit import calib as calib_registry
 from lowbit.calib.base import Calibrator
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import collect, gptq, placement, rewrite
+from lowbit.onnx import collect, placement, rewrite
+from lowbit.onnx import rounding as weight_rounding
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
+from lowbit.onnx.settings import Settings
+from lowbit.recipe import Config
 
 
 @dataclass
@@ -42,12 +45,8 @@ class Calibrated:
     """What one calibration pass over a float model learned (see the module doc)."""
 
     float_model: onnx.ModelProto
-    target: str
-    method: str
+    settings: Settings
     calibrators: dict[str, Calibrator]
-    exclude: Sequence[str] = ()
-    exclude_ops: Sequence[str] = ()
-    per_channel: bool = True
     means: dict[str, np.ndarray] = field(default_factory=dict)
     codes: dict[str, np.ndarray] = field(default_factory=dict)
     floors: dict[str, np.ndarray] = field(default_factory=dict)
@@ -61,20 +60,14 @@ class Calibrated:
     def plan(self, keep_float: Collection[str] = (), model: onnx.ModelProto | None = None) -> placement.Plan:
         """The target's plan with the user's exclusions and the nodes named in ``keep_float`` left in float."""
         graph = self.graph if model is None else Graph(model)
-        return placement.plan(
-            graph,
-            self.target,
-            exclude=self.exclude,
-            exclude_ops=self.exclude_ops,
-            exclude_nodes=keep_float,
-            per_channel=self.per_channel,
-        )
+        return plan_for(graph, self.settings, keep_float)
 
     def ranges(self, tensors: Iterable[str]) -> dict[str, tuple[float, float]]:
-        """The calibrated range of each tensor (symmetric for TensorRT), computed once and kept."""
+        """The calibrated range of each tensor (symmetric where the target stores activations symmetrically),
+        computed once and kept."""
         todo = {t: self.calibrators[t] for t in tensors if t not in self._ranges and t in self.calibrators}
         if todo:
-            self._ranges.update(collect.ranges(todo, symmetric=self.target == "trt"))
+            self._ranges.update(collect.ranges(todo, symmetric=self.settings.activation.symmetric))
         return {t: self._ranges[t] for t in tensors if t in self._ranges}
 
     def build(self, keep_float: Collection[str] = ()) -> Built:
@@ -95,10 +88,23 @@ class Calibrated:
         return Built(model, plan, corrections)
 
 
-def target_options(method: str, target: str, options: Mapping[str, Any] | None) -> dict[str, Any]:
+def plan_for(graph: Graph, settings: Settings, keep_float: Collection[str] = ()) -> placement.Plan:
+    """The target's plan of ``graph`` with the recipe's exclusions and the nodes named in ``keep_float`` in float."""
+    return placement.plan(
+        graph,
+        settings.target,
+        exclude=settings.exclude,
+        exclude_ops=settings.exclude_ops,
+        exclude_nodes=keep_float,
+        per_channel=settings.per_channel,
+        activation=settings.activation,
+    )
+
+
+def calibrator_options(settings: Settings) -> dict[str, Any]:
     """Calibrator options that fit the target's activation grid unless the user chose otherwise
-    (:func:`lowbit.calib.grid_options` on the target's activation spec)."""
-    return calib_registry.grid_options(method, rewrite.activation_spec(target), dict(options or {}))
+    (:func:`lowbit.calib.grid_options` on the activation spec)."""
+    return calib_registry.grid_options(settings.method, settings.activation, dict(settings.method_options))
 
 
 def units(graph: Graph, plan: placement.Plan) -> list[str]:
@@ -125,15 +131,8 @@ def activations(graph: Graph) -> list[str]:
 def calibrate_model(
     float_model: onnx.ModelProto,
     batches: Iterable[Mapping[str, np.ndarray]],
+    settings: Settings | Config | str = "int8",
     *,
-    target: str = "ort",
-    method: str = "mse",
-    method_options: Mapping[str, Any] | None = None,
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    per_channel: bool = True,
-    bias_correction: bool = True,
-    rounding: str = "gptq",
     samples: int | None = None,
     every_tensor: bool = False,
     total: int | None = None,
@@ -141,26 +140,30 @@ def calibrate_model(
     observers: Mapping[str, Sequence[Any]] | None = None,
     run_model: onnx.ModelProto | None = None,
 ) -> Calibrated:
-    """Calibrate ``float_model`` (preprocessed) on ``batches`` for ``target``: the ranges of the tensors the full
-    plan quantizes (``every_tensor``: of every float activation, so that any later plan, and a TensorRT cache, find
-    theirs), the weights' GPTQ codes (``rounding="gptq"``; ``samples`` is the number of calibration samples when
-    known) and the input means bias correction needs. ``observers`` (tensor -> objects with ``update(array)``)
-    see their tensor's batches in the same pass. ``run_model``: the model run over ``batches`` when it is not
-    ``float_model`` itself: the same graph with its batch size freed (:func:`lowbit.onnx.model.free_batch`), so
-    that a model fixed at batch 1 calibrates at a larger batch; what is built stays ``float_model``."""
+    """Calibrate ``float_model`` (preprocessed) on ``batches`` for the recipe ``settings`` (a
+    :class:`~lowbit.onnx.settings.Settings`, or a Config or preset name): the ranges of the tensors the full plan
+    quantizes (``every_tensor``: of every float activation, so that any later plan, and a TensorRT cache, find
+    theirs), the statistics of the weight-rounding method (GPTQ's second moments; ``samples`` is the number of
+    calibration samples when known) and the input means bias correction needs. ``observers`` (tensor -> objects
+    with ``update(array)``) see their tensor's batches in the same pass. ``run_model``: the model run over
+    ``batches`` when it is not ``float_model`` itself: the same graph with its batch size freed
+    (:func:`lowbit.onnx.model.free_batch`), so that a model fixed at batch 1 calibrates at a larger batch; what is
+    built stays ``float_model``."""
+    settings = settings if isinstance(settings, Settings) else Settings.of(settings)
     graph = Graph(float_model)
-    full = placement.plan(graph, target, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel)
+    full = plan_for(graph, settings)
     tensors = list(full.calibrated)
     if every_tensor:
         tensors += [t for t in activations(graph) if t not in set(full.calibrated)]
     means: dict[str, bc.ChannelMean] = {}
-    if bias_correction:
+    if settings.bias_correction:
         for layer in bc.layers(graph, full):
             means.setdefault(layer.x, bc.ChannelMean(layer.axis))
-    moments = [gptq.SecondMoment(x) for x in gptq.layers(graph, full, samples)] if rounding == "gptq" else []
+    rounding = weight_rounding.get(settings.rounding)
+    moments = rounding.observers(graph, full, samples)
     feeding: dict[str, list] = {x: [m] for x, m in means.items()}
-    for m in moments:
-        feeding.setdefault(m.layer.x, []).append(m)
+    for x, m in moments:
+        feeding.setdefault(x, []).append(m)
     for name, extra in (observers or {}).items():
         feeding.setdefault(name, []).extend(extra)
     t0 = time.perf_counter()
@@ -168,26 +171,21 @@ def calibrate_model(
         float_model if run_model is None else run_model,
         tensors,
         batches,
-        method=method,
-        options=target_options(method, target, method_options),
+        method=settings.method,
+        options=calibrator_options(settings),
         total=total,
         progress=progress,
         observers=feeding,
     )
-    seconds = time.perf_counter() - t0
     result = Calibrated(
         float_model,
-        target,
-        method,
+        settings,
         cals,
-        exclude=exclude,
-        exclude_ops=exclude_ops,
-        per_channel=per_channel,
         means={x: m.mean for x, m in means.items()},
-        seconds=seconds,
+        seconds=time.perf_counter() - t0,
         batches=next(iter(cals.values())).num_batches if cals else 0,
     )
     act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
     result.floors = rewrite.weight_scale_floors(graph, full, act)
-    result.codes = gptq.codes(graph, moments, result.floors, progress=progress)
+    result.codes = rounding.codes(graph, moments, result.floors, progress)
     return result

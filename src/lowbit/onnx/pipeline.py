@@ -1,8 +1,13 @@
-"""``quantize``: an ONNX model in, a quantized ONNX model out (static with calibration, or dynamic).
+"""``lowbit.onnx.quantize``: an ONNX model in, a quantized ONNX model out, as a short pipeline of stages.
 
-from lowbit.onnx.pipeline import quantize
-result = quantize("model.onnx", "model_int8.onnx", calib="calib.npz")
-print(result.table())
+    import lowbit.onnx
+    from lowbit.recipe import preset
+    result = lowbit.onnx.quantize("model.onnx", "model_int8.onnx", "calib.npz", preset("int8_trt"))
+    print(result.table())
+
+open the model and the data -> calibrate once -> [mixed-precision search] -> build (with the refinements the
+recipe asks for: GPTQ codes, bias correction) -> [FP16 for the rest] -> write -> compare. Each stage is a function
+(:mod:`lowbit.onnx.stages` holds the ones :func:`lowbit.onnx.analyze.analyze` shares).
 """
 
 from __future__ import annotations
@@ -11,48 +16,31 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import onnx
-from tqdm.auto import tqdm
 
 import lowbit
-from lowbit import calib as calib_registry
 from lowbit import sampling
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table
-from lowbit.data import DataError, FeedSource, InputSpec, open_feeds
+from lowbit.data import DataError
 from lowbit.errors import LowbitError
-from lowbit.onnx import collect, compare, fp16, placement, rewrite
-from lowbit.onnx.calibration import calibrate_model, target_options, units  # noqa: F401 (public here too)
+from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
+from lowbit.onnx.calibration import Calibrated, units
 from lowbit.onnx.dynamic import quantize_dynamic
-from lowbit.onnx.graph import Graph
-from lowbit.onnx.model import (
-    batch_size_for,
-    file_size,
-    free_batch,
-    input_specs,
-    load_model,
-    preprocess,
-    save_model,
-    session,
-)
+from lowbit.onnx.model import file_size, save_model, session
+from lowbit.onnx.settings import DEFAULT_TARGET, Budget, Options, QuantizeError, Settings, from_keywords
 from lowbit.paths import check_outputs, ranges_path_for
+from lowbit.recipe import Config, get_target, to_dict
 from lowbit.trt_cache import write_trt_cache
 
-# Default calibration method per target. MSE searches the grid the target uses. TensorRT's entropy method, faithful
-# to TensorRT, cuts spiky tensors hard: ccexam MNISTNet loses 11 points with it (99.83% -> 88.8%, the input's
-# background spike sets amax 0.42 of 2.82), none with mse or minmax (benchmarks/onnx_bench.py).
-DEFAULT_METHOD = {"trt": "mse", "ort": "mse"}
-ROUNDINGS = ("gptq", "nearest")
 HOLDOUT = 64  # samples kept apart for the float vs quantized comparison when no eval data is given
-
-
-class QuantizeError(LowbitError, ValueError):
-    """Options that do not fit together or a model that cannot be quantized as asked."""
+FEW_SAMPLES = 32  # fewer calibration samples than this get a warning: their ranges are noisy
+__all__ = ["HOLDOUT", "Budget", "Options", "QuantizeError", "QuantizeResult", "quantize"]
 
 
 @dataclass
@@ -100,8 +88,11 @@ class QuantizeResult:
                            for b, ok in zip((1, 8), speed, strict=True)]  # fmt: skip
             rows.append(["INT8 / FP32", f"x{ratio:.3f}", *speed_cells])
         text = format_table(["model", "file size", "latency b=1", "latency b=8"], rows, "lrrr")
-        if self.target == "trt" and self.latency:
-            text += "\n(latency on ONNX Runtime CPU; a --target trt model is laid out for TensorRT, not for this)"
+        if self.latency and not get_target(self.target).timed_on_ort:
+            text += (
+                f"\n(latency on ONNX Runtime CPU; a --target {self.target} model is laid out for "
+                f"{get_target(self.target).summary.split(' (')[0]}, not for this)"
+            )
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"
         if self.agreement is not None:
@@ -137,181 +128,102 @@ def _speedup(before: float, after: float) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
-FEW_SAMPLES = 32  # fewer calibration samples than this get a warning: their ranges are noisy
-
-
 def quantize(
     model: str | os.PathLike,
     output: str | os.PathLike,
     calib: Any = None,
+    config: str | Config = "int8",
     *,
-    method: str | None = None,
-    method_options: Mapping[str, Any] | None = None,
-    target: str = "ort",
-    per_channel: bool = True,
-    exclude: Sequence[str] = (),
-    exclude_ops: Sequence[str] = (),
-    dynamic: bool = False,
-    weight_only_rnn: bool = False,
-    bias_correction: bool = True,
-    rounding: str = "gptq",
-    fp16_rest: bool = False,
-    trt_cache: str | os.PathLike | None = None,
-    batch_size: int = 8,
-    max_samples: int = 512,
     eval_data: Any = None,
-    image_options: Any = None,
-    compare_models: bool = True,
-    progress: bool = True,
-    metric: Any = None,
-    max_drop: float | None = None,
+    budget: Budget | None = None,
+    options: Options = Options(),
+    **before_recipes: Any,
 ) -> QuantizeResult:
-    """Quantize the ONNX model at ``model`` and write it to ``output``; return what was done and measured.
+    """Quantize the ONNX model at ``model`` as the recipe ``config`` says (a :class:`lowbit.recipe.Config` or a
+    preset name) and write it to ``output``; return what was done and measured.
 
     Static (default): activations calibrated on ``calib`` (see :func:`lowbit.data.open_feeds` for what it can
-    be) with ``method`` (default: :data:`DEFAULT_METHOD`, ``mse``), Q/DQ placed for
-    ``target``. ``dynamic=True``: MatMul/Gemm/LSTM weights to int8, activation scales at run time, no ``calib``;
-    ``weight_only_rnn`` also stores GRU/RNN weights as int8 (smaller, slower: no integer kernel for them).
-    Nodes whose name matches a regex in ``exclude`` or whose op type is in ``exclude_ops`` stay in float (a regex
-    or op type that matches nothing is an error).
-    ``bias_correction`` (static only) moves each Conv/Gemm bias by the mean shift weight rounding causes on the
-    calibration data (:mod:`lowbit.onnx.bias_correction`). ``rounding`` (static only): ``"gptq"`` chooses the
-    weights' int8 codes for the least output error on the calibration data (:mod:`lowbit.onnx.gptq`),
-    ``"nearest"`` rounds each weight to its nearest code. ``fp16_rest`` runs every node outside the quantizers
-    in float16 (:mod:`lowbit.onnx.fp16`), as TensorRT runs INT8 + FP16.
-    The chosen ranges go to ``<output stem>.ranges.json``; ``trt_cache`` also writes TensorRT's calibration cache.
-    With ``compare_models``, latency and output agreement (on all of ``eval_data``, or on up to 64 samples held
-    out of ``calib``) are measured. Calibration uses at most ``max_samples`` samples; when the data has more, or
-    some are held out, both sets are a seeded spread over the whole data (:func:`lowbit.sampling.split`).
-    ``metric`` (a :class:`lowbit.onnx.metrics.Metric`) and ``max_drop``: automatic mixed precision. The layers are
-    ranked by their own sensitivity (:func:`lowbit.onnx.analyze.layer_sensitivity`, on up to 64 samples of
-    ``eval_data`` or held out of ``calib``) and the most sensitive are kept in float, fewest first, until the
-    metric drops by at most ``max_drop`` (:func:`lowbit.onnx.mixed.search`); ``result.mixed`` tells the steps.
+    be), Q/DQ placed for the recipe's target (``ort`` unless it names one), weights rounded by the recipe's
+    method (GPTQ unless it says ``nearest``), biases corrected for the mean shift weight rounding causes (unless
+    ``bias_correction=False``), and with ``fp16_rest`` every node outside the quantizers in float16. A recipe
+    with dynamic activations (``"int8_dynamic"``) quantizes MatMul/Gemm/LSTM weights and needs no ``calib``.
+    The chosen ranges and the recipe go to ``<output stem>.ranges.json``; ``options`` (:class:`Options`) bounds
+    the work and may also ask for TensorRT's calibration cache. With ``options.compare``, latency and output
+    agreement (on all of ``eval_data``, or on up to 64 samples held out of ``calib``) are measured; held-out
+    and, past ``max_samples``, calibration samples are a seeded spread over the data (:mod:`lowbit.sampling`).
+    ``budget`` (:class:`Budget`: a metric and the largest drop allowed): automatic mixed precision, the most
+    sensitive layers kept in float, fewest first (:func:`lowbit.onnx.stages.search`); ``result.mixed`` tells
+    the steps.
 
     Every output path is checked against the model and the data (and made sure to be writable), and the
     evaluation data is read through once, before any work: nothing is written when an option or file is wrong.
+    The keyword arguments of the call before recipes (``method=``, ``target=``, ...) still work, with a
+    DeprecationWarning that shows the new call.
     """
+    if before_recipes:
+        config, options, budget = from_keywords(config, options, budget, before_recipes, "quantize")
     t_start = time.perf_counter()
-    model_path, output = Path(model), Path(output)
-    trt_cache = Path(trt_cache) if trt_cache is not None else None
-    ranges_path = ranges_path_for(output)
-    check_outputs(
-        {"output": output, "the ranges file": ranges_path, "trt_cache": trt_cache},
-        {"model": model_path, "calib": calib, "eval_data": eval_data},
-    )
-    _check_options(target, dynamic, trt_cache, metric, max_drop, calib, rounding, max_samples, batch_size)
-    method = None if dynamic else (method or DEFAULT_METHOD[target])
-    if method is not None and method not in calib_registry.available():
-        raise QuantizeError(f"unknown method {method!r}; methods: {', '.join(calib_registry.available())}")
-
-    original = load_model(model_path)
-    float_model = preprocess(original)
-    placement.check_exclusions(Graph(float_model), exclude, exclude_ops)
-    inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
-    batch = batch_size_for(inputs, batch_size)
-    eval_source = (
-        open_feeds(eval_data, inputs, image_options=image_options, role="evaluation data")
-        if eval_data is not None
-        else None
-    )
-    source = open_feeds(calib, inputs, image_options=image_options) if calib is not None else None
-    if eval_source is not None:
-        _read_through(eval_source, batch, "evaluation data", progress)
-    result = QuantizeResult(output, ranges_path, "ort" if dynamic else target, method, dynamic, [], [])
-    result.batch_size = batch
-
-    if dynamic:
-        quantized, record = _quantize_dynamic(float_model, result, exclude, exclude_ops, per_channel, weight_only_rnn)
-        held = None
-    else:
-        chosen = sampling.split(source, max_samples, HOLDOUT if compare_models and eval_source is None else 0)
-        held = chosen.held
-        result.held_out_samples = held.num_samples if held is not None else 0
-        result.samples_note = chosen.describe()
-        if not chosen.calib.num_samples and chosen.total is not None:
-            raise DataError(f"{source.description}: no samples left for calibration")
-        static = _Static(float_model, target, method, method_options, exclude, exclude_ops, per_channel)
-        if batch == 1 < batch_size:  # a model fixed at batch 1 calibrates through a copy that takes batch_size
-            static.run_model = free_batch(float_model, batch_size)
-        result.calibration_batch = batch_size if static.run_model is not None else batch
-        sample_feeds = (eval_source or held or chosen.calib).batches(batch, 0, HOLDOUT)
-        quantized, record = static.run(
-            chosen.calib, result.calibration_batch, result, bias_correction=bias_correction, rounding=rounding,
-            trt_cache=trt_cache, metric=metric, max_drop=max_drop, sample_feeds=sample_feeds, progress=progress,
-        )  # fmt: skip
-        _warn_few(result, compare_models and eval_source is None)
-
-    if fp16_rest:
-        quantized, result.fp16_nodes = fp16.convert(quantized)
-    quant_sess = _write(original, quantized, record, result, model_path)
-    if compare_models:
-        compared = eval_source or held
-        _compare(result, float_model, quant_sess, model_path, compared, compared or source, inputs, batch, progress)
-    result.seconds = time.perf_counter() - t_start
-    return result
+    settings = Settings.of(config)
+    job = _Job.open(Path(model), Path(output), calib, eval_data, settings, options, budget)
+    quantized, record = _quantize_dynamic(job) if settings.dynamic else _quantize_static(job)
+    if settings.config.fp16_rest:
+        quantized, job.result.fp16_nodes = fp16.convert(quantized)
+    quant_sess = _write(job, quantized, record)
+    if options.compare:
+        _compare(job, quant_sess)
+    job.result.seconds = time.perf_counter() - t_start
+    return job.result
 
 
-def _write(original, quantized, record, result, model_path) -> Any:
-    """Check the quantized model, load it in ONNX Runtime, then write it and its ranges file (both atomically);
-    returns its session."""
-    _copy_metadata(original, quantized)
-    try:
-        onnx.checker.check_model(quantized, full_check=False)
-    except onnx.checker.ValidationError as exc:  # a bug in lowbit, not in the user's input
-        raise LowbitError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
-    quant_sess = session(quantized)
-    save_model(quantized, result.output)
-    record.update(
-        {
-            "lowbit": lowbit.__version__,
-            "model": str(model_path),
-            "target": result.target,
-            "method": result.method,
-            "dynamic": result.dynamic,
-            "quantized_nodes": result.quantized_nodes,
-            "excluded_nodes": result.excluded_nodes,
-        }
-    )
-    atomic_write_text(result.ranges_path, json.dumps(record, indent=1) + "\n")
-    return quant_sess
+@dataclass
+class _Job:
+    """One call's state as it goes through the stages: its settings, model, data and the result so far."""
+
+    settings: Settings
+    options: Options
+    budget: Budget | None
+    model: stages.Model
+    data: stages.Data
+    result: QuantizeResult
+    held: Any = None  # the held-out samples (a FeedSource) when no evaluation data was given
+
+    @classmethod
+    def open(cls, model_path, output, calib, eval_data, settings, options, budget) -> _Job:
+        """Check the options and every path, then open the model and the data (the first stages)."""
+        ranges_path = ranges_path_for(output)
+        check_outputs(
+            {"output": output, "the ranges file": ranges_path, "trt_cache": options.trt_cache},
+            {"model": model_path, "calib": calib, "eval_data": eval_data},
+        )
+        _check_options(settings, options, budget, calib)
+        model = stages.open_model(model_path, settings, options.batch_size)
+        data = stages.open_data(model, calib, eval_data, options)
+        target = DEFAULT_TARGET if settings.dynamic else settings.target.name
+        result = QuantizeResult(output, ranges_path, target, settings.method, settings.dynamic, [], [])
+        result.batch_size = model.batch
+        return cls(settings, options, budget, model, data, result)
 
 
-def _check_options(target, dynamic, trt_cache, metric, max_drop, calib, rounding, max_samples, batch_size) -> None:
-    """The options that contradict each other or are out of range, each named, before any work."""
-    if target not in placement.TARGETS:
-        raise QuantizeError(f"unknown target {target!r}; targets are {', '.join(placement.TARGETS)}")
-    if dynamic and trt_cache is not None:
+def _check_options(settings: Settings, options: Options, budget: Budget | None, calib: Any) -> None:
+    """The options that contradict each other, each named, before any work."""
+    if settings.dynamic and options.trt_cache is not None:
         raise QuantizeError("--trt-cache needs static calibration; it cannot be combined with --dynamic")
-    if (metric is None) != (max_drop is None):
-        raise QuantizeError("automatic mixed precision needs both a metric and max_drop")
-    if max_drop is not None and not max_drop >= 0:
-        raise QuantizeError(f"max_drop must be 0 or more (the largest drop from FP32 allowed), got {max_drop}")
-    if metric is not None and dynamic:
+    if budget is not None and settings.dynamic:
         raise QuantizeError(
             "automatic mixed precision searches static quantization; it cannot be combined with dynamic"
         )
-    if not dynamic and calib is None:
+    if not settings.dynamic and calib is None:
         raise QuantizeError("static quantization needs calibration data (--calib); or use --dynamic")
-    if rounding not in ROUNDINGS:
-        raise QuantizeError(f"unknown rounding {rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-    for name, value in (("max_samples", max_samples), ("batch_size", batch_size)):
-        if not isinstance(value, int) or value < 1:
-            raise QuantizeError(f"{name} must be a positive integer, got {value!r}")
 
 
-def _read_through(source: FeedSource, batch: int, what: str, progress: bool) -> None:
-    """Read every batch of ``source`` once, so that data that does not fit the model (shape, dtype, NaN) is an
-    error before anything is computed or written, not after."""
-    batches = source.batches(batch)
-    with tqdm(total=len(batches) or None, desc=f"checking {what}", unit="batch", disable=not progress,
-              leave=False) as bar:  # fmt: skip
-        for _ in batches:
-            bar.update(1)
-
-
-def _quantize_dynamic(float_model, result, exclude, exclude_ops, per_channel, weight_only_rnn):
+def _quantize_dynamic(job: _Job) -> tuple[onnx.ModelProto, dict]:
+    s, result = job.settings, job.result
     quantized, dplan = quantize_dynamic(
-        float_model, exclude=exclude, exclude_ops=exclude_ops, per_channel=per_channel, weight_only_rnn=weight_only_rnn
+        job.model.float_model,
+        exclude=s.exclude,
+        exclude_ops=s.exclude_ops,
+        per_channel=s.per_channel,
+        weight_only_rnn=s.config.weight_only_rnn,
     )
     result.quantized_nodes, result.excluded_nodes = dplan.quantized_nodes, dplan.excluded_nodes
     result.layers = len(dplan.quantized_nodes)
@@ -321,6 +233,75 @@ def _quantize_dynamic(float_model, result, exclude, exclude_ops, per_channel, we
             "LSTM/GRU/RNN with constant weights and no embedding table (or --exclude left none)"
         )
     return quantized, {"activations": {}}
+
+
+def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
+    """Split the samples, calibrate once, [search mixed precision], build, store tables, record the ranges."""
+    settings, options, result, model = job.settings, job.options, job.result, job.model
+    wanted_holdout = options.compare and job.data.eval is None
+    chosen = sampling.split(job.data.calib, options.max_samples, HOLDOUT if wanted_holdout else 0)
+    job.held = chosen.held
+    result.held_out_samples = chosen.held.num_samples if chosen.held is not None else 0
+    result.samples_note = chosen.describe()
+    if not chosen.calib.num_samples and chosen.total is not None:
+        raise DataError(f"{job.data.calib.description}: no samples left for calibration")
+    full = placement.plan(model.graph, settings.target, exclude=settings.exclude, exclude_ops=settings.exclude_ops,
+                          per_channel=settings.per_channel, activation=settings.activation)  # fmt: skip
+    if not full.quantized_nodes:
+        raise QuantizeError(
+            "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
+        )
+    result.calibration_batch = stages.calibration_batch(model, options)[0]
+    every_tensor = options.trt_cache is not None or job.budget is not None
+    calibrated = stages.calibrate(model, settings, chosen.calib, options, every_tensor=every_tensor)
+    result.calibration_seconds = calibrated.seconds
+    known = chosen.calib.num_samples
+    result.calibration_samples = known if known is not None else calibrated.batches * result.calibration_batch
+    result.gptq_layers = len(calibrated.codes)
+    keep_float: list[str] = []
+    if job.budget is not None:
+        sample_feeds = (job.data.eval or job.held or chosen.calib).batches(model.batch, 0, HOLDOUT)
+        layers = units(model.graph, full)
+        result.mixed = stages.search(calibrated, layers, job.budget, sample_feeds, options.progress)
+        keep_float = result.mixed.kept
+    quantized, record = _build(job, calibrated, keep_float)
+    _warn_few(result, wanted_holdout)
+    return quantized, record
+
+
+def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[onnx.ModelProto, dict]:
+    """Build the model with ``keep_float`` in float, store the target's int8 tables, record the ranges and write
+    the TensorRT cache if asked."""
+    settings, result = job.settings, job.result
+    built = calibrated.build(keep_float=keep_float)
+    quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
+    result.quantized_nodes, result.excluded_nodes = list(plan.quantized_nodes), plan.excluded_nodes
+    result.layers = len(units(job.model.graph, plan))
+    if settings.target.int8_tables:
+        # Embedding tables feed no compute op, so the plan leaves them in float; stored as int8 they take
+        # more than half off a transformer's file (all-MiniLM-L6-v2: 59 MB -> 23 MB).
+        quantized, tables = quantize_dynamic(
+            quantized, exclude=settings.exclude, exclude_ops=settings.exclude_ops, tables_only=True
+        )
+        result.quantized_nodes += tables.quantized_nodes
+        result.layers += len(tables.quantized_nodes)
+    act_ranges = calibrated.ranges(plan.calibrated)
+    record = _record(plan, rewrite.activation_qparams(plan, act_ranges), act_ranges)
+    if job.options.trt_cache is not None:
+        write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
+        result.trt_cache = job.options.trt_cache
+    return quantized, record
+
+
+def _trt_amax(calibrated: Calibrated, plan: placement.Plan, act_ranges) -> dict[str, float]:
+    """Implicit INT8 wants every tensor's symmetric amax; tensors with symmetric Q/DQ ranges keep theirs."""
+    cals = calibrated.calibrators
+    planned = {t: cals[t] for t in plan.calibrated}
+    symmetric = act_ranges if plan.activation.symmetric else collect.ranges(planned, symmetric=True)
+    others = collect.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
+    amax = {t: r[1] for t, r in others.items()}
+    amax.update({t: symmetric[root][1] for t, root in plan.activations.items()})
+    return amax
 
 
 def _warn_few(result: QuantizeResult, wanted_holdout: bool) -> None:
@@ -337,105 +318,51 @@ def _warn_few(result: QuantizeResult, wanted_holdout: bool) -> None:
             "not compared: give evaluation data (--eval)"
         )
     for text in result.warnings:
-        warnings.warn(text, stacklevel=3)
+        warnings.warn(text, stacklevel=4)
 
 
-class _Static:
-    """Static quantization's stages: calibrate once, [search mixed precision], build, record the ranges."""
-
-    def __init__(self, float_model, target, method, method_options, exclude, exclude_ops, per_channel):
-        self.float_model, self.target, self.method, self.method_options = float_model, target, method, method_options
-        self.exclude, self.exclude_ops, self.per_channel = exclude, exclude_ops, per_channel
-        self.graph = Graph(float_model)
-        self.run_model: onnx.ModelProto | None = None  # what calibration runs, when not float_model itself
-
-    def run(self, calib_source, batch, result, *, bias_correction, rounding, trt_cache, metric, max_drop,
-            sample_feeds, progress):  # fmt: skip
-        plan = placement.plan(
-            self.graph, self.target, exclude=self.exclude, exclude_ops=self.exclude_ops, per_channel=self.per_channel
-        )
-        if not plan.quantized_nodes:
-            raise QuantizeError(
-                "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
-            )
-        batches = calib_source.batches(batch)
-        calibrated = calibrate_model(
-            self.float_model,
-            batches,
-            target=self.target,
-            method=self.method,
-            method_options=self.method_options,
-            exclude=self.exclude,
-            exclude_ops=self.exclude_ops,
-            per_channel=self.per_channel,
-            bias_correction=bias_correction,
-            rounding=rounding,
-            samples=calib_source.num_samples,
-            every_tensor=trt_cache is not None or metric is not None,
-            total=len(batches) or None,
-            progress=progress,
-            run_model=self.run_model,
-        )
-        result.calibration_seconds = calibrated.seconds
-        known = calib_source.num_samples
-        result.calibration_samples = known if known is not None else calibrated.batches * batch
-        result.gptq_layers = len(calibrated.codes)
-        keep_float: list[str] = []
-        if metric is not None:
-            layers = units(self.graph, plan)
-            result.mixed = _search(calibrated, layers, metric, max_drop, sample_feeds, progress)
-            keep_float = result.mixed.kept
-        built = calibrated.build(keep_float=keep_float)
-        quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
-        result.quantized_nodes, result.excluded_nodes = list(plan.quantized_nodes), plan.excluded_nodes
-        result.layers = len(units(self.graph, plan))
-        if self.target == "ort":
-            # Embedding tables feed no compute op, so the plan leaves them in float; stored as int8 they take
-            # more than half off a transformer's file (all-MiniLM-L6-v2: 59 MB -> 23 MB).
-            quantized, tables = quantize_dynamic(
-                quantized, exclude=self.exclude, exclude_ops=self.exclude_ops, tables_only=True
-            )
-            result.quantized_nodes += tables.quantized_nodes
-            result.layers += len(tables.quantized_nodes)
-        act_ranges = calibrated.ranges(plan.calibrated)
-        record = _record(plan, rewrite.activation_qparams(plan, act_ranges), act_ranges)
-        if trt_cache is not None:
-            write_trt_cache(trt_cache, self._trt_amax(calibrated, plan, act_ranges))
-            result.trt_cache = trt_cache
-        return quantized, record
-
-    def _trt_amax(self, calibrated, plan, act_ranges) -> dict[str, float]:
-        """Implicit INT8 wants every tensor's symmetric amax; for --target trt the Q/DQ tensors keep theirs."""
-        cals = calibrated.calibrators
-        planned = {t: cals[t] for t in plan.calibrated}
-        symmetric = act_ranges if self.target == "trt" else collect.ranges(planned, symmetric=True)
-        others = collect.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
-        amax = {t: r[1] for t, r in others.items()}
-        amax.update({t: symmetric[root][1] for t, root in plan.activations.items()})
-        return amax
+def _write(job: _Job, quantized: onnx.ModelProto, record: dict) -> Any:
+    """Check the quantized model, load it in ONNX Runtime, then write it and its ranges file (both atomically);
+    returns its session."""
+    result = job.result
+    _copy_metadata(job.model.original, quantized)
+    try:
+        onnx.checker.check_model(quantized, full_check=False)
+    except onnx.checker.ValidationError as exc:  # a bug in lowbit, not in the user's input
+        raise LowbitError(f"internal error: the quantized model does not pass onnx.checker: {exc}") from exc
+    quant_sess = session(quantized)
+    save_model(quantized, result.output)
+    record.update(
+        {
+            "lowbit": lowbit.__version__,
+            "model": str(job.model.path),
+            "target": result.target,
+            "method": result.method,
+            "dynamic": result.dynamic,
+            "quantized_nodes": result.quantized_nodes,
+            "excluded_nodes": result.excluded_nodes,
+            "recipe": to_dict(job.settings.config),
+        }
+    )
+    atomic_write_text(result.ranges_path, json.dumps(record, indent=1) + "\n")
+    return quant_sess
 
 
-def _search(calibrated, layers, metric, max_drop, sample_feeds, progress):
-    from lowbit.onnx import mixed
-    from lowbit.onnx.analyze import layer_sensitivity
-
-    errors = layer_sensitivity(calibrated, layers, sample_feeds, progress=progress)
-    ranked = sorted(layers, key=lambda name: (errors[name][1].sqnr_db, errors[name][1].cosine))
-    return mixed.search(calibrated, ranked, metric, max_drop, progress=progress)
-
-
-def _compare(result, float_model, quant_sess, model_path, held, sample_source, inputs, batch, progress) -> None:
-    """File sizes, output agreement on ``held`` (the evaluation or held-out samples, if any) and latency on a batch
-    of ``sample_source``."""
-    float_sess = session(float_model)
-    result.sizes = {"fp32": file_size(model_path), "int8": file_size(result.output)}
+def _compare(job: _Job, quant_sess: Any) -> None:
+    """File sizes, output agreement on the evaluation or held-out samples (if any) and latency on a batch of
+    them (or of the calibration data)."""
+    result, model, progress = job.result, job.model, job.options.progress
+    held = job.data.eval or job.held
+    sample_source = held or job.data.calib
+    float_sess = session(model.float_model)
+    result.sizes = {"fp32": file_size(model.path), "int8": file_size(result.output)}
     if held is not None:
-        result.agreement = compare.agreement(float_sess, quant_sess, held.batches(batch), progress=progress)
-    sample = next(iter(sample_source.batches(batch, 0, batch)), None) if sample_source is not None else None
+        result.agreement = compare.agreement(float_sess, quant_sess, held.batches(model.batch), progress=progress)
+    sample = next(iter(sample_source.batches(model.batch, 0, model.batch)), None) if sample_source else None
     if sample is not None:
         sessions = {"fp32": float_sess, "int8": quant_sess}
-        result.latency = compare.latencies(sessions, sample, inputs, progress=progress)
-        result.untimed = compare.untimed(inputs)
+        result.latency = compare.latencies(sessions, sample, model.inputs, progress=progress)
+        result.untimed = compare.untimed(model.inputs)
 
 
 def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges) -> dict:

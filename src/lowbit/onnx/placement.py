@@ -1,34 +1,40 @@
 """Where the quantizers go: the plan of which tensors get a QuantizeLinear/DequantizeLinear pair, which weights are
 stored as integers (and along which axis), and which biases become int32, for a target runtime.
 
-``trt`` (TensorRT explicit quantization): Q/DQ on the inputs of Conv/ConvTranspose/Gemm/MatMul and on the skip
-input of a residual Add, nothing on outputs: TensorRT fuses the rest (Conv + bias + Add + Relu, the next Q).
+Each target (:mod:`lowbit.recipe.targets`) names its planner, registered here in :data:`PLANNERS`:
 
-``ort`` (ONNX Runtime CPU): tensors stay integer through every op ORT runs on integers. A Q/DQ pair goes on the
-inputs and outputs of compute and elementwise ops; ops that only move values (MaxPool, Reshape, ...) share the
-scale of their input; Relu/Clip are absorbed by the quantizer after them (zero point 0 clips at 0). Biases become
-int32 with scale s_x * s_w, as QLinearConv needs. ORT's optimizer then turns each DQ -> op -> Q into one integer
-kernel. The integer domain is kept only where it pays: an elementwise op (Add, Mul, ...) is quantized only when
-its inputs come from integer ops and its result reaches a compute op (through ops that move values), and a
-MatMul/Gemm output only then gets a quantizer (ORT runs it as MatMulIntegerToFloat otherwise). In a transformer,
-the residual Add before a LayerNormalization, the attention-mask Add before a Softmax and the pieces of a GELU thus
-stay in float: quantizing them would cost accuracy (a -10000 mask swamps the scores' range) and buy no integer
-kernel.
+``compute-inputs`` (target ``trt``, TensorRT explicit quantization): Q/DQ on the inputs of
+Conv/ConvTranspose/Gemm/MatMul and on the skip input of a residual Add, nothing on outputs: TensorRT fuses the
+rest (Conv + bias + Add + Relu, the next Q).
+
+``integer-islands`` (target ``ort``, ONNX Runtime CPU): tensors stay integer through every op ORT runs on
+integers. A Q/DQ pair goes on the inputs and outputs of compute and elementwise ops; ops that only move values
+(MaxPool, Reshape, ...) share the scale of their input; Relu/Clip are absorbed by the quantizer after them (zero
+point 0 clips at 0). Biases become int32 with scale s_x * s_w, as QLinearConv needs. ORT's optimizer then turns
+each DQ -> op -> Q into one integer kernel. The integer domain is kept only where it pays: an elementwise op
+(Add, Mul, ...) is quantized only when its inputs come from integer ops and its result reaches a compute op
+(through ops that move values), and a MatMul/Gemm output only then gets a quantizer (ORT runs it as
+MatMulIntegerToFloat otherwise). In a transformer, the residual Add before a LayerNormalization, the
+attention-mask Add before a Softmax and the pieces of a GELU thus stay in float: quantizing them would cost
+accuracy (a -10000 mask swamps the scores' range) and buy no integer kernel.
+
+``every-op`` (target ``qdq``, runtimes that fuse Q/DQ themselves): Q/DQ on every activation input of every
+quantizable compute and elementwise op, weights per channel, nothing on outputs, biases left float.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
 import onnx
 
+from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
-
-TARGETS = ("ort", "trt")
+from lowbit.recipe import Target, get_target
 
 
 @dataclass
@@ -39,6 +45,7 @@ class Plan:
     read the float tensors."""
 
     target: str
+    activation: QuantSpec = QuantSpec()  # how the activations are stored
     activations: dict[str, str] = field(default_factory=dict)
     weights: dict[str, int | None] = field(default_factory=dict)
     constants: set[str] = field(default_factory=set)  # constant operands of elementwise ops (ort): own range
@@ -97,21 +104,37 @@ def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str], exclude_nodes:
     return excluded
 
 
+Planner = Callable[[Graph, list[onnx.NodeProto], "Plan", bool, Target], None]
+PLANNERS: dict[str, Planner] = {}
+
+
+def planner(name: str) -> Callable[[Planner], Planner]:
+    """Register a placement planner: ``fn(graph, active_nodes, plan, per_channel, target)`` fills ``plan`` for the
+    nodes not excluded; a target names it as its ``placement``."""
+
+    def add(fn: Planner) -> Planner:
+        PLANNERS[name] = fn
+        return fn
+
+    return add
+
+
 def plan(
     graph: Graph,
-    target: str = "ort",
+    target: Target | str,
     *,
     exclude: Sequence[str] = (),
     exclude_ops: Sequence[str] = (),
     exclude_nodes: Collection[str] = (),
     per_channel: bool = True,
+    activation: QuantSpec | None = None,
 ) -> Plan:
-    """The quantizers ``target`` wants in ``graph``; nodes whose name matches a regex in ``exclude``, whose op
-    type is in ``exclude_ops`` or whose name is in ``exclude_nodes`` stay in float."""
-    if target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; targets are {', '.join(TARGETS)}")
+    """The quantizers ``target`` (a :class:`~lowbit.recipe.Target` or its name) wants in ``graph``; nodes whose
+    name matches a regex in ``exclude``, whose op type is in ``exclude_ops`` or whose name is in ``exclude_nodes``
+    stay in float. ``activation``: how activations are stored (default: the target's)."""
+    target = get_target(target) if isinstance(target, str) else target
     excluded = exclusion(exclude, exclude_ops, exclude_nodes)
-    result = Plan(target)
+    result = Plan(target.name, activation or target.activation)
     active: list[onnx.NodeProto] = []
     for node in graph.nodes:
         rule = rule_for(node)
@@ -121,7 +144,7 @@ def plan(
             result.excluded_nodes.append(graph.node_name(node))
             continue
         active.append(node)
-    (_plan_trt if target == "trt" else _plan_ort)(graph, active, result, per_channel)
+    PLANNERS[target.placement](graph, active, result, per_channel, target)
     return result
 
 
@@ -141,7 +164,8 @@ def _add_weights(graph: Graph, node: onnx.NodeProto, result: Plan, per_channel: 
     return found
 
 
-def _plan_trt(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool) -> None:
+@planner("compute-inputs")
+def _plan_trt(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool, target: Target) -> None:
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     for node in active:
         rule = rule_for(node)
@@ -240,7 +264,8 @@ def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
     return useful
 
 
-def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool) -> None:
+@planner("integer-islands")
+def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool, target: Target) -> None:
     quantized_out: set[str] = set()
     followers: list[onnx.NodeProto] = []
     useful = _worth_integer(graph, active)
@@ -259,7 +284,7 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
                 result.activations[name] = name
             elif rule.kind == "elementwise" and graph.is_constant(name) and graph.is_float(name):
                 result.constants.add(name)
-        if rule.bias_input is not None and rule.bias_input < len(node.input):
+        if target.int32_biases and rule.bias_input is not None and rule.bias_input < len(node.input):
             bias = node.input[rule.bias_input]
             weight = node.input[rule.weight_inputs[0]]
             if (
@@ -302,3 +327,19 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
             continue
         if all(id(c) in absorbing for c in readers):
             del result.activations[name]
+
+
+@planner("every-op")
+def _plan_every_op(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_channel: bool, target: Target) -> None:
+    """Q/DQ on the activation inputs of every compute and elementwise op; ops that only move or clip values get
+    none (the runtime runs them on whatever arrives). A Conv/Gemm with computed weights stays in float."""
+    for node in active:
+        rule = rule_for(node)
+        if rule.kind not in ("compute", "elementwise"):
+            continue
+        if rule.kind == "compute" and not _add_weights(graph, node, result, per_channel) and node.op_type != "MatMul":
+            continue
+        for i in rule.activation_inputs(node):
+            if graph.is_activation(node.input[i]):
+                result.activations[node.input[i]] = node.input[i]
+        result.quantized_nodes.append(graph.node_name(node))

@@ -56,14 +56,10 @@ class _Names:
         return name
 
 
-def activation_spec(target: str) -> QuantSpec:
-    """uint8 asymmetric for ONNX Runtime's CPU kernels, int8 symmetric (zero point 0) for TensorRT."""
-    return QuantSpec(signed=False, symmetric=False) if target == "ort" else QuantSpec()
-
-
 def activation_qparams(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> dict[str, QParams]:
-    """Scale and zero point of every quantized activation; tensors that share a range share these too."""
-    spec = activation_spec(plan.target)
+    """Scale and zero point of every quantized activation (on the plan's activation grid); tensors that share a
+    range share these too."""
+    spec = plan.activation
     roots: dict[str, QParams] = {}
     for tensor in plan.calibrated:
         if tensor not in ranges:

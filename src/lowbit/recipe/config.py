@@ -7,7 +7,8 @@ names (``fnmatch``: ``"features.0"``, ``"*.fc"``, ``"encoder.*"``; PyTorch modul
 another :class:`LayerConfig`, or to None to leave the matching layers in float; later patterns win.
 
 An activation config whose ``signed`` / ``symmetric`` are None stores activations as the target does (uint8
-asymmetric for ONNX Runtime's CPU kernels, int8 symmetric for TensorRT): :func:`resolve` fills them in.
+asymmetric for ONNX Runtime's CPU kernels, int8 symmetric for TensorRT), and one whose ``method`` is None
+calibrates with the target's default method: :func:`resolve` fills them in.
 
 >>> from lowbit.recipe import preset, resolve
 >>> cfg = preset("int8").override("classifier", None)   # everything INT8 but the classifier
@@ -26,7 +27,7 @@ from typing import Any
 from lowbit.calib import available as calibration_methods
 from lowbit.core import QuantSpec
 from lowbit.errors import SpecError
-from lowbit.recipe.target import get_target
+from lowbit.recipe.target import Target, get_target
 
 GRANULARITIES = ("tensor", "channel", "group")
 
@@ -41,8 +42,8 @@ class QuantizerConfig:
     granularity: ``"tensor"``, ``"channel"`` (weights: per output channel) or ``"group"`` (weights: blocks of
         ``group_size`` along the input axis).
     method: the calibrator of activation ranges (``lowbit.calib`` names: minmax, ema, percentile, entropy,
-        mse); weights take their own max|w| per channel or group, or with ``mse`` the clipped range with the
-        least squared error per channel or group.
+        mse; None: the target's default method); weights take their own max|w| per channel or group, or with
+        ``mse`` the clipped range with the least squared error per channel or group.
     method_options: options of that calibrator (``{"percentile": 99.99}``).
     dynamic: the scale is computed from each batch at run time (activations of dynamic quantization).
     learn_scale: the scale is a trainable parameter (LSQ, Esser et al. 2020) during QAT.
@@ -54,7 +55,7 @@ class QuantizerConfig:
     signed: bool | None = True
     granularity: str = "tensor"
     group_size: int | None = None
-    method: str = "minmax"
+    method: str | None = "minmax"
     method_options: dict[str, Any] = field(default_factory=dict)
     dynamic: bool = False
     learn_scale: bool = False
@@ -65,7 +66,7 @@ class QuantizerConfig:
             raise SpecError(f"granularity must be one of {', '.join(GRANULARITIES)}, got {self.granularity!r}")
         if (self.granularity == "group") != (self.group_size is not None):
             raise SpecError("granularity='group' needs a group_size, and a group_size needs granularity='group'")
-        if self.method not in calibration_methods():
+        if self.method is not None and self.method not in calibration_methods():
             raise SpecError(f"unknown calibration method {self.method!r}; methods: {', '.join(calibration_methods())}")
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
             raise SpecError(f"bits must be an integer from 2 to 16, got {self.bits!r}")
@@ -81,11 +82,12 @@ class QuantizerConfig:
         """Whether signedness and symmetry are left to the target (see :func:`resolve`)."""
         return self.signed is None
 
-    def on_grid(self, activation: QuantSpec) -> QuantizerConfig:
-        """This config with the target's activation grid filled in where it is left to the target."""
-        if not self.follows_target:
-            return self
-        return replace(self, signed=activation.signed, symmetric=activation.symmetric)
+    def on_target(self, target: Target) -> QuantizerConfig:
+        """This config with the target's activation grid and default method filled in where left to the target."""
+        out = self if self.method is not None else replace(self, method=target.default_method)
+        if not out.follows_target:
+            return out
+        return replace(out, signed=target.activation.signed, symmetric=target.activation.symmetric)
 
     def spec(self, axis: int | None) -> QuantSpec:
         """The :class:`~lowbit.core.QuantSpec` of this config for a tensor whose channel axis is ``axis``."""
@@ -108,8 +110,8 @@ class LayerConfig:
     input: QuantizerConfig | None = QuantizerConfig()
     weight: QuantizerConfig | None = QuantizerConfig(granularity="channel")
 
-    def on_grid(self, activation: QuantSpec) -> LayerConfig:
-        return LayerConfig(None if self.input is None else self.input.on_grid(activation), self.weight)
+    def on_target(self, target: Target) -> LayerConfig:
+        return LayerConfig(None if self.input is None else self.input.on_target(target), self.weight)
 
 
 def _names(value: Any, what: str) -> tuple[str, ...]:
@@ -221,7 +223,7 @@ class Config:
 
 def resolve(config: Config, default_target: str) -> Config:
     """``config`` for its target (``default_target`` when it names none): the target set, and every activation
-    config that leaves its grid to the target given the target's (:attr:`Target.activation`)."""
+    config that leaves its grid or its method to the target given the target's (:attr:`Target.activation`,
+    :attr:`Target.default_method`)."""
     target = get_target(config.target or default_target)
-    grid = target.activation
-    return replace(config, target=target.name)._map_layers(lambda layer: layer.on_grid(grid))
+    return replace(config, target=target.name)._map_layers(lambda layer: layer.on_target(target))

@@ -9,11 +9,11 @@ from lowbit.errors import SpecError
 from lowbit.recipe.config import Config, LayerConfig, QuantizerConfig
 
 _INT8_WEIGHT = QuantizerConfig(granularity="channel")
-_TARGET_ACT = QuantizerConfig(signed=None, symmetric=None, method="mse")  # the target's grid, MSE-calibrated
+_TARGET_ACT = QuantizerConfig(signed=None, symmetric=None, method=None)  # the target's grid and method
 _INT8 = Config(LayerConfig(_TARGET_ACT, _INT8_WEIGHT))
 
 PRESETS: dict[str, Config] = {
-    # INT8 static: int8 per-channel weights, activations on the target's grid calibrated by MSE.
+    # INT8 static: int8 per-channel weights, activations on the target's grid with its default method (MSE).
     "int8": _INT8,
     "int8_trt": replace(_INT8, target="trt"),
     "int8_ort": replace(_INT8, target="ort"),

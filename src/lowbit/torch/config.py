@@ -32,6 +32,6 @@ def resolve(config: str | Config) -> Config:
 
 
 def on_default_grid(cfg: QuantizerConfig) -> QuantizerConfig:
-    """``cfg`` with the default target's activation grid where it leaves the grid to the target (a layer built
+    """``cfg`` with the default target's activation grid and method where it leaves them to the target (a layer built
     from an unresolved preset, ``QuantLinear.from_float(fc, lt.preset("int8").default)``)."""
-    return cfg.on_grid(get_target(DEFAULT_TARGET).activation)
+    return cfg.on_target(get_target(DEFAULT_TARGET))

@@ -1,0 +1,75 @@
+"""How the ONNX front end chooses the weights' integer codes: a registry of weight-rounding methods.
+
+A method gathers what it needs in the one calibration pass (:meth:`WeightRounding.observers`: objects with
+``update(array)`` fed the batches of one tensor) and then returns the codes of the weights it chose
+(:meth:`WeightRounding.codes`); weights it leaves out are rounded to their nearest code when the model is built.
+Adding a method is one class with ``@register("name")``.
+
+>>> available()
+['gptq', 'nearest']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from lowbit.errors import SpecError
+from lowbit.onnx import gptq
+from lowbit.onnx.graph import Graph
+from lowbit.onnx.placement import Plan
+
+
+class WeightRounding:
+    """Nearest rounding: nothing to gather, no codes chosen ahead of the build."""
+
+    name = "nearest"
+
+    def observers(self, graph: Graph, plan: Plan, samples: int | None) -> list[tuple[str, object]]:
+        """``(tensor, observer)`` pairs to feed in the calibration pass; ``samples``: calibration samples, if known."""
+        return []
+
+    def codes(self, graph: Graph, observers: list, floors: dict[str, np.ndarray], progress: bool) -> dict:
+        """The int8 codes of the weights this method chose, by weight name."""
+        return {}
+
+
+_METHODS: dict[str, type[WeightRounding]] = {}
+
+
+def register(name: str) -> Callable[[type[WeightRounding]], type[WeightRounding]]:
+    """Class decorator: make a :class:`WeightRounding` subclass the method called ``name``."""
+
+    def add(cls: type[WeightRounding]) -> type[WeightRounding]:
+        cls.name = name
+        _METHODS[name] = cls
+        return cls
+
+    return add
+
+
+def available() -> list[str]:
+    return sorted(_METHODS)
+
+
+def get(name: str) -> WeightRounding:
+    """The method called ``name``; an unknown name lists the methods."""
+    if name not in _METHODS:
+        raise SpecError(f"unknown weight rounding {name!r} for ONNX models; choose one of {', '.join(available())}")
+    return _METHODS[name]()
+
+
+register("nearest")(WeightRounding)
+
+
+@register("gptq")
+class GPTQ(WeightRounding):
+    """GPTQ (Frantar et al. 2022): each weight's codes for the least output error on the calibration data, from
+    the second moment of its layer's input (:mod:`lowbit.onnx.gptq`)."""
+
+    def observers(self, graph, plan, samples):
+        return [(m.layer.x, m) for m in (gptq.SecondMoment(x) for x in gptq.layers(graph, plan, samples))]
+
+    def codes(self, graph, observers, floors, progress):
+        return gptq.codes(graph, [m for _, m in observers], floors, progress=progress)

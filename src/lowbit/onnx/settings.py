@@ -1,0 +1,215 @@
+"""The recipe as the ONNX front end runs it, and the options of a run.
+
+:class:`Settings` is a :class:`lowbit.recipe.Config` resolved for its target and checked against what the ONNX
+front end builds (8-bit activations on a grid the target runs, 8-bit weights per channel or per tensor, a
+weight-rounding method of :mod:`lowbit.onnx.rounding`): everything the stages need, typed, decided once.
+:class:`Options` says how a run goes (batch size, sample bound, image preprocessing, comparison, progress, a
+TensorRT cache), :class:`Budget` asks for automatic mixed precision.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import warnings
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from lowbit.core import QuantSpec
+from lowbit.errors import LowbitError
+from lowbit.onnx import rounding as weight_rounding
+from lowbit.recipe import Config, Target, as_config, get_target, preset, resolve
+
+DEFAULT_TARGET = "ort"  # the target of a recipe that names none
+DEFAULT_ROUNDING = "gptq"
+
+
+class QuantizeError(LowbitError, ValueError):
+    """Options that do not fit together or a model that cannot be quantized as asked."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A recipe resolved for the ONNX front end (see the module doc)."""
+
+    config: Config
+    target: Target
+    activation: QuantSpec  # how activations are stored (8-bit, per tensor)
+    method: str | None  # None: dynamic
+    method_options: dict[str, Any]
+    per_channel: bool
+    rounding: str
+    bias_correction: bool
+    exclude: tuple[str, ...]  # regexes over node names, the recipe's and its float-override globs (translated)
+    exclude_ops: tuple[str, ...]
+    float_globs: tuple[str, ...]  # the globs of the overrides that keep layers in float
+
+    @property
+    def dynamic(self) -> bool:
+        return self.method is None
+
+    @classmethod
+    def of(cls, config: str | Config) -> Settings:
+        """The settings of ``config`` (a preset name or a Config), or a QuantizeError naming what the ONNX front
+        end cannot build."""
+        config = resolve(as_config(config), DEFAULT_TARGET)
+        target = get_target(config.target)
+        layer = config.default
+        _check_layer(layer, target)
+        globs = []
+        for pattern, other in config.overrides:
+            if other is not None and other != layer:
+                raise QuantizeError(
+                    f"override {pattern!r}: the ONNX front end quantizes every layer alike; an override can only "
+                    "keep layers in float (None)"
+                )
+            if other is None:
+                globs.append(pattern)
+        if config.residual_adds:
+            raise QuantizeError("residual_adds is for PyTorch models; for ONNX use target 'trt' (it quantizes skips)")
+        dynamic = layer.input.dynamic
+        activation = QuantSpec(signed=True, symmetric=True) if dynamic else layer.input.spec(None)
+        rounding = config.rounding or DEFAULT_ROUNDING
+        weight_rounding.get(rounding)
+        if dynamic and config.rounding not in (None, "nearest"):
+            raise QuantizeError(f"rounding {rounding!r} fits codes to calibration data; dynamic quantization has none")
+        return cls(
+            config=config,
+            target=target,
+            activation=activation,
+            method=None if dynamic else layer.input.method,
+            method_options=dict(layer.input.method_options),
+            per_channel=layer.weight.granularity == "channel",
+            rounding="nearest" if dynamic else rounding,
+            bias_correction=not dynamic and config.bias_correction is not False,
+            exclude=config.exclude + tuple(_glob_regex(g) for g in globs),
+            exclude_ops=config.exclude_ops,
+            float_globs=tuple(globs),
+        )
+
+
+def _glob_regex(glob: str) -> str:
+    return "^" + fnmatch.translate(glob)
+
+
+def _check_layer(layer, target: Target) -> None:
+    if layer is None or layer.input is None or layer.weight is None:
+        raise QuantizeError(
+            "the ONNX front end quantizes activations and weights together (weight-only INT4 is not built yet); "
+            "the default layer config needs both an input and a weight config"
+        )
+    w = layer.weight
+    if w.bits != 8 or w.granularity == "group" or not w.symmetric or not w.signed:
+        raise QuantizeError(
+            f"the ONNX front end stores int8 symmetric weights per channel or per tensor; got {w.bits}-bit "
+            f"{'symmetric' if w.symmetric else 'asymmetric'} weights per {w.granularity}"
+        )
+    if layer.input.dynamic:
+        return
+    try:
+        target.check_activation(layer.input.spec(None))
+    except LowbitError as exc:
+        raise QuantizeError(f"{exc} (the recipe asks for {layer.input.bits}-bit "
+                            f"{'int' if layer.input.signed else 'uint'} activations)") from None  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Options:
+    """How a run goes: ``batch_size`` samples per ONNX Runtime run, at most ``max_samples`` calibration samples,
+    ``image_options`` for image folders (:class:`lowbit.data.ImageOptions`), ``compare`` (FP32 vs quantized
+    latency and agreement), ``progress`` bars, and ``trt_cache``: also write TensorRT's calibration cache there."""
+
+    batch_size: int = 8
+    max_samples: int = 512
+    image_options: Any = None
+    compare: bool = True
+    progress: bool = True
+    trt_cache: Path | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise QuantizeError(f"{name} must be a positive integer, got {value!r}")
+        if self.trt_cache is not None and not isinstance(self.trt_cache, Path):
+            object.__setattr__(self, "trt_cache", Path(self.trt_cache))
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Automatic mixed precision: keep the fewest most sensitive layers in float until ``metric``
+    (:class:`lowbit.onnx.metrics.Metric`) drops by at most ``max_drop`` from FP32."""
+
+    metric: Any
+    max_drop: float
+
+    def __post_init__(self) -> None:
+        if self.metric is None:
+            raise QuantizeError("automatic mixed precision needs a metric")
+        if isinstance(self.max_drop, bool) or not isinstance(self.max_drop, (int, float)) or not self.max_drop >= 0:
+            raise QuantizeError(f"max_drop must be 0 or more (the largest drop from FP32 allowed), got {self.max_drop}")
+
+
+# The keyword arguments quantize() and analyze() took before recipes, and where each went.
+_CONFIG_KEYWORDS = ("method", "method_options", "target", "per_channel", "exclude", "exclude_ops", "dynamic",
+                    "weight_only_rnn", "bias_correction", "rounding", "fp16_rest")  # fmt: skip
+_OPTION_KEYWORDS = {"batch_size": "batch_size", "max_samples": "max_samples", "image_options": "image_options",
+                    "compare_models": "compare", "progress": "progress", "trt_cache": "trt_cache"}  # fmt: skip
+
+
+def from_keywords(config: str | Config, options: Options, budget: Budget | None, keywords: dict[str, Any], call: str):
+    """``(config, options, budget)`` with the keyword arguments of the call before recipes applied, and a
+    DeprecationWarning that shows the new call. An unknown keyword is a TypeError, as Python's own."""
+    unknown = [k for k in keywords if k not in (*_CONFIG_KEYWORDS, *_OPTION_KEYWORDS, "metric", "max_drop")]
+    if unknown:
+        raise TypeError(f"{call}() got an unexpected keyword argument {unknown[0]!r}")
+    config = edit(as_config(config), **{k: v for k, v in keywords.items() if k in _CONFIG_KEYWORDS})
+    moved = {_OPTION_KEYWORDS[k]: v for k, v in keywords.items() if k in _OPTION_KEYWORDS}
+    options = replace(options, **moved)
+    if "metric" in keywords or "max_drop" in keywords:
+        if (keywords.get("metric") is None) != (keywords.get("max_drop") is None):
+            raise QuantizeError("automatic mixed precision needs both a metric and max_drop")
+        budget = Budget(keywords["metric"], keywords["max_drop"]) if keywords.get("metric") is not None else budget
+    warnings.warn(
+        f"{call}(..., {', '.join(f'{k}=' for k in keywords)}) is the call before recipes: write "
+        f"{call}(model, ..., config, options=Options(...), budget=Budget(metric, max_drop)) with a "
+        "lowbit.recipe.Config (see README, 'Python')",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return config, options, budget
+
+
+def edit(
+    config: Config,
+    *,
+    method: str | None = None,
+    method_options: dict[str, Any] | None = None,
+    target: str | None = None,
+    per_channel: bool | None = None,
+    exclude=None,
+    exclude_ops=None,
+    dynamic: bool = False,
+    weight_only_rnn: bool | None = None,
+    bias_correction: bool | None = None,
+    rounding: str | None = None,
+    fp16_rest: bool | None = None,
+) -> Config:
+    """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
+    given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer."""
+    if dynamic:
+        config = replace(config, default=preset("int8_dynamic").default)
+    if method is not None or method_options is not None:
+        current = config.default.input
+        config = config.with_method(method or current.method, method_options)
+    if per_channel is not None:
+        config = config.with_weight_granularity("channel" if per_channel else "tensor")
+    plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
+             "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest}  # fmt: skip
+    changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
+    return replace(config, **changes)
+
+
+def as_path(value: str | os.PathLike | None) -> Path | None:
+    return None if value is None else Path(value)
