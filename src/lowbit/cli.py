@@ -332,7 +332,8 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
         print(analysis.profile.summary())
         target = get_target(analysis.target)
         if not target.timed_on_ort:
-            print(f"(profiled in ONNX Runtime; a --target {target.name} model is laid out for another runtime)")
+            where = f"a --target {target.name} model is laid out for {target.runtime}"
+            print(f"(profiled in ONNX Runtime; {where}, not for this)")
     for path in analysis.extracted:
         print(f"wrote {path}")
     if args.json:

@@ -91,7 +91,7 @@ class QuantizeResult:
         if self.latency and not get_target(self.target).timed_on_ort:
             text += (
                 f"\n(latency on ONNX Runtime CPU; a --target {self.target} model is laid out for "
-                f"{get_target(self.target).summary.split(' (')[0]}, not for this)"
+                f"{get_target(self.target).runtime}, not for this)"
             )
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"

@@ -74,15 +74,16 @@ class Settings:
         weight_rounding.get(rounding)
         if dynamic and config.rounding not in (None, "nearest"):
             raise QuantizeError(f"rounding {rounding!r} fits codes to calibration data; dynamic quantization has none")
+        bias_correction = not dynamic and config.bias_correction is not False
         return cls(
-            config=config,
+            config=replace(config, rounding="nearest" if dynamic else rounding, bias_correction=bias_correction),
             target=target,
             activation=activation,
             method=None if dynamic else layer.input.method,
             method_options=dict(layer.input.method_options),
             per_channel=layer.weight.granularity == "channel",
             rounding="nearest" if dynamic else rounding,
-            bias_correction=not dynamic and config.bias_correction is not False,
+            bias_correction=bias_correction,
             exclude=config.exclude + tuple(_glob_regex(g) for g in globs),
             exclude_ops=config.exclude_ops,
             float_globs=tuple(globs),

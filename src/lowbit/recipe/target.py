@@ -35,6 +35,7 @@ class Target:
 
     name: str
     summary: str
+    runtime: str  # what the layout is for, in a few words ("TensorRT")
     activation: QuantSpec
     placement: str
     default_method: str = "mse"

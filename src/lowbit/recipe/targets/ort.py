@@ -11,6 +11,7 @@ ORT = register_target(
     Target(
         name="ort",
         summary="ONNX Runtime's integer CPU kernels (uint8 activations, int32 biases)",
+        runtime="ONNX Runtime's integer CPU kernels",
         activation=QuantSpec(signed=False, symmetric=False),
         placement="integer-islands",
         int32_biases=True,

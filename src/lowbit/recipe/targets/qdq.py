@@ -13,6 +13,7 @@ QDQ = register_target(
     Target(
         name="qdq",
         summary="plain int8 symmetric Q/DQ on the inputs of every quantizable op (OpenVINO, NPU toolchains)",
+        runtime="a runtime that fuses Q/DQ itself (OpenVINO, an NPU toolchain)",
         activation=QuantSpec(),
         placement="every-op",
         fixed_activation=True,

@@ -12,6 +12,7 @@ TRT = register_target(
     Target(
         name="trt",
         summary="TensorRT explicit INT8 (int8 symmetric, Q/DQ on compute inputs and residual skips)",
+        runtime="TensorRT",
         activation=QuantSpec(),
         placement="compute-inputs",
         fixed_activation=True,

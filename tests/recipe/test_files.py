@@ -1,0 +1,75 @@
+"""Recipes as data: to_dict/from_dict with a version, JSON and YAML files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lowbit.errors import SpecError
+from lowbit.recipe import FORMAT_VERSION, PRESETS, LayerConfig, from_dict, load, preset, save, to_dict
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_every_preset_round_trips(name):
+    data = to_dict(preset(name))
+    assert data["lowbit_recipe"] == FORMAT_VERSION
+    assert from_dict(json.loads(json.dumps(data))) == preset(name)
+
+
+def test_a_full_recipe_round_trips_through_json_and_yaml(tmp_path):
+    pytest.importorskip("yaml")
+    cfg = (
+        preset("int8_trt")
+        .with_method("percentile", {"percentile": 99.99})
+        .override("*classifier*", None)
+        .override("features.0", LayerConfig(weight=None))
+    )
+    cfg = type(cfg)(**{**cfg.__dict__, "exclude_ops": ("Softmax",), "rounding": "nearest", "fp16_rest": True})
+    for suffix in (".json", ".yaml"):
+        path = save(cfg, tmp_path / f"recipe{suffix}")
+        assert load(path) == cfg
+
+
+def test_a_file_starts_from_a_preset_and_changes_what_it_names(tmp_path):
+    pytest.importorskip("yaml")
+    path = tmp_path / "r.yaml"
+    path.write_text(
+        "lowbit_recipe: 1\npreset: int8\ntarget: trt\ndefault:\n  input: {method: entropy}\n"
+        "overrides:\n  - {pattern: '*head*', layer: null}\nexclude_ops: [Softmax]\n"
+    )
+    cfg = load(path)
+    assert cfg.target == "trt" and cfg.default.input.method == "entropy"
+    assert cfg.default.input.signed is None  # still the target's grid, as in the preset
+    assert cfg.default.weight == preset("int8").default.weight
+    assert cfg.for_layer("a.head.b") is None and cfg.exclude_ops == ("Softmax",)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({"targt": "trt"}, "recipe: unknown key 'targt'; keys: lowbit_recipe, preset, default"),
+        ({"lowbit_recipe": 99}, "recipe format 99 is not one this lowbit reads"),
+        ({"default": {"input": {"bitz": 4}}}, "default.input: unknown key 'bitz'"),
+        ({"default": {"weight": {"bits": 1}}}, "default.weight: bits must be an integer from 2 to 16"),
+        ({"overrides": [{"pattern": "x"}]}, r"overrides\[0\] needs a pattern"),
+        ({"preset": "int3"}, "unknown quantization preset 'int3'"),
+        ([1, 2], "recipe must be a mapping"),
+    ],
+)
+def test_a_bad_recipe_names_the_key_and_what_is_known(data, message):
+    with pytest.raises(SpecError, match=message):
+        from_dict(data)
+
+
+def test_a_bad_file_is_one_line_naming_the_file(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text("{target: trt")
+    with pytest.raises(SpecError, match=r"r.json: not a valid JSON recipe"):
+        load(bad)
+    with pytest.raises(SpecError, match=r"missing.json: cannot read the recipe"):
+        load(tmp_path / "missing.json")
+    wrong = tmp_path / "w.json"
+    wrong.write_text('{"target": "tpu"}')
+    with pytest.raises(SpecError, match=r"w.json: unknown target 'tpu'"):
+        load(wrong)
