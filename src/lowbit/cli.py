@@ -16,7 +16,7 @@ import lowbit
 from lowbit import calib
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table
-from lowbit.calib.run import calibrate, evaluate
+from lowbit.calib.run import compare_methods, method_list
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.paths import check_outputs, ranges_path_for
@@ -67,32 +67,18 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
     if args.demo == (args.data is not None):
         raise UsageError("give either a DATA file or --demo")
-    if args.method == "all":  # entropy first: it feeds --trt-cache, as TensorRT's own calibrator would
-        methods = ["entropy", *(m for m in calib.available() if m != "entropy")]
-    else:
-        methods = [m.strip() for m in args.method.split(",") if m.strip()]
-    for m in methods:
-        if m not in calib.available():
-            raise UsageError(f"unknown method {m!r}; known methods: {', '.join(calib.available())} (or 'all')")
+    methods = method_list(args.method)
     spec = QuantSpec(bits=args.bits, signed=not args.asymmetric, symmetric=not args.asymmetric)
     options = _method_options(methods, args.option, spec)
-    if args.data is not None:
-        sources = tensor_batches(args.data, args.batch_size)
-    else:
-        sources = demo_tensors()
-
-    progress = not args.quiet
-    calibrators = calibrate(sources, methods, options=options, skip_nonfinite=args.skip_nonfinite, progress=progress)
-    results = evaluate(sources, calibrators, spec, progress=progress)
-
-    best = {}
-    for r in results:
-        if r.tensor not in best or r.sqnr_db > best[r.tensor].sqnr_db:
-            best[r.tensor] = r
+    sources = tensor_batches(args.data, args.batch_size) if args.data is not None else demo_tensors()
+    comparison = compare_methods(
+        sources, methods, spec, options=options, skip_nonfinite=args.skip_nonfinite, progress=not args.quiet
+    )
+    best = comparison.best()
     rows = [
         [r.tensor, r.method, f"{r.lo:.5g}", f"{r.hi:.5g}", f"{r.scale:.4g}", r.zero_point,
          f"{r.sqnr_db:.2f}" + (" *" if best[r.tensor] is r and len(methods) > 1 else "")]
-        for r in results
+        for r in comparison.results
     ]  # fmt: skip
     kind = f"int{args.bits}" if not args.asymmetric else f"uint{args.bits} asymmetric"
     print(
@@ -101,18 +87,16 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     print(format_table(["tensor", "method", "lo", "hi", "scale", "zero_point", "SQNR dB"], rows, "llrrrrr"))
     if len(methods) > 1:
         print("* best SQNR for the tensor")
-
     first = methods[0]
     if args.trt_cache:
-        amax = {r.tensor: r.amax for r in results if r.method == first}
-        write_trt_cache(args.trt_cache, amax, algorithm=args.trt_algorithm)
+        write_trt_cache(args.trt_cache, comparison.amax(), algorithm=args.trt_algorithm)
         print(f"wrote TensorRT calibration cache ({first} ranges) to {args.trt_cache}")
     if args.json:
-        payload = {"lowbit": lowbit.__version__, "spec": spec.to_dict(), "results": [r.to_dict() for r in results]}
+        payload = {"lowbit": lowbit.__version__, **comparison.to_dict()}
         atomic_write_text(args.json, json.dumps(payload, indent=2) + "\n")
         print(f"wrote ranges to {args.json}")
     if args.save_stats:
-        calib.save(args.save_stats, {t: by_method[first] for t, by_method in calibrators.items()})
+        calib.save(args.save_stats, comparison.primary())
         print(f"wrote {first} statistics to {args.save_stats} (merge them across processes with lowbit.calib.load)")
     return 0
 

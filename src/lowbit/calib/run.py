@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from lowbit.calib.base import Calibrator, create
+from lowbit.calib.base import Calibrator, available, create
 from lowbit.core import QuantSpec, fake_quant, qparams
+from lowbit.errors import CalibrationError
 
 
 @dataclass(frozen=True)
@@ -103,3 +104,61 @@ def evaluate(
                 sqnr = math.inf if noise[method] == 0 else 10 * math.log10(max(signal, 1e-300) / noise[method])
                 results.append(RangeResult(tensor, method, float(rng.lo), float(rng.hi), float(scale), int(zp), sqnr))
     return results
+
+
+def method_list(text: str) -> list[str]:
+    """The methods a comma-separated list names; ``"all"`` is every method, entropy first (it is the one a
+    TensorRT calibration cache takes, as TensorRT's own calibrator would). An unknown name lists the known ones."""
+    if text == "all":
+        return ["entropy", *(m for m in available() if m != "entropy")]
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in available():
+            raise CalibrationError(f"unknown method {m!r}; known methods: {', '.join(available())} (or 'all')")
+    return methods
+
+
+@dataclass
+class Comparison:
+    """Several methods' ranges of the same tensors, side by side (see :func:`compare_methods`); ``methods[0]``
+    is the primary one (what a TensorRT cache and saved statistics take)."""
+
+    spec: QuantSpec
+    methods: list[str]
+    calibrators: dict[str, dict[str, Calibrator]]
+    results: list[RangeResult]
+
+    def best(self) -> dict[str, RangeResult]:
+        """The range with the highest SQNR of each tensor."""
+        out: dict[str, RangeResult] = {}
+        for r in self.results:
+            if r.tensor not in out or r.sqnr_db > out[r.tensor].sqnr_db:
+                out[r.tensor] = r
+        return out
+
+    def amax(self) -> dict[str, float]:
+        """The primary method's symmetric amax of each tensor."""
+        return {r.tensor: r.amax for r in self.results if r.method == self.methods[0]}
+
+    def primary(self) -> dict[str, Calibrator]:
+        """The primary method's calibrator of each tensor."""
+        return {t: by_method[self.methods[0]] for t, by_method in self.calibrators.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "results": [r.to_dict() for r in self.results]}
+
+
+def compare_methods(
+    sources: Mapping[str, Iterable[np.ndarray]],
+    methods: Sequence[str],
+    spec: QuantSpec,
+    *,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+    skip_nonfinite: bool = False,
+    progress: bool = True,
+) -> Comparison:
+    """Calibrate every tensor with each method in one pass, then measure each range's SQNR under ``spec`` in a
+    second (:func:`calibrate`, :func:`evaluate`)."""
+    calibrators = calibrate(sources, methods, options=options, skip_nonfinite=skip_nonfinite, progress=progress)
+    results = evaluate(sources, calibrators, spec, progress=progress)
+    return Comparison(spec, list(methods), calibrators, results)
