@@ -218,8 +218,9 @@ def _print_quantized(result, args_batch: int) -> None:
         print(f"{result.samples_note}, {how}, in {result.calibration_seconds:.1f} s")
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
-    if result.gptq_layers:
-        print(f"GPTQ rounding on {_count(result.gptq_layers, 'layer')}")
+    if result.rounded_layers:
+        name = "GPTQ" if result.rounding == "gptq" else result.rounding
+        print(f"{name} rounding on {_count(result.rounded_layers, 'layer')}")
     if result.bias_corrections:
         print(f"bias correction on {_count(len(result.bias_corrections), 'layer')}")
     if result.mixed is not None:

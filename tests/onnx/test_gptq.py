@@ -149,7 +149,7 @@ def test_quantize_writes_the_gptq_codes(tmp_path):
         onnx.checker.check_model(onnx.load(str(out)))
         weight_only, _ = models.single_layer("Conv", _written_weight(out), shape, group=8, pads=[1, 1, 1, 1])
         errors[rounding] = np.mean((_run(weight_only, {"x": test}) - ref) ** 2)
-    assert results["gptq"].gptq_layers == 1 and results["nearest"].gptq_layers == 0
+    assert results["gptq"].rounded_layers == 1 and results["nearest"].rounded_layers == 0
     assert errors["gptq"] < 0.5 * errors["nearest"]
     with pytest.raises(SpecError, match="unknown weight rounding 'up'"):
         quantize(src, tmp_path / "bad.onnx", {"x": calib}, replace(preset("int8"), rounding="up"))

@@ -61,7 +61,8 @@ class QuantizeResult:
     latency: dict[str, dict[int, float | None]] = field(default_factory=dict)
     agreement: compare.Agreement | None = None
     bias_corrections: dict[str, float] = field(default_factory=dict)
-    gptq_layers: int = 0
+    rounding: str = "nearest"  # the weight rounding that ran
+    rounded_layers: int = 0  # layers whose codes the rounding chose (the others were rounded to nearest)
     fp16_nodes: list[str] = field(default_factory=list)
     mixed: Any = None  # a lowbit.onnx.mixed.MixedResult when a budget was searched
     layers: int = 0  # quantized compute, elementwise and embedding layers (the nodes that follow them not counted)
@@ -257,7 +258,7 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     result.calibration_seconds = calibrated.seconds
     known = chosen.calib.num_samples
     result.calibration_samples = known if known is not None else calibrated.batches * result.calibration_batch
-    result.gptq_layers = len(calibrated.codes)
+    result.rounding, result.rounded_layers = settings.rounding, len(calibrated.codes)
     keep_float: list[str] = []
     if job.budget is not None:
         sample_feeds = (job.data.eval or job.held or chosen.calib).batches(model.batch, 0, HOLDOUT)
