@@ -57,10 +57,11 @@ from lowbit.examples import (
     sentences,
     write_mnist,
 )
-from lowbit.onnx import fp16
+from lowbit.onnx import Budget, Options, fp16, quantize
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.metrics import OutputMetric
-from lowbit.onnx.pipeline import DEFAULT_METHOD, quantize
+from lowbit.onnx.settings import edit
+from lowbit.recipe import get_target, preset
 from models import resnet18
 
 METHODS = ("mse", "minmax", "percentile", "entropy", "ema")
@@ -114,6 +115,17 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(_cosines(a, b).mean())
 
 
+DEFAULT_METHOD = get_target("ort").default_method
+
+
+def _lowbit_quantize(src: Path, dst: Path, calib, **flat):
+    """``lowbit.onnx.quantize`` for ONNX Runtime with a benchmark row's flat options (method, rounding, exclude,
+    dynamic, fp16_rest, ...; metric and max_drop for a budget) made into a recipe, as the command line does."""
+    budget = Budget(flat.pop("metric"), flat.pop("max_drop")) if "metric" in flat else None
+    config = edit(preset("int8_ort"), **flat)
+    return quantize(src, dst, calib, config, budget=budget, options=Options(compare=False, progress=False))
+
+
 def _ort_quantize(src: Path, dst: Path, calib: np.ndarray, name: str, best: bool) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantType, quant_pre_process, quantize_static
 
@@ -153,7 +165,7 @@ def _job(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, op
     extra = {}
     if kind == "lowbit":
         feeds = calib if calib is None or isinstance(calib, list) else {name: calib}
-        done = quantize(src, dst, feeds, target="ort", compare_models=False, progress=False, **options)
+        done = _lowbit_quantize(src, dst, feeds, **options)
         if done.mixed is not None:
             extra["kept_float"] = list(done.mixed.kept)
     elif kind == "ort_static":
@@ -232,7 +244,7 @@ def _peer(rows: dict, candidates: list, label: str, out: Path, run, *args, **opt
 def _variants(extra=(), quick: bool = False) -> list[tuple[str, dict]]:
     """(label, quantize() options) of every lowbit row: each method with the defaults, then the default method
     without GPTQ rounding and without bias correction, then ``extra``; ``quick``: the default alone."""
-    default = DEFAULT_METHOD["ort"]
+    default = DEFAULT_METHOD
     out = [(f"lowbit {default} (default)", {})]
     if quick:
         return out
@@ -328,7 +340,7 @@ def _deployment_variants(src: Path, work: Path, name: str, int8: Path, calib, **
     :func:`quantize`)."""
     fp16_path, mixed_path = work / f"{name}_fp16.onnx", work / f"{name}_int8_fp16.onnx"
     onnx.save(fp16.convert(onnx.load(str(src)))[0], str(fp16_path))
-    quantize(src, mixed_path, calib, target="ort", compare_models=False, progress=False, fp16_rest=True, **options)
+    _lowbit_quantize(src, mixed_path, calib, fp16_rest=True, **options)
     return {"FP32": src, "FP16": fp16_path, "INT8": int8, "INT8 + FP16": mixed_path}
 
 
@@ -422,7 +434,7 @@ def bench_dynamic(
     calib_path = work / f"{name}_calib.pkl"
     calib_path.write_bytes(pickle.dumps(calib))
     out = work / f"{name}_lowbit_static.onnx"
-    candidates.append((f"lowbit static ({DEFAULT_METHOD['ort']})", out, _measured("lowbit", src, out, calib_path, "")))
+    candidates.append((f"lowbit static ({DEFAULT_METHOD})", out, _measured("lowbit", src, out, calib_path, "")))
     for best in (False, True):
         out = work / f"{name}_ort_static_{'best' if best else 'default'}.onnx"
         label = "ORT quantize_static " + ("best (u8 act, per-channel)" if best else "defaults")
@@ -496,7 +508,7 @@ def bench_recurrent(work: Path, runs: int) -> dict:
         candidates = {"FP32": src}
         rows: dict[str, dict] = {}
         lowbit_path = work / f"{op}_lowbit.onnx"
-        quantize(src, lowbit_path, dynamic=True, weight_only_rnn=True, compare_models=False, progress=False)
+        _lowbit_quantize(src, lowbit_path, None, dynamic=True, weight_only_rnn=True)
         candidates["lowbit --dynamic" + (" --weight-only-rnn" if op == "GRU" else "")] = lowbit_path
         try:
             ort_path = work / f"{op}_ort.onnx"

@@ -40,7 +40,8 @@ from _common import DOCS, machine, use_device, write_section
 from lowbit._table import format_table
 from lowbit.analysis import format_bytes, plots
 from lowbit.examples import efficientnet_input, efficientnet_lite0_onnx, fashion_mnist, photo_crops, photos
-from lowbit.onnx.analyze import analyze
+from lowbit.onnx import Budget
+from lowbit.onnx.analyze import Reporting, analyze
 from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.metrics import OutputMetric
@@ -133,12 +134,12 @@ def bench_efficientnet_onnx(work: Path, ks: list[int], crops: int, seeds: int) -
     feeds = [{"image": test[i : i + 8]} for i in range(0, len(test), 8)]
     metric = OutputMetric("agreement", feeds)
     t0 = time.perf_counter()
-    a = analyze(src, {"image": calib}, metric=metric, max_drop=3.0, report=work / "efficientnet_report.html",
-                progress=True)  # fmt: skip
+    a = analyze(src, {"image": calib}, "int8", budget=Budget(metric, 3.0),
+                report=Reporting(html=work / "efficientnet_report.html"))  # fmt: skip
     analysis_s = time.perf_counter() - t0
     ranked = [r.name for r in a.layers]
     float_model = preprocess(onnx.load(str(src)))
-    cal = calibrate_model(float_model, [{"image": calib[i : i + 8]} for i in range(0, len(calib), 8)],
+    cal = calibrate_model(float_model, [{"image": calib[i : i + 8]} for i in range(0, len(calib), 8)], "int8",
                           every_tensor=True, progress=False)  # fmt: skip
     metric.prepare(session(float_model))
     curves = {}
