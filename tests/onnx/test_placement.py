@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit.onnx import placement
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import preprocess
-from lowbit.onnx.rewrite import quantize_model
+from lowbit.onnx.rewrite import insert_qdq
 from tests.onnx import models
 
 
@@ -49,7 +49,7 @@ def test_ort_plan_quantizes_through_integer_ops(convnet):
 def test_ort_layout_runs_as_integer_kernels(convnet, tmp_path):
     """ONNX Runtime fuses every DQ -> op -> Q group into an integer kernel: no float Conv or Gemm is left."""
     plan = placement.plan(Graph(convnet), "ort")
-    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    quantized = insert_qdq(convnet, plan, _ranges(plan, 0.0, 4.0))
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(quantized.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -60,7 +60,7 @@ def test_ort_layout_runs_as_integer_kernels(convnet, tmp_path):
 
 def test_ort_activations_are_uint8_and_weights_int8_per_channel(convnet):
     plan = placement.plan(Graph(convnet), "ort")
-    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    quantized = insert_qdq(convnet, plan, _ranges(plan, 0.0, 4.0))
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     for node in quantized.graph.node:
         if node.op_type == "QuantizeLinear":
@@ -80,7 +80,7 @@ def test_trt_plan_quantizes_inputs_of_compute_ops_and_the_residual_skip(convnet)
     flatten = next(n for n in graph.nodes if n.op_type == "Flatten")
     assert set(plan.activations) == {"x", pool.output[0], flatten.output[0]}  # conv2 reads pool too: one pair
     assert plan.biases == {} and plan.constants == set()
-    quantized = quantize_model(convnet, plan, _ranges(plan))
+    quantized = insert_qdq(convnet, plan, _ranges(plan))
     inits = {t.name: numpy_helper.to_array(t) for t in quantized.graph.initializer}
     zero_points = [
         inits[n.input[2]] for n in quantized.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")
@@ -140,7 +140,7 @@ def test_excluded_node_reads_the_float_tensor(convnet):
     conv2 = graph.producer["c2"]
     plan = placement.plan(graph, "ort", exclude=[f"^{conv2.name}$"])
     assert plan.excluded_nodes == [conv2.name]
-    quantized = quantize_model(convnet, plan, _ranges(plan, 0.0, 4.0))
+    quantized = insert_qdq(convnet, plan, _ranges(plan, 0.0, 4.0))
     q_graph = Graph(quantized)
     node = next(n for n in quantized.graph.node if n.name == conv2.name)
     assert q_graph.producer[node.input[0]].op_type == "MaxPool"  # the float value, not a DequantizeLinear

@@ -84,7 +84,7 @@ class Calibrated:
             )
             # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
             plan = self.plan(keep_float, to_quantize)
-        model = rewrite.quantize_model(to_quantize, plan, ranges, self.codes, self.floors)
+        model = rewrite.insert_qdq(to_quantize, plan, ranges, self.codes, self.floors)
         return Built(model, plan, corrections)
 
 

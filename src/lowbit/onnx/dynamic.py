@@ -24,9 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, Names
 from lowbit.onnx.placement import exclusion
-from lowbit.onnx.rewrite import _Names, weight_qparams
+from lowbit.onnx.rewrite import weight_qparams
 
 
 @dataclass
@@ -73,7 +73,7 @@ def quantize_dynamic(
     out.CopyFrom(model)
     graph = Graph(out)
     g = out.graph
-    names = _Names(g)
+    names = Names(g)
     excluded = exclusion(exclude, exclude_ops)
     plan = DynamicPlan()
     inits: list[onnx.TensorProto] = []
@@ -199,7 +199,7 @@ def _gate_rows(w: np.ndarray, per_channel: bool) -> tuple[np.ndarray, np.ndarray
     return np.stack([q for _, q in parts]), np.array([p.scale for p, _ in parts], np.float32)
 
 
-def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: _Names, init, per_channel: bool):
+def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: Names, init, per_channel: bool):
     """The nodes that replace a recurrent ``node``: DynamicQuantizeLSTM for an LSTM; int8 W and R dequantized
     into the unchanged node for GRU/RNN."""
     label = graph.node_name(node)

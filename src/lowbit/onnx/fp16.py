@@ -13,8 +13,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.onnx.graph import Graph
-from lowbit.onnx.rewrite import _Names
+from lowbit.onnx.graph import Graph, Names
 
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 FLOAT, HALF = TensorProto.FLOAT, TensorProto.FLOAT16
@@ -53,7 +52,7 @@ def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     onnx_opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
     graph = Graph(out)
     g = out.graph
-    names = _Names(g)
+    names = Names(g)
     types = dict(graph.types)
     nodes = list(g.node)  # one wrapper per node for the whole pass: the sets below hold their ids
 

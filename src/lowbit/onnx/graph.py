@@ -100,3 +100,28 @@ class Graph:
             return len(self.constants[name].dims)
         shape = self.shapes.get(name)
         return None if shape is None else len(shape)
+
+
+class Names:
+    """Fresh names in a graph: ``new(base)`` is ``base``, or ``base_1``, ``base_2``, ... past every name in use."""
+
+    def __init__(self, graph: onnx.GraphProto):
+        self.used = {t.name for t in graph.initializer} | {i.name for i in graph.input}
+        for node in graph.node:
+            self.used.update(node.output)
+            self.used.update(node.input)
+            if node.name:
+                self.used.add(node.name)
+
+    def new(self, base: str) -> str:
+        name, k = base, 1
+        while name in self.used:
+            name, k = f"{base}_{k}", k + 1
+        self.used.add(name)
+        return name
+
+    def initializer(self, base: str, array: np.ndarray, into: list[onnx.TensorProto]) -> str:
+        """A new initializer named after ``base`` holding ``array``, appended to ``into``; returns its name."""
+        name = self.new(base)
+        into.append(numpy_helper.from_array(np.asarray(array), name))
+        return name

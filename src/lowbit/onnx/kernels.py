@@ -27,7 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from lowbit._table import format_table
-from lowbit.onnx.model import is_large, save_model
+from lowbit.onnx.model import is_large, load_error, save_model
 
 CONVERT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
 MATRIX = {"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}
@@ -160,9 +160,7 @@ def profile(
             for _ in range(warmup + runs):
                 sess.run(None, dict(feed))
         except Exception as exc:
-            from lowbit.onnx.model import _load_error
-
-            raise _load_error(exc, "check that the model and the feed fit each other") from None
+            raise load_error(exc, "check that the model and the feed fit each other") from None
         events = json.loads(Path(sess.end_profiling()).read_text())
     batch = int(next(iter(feed.values())).shape[0]) if feed else 0
     return parse(events, runs, batch)

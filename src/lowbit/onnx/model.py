@@ -103,7 +103,8 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike) -> None:
         f.write(model.SerializeToString())
 
 
-def _load_error(exc: Exception, advice: str) -> FormatError:
+def load_error(exc: Exception, advice: str) -> FormatError:
+    """ONNX Runtime's refusal ``exc`` as one line, with what to do (``advice``)."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return FormatError(f"ONNX Runtime {ort.__version__} cannot load the model: {message}. {advice}")
 
@@ -123,7 +124,7 @@ def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) 
             save_model(model, tmp / "model.onnx")
             return ort.InferenceSession(str(tmp / "model.onnx"), options, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise _load_error(exc, "lowbit produced a model ONNX Runtime rejects: please report it") from None
+        raise load_error(exc, "lowbit produced a model ONNX Runtime rejects: please report it") from None
 
 
 def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -147,7 +148,7 @@ def preprocess(model: onnx.ModelProto) -> onnx.ModelProto:
             ort.InferenceSession(str(src), options, providers=["CPUExecutionProvider"])
         except Exception as exc:
             advice = "lowbit calibrates with ONNX Runtime, so the float model must run in it first"
-            raise _load_error(exc, advice) from None
+            raise load_error(exc, advice) from None
         optimized = onnx.load(str(dst))
     _drop_unused_domains(optimized)
     # ORT keeps the producer's opset imports; shape inference gives every intermediate tensor its type.

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from lowbit.core import QuantSpec, dequantize, qparams, qparams_from_tensor, quantize
 from lowbit.errors import CalibrationError, FormatError
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, Names
 from lowbit.onnx.placement import Plan
 
 INT32_MAX = np.iinfo(np.int32).max
@@ -31,29 +31,6 @@ class QParams:
     scale: np.ndarray
     zero_point: np.ndarray
     axis: int | None = None
-
-
-class _Names:
-    def __init__(self, graph: onnx.GraphProto):
-        self.used = {t.name for t in graph.initializer} | {i.name for i in graph.input}
-        for node in graph.node:
-            self.used.update(node.output)
-            self.used.update(node.input)
-            if node.name:
-                self.used.add(node.name)
-
-    def new(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.used:
-            name, k = f"{base}_{k}", k + 1
-        self.used.add(name)
-        return name
-
-    def initializer(self, base: str, array: np.ndarray, into: list[onnx.TensorProto]) -> str:
-        """A new initializer named after ``base`` holding ``array``, appended to ``into``; returns its name."""
-        name = self.new(base)
-        into.append(numpy_helper.from_array(np.asarray(array), name))
-        return name
 
 
 def activation_qparams(plan: Plan, ranges: Mapping[str, tuple[float, float]]) -> dict[str, QParams]:
@@ -141,120 +118,143 @@ def dequantized_weights(
     }
 
 
-def quantize_model(
+def insert_qdq(
     model: onnx.ModelProto,
     plan: Plan,
     ranges: Mapping[str, tuple[float, float]],
     codes: Mapping[str, np.ndarray] | None = None,
     floors: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
-    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name); ``codes`` and ``floors`` as
-    in :func:`_plan_weights` (``floors`` by default: :func:`weight_scale_floors` of this model; pass the same
-    floors that chose ``codes``)."""
+    """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name): weights, int32 biases and
+    elementwise constants stored as integers behind a DequantizeLinear, a QuantizeLinear/DequantizeLinear pair on
+    every planned activation. ``codes`` and ``floors`` as in :func:`_plan_weights` (``floors`` by default:
+    :func:`weight_scale_floors` of this model; pass the same floors that chose ``codes``)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
-    g = out.graph
-    names = _Names(g)
     act = activation_qparams(plan, ranges)
     if floors is None:
         floors = weight_scale_floors(graph, plan, act)
-    weights: dict[str, QParams] = {}
-
-    head: list[onnx.NodeProto] = []  # DequantizeLinear of constants: before every node
-    new_inits: list[onnx.TensorProto] = []
-    replaced: set[str] = set()
-
-    def add_init(base: str, array: np.ndarray) -> str:
-        return names.initializer(base, array, new_inits)
-
-    def dq_constant(name: str, q: np.ndarray, p: QParams) -> None:
-        inputs = [
-            add_init(f"{name}_quantized", q),
-            add_init(f"{name}_scale", p.scale),
-            add_init(f"{name}_zero_point", p.zero_point),
-        ]
-        attrs = {"axis": p.axis} if p.axis is not None and np.ndim(p.scale) > 0 else {}
-        node = helper.make_node("DequantizeLinear", inputs, [name], name=names.new(f"{name}_DequantizeLinear"), **attrs)
-        head.append(node)
-        replaced.add(name)
-
+    rewrite = _Rewrite(out.graph, graph)
+    weights = {}
     for name, p, q in _plan_weights(graph, plan, codes, floors):
         weights[name] = p
-        dq_constant(name, q, p)
-
-    for name, (x, w) in plan.biases.items():
-        b = graph.value(name).astype(np.float64)
-        if x not in act:
-            continue
-        s = act[x].scale.astype(np.float64) * np.broadcast_to(weights[w].scale.astype(np.float64), b.shape)
-        q = np.rint(b / s)
-        if np.abs(q).max(initial=0) > INT32_MAX:
-            continue  # a bias too large for int32 at this scale stays float
-        dq_constant(name, q.astype(np.int32), QParams(s.astype(np.float32), np.zeros(b.shape, np.int32), 0))
-
-    uint8 = QuantSpec(signed=False, symmetric=False)
-    for name in sorted(plan.constants - replaced):
-        c = graph.value(name).astype(np.float32)
-        scale, zp = qparams(float(c.min(initial=0.0)), float(c.max(initial=0.0)), uint8)
-        dq_constant(name, quantize(c, scale, zp, uint8), QParams(scale, zp))
-
-    # Activations: producer -> t_float -> Q -> DQ -> t   (a graph input t: t -> Q -> DQ -> t_dequantized)
-    param_names: dict[int, tuple[str, str]] = {}
-    pairs: dict[str, list[onnx.NodeProto]] = {}
-    float_of: dict[str, str] = {}  # what excluded nodes read
-    dequantized_of: dict[str, str] = {}  # what quantized readers of a graph input read
-    for tensor, p in act.items():
-        if id(p) not in param_names:
-            param_names[id(p)] = (add_init(f"{tensor}_scale", p.scale), add_init(f"{tensor}_zero_point", p.zero_point))
-        scale_name, zp_name = param_names[id(p)]
-        if tensor in graph.inputs:
-            src, dst = tensor, names.new(f"{tensor}_dequantized")
-            dequantized_of[tensor] = dst
-        else:
-            src, dst = names.new(f"{tensor}_float"), tensor
-        float_of[tensor] = src
-        q_out = names.new(f"{tensor}_quantized")
-        pairs[tensor] = [
-            helper.make_node(
-                "QuantizeLinear", [src, scale_name, zp_name], [q_out], name=names.new(f"{tensor}_QuantizeLinear")
-            ),
-            helper.make_node(
-                "DequantizeLinear", [q_out, scale_name, zp_name], [dst], name=names.new(f"{tensor}_DequantizeLinear")
-            ),
-        ]
-
-    excluded = set(plan.excluded_nodes)
-    nodes: list[onnx.NodeProto] = []
-    for tensor in dequantized_of:
-        nodes.extend(pairs[tensor])
-    for node in g.node:
-        if node.op_type == "Constant" and node.output[0] in replaced:
-            continue
-        reads_float = graph.node_name(node) in excluded
-        for i, name in enumerate(node.input):
-            if reads_float and name in float_of:
-                node.input[i] = float_of[name]
-            elif not reads_float and name in dequantized_of:
-                node.input[i] = dequantized_of[name]
-        follow: list[onnx.NodeProto] = []
-        for i, name in enumerate(node.output):
-            if name in float_of and name not in dequantized_of:
-                node.output[i] = float_of[name]
-                follow.extend(pairs[name])
-        nodes.append(node)
-        nodes.extend(follow)
-
-    kept = [t for t in g.initializer if t.name not in replaced]
-    del g.initializer[:]
-    g.initializer.extend(kept + new_inits)
-    del g.node[:]
-    g.node.extend(head + nodes)
-    inputs = [i for i in g.input if i.name not in replaced]  # old models list initializers as inputs too
-    del g.input[:]
-    g.input.extend(inputs)
+        rewrite.dequantized_constant(name, q, p)
+    rewrite.biases(plan, act, weights)
+    rewrite.elementwise_constants(plan)
+    rewrite.activations(act)
+    rewrite.rewire(set(plan.excluded_nodes))
+    rewrite.finish()
     _ensure_opset(out, 13)
     return out
+
+
+class _Rewrite:
+    """The new nodes and initializers of :func:`insert_qdq`, gathered, then wired into the graph."""
+
+    def __init__(self, g: onnx.GraphProto, graph: Graph):
+        self.g, self.graph, self.names = g, graph, Names(g)
+        self.head: list[onnx.NodeProto] = []  # DequantizeLinear of constants: before every node
+        self.new_inits: list[onnx.TensorProto] = []
+        self.replaced: set[str] = set()
+        self.pairs: dict[str, list[onnx.NodeProto]] = {}  # activation -> its Q and DQ nodes
+        self.float_of: dict[str, str] = {}  # what excluded nodes read
+        self.dequantized_of: dict[str, str] = {}  # what quantized readers of a graph input read
+
+    def init(self, base: str, array: np.ndarray) -> str:
+        return self.names.initializer(base, array, self.new_inits)
+
+    def dequantized_constant(self, name: str, q: np.ndarray, p: QParams) -> None:
+        """Store constant ``name`` as the integers ``q`` behind a DequantizeLinear that gives its old name."""
+        inputs = [self.init(f"{name}_quantized", q), self.init(f"{name}_scale", p.scale),
+                  self.init(f"{name}_zero_point", p.zero_point)]  # fmt: skip
+        attrs = {"axis": p.axis} if p.axis is not None and np.ndim(p.scale) > 0 else {}
+        dq = self.names.new(f"{name}_DequantizeLinear")
+        self.head.append(helper.make_node("DequantizeLinear", inputs, [name], name=dq, **attrs))
+        self.replaced.add(name)
+
+    def biases(self, plan: Plan, act: Mapping[str, QParams], weights: Mapping[str, QParams]) -> None:
+        """int32 biases at scale ``s_x * s_w``; one too large for int32 at that scale stays float."""
+        for name, (x, w) in plan.biases.items():
+            b = self.graph.value(name).astype(np.float64)
+            if x not in act:
+                continue
+            s = act[x].scale.astype(np.float64) * np.broadcast_to(weights[w].scale.astype(np.float64), b.shape)
+            q = np.rint(b / s)
+            if np.abs(q).max(initial=0) > INT32_MAX:
+                continue
+            self.dequantized_constant(
+                name, q.astype(np.int32), QParams(s.astype(np.float32), np.zeros(b.shape, np.int32), 0)
+            )
+
+    def elementwise_constants(self, plan: Plan) -> None:
+        """The constant operands of elementwise ops as uint8 over their own range."""
+        uint8 = QuantSpec(signed=False, symmetric=False)
+        for name in sorted(plan.constants - self.replaced):
+            c = self.graph.value(name).astype(np.float32)
+            scale, zp = qparams(float(c.min(initial=0.0)), float(c.max(initial=0.0)), uint8)
+            self.dequantized_constant(name, quantize(c, scale, zp, uint8), QParams(scale, zp))
+
+    def activations(self, act: Mapping[str, QParams]) -> None:
+        """A Q/DQ pair per activation: producer -> t_float -> Q -> DQ -> t (a graph input t: t -> Q -> DQ ->
+        t_dequantized); tensors that share parameters share their initializers."""
+        param_names: dict[int, tuple[str, str]] = {}
+        new = self.names.new
+        for tensor, p in act.items():
+            if id(p) not in param_names:
+                param_names[id(p)] = (
+                    self.init(f"{tensor}_scale", p.scale),
+                    self.init(f"{tensor}_zero_point", p.zero_point),
+                )
+            scale_name, zp_name = param_names[id(p)]
+            if tensor in self.graph.inputs:
+                src, dst = tensor, new(f"{tensor}_dequantized")
+                self.dequantized_of[tensor] = dst
+            else:
+                src, dst = new(f"{tensor}_float"), tensor
+            self.float_of[tensor] = src
+            q_out = new(f"{tensor}_quantized")
+            self.pairs[tensor] = [
+                helper.make_node("QuantizeLinear", [src, scale_name, zp_name], [q_out],
+                                 name=new(f"{tensor}_QuantizeLinear")),
+                helper.make_node("DequantizeLinear", [q_out, scale_name, zp_name], [dst],
+                                 name=new(f"{tensor}_DequantizeLinear")),
+            ]  # fmt: skip
+
+    def rewire(self, excluded: set[str]) -> None:
+        """Every node in order, each followed by the pairs of its outputs; excluded nodes read the float tensors,
+        quantized readers of a graph input its dequantized copy."""
+        nodes: list[onnx.NodeProto] = []
+        for tensor in self.dequantized_of:
+            nodes.extend(self.pairs[tensor])
+        for node in self.g.node:
+            if node.op_type == "Constant" and node.output[0] in self.replaced:
+                continue
+            reads_float = self.graph.node_name(node) in excluded
+            for i, name in enumerate(node.input):
+                if reads_float and name in self.float_of:
+                    node.input[i] = self.float_of[name]
+                elif not reads_float and name in self.dequantized_of:
+                    node.input[i] = self.dequantized_of[name]
+            follow: list[onnx.NodeProto] = []
+            for i, name in enumerate(node.output):
+                if name in self.float_of and name not in self.dequantized_of:
+                    node.output[i] = self.float_of[name]
+                    follow.extend(self.pairs[name])
+            nodes.append(node)
+            nodes.extend(follow)
+        del self.g.node[:]
+        self.g.node.extend(self.head + nodes)
+
+    def finish(self) -> None:
+        """Replace the stored constants' initializers (and their listing as graph inputs, in old models)."""
+        g = self.g
+        kept = [t for t in g.initializer if t.name not in self.replaced]
+        del g.initializer[:]
+        g.initializer.extend(kept + self.new_inits)
+        inputs = [i for i in g.input if i.name not in self.replaced]
+        del g.input[:]
+        g.input.extend(inputs)
 
 
 def _ensure_opset(model: onnx.ModelProto, version: int) -> None:
