@@ -1,8 +1,8 @@
 """ONNX in, ONNX out: calibrate with ONNX Runtime, place Q/DQ for a target runtime, static and dynamic.
 
-    import lowbit.onnx
-    result = lowbit.onnx.quantize("model.onnx", "model_int8.onnx", "calib.npz", "int8_trt")
-    analysis = lowbit.onnx.analyze("model.onnx", "calib.npz", "int8")
+import lowbit.onnx
+result = lowbit.onnx.quantize("model.onnx", "model_int8.onnx", "calib.npz", "int8_trt")
+analysis = lowbit.onnx.analyze("model.onnx", "calib.npz", "int8")
 """
 
 from lowbit.onnx.analyze import analyze

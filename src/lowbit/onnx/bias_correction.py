@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import numpy_helper
 
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
 
 
@@ -53,10 +53,6 @@ class Layer:
     axis: int
 
 
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
-
-
 def layers(graph: Graph, plan: Plan) -> list[Layer]:
     """The quantized Conv and Gemm nodes of ``plan`` with a constant, quantized weight (and a bias that is a
     constant, or none)."""
@@ -71,7 +67,7 @@ def layers(graph: Graph, plan: Plan) -> list[Layer]:
         if len(node.input) > 2 and node.input[2] and not graph.is_constant(node.input[2]):
             continue
         if node.op_type == "Gemm":
-            attrs = _attrs(node)
+            attrs = attributes(node)
             if graph.rank(x) != 2 or attrs.get("beta", 1.0) == 0.0:
                 continue
             axis = 0 if attrs.get("transA", 0) else 1
@@ -88,14 +84,14 @@ def shift(graph: Graph, layer: Layer, w_q: np.ndarray, mean: np.ndarray) -> np.n
     delta = w_q.astype(np.float64) - w
     node = layer.node
     if node.op_type == "Conv":
-        groups = int(_attrs(node).get("group", 1))
+        groups = int(attributes(node).get("group", 1))
         cout, cin_per_group = delta.shape[:2]
         if mean.shape != (cin_per_group * groups,) or cout % groups:
             return None
         taps = delta.reshape(cout, cin_per_group, -1).sum(axis=2)  # (cout, cin/g)
         group_of = np.arange(cout) // (cout // groups)
         return (taps * mean.reshape(groups, cin_per_group)[group_of]).sum(axis=1)
-    attrs = _attrs(node)
+    attrs = attributes(node)
     if delta.ndim != 2:
         return None
     delta = delta if attrs.get("transB", 0) else delta.T  # (N, K)
@@ -119,7 +115,7 @@ def apply(model: onnx.ModelProto, shifts: Mapping[str, np.ndarray]) -> tuple[onn
         if s is None or not np.all(np.isfinite(s)):
             continue
         if node.op_type == "Gemm":
-            s = s / _attrs(node).get("beta", 1.0)  # the bias C is added as beta * C
+            s = s / attributes(node).get("beta", 1.0)  # the bias C is added as beta * C
         has_bias = len(node.input) > 2 and node.input[2] != ""
         bias = graph.value(node.input[2]).astype(np.float64) if has_bias else np.zeros(s.shape)
         if bias.shape not in (s.shape, (1, *s.shape)):

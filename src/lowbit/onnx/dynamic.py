@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lowbit.onnx.graph import Graph, Names
+from lowbit.onnx.graph import Graph, Names, attribute, attributes
 from lowbit.onnx.placement import exclusion
 from lowbit.onnx.rewrite import weight_qparams
 
@@ -46,7 +46,7 @@ def _weight(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
     if w.ndim != 2:
         return None
     if node.op_type == "Gemm":
-        attrs = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        attrs = attributes(node)
         if attrs.get("transA", 0):
             return None
         if len(node.input) > 2 and node.input[2] and not graph.is_constant(node.input[2]):
@@ -72,106 +72,120 @@ def quantize_dynamic(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
-    g = out.graph
-    names = Names(g)
     excluded = exclusion(exclude, exclude_ops)
-    plan = DynamicPlan()
-    inits: list[onnx.TensorProto] = []
-    quantized_inputs: dict[str, tuple[str, str, str]] = {}
-    nodes: list[onnx.NodeProto] = []
-    weight_users: dict[str, int] = {}
-    for node in g.node:
-        for name in node.input:
-            weight_users[name] = weight_users.get(name, 0) + 1
-
-    def init(base: str, array: np.ndarray) -> str:
-        return names.initializer(base, array, inits)
-
-    for node in g.node:
+    build = _Dynamic(out.graph, graph, per_channel)
+    for node in out.graph.node:
         label = graph.node_name(node)
         table = _table(graph, node)
         if table is not None and not excluded(graph, node):
-            # An embedding lookup: gather int8 rows and their scales, then dequantize only the rows gathered. A
-            # scale per row: in all-MiniLM-L6-v2's word table the largest value of a typical row is 0.18 and of the
-            # largest row 1.05, so one scale would leave most rows a sixth of the codes.
-            p, q = weight_qparams(table, 0)
-            base, y, ids = node.input[0], node.output[0], node.input[1]
-            gathered, scales = names.new(f"{y}_quantized"), names.new(f"{y}_scale")
-            as_float = names.new(f"{y}_quantized_float")
-            q_name = init(f"{base}_quantized", q)
-            scale_name = init(f"{base}_scale", np.asarray(p.scale, np.float32).reshape(-1, 1))
-            attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-            nodes += [
-                helper.make_node("Gather", [q_name, ids], [gathered], name=label, **attrs),
-                helper.make_node("Gather", [scale_name, ids], [scales], name=names.new(f"{label}_scale"), **attrs),
-                helper.make_node(
-                    "Cast", [gathered], [as_float], to=onnx.TensorProto.FLOAT, name=names.new(f"{label}_Cast")
-                ),
-                helper.make_node("Mul", [as_float, scales], [y], name=names.new(f"{label}_Dequantize")),
-            ]
-            plan.quantized_nodes.append(label)
-            weight_users[base] -= 1
-            continue
-        if tables_only:
-            nodes.append(node)
-            continue
-        w = _weight(graph, node)
-        if _recurrent(graph, node) and (node.op_type == "LSTM" or weight_only_rnn):
-            if excluded(graph, node):
-                plan.excluded_nodes.append(label)
-                nodes.append(node)
-                continue
-            nodes += _quantize_recurrent(node, graph, names, init, per_channel)
-            for name in node.input[1:3]:
-                weight_users[name] -= 1
-            plan.quantized_nodes.append(label)
-            continue
-        if w is not None and excluded(graph, node):
-            plan.excluded_nodes.append(label)
-            w = None
-        if w is None:
-            nodes.append(node)
-            continue
-        a, y = node.input[0], node.output[0]
-        if a not in quantized_inputs:
-            outs = [names.new(f"{a}_quantized"), names.new(f"{a}_scale"), names.new(f"{a}_zero_point")]
-            nodes.append(helper.make_node("DynamicQuantizeLinear", [a], outs, name=names.new(f"{a}_DynamicQuantize")))
-            quantized_inputs[a] = tuple(outs)  # type: ignore[assignment]
-        a_q, a_scale, a_zp = quantized_inputs[a]
-        p, w_q = weight_qparams(w, 1 if per_channel else None)
-        w_scale = np.broadcast_to(p.scale, (w.shape[1],)) if per_channel else p.scale
-        base = node.input[1]
-        w_name, zp_name = init(f"{base}_quantized", w_q), init(f"{base}_zero_point", p.zero_point)
-        scale_name = init(f"{base}_scale", np.asarray(w_scale, np.float32))
-        acc, acc_f, scale_ab = names.new(f"{y}_int32"), names.new(f"{y}_int32_float"), names.new(f"{y}_scale")
-        nodes += [
-            helper.make_node(
-                "MatMulInteger", [a_q, w_name, a_zp, zp_name], [acc], name=names.new(f"{label}_MatMulInteger")
-            ),
-            helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT, name=names.new(f"{label}_Cast")),
-            helper.make_node("Mul", [a_scale, scale_name], [scale_ab], name=names.new(f"{label}_Scale")),
-        ]
-        bias = _gemm_bias(graph, node)
-        if bias is None:
-            nodes.append(helper.make_node("Mul", [acc_f, scale_ab], [y], name=names.new(f"{label}_Rescale")))
+            build.table(node, table, label)
+        elif tables_only:
+            build.nodes.append(node)
+        elif _recurrent(graph, node) and (node.op_type == "LSTM" or weight_only_rnn):
+            build.keep(node, label) if excluded(graph, node) else build.recurrent(node, label)
         else:
-            scaled = names.new(f"{y}_no_bias")
-            nodes.append(helper.make_node("Mul", [acc_f, scale_ab], [scaled], name=names.new(f"{label}_Rescale")))
-            nodes.append(
-                helper.make_node("Add", [scaled, init(f"{y}_bias", bias)], [y], name=names.new(f"{label}_Bias"))
-            )
-        plan.quantized_nodes.append(label)
-        weight_users[base] -= 1
+            w = _weight(graph, node)
+            if w is None:
+                build.nodes.append(node)
+            elif excluded(graph, node):
+                build.keep(node, label)
+            else:
+                build.matmul(node, w, label)
+    build.finish(out)
+    return out, build.plan
 
-    unused = {name for name, users in weight_users.items() if users == 0}
-    kept = [t for t in g.initializer if t.name not in unused]
-    del g.initializer[:]
-    g.initializer.extend(kept + inits)
-    del g.node[:]
-    g.node.extend(nodes)
-    if any(n.domain == MS_DOMAIN for n in nodes) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
-        out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
-    return out, plan
+
+class _Dynamic:
+    """The nodes and initializers :func:`quantize_dynamic` writes, node by node, and the weights they replace."""
+
+    def __init__(self, g: onnx.GraphProto, graph: Graph, per_channel: bool):
+        self.g, self.graph, self.per_channel, self.names = g, graph, per_channel, Names(g)
+        self.plan = DynamicPlan()
+        self.inits: list[onnx.TensorProto] = []
+        self.nodes: list[onnx.NodeProto] = []
+        self.quantized_inputs: dict[str, tuple[str, str, str]] = {}  # one DynamicQuantizeLinear per activation
+        self.weight_users: dict[str, int] = {}
+        for node in g.node:
+            for name in node.input:
+                self.weight_users[name] = self.weight_users.get(name, 0) + 1
+
+    def init(self, base: str, array: np.ndarray) -> str:
+        return self.names.initializer(base, array, self.inits)
+
+    def keep(self, node: onnx.NodeProto, label: str) -> None:
+        """An excluded node, left as it is."""
+        self.plan.excluded_nodes.append(label)
+        self.nodes.append(node)
+
+    def table(self, node: onnx.NodeProto, table: np.ndarray, label: str) -> None:
+        """An embedding lookup: gather int8 rows and their scales, then dequantize only the rows gathered. A scale
+        per row: in all-MiniLM-L6-v2's word table the largest value of a typical row is 0.18 and of the largest
+        row 1.05, so one scale would leave most rows a sixth of the codes."""
+        new = self.names.new
+        p, q = weight_qparams(table, 0)
+        base, y, ids = node.input[0], node.output[0], node.input[1]
+        gathered, scales, as_float = new(f"{y}_quantized"), new(f"{y}_scale"), new(f"{y}_quantized_float")
+        q_name = self.init(f"{base}_quantized", q)
+        scale_name = self.init(f"{base}_scale", np.asarray(p.scale, np.float32).reshape(-1, 1))
+        attrs = attributes(node)
+        self.nodes += [
+            helper.make_node("Gather", [q_name, ids], [gathered], name=label, **attrs),
+            helper.make_node("Gather", [scale_name, ids], [scales], name=new(f"{label}_scale"), **attrs),
+            helper.make_node("Cast", [gathered], [as_float], to=onnx.TensorProto.FLOAT, name=new(f"{label}_Cast")),
+            helper.make_node("Mul", [as_float, scales], [y], name=new(f"{label}_Dequantize")),
+        ]
+        self.plan.quantized_nodes.append(label)
+        self.weight_users[base] -= 1
+
+    def recurrent(self, node: onnx.NodeProto, label: str) -> None:
+        self.nodes += _quantize_recurrent(node, self.graph, self.names, self.init, self.per_channel)
+        for name in node.input[1:3]:
+            self.weight_users[name] -= 1
+        self.plan.quantized_nodes.append(label)
+
+    def matmul(self, node: onnx.NodeProto, w: np.ndarray, label: str) -> None:
+        """MatMulInteger on the run-time quantized input and the int8 weight, rescaled (and the Gemm bias added)."""
+        new = self.names.new
+        a, y = node.input[0], node.output[0]
+        if a not in self.quantized_inputs:
+            outs = (new(f"{a}_quantized"), new(f"{a}_scale"), new(f"{a}_zero_point"))
+            self.nodes.append(
+                helper.make_node("DynamicQuantizeLinear", [a], list(outs), name=new(f"{a}_DynamicQuantize"))
+            )
+            self.quantized_inputs[a] = outs
+        a_q, a_scale, a_zp = self.quantized_inputs[a]
+        p, w_q = weight_qparams(w, 1 if self.per_channel else None)
+        w_scale = np.broadcast_to(p.scale, (w.shape[1],)) if self.per_channel else p.scale
+        base = node.input[1]
+        w_name, zp_name = self.init(f"{base}_quantized", w_q), self.init(f"{base}_zero_point", p.zero_point)
+        scale_name = self.init(f"{base}_scale", np.asarray(w_scale, np.float32))
+        acc, acc_f, scale_ab = new(f"{y}_int32"), new(f"{y}_int32_float"), new(f"{y}_scale")
+        bias = _gemm_bias(self.graph, node)
+        scaled = y if bias is None else new(f"{y}_no_bias")
+        self.nodes += [
+            helper.make_node("MatMulInteger", [a_q, w_name, a_zp, zp_name], [acc], name=new(f"{label}_MatMulInteger")),
+            helper.make_node("Cast", [acc], [acc_f], to=onnx.TensorProto.FLOAT, name=new(f"{label}_Cast")),
+            helper.make_node("Mul", [a_scale, scale_name], [scale_ab], name=new(f"{label}_Scale")),
+            helper.make_node("Mul", [acc_f, scale_ab], [scaled], name=new(f"{label}_Rescale")),
+        ]
+        if bias is not None:
+            self.nodes.append(
+                helper.make_node("Add", [scaled, self.init(f"{y}_bias", bias)], [y], name=new(f"{label}_Bias"))
+            )
+        self.plan.quantized_nodes.append(label)
+        self.weight_users[base] -= 1
+
+    def finish(self, out: onnx.ModelProto) -> None:
+        """Drop the float weights no node reads any more, add the new ones, and the Microsoft opset if needed."""
+        g = self.g
+        unused = {name for name, users in self.weight_users.items() if users == 0}
+        kept = [t for t in g.initializer if t.name not in unused]
+        del g.initializer[:]
+        g.initializer.extend(kept + self.inits)
+        del g.node[:]
+        g.node.extend(self.nodes)
+        if any(n.domain == MS_DOMAIN for n in self.nodes) and not any(o.domain == MS_DOMAIN for o in out.opset_import):
+            out.opset_import.append(helper.make_opsetid(MS_DOMAIN, 1))
 
 
 MS_DOMAIN = "com.microsoft"
@@ -181,7 +195,7 @@ def _recurrent(graph: Graph, node: onnx.NodeProto) -> bool:
     """An LSTM/GRU/RNN with constant float 3-D W and R, time-major (layout 0)."""
     if node.domain not in ("", "ai.onnx") or node.op_type not in ("LSTM", "GRU", "RNN") or len(node.input) < 3:
         return False
-    if any(a.name == "layout" and helper.get_attribute_value(a) != 0 for a in node.attribute):
+    if attributes(node).get("layout", 0) != 0:
         return False
     return all(graph.is_constant(n) and graph.is_float(n) and graph.rank(n) == 3 for n in node.input[1:3])
 
@@ -215,7 +229,7 @@ def _quantize_recurrent(node: onnx.NodeProto, graph: Graph, names: Names, init, 
                 init(f"{node.input[i]}_scale", scale),
                 init(f"{node.input[i]}_zero_point", np.zeros_like(scale, np.int8)),
             ]
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name != "layout"}
+        attrs = {k: v for k, v in attributes(node).items() if k != "layout"}
         return [
             helper.make_node("DynamicQuantizeLSTM", inputs, list(node.output), name=label, domain=MS_DOMAIN, **attrs)
         ]
@@ -245,7 +259,7 @@ def _table(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
     values), or None."""
     if node.domain not in ("", "ai.onnx") or node.op_type != "Gather" or len(node.input) < 2:
         return None
-    axis = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "axis"), 0)
+    axis = attribute(node, "axis", 0)
     data = node.input[0]
     if axis != 0 or not (graph.is_constant(data) and graph.is_float(data)) or graph.rank(data) != 2:
         return None
@@ -256,5 +270,5 @@ def _table(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
 def _gemm_bias(graph: Graph, node: onnx.NodeProto) -> np.ndarray | None:
     if node.op_type != "Gemm" or len(node.input) < 3 or not node.input[2]:
         return None
-    beta = next((helper.get_attribute_value(a) for a in node.attribute if a.name == "beta"), 1.0)
+    beta = attribute(node, "beta", 1.0)
     return (graph.value(node.input[2]) * np.float32(beta)).astype(np.float32)

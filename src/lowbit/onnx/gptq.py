@@ -23,20 +23,15 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import helper
 from tqdm.auto import tqdm
 
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
 
 ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
 MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
 QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
-
-
-def _attrs(node: onnx.NodeProto) -> dict:
-    return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
 @dataclass(frozen=True)
@@ -52,21 +47,21 @@ class Layer:
 
     @property
     def groups(self) -> int:
-        return int(_attrs(self.node).get("group", 1)) if self.node.op_type == "Conv" else 1
+        return int(attributes(self.node).get("group", 1)) if self.node.op_type == "Conv" else 1
 
     def matrix(self, w: np.ndarray) -> np.ndarray:
         """The weight as (groups, rows, columns): a row per output unit, a column per input feature."""
         op = self.node.op_type
         if op == "Conv":
             return w.reshape(self.groups, w.shape[0] // self.groups, -1)
-        if op == "Gemm" and _attrs(self.node).get("transB", 0):
+        if op == "Gemm" and attributes(self.node).get("transB", 0):
             return w[None]
         return w.T[None]  # MatMul / Gemm without transB: (K, N) -> (N, K)
 
     def unmatrix(self, m: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`matrix`."""
         op = self.node.op_type
-        if op == "Conv" or (op == "Gemm" and _attrs(self.node).get("transB", 0)):
+        if op == "Conv" or (op == "Gemm" and attributes(self.node).get("transB", 0)):
             return m.reshape(self.weight_shape)
         return m[0].T
 
@@ -76,7 +71,7 @@ class Layer:
         w = self.weight_shape
         if self.node.op_type == "Conv":
             return self.groups, w[0] // self.groups, int(np.prod(w[1:]))
-        if self.node.op_type == "Gemm" and _attrs(self.node).get("transB", 0):
+        if self.node.op_type == "Gemm" and attributes(self.node).get("transB", 0):
             return 1, w[0], w[1]
         return 1, w[1], w[0]
 
@@ -84,13 +79,13 @@ class Layer:
         """The input rows a Gemm/MatMul weight multiplies, as (1, n, columns): samples of a Gemm, tokens of a
         MatMul. (A convolution's rows are patches: :func:`_patches`.)"""
         if self.node.op_type == "Gemm":
-            x = x.T if _attrs(self.node).get("transA", 0) else x
+            x = x.T if attributes(self.node).get("transA", 0) else x
             return x[None]
         return x.reshape(1, -1, x.shape[-1])
 
 
 def _conv_pads(node: onnx.NodeProto, spatial: tuple[int, ...], kernel, strides, dilations) -> list[tuple[int, int]]:
-    attrs = _attrs(node)
+    attrs = attributes(node)
     auto = attrs.get("auto_pad", b"NOTSET")
     auto = auto.decode() if isinstance(auto, bytes) else auto
     n = len(spatial)
@@ -111,7 +106,7 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, lim
     """The input patches of a convolution as (groups, n, channels-per-group * kernel taps), in the order of the
     weight's flattened (in-channel, taps) axes; at most ``limit`` random output positions. Only the picked
     patches are gathered (tap by tap), never the whole unfolded input."""
-    attrs = _attrs(node)
+    attrs = attributes(node)
     kernel = tuple(weight_shape[2:])
     spatial = x.shape[2:]
     strides = tuple(attrs.get("strides", [1] * len(kernel)))
@@ -154,7 +149,7 @@ def _patches(node: onnx.NodeProto, x: np.ndarray, weight_shape, groups: int, lim
 
 
 def _pointwise(layer: Layer) -> bool:
-    attrs = _attrs(layer.node)
+    attrs = attributes(layer.node)
     n = len(layer.weight_shape) - 2
     pads = _conv_pads(layer.node, (1,) * n, layer.weight_shape[2:], [1] * n, [1] * n)
     return (
@@ -227,7 +222,7 @@ def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
             continue
         if node.op_type == "Gemm" and graph.rank(node.input[0]) != 2:
             continue
-        if node.op_type == "Conv" and (w.ndim < 3 or w.shape[0] % int(_attrs(node).get("group", 1))):
+        if node.op_type == "Conv" and (w.ndim < 3 or w.shape[0] % int(attributes(node).get("group", 1))):
             continue
         layer = Layer(node, node.input[0], node.input[1], plan.weights[node.input[1]], tuple(w.shape))
         columns = layer.matrix_shape[2]

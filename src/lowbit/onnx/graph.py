@@ -16,6 +16,19 @@ from onnx import numpy_helper
 FLOAT = onnx.TensorProto.FLOAT
 
 
+def attributes(node: onnx.NodeProto) -> dict:
+    """A node's attributes as Python values, by name."""
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+def attribute(node: onnx.NodeProto, name: str, default=None):
+    """One attribute of a node as a Python value, ``default`` when the node does not set it."""
+    for a in node.attribute:
+        if a.name == name:
+            return onnx.helper.get_attribute_value(a)
+    return default
+
+
 def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:

@@ -32,7 +32,7 @@ import onnx
 
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.rules import rule_for
 from lowbit.recipe import Target, get_target
 
@@ -204,7 +204,7 @@ def _plain_bias(graph: Graph, node: onnx.NodeProto, bias: str) -> bool:
         return False
     if node.op_type != "Gemm":
         return True
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    attrs = attributes(node)
     return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import onnx
 
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, attribute
 
 KINDS = ("compute", "elementwise", "share", "activation", "lookup")
 
@@ -61,26 +61,19 @@ def rule_for(node: onnx.NodeProto) -> OpRule | None:
     return RULES.get(node.op_type)
 
 
-def _attr(node: onnx.NodeProto, name: str, default):
-    for a in node.attribute:
-        if a.name == name:
-            return onnx.helper.get_attribute_value(a)
-    return default
-
-
 def _conv_axis(node, graph, index):
     return 0  # W is (C_out, C_in / group, k...)
 
 
 def _conv_transpose_axis(node, graph, index):
     # W is (C_in, C_out / group, k...): axis 1 names every output channel only when group == 1.
-    return 1 if _attr(node, "group", 1) == 1 else None
+    return 1 if attribute(node, "group", 1) == 1 else None
 
 
 def _gemm_axis(node, graph, index):
     if index != 1:
         return None
-    return 0 if _attr(node, "transB", 0) else 1  # output channels of B: rows when transposed, columns otherwise
+    return 0 if attribute(node, "transB", 0) else 1  # output channels of B: rows when transposed, columns otherwise
 
 
 def _matmul_axis(node, graph, index):

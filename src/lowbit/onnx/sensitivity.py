@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import onnx
 from tqdm.auto import tqdm
 
 from lowbit.analysis import Error, WeightReport, weight_report
@@ -15,7 +14,7 @@ from lowbit.data import Feed
 from lowbit.errors import AnalyzeError
 from lowbit.onnx import placement
 from lowbit.onnx.calibration import Calibrated, units
-from lowbit.onnx.graph import Graph
+from lowbit.onnx.graph import Graph, attribute
 from lowbit.onnx.measure import compare_tensors
 from lowbit.onnx.rules import rule_for, unit_output
 
@@ -77,7 +76,7 @@ def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
             axis = rule.weight_axis(node, graph, index)
             if axis is None or w.ndim < 2:
                 continue
-            groups = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "group"), 1)
+            groups = attribute(node, "group", 1)
             depthwise = node.op_type == "Conv" and groups > 1 and groups == w.shape[0]
             report = weight_report(graph.node_name(node), name, w, axis, depthwise)
             out.append(report)
