@@ -49,95 +49,108 @@ def convert(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """A copy of ``model`` whose non-quantizer float computation runs in float16; returns it and the names of
     the nodes converted."""
     out = onnx.shape_inference.infer_shapes(model)  # a copy, with the type of every tensor
-    onnx_opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
-    graph = Graph(out)
-    g = out.graph
-    names = Names(g)
-    types = dict(graph.types)
-    nodes = list(g.node)  # one wrapper per node for the whole pass: the sets below hold their ids
+    half = _Half(out)
+    converted = [half.graph.node_name(n) for n in half.nodes if id(n) in half.half_nodes]
+    for node in half.nodes:
+        if id(node) in half.half_nodes:
+            half.convert_node(node)
+    half.reorder(half.casts_back())
+    return onnx.shape_inference.infer_shapes(out), converted
 
-    def is_float(name: str) -> bool:
-        return bool(name) and types.get(name) == FLOAT
 
-    # Which nodes go to float16.
-    half_nodes: set[int] = set()
-    for node in nodes:
-        schema = _schema(node, onnx_opset)
+class _Half:
+    """One pass of :func:`convert` over a model (typed by shape inference): which nodes run in float16, the
+    float16 copies and Casts they need, and the Casts back to float32 for the readers that stay float32."""
+
+    def __init__(self, out: onnx.ModelProto):
+        self.opset = next((o.version for o in out.opset_import if o.domain in ("", "ai.onnx")), 13)
+        self.graph = Graph(out)
+        self.g = out.graph
+        self.names = Names(self.g)
+        self.types = dict(self.graph.types)
+        self.nodes = list(self.g.node)  # one wrapper per node for the whole pass: the sets below hold their ids
+        self.half_nodes = {id(n) for n in self.nodes if self._runs_in_half(n)}
+        self.initializers = {t.name: t for t in self.g.initializer}
+        self.readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
+        for node in self.nodes:
+            for i, name in enumerate(node.input):
+                self.readers.setdefault(name, []).append((node, i))
+        self.half_of: dict[str, str] = {}  # float32 tensor -> its float16 copy
+        self.new_nodes: dict[int, list[onnx.NodeProto]] = {}  # Cast nodes to insert before a node
+        self.produced_half: dict[str, str] = {}  # original float32 output -> the float16 name the node writes
+
+    def is_float(self, name: str) -> bool:
+        return bool(name) and self.types.get(name) == FLOAT
+
+    def _runs_in_half(self, node: onnx.NodeProto) -> bool:
+        schema = _schema(node, self.opset)
         if node.op_type in QDQ or node.domain not in ("", "ai.onnx") or schema is None:
-            continue
+            return False
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
-            continue
-        if not any(is_float(o) for o in node.output):
-            continue
-        if not all(_follows_output_type(schema, i, False) for i, o in enumerate(node.output) if is_float(o)):
-            continue
-        half_nodes.add(id(node))
+            return False
+        if not any(self.is_float(o) for o in node.output):
+            return False
+        return all(_follows_output_type(schema, i, False) for i, o in enumerate(node.output) if self.is_float(o))
 
-    initializers = {t.name: t for t in g.initializer}
-    readers: dict[str, list[tuple[onnx.NodeProto, int]]] = {}
-    for node in nodes:
-        for i, name in enumerate(node.input):
-            readers.setdefault(name, []).append((node, i))
-
-    half_of: dict[str, str] = {}  # float32 tensor -> its float16 copy
-    new_nodes: dict[int, list[onnx.NodeProto]] = {}  # Cast nodes to insert before a node
-
-    def half_version(name: str, before: onnx.NodeProto) -> str:
-        if name in half_of:
-            return half_of[name]
-        init = initializers.get(name)
-        only_half_readers = all(id(n) in half_nodes for n, _ in readers.get(name, []))
-        if init is not None and only_half_readers and name not in graph.subgraph_reads:
+    def half_version(self, name: str, before: onnx.NodeProto) -> str:
+        """``name`` in float16: an initializer only float16 nodes read is converted in place, anything else gets a
+        Cast before ``before``."""
+        if name in self.half_of:
+            return self.half_of[name]
+        init = self.initializers.get(name)
+        only_half_readers = all(id(n) in self.half_nodes for n, _ in self.readers.get(name, []))
+        if init is not None and only_half_readers and name not in self.graph.subgraph_reads:
             init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init).astype(np.float16), name))
-            half_of[name] = name
+            self.half_of[name] = name
             return name
-        cast = names.new(f"{name}_fp16")
-        new_nodes.setdefault(id(before), []).append(
-            helper.make_node("Cast", [name], [cast], names.new(f"{name}_to_fp16"), to=HALF)
+        cast = self.names.new(f"{name}_fp16")
+        self.new_nodes.setdefault(id(before), []).append(
+            helper.make_node("Cast", [name], [cast], self.names.new(f"{name}_to_fp16"), to=HALF)
         )
-        half_of[name] = cast
+        self.half_of[name] = cast
         return cast
 
-    converted = [graph.node_name(n) for n in nodes if id(n) in half_nodes]
-    produced_half: dict[str, str] = {}  # original float32 output name -> float16 name the node now writes
-    for node in nodes:
-        if id(node) not in half_nodes:
-            continue
-        schema = _schema(node, onnx_opset)
+    def convert_node(self, node: onnx.NodeProto) -> None:
+        """The node reads and writes float16 (its float attributes too: Cast(to=float), Constant(value))."""
+        schema = _schema(node, self.opset)
         for i, name in enumerate(node.input):
-            if not is_float(name) or not _follows_output_type(schema, i, True):
+            if not self.is_float(name) or not _follows_output_type(schema, i, True):
                 continue
-            node.input[i] = produced_half.get(name) or half_version(name, node)
+            node.input[i] = self.produced_half.get(name) or self.half_version(name, node)
         for i, name in enumerate(node.output):
-            if is_float(name):
-                produced_half[name] = node.output[i] = names.new(f"{name}_fp16")
-        for attr in node.attribute:  # Cast(to=float), Constant(value=float tensor)
+            if self.is_float(name):
+                self.produced_half[name] = node.output[i] = self.names.new(f"{name}_fp16")
+        for attr in node.attribute:
             if attr.name == "to" and attr.i == FLOAT:
                 attr.i = HALF
             if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == FLOAT:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float16), attr.t.name))
 
-    # Float32 readers of a tensor now written in float16 (quantizers, float32 nodes, graph outputs, subgraphs)
-    # read it through a Cast back to float32 under its original name.
-    back: list[onnx.NodeProto] = []
-    for name, half in produced_half.items():
-        needs_float = (
-            name in graph.outputs
-            or name in graph.subgraph_reads
-            or any(id(n) not in half_nodes or n.input[i] != half for n, i in readers.get(name, []))
-        )
-        if needs_float:
-            back.append(helper.make_node("Cast", [half], [name], names.new(f"{name}_to_fp32"), to=FLOAT))
-    ordered: list[onnx.NodeProto] = []
-    back_by_source = {n.input[0]: n for n in back}
-    for node in nodes:
-        ordered.extend(new_nodes.get(id(node), []))
-        ordered.append(node)
-        for o in node.output:
-            if o in back_by_source:
-                ordered.append(back_by_source[o])
-    ordered = [_copy(n) for n in ordered]  # detached copies: clearing the field must not touch them
-    del g.node[:]
-    g.node.extend(ordered)
-    del g.value_info[:]
-    return onnx.shape_inference.infer_shapes(out), converted
+    def casts_back(self) -> list[onnx.NodeProto]:
+        """Float32 readers of a tensor now written in float16 (quantizers, float32 nodes, graph outputs,
+        subgraphs) read it through a Cast back to float32 under its original name."""
+        back = []
+        for name, half in self.produced_half.items():
+            needs_float = (
+                name in self.graph.outputs
+                or name in self.graph.subgraph_reads
+                or any(id(n) not in self.half_nodes or n.input[i] != half for n, i in self.readers.get(name, []))
+            )
+            if needs_float:
+                back.append(helper.make_node("Cast", [half], [name], self.names.new(f"{name}_to_fp32"), to=FLOAT))
+        return back
+
+    def reorder(self, back: list[onnx.NodeProto]) -> None:
+        """Every node with its Casts in, before it, and Casts back, after it."""
+        ordered: list[onnx.NodeProto] = []
+        back_by_source = {n.input[0]: n for n in back}
+        for node in self.nodes:
+            ordered.extend(self.new_nodes.get(id(node), []))
+            ordered.append(node)
+            for o in node.output:
+                if o in back_by_source:
+                    ordered.append(back_by_source[o])
+        ordered = [_copy(n) for n in ordered]  # detached copies: clearing the field must not touch them
+        del self.g.node[:]
+        self.g.node.extend(ordered)
+        del self.g.value_info[:]
