@@ -164,7 +164,7 @@ def bench_efficientnet_onnx(work: Path, ks: list[int], crops: int, seeds: int) -
 
 
 def _torch_curves(q, ranked, score, ks, seeds, mode="float") -> dict[str, list[float]]:
-    from lowbit.torch.sensitivity import kept_float, wider_weights
+    from lowbit.torch.switches import kept_float, wider_weights
 
     curves = {}
     for order_name, order in _orders(ranked, seeds).items():
@@ -188,7 +188,8 @@ def bench_efficientnet_torch(
     import torch
 
     import lowbit.torch as lt
-    from lowbit.torch.sensitivity import by_noise_per_byte, quantized_layers, search, weight_bytes
+    from lowbit.torch.sensitivity import by_noise_per_byte, search, weight_bytes
+    from lowbit.torch.switches import quantized_layers
     from torch_models import pretrained_efficientnet_lite0
 
     images = photos()

@@ -12,8 +12,8 @@ from torch import nn
 import lowbit.torch as lt
 from lowbit.core.gptq import round_matrix
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.torch.rounding import _Moment
-from lowbit.torch.sensitivity import kept_float, wider_weights
+from lowbit.torch.rounding import LayerMoment
+from lowbit.torch.switches import kept_float, wider_weights
 from tests.torch import models
 
 
@@ -88,7 +88,7 @@ def test_second_moment_gives_the_output_energy_of_any_weight(layer):
     random weight change dW, so the patches H is made of are the ones the layer multiplies."""
     g = torch.Generator().manual_seed(0)
     x = layer_input(layer, g)
-    moment = _Moment(layer)
+    moment = LayerMoment(layer)
     moment(layer, (x[:2],))
     moment(layer, (x[2:],))
     dw = torch.randn(layer.weight.shape, generator=g, dtype=torch.float64)
@@ -99,10 +99,10 @@ def test_second_moment_gives_the_output_energy_of_any_weight(layer):
         out = conv(x.double(), dw, None, layer.stride, layer.padding, layer.dilation, layer.groups)
     groups = getattr(layer, "groups", 1)
     m = dw.reshape(groups, dw.shape[0] // groups, -1)
-    energy = float(torch.einsum("grd,gde,gre->", m, moment.sum, m))
+    energy = float(torch.einsum("grd,gde,gre->", m, moment.moment.sum, m))
     assert energy == pytest.approx(float((out**2).sum()), rel=1e-5)  # float32 products, float64 sums
     rows_per_output = out.numel() // out.shape[1 if not isinstance(layer, nn.Linear) else -1]
-    assert moment.count == rows_per_output
+    assert moment.moment.count == rows_per_output
 
 
 def test_gptq_lowers_the_output_error_on_new_data_and_keeps_scales():

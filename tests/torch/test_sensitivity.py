@@ -15,15 +15,8 @@ from lowbit.analysis.report import render
 from lowbit.core import QuantSpec
 from lowbit.recipe import Config, LayerConfig, QuantizerConfig
 from lowbit.torch.config import resolve
-from lowbit.torch.sensitivity import (
-    by_noise_per_byte,
-    kept_float,
-    only,
-    quantized_layers,
-    search,
-    weight_bytes,
-    wider_weights,
-)
+from lowbit.torch.sensitivity import by_noise_per_byte, search, weight_bytes
+from lowbit.torch.switches import kept_float, only, quantized_layers, wider_weights
 from tests.torch import models
 
 

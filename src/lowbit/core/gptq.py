@@ -69,3 +69,37 @@ def round_matrix(
             err[:, :, j] = e
         W[:, :, i2:] -= np.matmul(err, U[:, i1:i2, i2:])
     return Q
+
+
+class SecondMoment:
+    """Running ``sum(r r^T)`` of a layer's input rows ``r``, per group, and the number of rows: GPTQ's
+    ``H = E[r r^T]`` is :attr:`value`. Both front ends gather it: the ONNX one from NumPy arrays, the PyTorch one
+    from tensors on the model's device. Each batch's product is computed in the batch's precision (float32: fast),
+    the sum over batches in float64 (no drift over many batches).
+
+    >>> m = SecondMoment()
+    >>> m.add(np.ones((1, 2, 3), np.float32))       # (groups, columns, rows)
+    >>> m.value.tolist(), m.count
+    ([[[1.0, 1.0], [1.0, 1.0]]], 3)
+    """
+
+    def __init__(self):
+        self.sum = None
+        self.count = 0
+
+    def add(self, rows) -> None:
+        """Fold in ``rows`` (groups, columns, n), a NumPy array or a torch tensor."""
+        self.add_product(rows @ rows.swapaxes(1, 2), rows.shape[2])
+
+    def add_product(self, h, rows: int) -> None:
+        """Fold in a batch's ``sum(r r^T)`` already computed (groups, columns, columns) over ``rows`` rows."""
+        h = h.double() if hasattr(h, "double") else np.asarray(h, dtype=np.float64)
+        self.sum = h if self.sum is None else self.sum + h
+        self.count += rows
+
+    @property
+    def value(self):
+        """``sum / count``: the second moment (float64)."""
+        if self.sum is None:
+            raise ValueError("no data seen")
+        return self.sum / self.count

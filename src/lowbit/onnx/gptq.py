@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 from tqdm.auto import tqdm
 
+from lowbit.core import gptq as core_gptq
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
 from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
@@ -160,14 +161,17 @@ def _pointwise(layer: Layer) -> bool:
 
 
 class SecondMoment:
-    """Running ``E[r r^T]`` of a layer's input rows, per group: an observer for
-    :func:`lowbit.onnx.collect.collect`."""
+    """Running ``E[r r^T]`` of a layer's input rows, per group (:class:`lowbit.core.gptq.SecondMoment`), with the
+    rows sampled from each batch as the layer sees them: an observer for :func:`lowbit.onnx.collect.collect`."""
 
     def __init__(self, layer: Layer, rows_per_batch: int = ROWS_PER_BATCH, seed: int = 0):
         self.layer, self.limit = layer, rows_per_batch
         self.rng = np.random.default_rng(seed)
-        self.sum: np.ndarray | None = None
-        self.count = 0
+        self.moment = core_gptq.SecondMoment()
+
+    @property
+    def count(self) -> int:
+        return self.moment.count
 
     def update(self, x: np.ndarray) -> None:
         x = np.asarray(x, dtype=np.float32)
@@ -181,28 +185,22 @@ class SecondMoment:
                 pixels = pixels[:, :, np.sort(self.rng.choice(pixels.shape[2], keep, replace=False))]
             t = np.ascontiguousarray(pixels.transpose(1, 0, 2)).reshape(c, -1)  # (C, rows)
             per = c // layer.groups
-            h = np.stack([t[i : i + per] @ t[i : i + per].T for i in range(0, c, per)]).astype(np.float64)
-            count = t.shape[1]
+            self.moment.add_product(np.stack([t[i : i + per] @ t[i : i + per].T for i in range(0, c, per)]), t.shape[1])
+            return
+        if layer.node.op_type == "Conv":
+            # H has (C/G * taps)^2 entries per group: a few times that many rows estimate it well
+            columns = int(np.prod(layer.weight_shape[1:]))
+            limit = min(self.limit, max(128, 8 * columns))
+            r = _patches(layer.node, x, layer.weight_shape, layer.groups, limit, self.rng)
         else:
-            if layer.node.op_type == "Conv":
-                # H has (C/G * taps)^2 entries per group: a few times that many rows estimate it well
-                columns = int(np.prod(layer.weight_shape[1:]))
-                limit = min(self.limit, max(128, 8 * columns))
-                r = _patches(layer.node, x, layer.weight_shape, layer.groups, limit, self.rng)
-            else:
-                r = layer.rows(x)
-                if r.shape[1] > self.limit:
-                    r = r[:, self.rng.choice(r.shape[1], self.limit, replace=False)]
-            h = np.matmul(r.transpose(0, 2, 1), r).astype(np.float64)
-            count = r.shape[1]
-        self.sum = h if self.sum is None else self.sum + h
-        self.count += count
+            r = layer.rows(x)
+            if r.shape[1] > self.limit:
+                r = r[:, self.rng.choice(r.shape[1], self.limit, replace=False)]
+        self.moment.add_product(np.matmul(r.transpose(0, 2, 1), r), r.shape[1])
 
     @property
     def value(self) -> np.ndarray:
-        if self.sum is None:
-            raise ValueError("no data seen")
-        return self.sum / self.count
+        return self.moment.value
 
 
 def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
@@ -266,7 +264,7 @@ def codes(
     out = {}
     for m in tqdm(moments, desc="GPTQ rounding", unit="layer", disable=not progress or not moments, leave=False):
         layer = m.layer
-        if readers[layer.weight] > 1 or m.sum is None or m.count < ROWS_PER_COLUMN * m.sum.shape[-1]:
+        if readers[layer.weight] > 1 or m.moment.sum is None or m.count < ROWS_PER_COLUMN * m.moment.sum.shape[-1]:
             continue
         w = graph.value(layer.weight).astype(np.float32)
         p, _ = weight_qparams(w, layer.axis, min_scale=(floors or {}).get(layer.weight))

@@ -45,7 +45,8 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
-from lowbit.torch.rounding import _matrix, chosen_layers, conv_geometry
+from lowbit.torch.rounding import chosen_layers, conv_geometry, weight_matrix
+from lowbit.torch.runner import call, is_loop, run_batch
 
 ITERATIONS = 500  # gradient steps per layer
 ROWS = 4096  # output positions (pixels, tokens) sampled per layer, over all the calibration batches
@@ -117,9 +118,7 @@ class _Sample:
 
 
 def _batches(calib: Any) -> list[Any]:
-    from lowbit.torch.ptq import _is_loop
-
-    if _is_loop(calib):
+    if is_loop(calib):
         raise CalibrationError(
             "AdaRound needs calibration batches (a list of inputs), not a forward loop: it runs the float and the "
             "quantized model on the same batches, once per layer"
@@ -135,8 +134,6 @@ def _collect(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The layer's quantized input patches, its float outputs and (``keep_float``) its float model's input patches,
     at the sampled positions of every batch."""
-    from lowbit.torch.ptq import _call
-
     inputs: list[torch.Tensor] = []
     float_inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
@@ -168,7 +165,7 @@ def _collect(
             hooks = register()
             try:
                 with ctx, torch.no_grad():
-                    _call(model, batch)  # the batches already ran in calibration: no other error to expect
+                    call(model, batch)  # the batches already ran in calibration: no other error to expect
             except _Stop:
                 pass
             finally:
@@ -202,7 +199,7 @@ def round_layer(
     w = module.weight.detach().float()
     scale = param_view(q.scale.detach(), w.shape, q.spec).expand(w.shape).float()
     zero = param_view(q.zero_point.detach(), w.shape, q.spec).expand(w.shape).float()
-    ws, ss, zs = (_matrix(module, t) for t in (w, scale, zero))  # (groups, out per group, columns)
+    ws, ss, zs = (weight_matrix(module, t) for t in (w, scale, zero))  # (groups, out per group, columns)
     base = torch.floor(ws / ss) + zs
     frac = (ws / ss + zs - base).clamp(0.01, 0.99)
     v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)
@@ -272,8 +269,6 @@ def round_layer(
 
 def _run_order(model: nn.Module, found: dict[str, nn.Module], batch: Any) -> list[str]:
     """The layers in the order the model runs them (on one calibration batch)."""
-    from lowbit.torch.ptq import _run_batch
-
     order: list[str] = []
     hooks = [
         m.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
@@ -281,7 +276,7 @@ def _run_order(model: nn.Module, found: dict[str, nn.Module], batch: Any) -> lis
     ]
     try:
         with torch.no_grad(), _all_float(model):
-            _run_batch(model, batch, 0)
+            run_batch(model, batch, 0)
     finally:
         for h in hooks:
             h.remove()

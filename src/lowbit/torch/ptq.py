@@ -26,73 +26,24 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.torch.config import Config, resolve
+from lowbit.recipe import Config
+from lowbit.torch import roundings
+from lowbit.torch.config import resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.qat import batch_statistics, prepare_conv_bn
 from lowbit.torch.quantizer import TensorQuantizer
 from lowbit.torch.residual import trace_residual_adds
+from lowbit.torch.runner import Calib, is_loop, run_batch, run_data
 
-Calib = Iterable[Any] | Callable[[nn.Module], Any]
-
-
-ROUNDINGS = ("nearest", "gptq", "adaround")
 BN_STATS = ("running", "batch")
 
 
 def _check_bn_stats(bn_stats: str) -> None:
     if bn_stats not in BN_STATS:
         raise SpecError(f"bn_stats must be one of {', '.join(BN_STATS)}, got {bn_stats!r}")
-
-
-def _call(model: nn.Module, batch: Any) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return model(batch)
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    raise CalibrationError(
-        f"a calibration batch must be a tensor, a tuple/list of tensors or a dict of them, got {type(batch).__name__}"
-    )
-
-
-def _run_batch(model: nn.Module, batch: Any, index: int) -> Any:
-    try:
-        return _call(model, batch)
-    except CalibrationError:
-        raise
-    except Exception as exc:  # the user's data or model: say which batch and what calib must yield
-        raise CalibrationError(
-            f"running the model on calibration batch {index} failed ({type(exc).__name__}: {exc}). calib must "
-            "yield what the model's forward takes: a tensor, a tuple of positional inputs or a dict of keyword "
-            "inputs, with the shapes the model expects (or pass a callable calib(model) that runs it)"
-        ) from exc
-
-
-def run_data(model: nn.Module, calib: Calib, desc: str, progress: bool, batches: Iterable[Any] | None = None) -> int:
-    """Run ``calib`` through ``model``: a forward loop ``calib(model)`` is called, batches run one by one under a
-    progress bar (``batches``, when given, replace ``calib``'s own: what is left after a first batch was taken).
-    Returns how many batches ran (0 for a forward loop)."""
-    if batches is None and _is_loop(calib):
-        calib(model)
-        return 0
-    source = batches if batches is not None else calib
-    total = len(calib) if hasattr(calib, "__len__") else None
-    count = 0
-    for count, batch in enumerate(
-        tqdm(source, total=total, desc=desc, unit="batch", disable=not progress, leave=False), 1
-    ):
-        _run_batch(model, batch, count - 1)
-    return count
-
-
-def _is_loop(calib: Calib) -> bool:
-    """Whether ``calib`` is a forward loop ``calib(model)`` rather than an iterable of batches."""
-    return callable(calib) and not isinstance(calib, (torch.Tensor, Iterable))
 
 
 class _Captured(Exception):
@@ -102,7 +53,7 @@ class _Captured(Exception):
 def _first_input(model: nn.Module, calib: Calib) -> tuple[Callable[[nn.Module], Any], Iterable[Any] | None]:
     """A function that runs the model on the first calibration input, and the batches left to calibrate on
     (None when ``calib`` is a forward loop, which is then run again whole)."""
-    if _is_loop(calib):
+    if is_loop(calib):
         captured: dict[str, Any] = {}
 
         def grab(module, args, kwargs):
@@ -131,7 +82,7 @@ def _first_input(model: nn.Module, calib: Calib) -> tuple[Callable[[nn.Module], 
         first = next(iterator)
     except StopIteration:
         raise CalibrationError("calib yielded no batch: give it at least one") from None
-    return (lambda m: _run_batch(m, first, 0)), itertools.chain([first], iterator)
+    return (lambda m: run_batch(m, first, 0)), itertools.chain([first], iterator)
 
 
 def quantizable_layers(model: nn.Module, config: Config) -> dict[str, nn.Module]:
@@ -222,21 +173,22 @@ def quantize(
     qat: bool = False,
     inplace: bool = False,
     progress: bool = True,
-    rounding: str = "nearest",
+    rounding: str | None = None,
     bn_stats: str | None = None,
 ) -> nn.Module:
     """A quantized copy of ``model`` (in eval mode; ``inplace=True`` changes ``model`` itself).
 
-    ``config``: a preset name (:data:`lowbit.torch.config.PRESETS`: int8, int8_dynamic, w8a8_asym, w4a8,
-    w4a16_group128, w4a4) or a :class:`~lowbit.torch.config.Config`. ``calib``: calibration batches or a forward
+    ``config``: a preset name (:data:`lowbit.recipe.PRESETS`: int8, int8_trt, int8_dynamic, w8a8_asym, w4a8,
+    w4a16_group128, w4a4) or a :class:`~lowbit.recipe.Config`. ``calib``: calibration batches or a forward
     loop (see the module docstring); not needed when every quantized input is dynamic or float. ``fold_bn``: fold
     BatchNorms into the convolutions before them first. ``qat``: the model will be trained (QAT): keep each
     folded BatchNorm training inside a :class:`~lowbit.torch.qat.QuantConvBn2d` (:mod:`lowbit.torch.qat`)
     instead of folding its statistics away. Either way the returned model is in eval mode: call ``.train()``.
-    ``rounding``: ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the
-    Conv/Linear weights for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits);
-    ``"adaround"`` learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.learned_rounding`;
-    slower, better, and it needs ``calib`` as batches).
+    ``rounding`` (default: the config's ``rounding``, else ``"nearest"``; :mod:`lowbit.torch.roundings`):
+    ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the Conv/Linear weights
+    for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits); ``"adaround"``
+    learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.learned_rounding`; slower,
+    better, and it needs ``calib`` as batches).
     ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
     are calibrated: ``"batch"``, those of each calibration batch, as training will (the default with ``qat``: the
     ranges fit what training feeds the quantizers, even when the running statistics are far from converged, as
@@ -253,26 +205,8 @@ def quantize(
     if bn_stats is None:
         bn_stats = "batch" if qat else "running"
     _check_bn_stats(bn_stats)
-    if rounding not in ROUNDINGS:
-        raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {rounding!r}")
-    if rounding != "nearest" and calib is None:
-        raise CalibrationError(f"rounding={rounding!r} needs calibration data (calib=): it fits codes to the inputs")
-    if rounding == "adaround" and _is_loop(calib):
-        raise CalibrationError(
-            "rounding='adaround' needs calibration batches (a list of inputs), not a forward loop: it runs the float "
-            "and the quantized model on the same batches, once per layer"
-        )
-    if rounding != "nearest" and isinstance(calib, Iterator):
-        calib = list(calib)  # a one-shot iterator: the rounding reads the batches again
-    if not isinstance(model, nn.Module):
-        raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    if calib is None and not cfg.dynamic:
-        raise CalibrationError(
-            "static quantization needs calibration data: pass calib= (batches or a forward loop), or use a dynamic "
-            "config such as 'int8_dynamic' or a weight-only one such as 'w4a16_group128'"
-        )
-    if cfg.residual_adds and inplace:
-        raise SpecError("residual_adds returns a new torch.fx.GraphModule: it cannot quantize in place (inplace=False)")
+    method = roundings.get(rounding or cfg.rounding or "nearest")
+    calib = _check_call(model, cfg, calib, method, inplace)
     if not cfg.residual_adds:
         _check_layers(model, cfg)
     if not inplace:
@@ -288,22 +222,44 @@ def quantize(
     if cfg.residual_adds:
         model = trace_residual_adds(model)
         _check_layers(model, cfg)
+    _swap_layers(model, cfg)
+    if calib is not None and not cfg.dynamic:
+        calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
+    if method.apply is not None:
+        method.apply(model, calib, progress)
+    return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too
+
+
+def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inplace: bool) -> Calib | None:
+    """Refuse what cannot work together, before any work; a one-shot iterator becomes a list when the rounding
+    reads the batches again."""
+    if method.needs_data and calib is None:
+        raise CalibrationError(f"rounding={method.name!r} needs calibration data (calib=): it fits codes to the inputs")
+    if method.batches_only and is_loop(calib):
+        raise CalibrationError(
+            f"rounding={method.name!r} needs calibration batches (a list of inputs), not a forward loop: it runs the "
+            "float and the quantized model on the same batches, once per layer"
+        )
+    if method.needs_data and isinstance(calib, Iterator):
+        calib = list(calib)
+    if not isinstance(model, nn.Module):
+        raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if calib is None and not cfg.dynamic:
+        raise CalibrationError(
+            "static quantization needs calibration data: pass calib= (batches or a forward loop), or use a dynamic "
+            "config such as 'int8_dynamic' or a weight-only one such as 'w4a16_group128'"
+        )
+    if cfg.residual_adds and inplace:
+        raise SpecError("residual_adds returns a new torch.fx.GraphModule: it cannot quantize in place (inplace=False)")
+    return calib
+
+
+def _swap_layers(model: nn.Module, cfg: Config) -> None:
+    """Every quantizable layer the config quantizes becomes its ``Quant*`` twin, its weight quantized."""
     device = next(itertools.chain(model.parameters(), model.buffers()), torch.empty(0)).device
     for name, module in quantizable_layers(model, cfg).items():
-        layer = cfg.for_layer(name)
-        new = MODULE_MAP[type(module)].from_float(module, layer, name)
+        new = MODULE_MAP[type(module)].from_float(module, cfg.for_layer(name), name)
         if next(module.parameters(), None) is None:  # an Add has no weights to sit beside: it goes to the model
             new.to(device)
         new.calibrate_weight()
         set_submodule(model, name, new)
-    if calib is not None and not cfg.dynamic:
-        calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
-    if rounding == "gptq":
-        from lowbit.torch.rounding import gptq
-
-        gptq(model, calib, progress=progress)
-    elif rounding == "adaround":
-        from lowbit.torch.learned_rounding import adaround
-
-        adaround(model, calib, progress=progress)
-    return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too

@@ -30,10 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
+from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, SecondMoment, round_matrix
 from lowbit.errors import CalibrationError
 from lowbit.torch.layers import QuantMixin
 from lowbit.torch.quantizer import evaluating, param_view
+from lowbit.torch.runner import run_data
+from lowbit.torch.switches import only
 
 UNFOLD_VALUES = 1 << 24  # unfolded patches held at once while gathering a convolution's H (64 MB of float32)
 
@@ -74,7 +76,7 @@ def _groups(module: nn.Module) -> int:
     return module.groups if isinstance(module, nn.Conv1d | nn.Conv2d) else 1
 
 
-def _matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+def weight_matrix(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
     """A tensor of the weight's shape as (groups, rows, columns): a row per output channel, a column per input
     feature (a conv's (in-channel, taps), in the weight's order)."""
     g = _groups(module)
@@ -99,19 +101,16 @@ def conv_geometry(module: nn.Module, method: str) -> tuple[tuple[int, ...], ...]
     return tuple(k), tuple(s), tuple(p), tuple(d)
 
 
-class _Moment:
-    """Running ``sum(r r^T)`` of a layer's input rows, per group, from a forward pre-hook."""
+class LayerMoment:
+    """GPTQ's second moment of a layer's input rows (:class:`lowbit.core.gptq.SecondMoment`), gathered by a
+    forward pre-hook on the layer: rows of a Linear, pixels of a 1x1 convolution, unfolded patches otherwise."""
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.sum: torch.Tensor | None = None
-        self.count = 0
+        self.moment = SecondMoment()
 
     def _add(self, rows: torch.Tensor) -> None:  # rows: (groups, columns, n)
-        # Each batch's product in float32 (fast), summed over batches in float64 (no drift over many batches).
-        h = torch.bmm(rows, rows.transpose(1, 2)).double()
-        self.sum = h if self.sum is None else self.sum + h
-        self.count += rows.shape[2]
+        self.moment.add(rows)
 
     def __call__(self, module: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0].detach().float()
@@ -146,13 +145,10 @@ def gptq(
     those in ``names``) from the inputs they see on ``calib`` (batches, as :func:`lowbit.torch.quantize` takes
     them, or a forward loop ``calib(model)``). Returns the names of the layers rounded; the others keep plain
     rounding. Call it after calibration; it runs the model in float, in eval mode, without gradients."""
-    from lowbit.torch.ptq import run_data
-    from lowbit.torch.sensitivity import only
-
     found = chosen_layers(model, names, "GPTQ")
     if not found:
         return []
-    moments = {name: _Moment(m) for name, m in found.items()}
+    moments = {name: LayerMoment(m) for name, m in found.items()}
     hooks = [m.register_forward_pre_hook(moments[name]) for name, m in found.items()]
     try:
         with evaluating(model), torch.no_grad(), only(model, []):
@@ -163,18 +159,19 @@ def gptq(
     rounded = []
     for name, moment in tqdm(moments.items(), desc="GPTQ rounding", unit="layer", disable=not progress, leave=False):
         module, q = moment.module, moment.module.weight_quantizer
-        if moment.sum is None or moment.count < ROWS_PER_COLUMN * moment.sum.shape[-1]:
+        h = moment.moment
+        if h.sum is None or h.count < ROWS_PER_COLUMN * h.sum.shape[-1]:
             continue
         w = module.weight.detach()
         scale = param_view(q.scale.detach(), w.shape, q.spec).expand(w.shape)
         zero = param_view(q.zero_point.detach(), w.shape, q.spec).expand(w.shape)
         codes = round_matrix(
-            _matrix(module, w).cpu().double().numpy(),
-            _matrix(module, scale).cpu().double().numpy(),
-            _matrix(module, zero).cpu().double().numpy(),
+            weight_matrix(module, w).cpu().double().numpy(),
+            weight_matrix(module, scale).cpu().double().numpy(),
+            weight_matrix(module, zero).cpu().double().numpy(),
             q.spec.qmin,
             q.spec.qmax,
-            (moment.sum / moment.count).cpu().numpy(),
+            h.value.cpu().numpy(),
             damp,
         )
         if codes is None:

@@ -25,7 +25,6 @@ makes every model the search tries a copy, rounded again with its widths (see :f
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import glob
 import os
@@ -51,91 +50,17 @@ from lowbit.analysis import (
 )
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.errors import CalibrationError
-from lowbit.torch.config import Config, resolve
-from lowbit.torch.ptq import _run_batch
+from lowbit.recipe import Config
+from lowbit.torch import roundings
+from lowbit.torch.config import resolve
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
+from lowbit.torch.runner import run_batch
+from lowbit.torch.switches import kept_float, only, own_quantizers, quantized_layers, quantized_weights, wider_weights
 
 MODES = ("float", "bits")
 MINIMIZE = ("layers", "size")
-RE_ROUNDINGS = ("adaround", "gptq")  # what a search may round the weights again with, for each model it tries
-
-
-def own_quantizers(module: nn.Module) -> list[TensorQuantizer]:
-    """The quantizers a layer owns: its direct :class:`TensorQuantizer` children and those in a child
-    ``ModuleList``/``ModuleDict`` whose name ends in ``quantizers``."""
-    out = []
-    for name, child in module.named_children():
-        if isinstance(child, TensorQuantizer):
-            out.append(child)
-        elif isinstance(child, (nn.ModuleList, nn.ModuleDict)) and name.endswith("quantizers"):
-            out.extend(c for c in child.children() if isinstance(c, TensorQuantizer))
-    return out
-
-
-def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
-    """Every module with an active quantizer, by name, in module order."""
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if not isinstance(m, TensorQuantizer) and any(q.mode != "disabled" for q in own_quantizers(m))
-    }
-
-
-@contextlib.contextmanager
-def only(model: nn.Module, enabled: Iterable[str] = (), layers: dict[str, nn.Module] | None = None) -> Iterator[None]:
-    """Within the block, the quantizers of every layer not named in ``enabled`` are off (FP32 for those
-    layers); their modes come back after."""
-    layers = quantized_layers(model) if layers is None else layers
-    keep = set(enabled)
-    saved = [(q, q.mode) for q in model.modules() if isinstance(q, TensorQuantizer)]
-    try:
-        for name, layer in layers.items():
-            if name not in keep:
-                for q in own_quantizers(layer):
-                    q.mode = "disabled"
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
-
-
-@contextlib.contextmanager
-def kept_float(model: nn.Module, names: Iterable[str], layers: dict[str, nn.Module] | None = None) -> Iterator[None]:
-    """Within the block, the layers named in ``names`` run in float."""
-    layers = quantized_layers(model) if layers is None else layers
-    with only(model, [n for n in layers if n not in set(names)], layers):
-        yield
-
-
-@contextlib.contextmanager
-def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=None) -> Iterator[None]:
-    """Within the block, the weights of the layers named in ``names`` are quantized to ``bits`` (their scales
-    recomputed from the weights, rounded to nearest); the narrower specs, scales and codes come back after."""
-    layers = quantized_layers(model) if layers is None else layers
-    saved = []
-    try:
-        for name in names:
-            layer = layers[name]
-            qs = _quantized_weights(layer)
-            if not qs:
-                continue
-            for q in qs:
-                saved.append((q, q.spec, q.scale.data, q.zero_point.data, q.codes.data))
-                q.spec = replace(q.spec, bits=bits)
-            layer.calibrate_weight()
-        yield
-    finally:
-        for q, spec, scale, zero_point, codes in saved:
-            q.spec = spec
-            q.scale.data, q.zero_point.data, q.codes = scale, zero_point, codes
-
-
-def _quantized_weights(layer: nn.Module) -> list[TensorQuantizer]:
-    """The weight quantizers of ``layer`` that quantize now and that ``layer.calibrate_weight()`` recomputes (empty
-    where the layer has none)."""
-    if not hasattr(layer, "calibrate_weight"):
-        return []
-    return [q for q in own_quantizers(layer) if q.is_weight and q.mode == "quantize"]
+# What a search may round the weights again with, for each model it tries: every rounding that fits codes to data.
+RE_ROUNDINGS = tuple(name for name in roundings.available() if roundings.get(name).needs_data)
 
 
 def _check_rounding(rounding: str | None) -> None:
@@ -215,7 +140,7 @@ class _Capture:
 
 def _run(model: nn.Module, batch: Any, index: int) -> np.ndarray:
     with torch.no_grad():
-        return _first_tensor(_run_batch(model, batch, index)).detach().float().cpu().numpy()
+        return _first_tensor(run_batch(model, batch, index)).detach().float().cpu().numpy()
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -392,14 +317,7 @@ def _rounded_search(
 
 
 def _round(model: nn.Module, rounding: str, calib: list[Any]) -> None:
-    if rounding == "adaround":
-        from lowbit.torch.learned_rounding import adaround
-
-        adaround(model, calib, progress=False)
-    else:
-        from lowbit.torch.rounding import gptq
-
-        gptq(model, calib, progress=False)
+    roundings.get(rounding).apply(model, calib, False)
 
 
 def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:
@@ -408,7 +326,7 @@ def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:
     for name in names:
         layer = layers[name]
         if kind == "bits":
-            qs = _quantized_weights(layer)
+            qs = quantized_weights(layer)
             for q in qs:
                 q.spec = replace(q.spec, bits=8)
             if qs:
