@@ -137,3 +137,22 @@ def test_with_learned_scales_reaches_overrides_but_not_dynamic_or_float_tensors(
     assert not fc2.input.learn_scale and fc2.weight is None
     assert cfg.for_layer("fc9") is None
     assert not cfg.with_learned_scales(False).default.input.learn_scale
+
+
+def test_the_recipe_names_the_weight_rounding_and_the_keyword_wins():
+    from dataclasses import replace
+
+    from lowbit.recipe import preset
+
+    calib = models.batches()
+    by_recipe = lt.quantize(models.convnet(), replace(preset("w4a8"), rounding="gptq"), calib=calib, progress=False)
+    by_keyword = lt.quantize(models.convnet(), "w4a8", calib=calib, rounding="gptq", progress=False)
+    nearest = lt.quantize(models.convnet(), "w4a8", calib=calib, progress=False)
+    overruled = lt.quantize(models.convnet(), replace(preset("w4a8"), rounding="gptq"), calib=calib,
+                            rounding="nearest", progress=False)  # fmt: skip
+    codes = [dict(lt.quantizers(q))["0.weight_quantizer"].codes for q in (by_recipe, by_keyword, nearest, overruled)]
+    assert torch.equal(codes[0], codes[1]) and torch.equal(codes[2], codes[3]) and not torch.equal(codes[0], codes[2])
+    with pytest.raises(SpecError, match="rounding must be one of adaround, gptq, nearest, got 'up'"):
+        lt.quantize(models.convnet(), replace(preset("int8"), rounding="up"), calib=calib, progress=False)
+    with pytest.raises(SpecError, match=r"config\.fp16_rest is not used by lowbit\.torch"):
+        lt.quantize(models.convnet(), replace(preset("int8"), fp16_rest=True), calib=calib, progress=False)
