@@ -204,67 +204,75 @@ def round_layer(
     frac = (ws / ss + zs - base).clamp(0.01, 0.99)
     v = (-torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)).requires_grad_(True)
     bias = module._bias(module.bias) if module.bias is not None else None
-    bias = None if bias is None else bias.detach().float()
-    qmin, qmax = q.spec.qmin, q.spec.qmax
-    depthwise = ws.shape[1] == 1
-
+    layer = _Layer(base, ss, zs, None if bias is None else bias.detach().float(), q.spec.qmin, q.spec.qmax)
     order = torch.randperm(len(patches), generator=torch.Generator().manual_seed(0)).to(patches.device)
-    patches, target = patches[order], target[order]  # the batches' rows mixed
-    if drop and float_patches is not None:
-        float_patches = float_patches[order]
-    else:
-        float_patches = None
-    if depthwise:  # one channel per group: a batched matrix-vector product, groups first
-        patches = patches.transpose(0, 1).contiguous()  # (groups, rows, columns)
-        if float_patches is not None:
-            float_patches = float_patches.transpose(0, 1).contiguous()
-    mixing = torch.Generator(device=patches.device).manual_seed(1)
+    patches, target = layer.arrange(patches[order]), target[order]  # the batches' rows mixed
+    float_patches = layer.arrange(float_patches[order]) if drop and float_patches is not None else None
+    before = layer.error(patches, target, (frac >= 0.5).float())
+    _learn(layer, v, patches, target, float_patches, drop, iterations)
+    hard = (v.detach() >= 0).float()
+    after = layer.error(patches, target, hard)
+    if after > before:  # the learning ended worse than plain rounding, even on its own rows: keep plain rounding
+        hard, after = (frac >= 0.5).float(), before
+    q.set_codes(torch.clamp(base + hard, layer.qmin, layer.qmax).reshape(w.shape).round().to(torch.int32))
+    return before / len(target), after / len(target)
 
-    def forward(p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        wq = (torch.clamp(base + h, qmin, qmax) - zs) * ss
-        if depthwise:
+
+class _Layer:
+    """A layer's output as a function of its rounding choice ``h`` (0: down, 1: up) for each weight."""
+
+    def __init__(self, base, ss, zs, bias, qmin: int, qmax: int):
+        self.base, self.ss, self.zs, self.bias, self.qmin, self.qmax = base, ss, zs, bias, qmin, qmax
+        self.depthwise = base.shape[1] == 1
+
+    def arrange(self, patches: torch.Tensor) -> torch.Tensor:
+        """(rows, groups, columns), or for a depthwise layer (groups, rows, columns): a batched matrix-vector
+        product, groups first."""
+        return patches.transpose(0, 1).contiguous() if self.depthwise else patches
+
+    def rows(self, p: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
+        return p[:, idx] if self.depthwise else p[idx]
+
+    def forward(self, p: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        wq = (torch.clamp(self.base + h, self.qmin, self.qmax) - self.zs) * self.ss
+        if self.depthwise:
             y = torch.bmm(p, wq.transpose(1, 2))[..., 0].T  # (rows, groups)
         else:
             y = torch.einsum("rgk,gok->rgo", p, wq).reshape(len(p), -1)
-        return y if bias is None else y + bias
+        return y if self.bias is None else y + self.bias
 
-    def rows(p: torch.Tensor, idx: torch.Tensor | slice) -> torch.Tensor:
-        return p[:, idx] if depthwise else p[idx]
-
-    count = target.shape[0]
-
-    def error(h: torch.Tensor) -> float:
+    def error(self, patches: torch.Tensor, target: torch.Tensor, h: torch.Tensor) -> float:
+        """The summed square output error over every row."""
         with torch.no_grad():
             return sum(
-                float((forward(rows(patches, slice(i, i + 4096)), h) - target[i : i + 4096]).pow(2).sum())
-                for i in range(0, count, 4096)
+                float((self.forward(self.rows(patches, slice(i, i + 4096)), h) - target[i : i + 4096]).pow(2).sum())
+                for i in range(0, target.shape[0], 4096)
             )
 
-    before = error((frac >= 0.5).float())
+
+def _learn(layer: _Layer, v, patches, target, float_patches, drop: float, iterations: int) -> None:
+    """AdaRound's optimisation of ``v`` (the rectified sigmoid of which is the rounding choice): the output error
+    on windows of rows, plus, after the warm-up, the regularizer that pushes each choice to 0 or 1."""
+    mixing = torch.Generator(device=patches.device).manual_seed(1)
     optimizer = torch.optim.Adam([v], lr=LEARNING_RATE)
-    size = min(count, DEPTHWISE_BATCH_ROWS if depthwise else BATCH_ROWS)
+    count = target.shape[0]
+    size = min(count, DEPTHWISE_BATCH_ROWS if layer.depthwise else BATCH_ROWS)
     warm = int(WARMUP * iterations)
     for step in range(iterations):
         start = (step * size) % count  # the rows are a random sample already: windows over them are random batches
         window = slice(start, min(start + size, count))
         h = _rectified(v)
-        p = rows(patches, window)
+        p = layer.rows(patches, window)
         if float_patches is not None:
-            f = rows(float_patches, window)
+            f = layer.rows(float_patches, window)
             p = torch.where(torch.rand(p.shape, generator=mixing, device=p.device) < drop, f, p)
-        loss = (forward(p, h) - target[window]).pow(2).sum(1).mean()
+        loss = (layer.forward(p, h) - target[window]).pow(2).sum(1).mean()
         if step >= warm:
             beta = BETA[0] + (BETA[1] - BETA[0]) * (step - warm) / max(iterations - warm, 1)
             loss = loss + REGULARIZATION * (1 - (2 * h - 1).abs().pow(beta)).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    hard = (v.detach() >= 0).float()
-    after = error(hard)
-    if after > before:  # the learning ended worse than plain rounding, even on its own rows: keep plain rounding
-        hard, after = (frac >= 0.5).float(), before
-    q.set_codes(torch.clamp(base + hard, qmin, qmax).reshape(w.shape).round().to(torch.int32))
-    return before / count, after / count
 
 
 def _run_order(model: nn.Module, found: dict[str, nn.Module], batch: Any) -> list[str]:

@@ -415,16 +415,7 @@ def analyze(
     ``analysis.mixed.model`` is the one that met the budget. ``report`` writes the HTML report, ``json_path`` the
     numbers."""
     t0 = time.perf_counter()
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-    if minimize not in MINIMIZE:
-        raise ValueError(f"minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
-    _check_rounding(rounding)
-    if minimize == "size" and mode != "bits":
-        raise ValueError(
-            "minimize='size' is for the bit-width search (mode='bits'): a layer kept in float costs speed more than "
-            "bytes; use minimize='layers' with mode='float'"
-        )
+    _check_analyze(mode, minimize, rounding)
     batches = list(batches)
     if not batches:
         raise CalibrationError("the analysis batches are empty: give at least one batch")
@@ -433,27 +424,7 @@ def analyze(
         raise CalibrationError("the model has no quantized layer: quantize it first (lowbit.torch.quantize)")
     with evaluating(model):
         own = layer_sensitivity(model, batches, mode=mode, progress=progress)
-        whole, accumulated = ErrorMeter(), {name: ErrorMeter() for name in layers}
-        agree, n, classifier = 0, 0, True
-        capture = _Capture(layers)
-        try:
-            for i, batch in enumerate(batches):
-                with only(model, [], layers):
-                    ref = _run(model, batch, i)
-                ref_layers = dict(capture.values)
-                capture.values.clear()
-                got = _run(model, batch, i)
-                whole.update(ref, got)
-                for name, value in capture.values.items():
-                    if name in ref_layers and ref_layers[name].shape == value.shape:
-                        accumulated[name].update(_np(ref_layers[name]), _np(value))
-                capture.values.clear()
-                classifier = classifier and ref.ndim == 2 and ref.shape[1] > 1
-                if classifier:
-                    agree += int((ref.argmax(1) == got.argmax(1)).sum())
-                n += ref.shape[0]
-        finally:
-            capture.close()
+        whole, accumulated, top1, n = _accumulated(model, batches, layers)
         reports = []
         for index, (name, layer) in enumerate(layers.items()):
             acc = accumulated[name].result() if accumulated[name].samples else own[name][1]
@@ -464,49 +435,73 @@ def analyze(
             name: tensor_report(name, cal, q.spec, q.method)
             for name, (cal, q) in _histograms(model, batches, layers).items()
         }
-        weights = []
-        for name, layer in layers.items():
-            w = getattr(layer, "weight", None)
-            if not isinstance(w, torch.Tensor) or w.dim() < 2:
-                continue
-            axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
-            groups = getattr(layer, "groups", 1)
-            depthwise = isinstance(layer, nn.Conv2d) and groups > 1 and groups == w.shape[0]
-            weights.append(weight_report(name, f"{name}.weight", _np(w.detach()), axis, depthwise))
-        weights.sort(key=lambda r: r.per_tensor_sqnr_db)
         methods = sorted({q.method for q in model.modules() if isinstance(q, TensorQuantizer) and not q.is_weight})
-        analysis = Analysis(
-            type(model).__name__,
-            "torch" if mode == "float" else "torch, weight bits",
-            ",".join(methods) or "-",
-            n,
-            0.0,
-            0.0,
-            "output",
-            whole.result(),
-            agree / n * 100 if classifier and n else None,
-            reports,
-            tensors,
-            weights,
-        )
+        kind = "torch" if mode == "float" else "torch, weight bits"
+        analysis = Analysis(type(model).__name__, kind, ",".join(methods) or "-", n, 0.0, 0.0, "output",
+                            whole.result(), top1, reports, tensors, _weight_reports(layers))  # fmt: skip
         if max_drop is not None:
             if minimize == "size":
                 ranked, order = by_noise_per_byte(reports, layers), "most output noise removed per weight byte first"
             else:
                 ranked, order = [r.name for r in reports], "most sensitive first"
-            analysis.mixed = search(
-                model,
-                ranked,
-                metric or "cosine",
-                max_drop,
-                batches=batches,
-                mode=mode,
-                max_layers=max_layers,
-                progress=progress,
-                order=order,
-                rounding=rounding,
-                calib=batches,
-            )
+            analysis.mixed = search(model, ranked, metric or "cosine", max_drop, batches=batches, mode=mode,
+                                    max_layers=max_layers, progress=progress, order=order, rounding=rounding,
+                                    calib=batches)  # fmt: skip
     analysis.seconds = time.perf_counter() - t0
     analysis.write(json_path, report)
     return analysis
+
+
+def _check_analyze(mode: str, minimize: str, rounding: str | None) -> None:
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if minimize not in MINIMIZE:
+        raise ValueError(f"minimize must be one of {', '.join(MINIMIZE)}, got {minimize!r}")
+    _check_rounding(rounding)
+    if minimize == "size" and mode != "bits":
+        raise ValueError(
+            "minimize='size' is for the bit-width search (mode='bits'): a layer kept in float costs speed more than "
+            "bytes; use minimize='layers' with mode='float'"
+        )
+
+
+def _accumulated(model: nn.Module, batches: Sequence[Any], layers: dict[str, nn.Module]):
+    """The whole model's output error, each layer's output error in the fully quantized model (accumulated from
+    every layer before it), the top-1 agreement (None unless the output looks like a classifier's) and the
+    sample count, FP32 against the quantized model on ``batches``."""
+    whole, accumulated = ErrorMeter(), {name: ErrorMeter() for name in layers}
+    agree, n, classifier = 0, 0, True
+    capture = _Capture(layers)
+    try:
+        for i, batch in enumerate(batches):
+            with only(model, [], layers):
+                ref = _run(model, batch, i)
+            ref_layers = dict(capture.values)
+            capture.values.clear()
+            got = _run(model, batch, i)
+            whole.update(ref, got)
+            for name, value in capture.values.items():
+                if name in ref_layers and ref_layers[name].shape == value.shape:
+                    accumulated[name].update(_np(ref_layers[name]), _np(value))
+            capture.values.clear()
+            classifier = classifier and ref.ndim == 2 and ref.shape[1] > 1
+            if classifier:
+                agree += int((ref.argmax(1) == got.argmax(1)).sum())
+            n += ref.shape[0]
+    finally:
+        capture.close()
+    return whole, accumulated, (agree / n * 100 if classifier and n else None), n
+
+
+def _weight_reports(layers: dict[str, nn.Module]) -> list:
+    """Per-tensor vs per-channel SQNR of every quantized layer's weight, worst per tensor first."""
+    weights = []
+    for name, layer in layers.items():
+        w = getattr(layer, "weight", None)
+        if not isinstance(w, torch.Tensor) or w.dim() < 2:
+            continue
+        axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
+        groups = getattr(layer, "groups", 1)
+        depthwise = isinstance(layer, nn.Conv2d) and groups > 1 and groups == w.shape[0]
+        weights.append(weight_report(name, f"{name}.weight", _np(w.detach()), axis, depthwise))
+    return sorted(weights, key=lambda r: r.per_tensor_sqnr_db)
