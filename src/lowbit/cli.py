@@ -241,7 +241,7 @@ def _count(n: int, noun: str) -> str:
 
 
 def _image_options(args: argparse.Namespace):
-    from lowbit.images import ImageOptions
+    from lowbit.data import ImageOptions
 
     return ImageOptions(
         size=args.image_size, resize=args.resize, mean=args.mean, std=args.std, scale=args.scale, bgr=args.bgr,

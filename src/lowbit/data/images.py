@@ -13,7 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.data import DataError, Feed, FeedSource, InputSpec
+from lowbit.data.feeds import DataError, Feed, FeedSource, InputSpec, describe_inputs
+from lowbit.data.sources import is_path, register_source
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 _CHUNK = 32
@@ -140,3 +141,15 @@ def image_source(folder: Path, spec: InputSpec, options: ImageOptions | None = N
             yield {spec.name: np.ascontiguousarray(batch, dtype=np.float32)}
 
     return FeedSource(chunks, len(files), f"{folder} ({len(files)} images)", (spec,))
+
+
+def _is_image_folder(source) -> bool:
+    return is_path(source) and Path(source).is_dir() and bool(list_images(Path(source)))
+
+
+@register_source("image folder", _is_image_folder, priority=40)
+def _open_images(source, inputs, image_options, role: str) -> FeedSource:
+    path = Path(source)
+    if len(inputs) != 1:
+        raise DataError(f"{path} holds images, but the model has {len(inputs)} inputs: {describe_inputs(inputs)}")
+    return image_source(path, inputs[0], image_options)

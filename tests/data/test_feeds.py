@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lowbit.data import DataError, InputSpec, check_feed, open_feeds
-from lowbit.images import ImageOptions
+from lowbit.data import ImageOptions
 
 IMAGE = (InputSpec("x", np.dtype("float32"), (None, 3, 8, 8)),)
 

@@ -12,7 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit.cli import main
 from lowbit.data import DataError, InputSpec, open_feeds, tensor_batches
 from lowbit.errors import DataWarning
-from lowbit.images import ImageOptions
+from lowbit.data import ImageOptions
 from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 

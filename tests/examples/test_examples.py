@@ -16,7 +16,7 @@ from lowbit.examples import read_state_dict
 
 @pytest.mark.parametrize("name", ["tiny_state_dict.pth", "tiny_state_dict_legacy.pth"])  # zip / pre-1.6 format
 def test_read_state_dict_without_torch(tmp_path, name):
-    state = read_state_dict(Path(__file__).parent / "data" / name)
+    state = read_state_dict(Path(__file__).parent / name)
     np.testing.assert_array_equal(state["layer.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
     np.testing.assert_array_equal(state["layer.bias"], [0.5, -1.5])
     assert state["steps"] == 7 and state["steps"].dtype == np.int64
@@ -41,7 +41,7 @@ def test_read_state_dict_refuses_arbitrary_classes(tmp_path):
 
 
 def test_read_state_dict_truncated_legacy_file(tmp_path):
-    data = (Path(__file__).parent / "data" / "tiny_state_dict_legacy.pth").read_bytes()
+    data = (Path(__file__).parent / "tiny_state_dict_legacy.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[:-8])
     with pytest.raises(FormatError, match=r"truncated|not a readable"):
         read_state_dict(tmp_path / "cut.pth")
