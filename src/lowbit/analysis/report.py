@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from html import escape
 from typing import Any
 
 from lowbit._io import atomic_write_text
-from lowbit.analysis import format_bytes, format_cosine_gap, plots
+from lowbit.analysis import plots
+from lowbit.analysis.results import format_bytes, format_cosine_gap
 
 TOP_TENSORS = 8  # layers whose tensors get histograms
 TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted
@@ -238,3 +240,12 @@ def render(analysis) -> str:
 
 def write_report(analysis, path: str | os.PathLike) -> None:
     atomic_write_text(path, render(analysis))
+
+
+def write(analysis, json_path=None, html=None) -> None:
+    """The numbers of ``analysis`` as JSON at ``json_path`` and its HTML report at ``html`` (either may be None),
+    each written atomically."""
+    if json_path is not None:
+        atomic_write_text(json_path, json.dumps(analysis.to_dict(), indent=1) + "\n")
+    if html is not None:
+        write_report(analysis, html)

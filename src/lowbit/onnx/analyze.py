@@ -26,7 +26,7 @@ import onnx
 
 from lowbit import calib as calib_registry
 from lowbit import sampling
-from lowbit.analysis import Analysis, LayerReport, tensor_report
+from lowbit.analysis import Analysis, LayerReport, tensor_report, write
 from lowbit.calib.histogram_methods import HistogramCalibrator, MSECalibrator
 from lowbit.data import DataError, Feed
 from lowbit.errors import AnalyzeError
@@ -118,7 +118,7 @@ def analyze(
         deployed = built.model if analysis.mixed is None else calibrated.build(keep_float=analysis.mixed.kept).model
         analysis.profile = kernels.profile(deployed, next(iter(feeds)))
     analysis.seconds = time.perf_counter() - t_start
-    analysis.write(report.json, report.html)
+    write(analysis, report.json, report.html)
     return analysis
 
 

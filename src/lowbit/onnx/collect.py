@@ -15,8 +15,8 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit import calib
-from lowbit.analysis import grid_range
 from lowbit.calib.base import Calibrator
+from lowbit.calib.grid import grid_range
 from lowbit.errors import CalibrationError
 from lowbit.onnx.model import session
 

@@ -45,8 +45,10 @@ from lowbit.analysis import (
     LayerReport,
     MixedResult,
     Step,
+    cosine_rows,
     tensor_report,
     weight_report,
+    write,
 )
 from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.errors import CalibrationError
@@ -196,8 +198,6 @@ def _metric(metric: Any, batches: Sequence[Any]) -> tuple[Callable[[nn.Module], 
         if not cache:  # the first call is FP32's (search() scores the float model first)
             cache.extend(outs)
         if metric == "cosine":
-            from lowbit.analysis import cosine_rows
-
             return float(np.concatenate([cosine_rows(a, b) for a, b in zip(cache, outs, strict=True)]).mean())
         ref = np.concatenate([o.argmax(axis=1) for o in cache])
         return float((np.concatenate([o.argmax(axis=1) for o in outs]) == ref).mean() * 100)
@@ -448,7 +448,7 @@ def analyze(
                                     max_layers=max_layers, progress=progress, order=order, rounding=rounding,
                                     calib=batches)  # fmt: skip
     analysis.seconds = time.perf_counter() - t0
-    analysis.write(json_path, report)
+    write(analysis, json_path, report)
     return analysis
 
 
