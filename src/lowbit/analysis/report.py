@@ -10,6 +10,7 @@ from typing import Any
 from lowbit._io import atomic_write_text
 from lowbit.analysis import plots
 from lowbit.analysis.results import format_bytes, format_cosine_gap
+from lowbit.recipe import available_targets, get_target
 
 TOP_TENSORS = 8  # layers whose tensors get histograms
 TOP_WEIGHTS = 6  # poorly per-tensor-quantizable weights whose channel ranges are plotted
@@ -52,13 +53,21 @@ def _table(headers: list[str] | None, rows: list[list[Any]], left: int = 1, bad:
 
 
 def render(analysis) -> str:
-    """The report's HTML for a :class:`lowbit.onnx.analyze.Analysis`."""
+    """The report's HTML for a :class:`lowbit.analysis.Analysis`: a summary, then one section per part."""
     a = analysis
     out = [
         "<!DOCTYPE html><html><head><meta charset='utf-8'>",
         f"<title>lowbit analysis: {escape(os.path.basename(a.model))}</title><style>{STYLE}</style></head><body>",
         f"<h1>Quantization analysis of {escape(os.path.basename(a.model))}</h1>",
+        _summary(a),
     ]
+    for section in (_sensitivity, _mixed, _activations, _weights, _profile, _extracted):
+        out += section(a)
+    out.append("</body></html>\n")
+    return "".join(out)
+
+
+def _summary(a) -> str:
     summary = [
         ["model", a.model],
         ["target / calibration", f"{a.target} / {a.method}"],
@@ -71,9 +80,12 @@ def render(analysis) -> str:
     if a.top1_agreement is not None:
         summary.append(["whole model: top-1 agreement with FP32", f"{a.top1_agreement:.2f}%"])
     summary += [["calibration time", f"{a.calibration_seconds:.1f} s"], ["analysis time", f"{a.seconds:.1f} s"]]
-    out.append(_table(None, summary, left=2))
+    return _table(None, summary, left=2)
 
-    out.append("<h2>Layer sensitivity</h2>")
+
+def _sensitivity(a) -> list[str]:
+    """Every layer's own and accumulated error, ranked, with the two plots."""
+    out = ["<h2>Layer sensitivity</h2>"]
     out.append(
         "<p class='note'>Each layer is quantized alone (every other layer in float) and the model's output is "
         "compared with FP32: the lower the SQNR, the more that layer alone costs. <i>Own</i> is the error of the "
@@ -119,49 +131,59 @@ def render(analysis) -> str:
             left=0,
         )
     )  # fmt: skip
+    return out
 
-    if a.mixed is not None:
-        m = a.mixed
-        out.append("<h2>Automatic mixed precision</h2>")
-        verdict = "met" if m.met else "not met"
-        out.append(
-            f"<p class='note'>Layers {escape(m.action)} {escape(_how(m))}, {escape(m.order)}; metric "
-            f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
-            f"{escape(m.budget_unit)} &mdash; {verdict} with {m.final.kept} layer(s) {escape(m.action)}: "
-            f"{escape(', '.join(m.kept) or 'none')}.</p>"
-        )
-        if m.sized:
-            out.append(f"<p class='note'>{escape(m.size_note())}.</p>")
-        noise = m.noise_note()
-        if noise:
-            out.append(f"<p class='note'>{escape(noise)}</p>")
-        ks = [s.kept for s in m.steps]
-        out.append(
-            _img(
-                plots.lines(
-                    {m.metric: (ks, [s.score for s in m.steps])},
-                    f"{m.metric} vs number of layers {m.action}",
-                    f"layers {m.action}",
-                    m.metric + m.unit,
-                    hline=m.reference - m.max_drop,
-                    hline_label="budget",
-                ),
-                "mixed precision curve",
-            )
-        )
-        out.append(
-            _table(
-                ["k", m.layer_column, "score", "drop"] + (["weights"] if m.sized else []),
-                [
-                    [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"]
-                    + ([format_bytes(s.weight_bytes)] if m.sized else [])
-                    for s in m.steps
-                ],
-                left=0,
-            )
-        )
 
-    out.append("<h2>Activation ranges: what each calibrator chooses</h2>")
+def _mixed(a) -> list[str]:
+    """The mixed-precision search's curve and steps (nothing when none ran)."""
+    m = a.mixed
+    if m is None:
+        return []
+    out = []
+    out.append("<h2>Automatic mixed precision</h2>")
+    verdict = "met" if m.met else "not met"
+    out.append(
+        f"<p class='note'>Layers {escape(m.action)} {escape(_how(m))}, {escape(m.order)}; metric "
+        f"<b>{escape(m.metric)}</b>, FP32 {m.reference:.4f}{escape(m.unit)}, budget: drop &le; {m.max_drop}"
+        f"{escape(m.budget_unit)} &mdash; {verdict} with {m.final.kept} layer(s) {escape(m.action)}: "
+        f"{escape(', '.join(m.kept) or 'none')}.</p>"
+    )
+    if m.sized:
+        out.append(f"<p class='note'>{escape(m.size_note())}.</p>")
+    noise = m.noise_note()
+    if noise:
+        out.append(f"<p class='note'>{escape(noise)}</p>")
+    ks = [s.kept for s in m.steps]
+    out.append(
+        _img(
+            plots.lines(
+                {m.metric: (ks, [s.score for s in m.steps])},
+                f"{m.metric} vs number of layers {m.action}",
+                f"layers {m.action}",
+                m.metric + m.unit,
+                hline=m.reference - m.max_drop,
+                hline_label="budget",
+            ),
+            "mixed precision curve",
+        )
+    )
+    out.append(
+        _table(
+            ["k", m.layer_column, "score", "drop"] + (["weights"] if m.sized else []),
+            [
+                [s.kept, s.layer or "(all quantized)", f"{s.score:.4f}", f"{s.drop:.4f}"]
+                + ([format_bytes(s.weight_bytes)] if m.sized else [])
+                for s in m.steps
+            ],
+            left=0,
+        )
+    )
+    return out
+
+
+def _activations(a) -> list[str]:
+    """The histograms of the most sensitive layers' tensors with the range each calibrator picks."""
+    out = ["<h2>Activation ranges: what each calibrator chooses</h2>"]
     out.append(
         "<p class='note'>The histogram of each input and output of the most sensitive layers, with the range each "
         "calibration method picks on it and the SQNR that range gives on these values (higher is better). "
@@ -185,8 +207,12 @@ def render(analysis) -> str:
                   f"{v['hi']:.5g}", f"{v['sqnr_db']:.2f}"] for m, v in rep.ranges.items()],
             )
         )  # fmt: skip
+    return out
 
-    out.append("<h2>Weights: per tensor vs per channel</h2>")
+
+def _weights(a) -> list[str]:
+    """Per-tensor vs per-channel SQNR of every weight, and the channel ranges of the poor ones."""
+    out = ["<h2>Weights: per tensor vs per channel</h2>"]
     out.append(
         "<p class='note'>INT8 SQNR of each weight with one scale for the whole tensor and with one scale per output "
         "channel (lowbit uses per channel by default). Where channels' ranges differ widely, as in depthwise "
@@ -212,30 +238,41 @@ def render(analysis) -> str:
             )
             + "</div>"
         )  # fmt: skip
+    return out
 
-    if a.profile is not None:
-        p = a.profile
-        out.append("<h2>Where INT8 really runs (ONNX Runtime CPU profile)</h2>")
-        which = "the mixed-precision model" if a.mixed is not None else "the fully quantized model"
-        note = f"Kernels of {which}, after ONNX Runtime's graph optimizations."
-        if a.target == "trt":
-            note += " This model is laid out for TensorRT (--target trt), not for ONNX Runtime's integer kernels."
-        out.append(f"<p class='note'>{escape(note)}</p>")
-        out.append(f"<p class='note'>{escape(p.summary())}</p>")
-        out.append(
-            _table(
-                ["node", "kernel", "kind", "ms", "input types"],
-                [[k.node, k.op, k.kind, f"{k.ms:.4f}", ",".join(k.input_types)] for k in p.kernels],
-                left=3,
-                bad=[k.float_matrix for k in p.kernels],
-            )
+
+def _profile(a) -> list[str]:
+    """The kernels ONNX Runtime ran (nothing when not profiled)."""
+    p = a.profile
+    if p is None:
+        return []
+    out = []
+    out.append("<h2>Where INT8 really runs (ONNX Runtime CPU profile)</h2>")
+    which = "the mixed-precision model" if a.mixed is not None else "the fully quantized model"
+    note = f"Kernels of {which}, after ONNX Runtime's graph optimizations."
+    target = get_target(a.target) if a.target in available_targets() else None
+    if target is not None and not target.timed_on_ort:
+        note += (
+            f" This model is laid out for {target.runtime} (--target {target.name}), not for ONNX Runtime's "
+            "integer kernels."
         )
-    if a.extracted:
-        out.append("<h2>Extracted layers</h2><ul>")
-        out.extend(f"<li>{escape(path)}</li>" for path in a.extracted)
-        out.append("</ul>")
-    out.append("</body></html>\n")
-    return "".join(out)
+    out.append(f"<p class='note'>{escape(note)}</p>")
+    out.append(f"<p class='note'>{escape(p.summary())}</p>")
+    out.append(
+        _table(
+            ["node", "kernel", "kind", "ms", "input types"],
+            [[k.node, k.op, k.kind, f"{k.ms:.4f}", ",".join(k.input_types)] for k in p.kernels],
+            left=3,
+            bad=[k.float_matrix for k in p.kernels],
+        )
+    )
+    return out
+
+
+def _extracted(a) -> list[str]:
+    if not a.extracted:
+        return []
+    return ["<h2>Extracted layers</h2><ul>", *(f"<li>{escape(path)}</li>" for path in a.extracted), "</ul>"]
 
 
 def write_report(analysis, path: str | os.PathLike) -> None:
