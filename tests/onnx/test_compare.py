@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import onnx
 import pytest
@@ -82,3 +84,37 @@ def test_latencies_say_why_a_batch_size_was_not_timed(capsys):
     times = compare.latencies({"a": sess}, {"x": np.ones((1, 4), np.float32)}, inputs, (1, 8))
     assert times["a"][8] is None and times["a"][1] > 0
     assert "timing latency" in capsys.readouterr().err
+
+
+def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
+    from lowbit.onnx.compare import interleaved_latency_ms
+
+    calls: list[tuple[str, float]] = []
+
+    class Fake:
+        def __init__(self, name):
+            self.name = name
+
+        def run(self, outputs, feed):
+            calls.append((self.name, time.perf_counter()))
+
+    sessions = {n: Fake(n) for n in "abc"}
+    times = interleaved_latency_ms(sessions, {}, warmup=1, settle_s=0.0, runs=2, timed_s=0.0, budget_s=0.0, rounds=3)
+    assert set(times) == {"a", "b", "c"} and all(t >= 0 for t in times.values())
+    names = [n for n, _ in calls]
+    assert names[:3] == ["a", "b", "c"]  # warm-up
+    # A block per model and round: one untimed run, then the timed ones; the order rotates each round.
+    assert names[3:] == [n for n in "abcbcacab" for _ in range(3)]
+
+    calls.clear()
+    interleaved_latency_ms(sessions, {}, warmup=0, settle_s=0.01, runs=1, timed_s=0.0, budget_s=0.0, rounds=2)
+    blocks, i = [], 0
+    while i < len(calls):  # split the calls into runs of one model
+        j = i
+        while j < len(calls) and calls[j][0] == calls[i][0]:
+            j += 1
+        blocks.append(calls[i:j])
+        i = j
+    assert len(blocks) == 6
+    # Each model runs on its own for settle_s before its timed run: other sessions' threads have gone quiet.
+    assert all(len(b) >= 2 and b[-1][1] - b[0][1] >= 0.009 for b in blocks)
