@@ -250,13 +250,9 @@ def _image_options(args: argparse.Namespace):
 
 
 def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
-    """The metric ``--metric``/``--eval``/``--labels`` ask for, over the evaluation data (or held-out calibration
-    samples); None when no budget was asked for."""
-    from lowbit import sampling
-    from lowbit.data import InputSpec, open_feeds
-    from lowbit.onnx import metrics
-    from lowbit.onnx.model import batch_size_for, input_specs, load_model
-    from lowbit.onnx.pipeline import HOLDOUT
+    """The metric ``--metric``/``--eval``/``--labels`` ask for, over the evaluation data (or the calibration
+    samples quantize holds out)."""
+    from lowbit.onnx import Options, metrics
 
     if args.eval is not None and metrics.is_metric_function(args.eval):
         if args.metric is not None or args.labels is not None:
@@ -269,19 +265,8 @@ def _metric(args: argparse.Namespace, model: Path, fallback_calib: Any):
         raise UsageError("--max-drop needs evaluation data: --eval DATA (or a metric function module:function)")
     if args.eval is None and labels is not None:
         raise UsageError("--labels go with --eval: the labels of the evaluation samples, in order")
-    inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
-    role = "evaluation data" if args.eval is not None else "calibration data"
-    source = open_feeds(data, inputs, image_options=_image_options(args), role=role)
-    batch = batch_size_for(inputs, args.batch_size)
-    if args.eval is not None:
-        return metrics.OutputMetric(kind, source.batches(batch), labels)
-    held = sampling.split(source, args.max_samples, HOLDOUT).held  # the samples quantize holds out, too
-    if held is None:
-        raise UsageError(
-            f"--max-drop needs samples to measure on: {source.description} has too few to hold any out of "
-            "calibration; give --eval DATA"
-        )
-    return metrics.OutputMetric(kind, held.batches(batch), labels)
+    options = Options(batch_size=args.batch_size, max_samples=args.max_samples, image_options=_image_options(args))
+    return metrics.budget_metric(model, kind, data, labels, options, held_out=args.eval is None)
 
 
 def _eval_data(args: argparse.Namespace) -> Any:
@@ -330,28 +315,19 @@ def _cmd_analyze(args: argparse.Namespace) -> int:
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
-        import numpy as np
-
         from lowbit.data import InputSpec, open_feeds
-        from lowbit.onnx.kernels import profile
+        from lowbit.onnx.kernels import profile, random_feed
         from lowbit.onnx.model import input_specs, load_model
     except ImportError as exc:
         raise UsageError(f"lowbit inspect needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
-    model = load_model(args.model)
-    inputs = tuple(InputSpec(*spec) for spec in input_specs(model))
+    inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(args.model)))
     if args.data is not None:
         feed = next(iter(open_feeds(args.data, inputs, image_options=_image_options(args)).batches(args.batch_size)))
     else:
-        feed = {}
-        rng = np.random.default_rng(0)
-        for spec in inputs:
-            shape = [args.batch_size if i == 0 and d is None else d for i, d in enumerate(spec.shape)]
-            if any(d is None for d in shape):
-                raise UsageError(
-                    f"input {spec.describe()} has free dimensions besides the batch: give --data to run the model on"
-                )
-            kind = np.dtype(spec.dtype).kind
-            feed[spec.name] = (rng.standard_normal(shape) if kind == "f" else np.zeros(shape)).astype(spec.dtype)
+        try:
+            feed = random_feed(inputs, args.batch_size)
+        except LowbitError as exc:
+            raise UsageError(f"{exc} (--data)") from None
     prof = profile(args.model, feed, runs=args.runs)
     print(prof.table())
     print(prof.summary())

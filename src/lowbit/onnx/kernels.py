@@ -27,6 +27,7 @@ import onnx
 import onnxruntime as ort
 
 from lowbit._table import format_table
+from lowbit.errors import FormatError
 from lowbit.onnx.model import is_large, load_error, save_model
 
 CONVERT = {"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"}
@@ -164,3 +165,17 @@ def profile(
         events = json.loads(Path(sess.end_profiling()).read_text())
     batch = int(next(iter(feed.values())).shape[0]) if feed else 0
     return parse(events, runs, batch)
+
+
+def random_feed(inputs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """A feed of ``batch_size`` samples for ``inputs`` (:class:`lowbit.data.InputSpec`): standard normal floats,
+    zero integers; an input with a free dimension besides the batch cannot be made up."""
+    feed = {}
+    rng = np.random.default_rng(seed)
+    for spec in inputs:
+        shape = [batch_size if i == 0 and d is None else d for i, d in enumerate(spec.shape)]
+        if any(d is None for d in shape):
+            raise FormatError(f"input {spec.describe()} has free dimensions besides the batch: give data to run on")
+        kind = np.dtype(spec.dtype).kind
+        feed[spec.name] = (rng.standard_normal(shape) if kind == "f" else np.zeros(shape)).astype(spec.dtype)
+    return feed

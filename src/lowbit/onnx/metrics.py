@@ -18,8 +18,11 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from lowbit import sampling
 from lowbit.analysis import cosine_rows, finite_rows
-from lowbit.data import DataError, Feed, load_function
+from lowbit.data import DataError, Feed, InputSpec, load_function, open_feeds
+from lowbit.onnx.model import batch_size_for, input_specs, load_model
+from lowbit.onnx.settings import HOLDOUT, Options
 
 METRICS = ("cosine", "agreement", "accuracy")
 
@@ -154,3 +157,21 @@ def load_labels(path: str | os.PathLike) -> np.ndarray:
     if labels.dtype.kind not in "iu":
         raise DataError(f"{path}: labels must be integer classes, got dtype {labels.dtype}")
     return labels.reshape(-1)
+
+
+def budget_metric(model: str | os.PathLike, kind: str, data: Any, labels, options: Options, *, held_out: bool):
+    """The metric a budget is measured with: ``kind`` (cosine, agreement, accuracy against ``labels``) over all of
+    ``data`` (evaluation data), or with ``held_out`` over the samples :func:`lowbit.onnx.quantize` holds out of
+    ``data`` (the calibration data) for its comparison."""
+    inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(model)))
+    role = "calibration data" if held_out else "evaluation data"
+    source = open_feeds(data, inputs, image_options=options.image_options, role=role)
+    batch = batch_size_for(inputs, options.batch_size)
+    if held_out:
+        source = sampling.split(source, options.max_samples, HOLDOUT).held
+        if source is None:
+            raise DataError(
+                f"a budget needs samples to measure on: {data} has too few to hold any out of calibration; give "
+                "evaluation data (--eval)"
+            )
+    return OutputMetric(kind, source.batches(batch), labels)

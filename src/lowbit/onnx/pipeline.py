@@ -33,12 +33,11 @@ from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
 from lowbit.onnx.calibration import Calibrated, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.model import file_size, save_model, session
-from lowbit.onnx.settings import DEFAULT_TARGET, Budget, Options, QuantizeError, Settings, from_keywords
+from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
 from lowbit.paths import check_outputs, ranges_path_for
 from lowbit.recipe import Config, get_target, to_dict
 from lowbit.trt_cache import write_trt_cache
 
-HOLDOUT = 64  # samples kept apart for the float vs quantized comparison when no eval data is given
 FEW_SAMPLES = 32  # fewer calibration samples than this get a warning: their ranges are noisy
 __all__ = ["HOLDOUT", "Budget", "Options", "QuantizeError", "QuantizeResult", "quantize"]
 

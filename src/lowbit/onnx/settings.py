@@ -23,6 +23,7 @@ from lowbit.recipe import Config, Target, as_config, get_target, preset, resolve
 
 DEFAULT_TARGET = "ort"  # the target of a recipe that names none
 DEFAULT_ROUNDING = "gptq"
+HOLDOUT = 64  # samples kept apart for the float vs quantized comparison when no evaluation data is given
 
 
 class QuantizeError(LowbitError, ValueError):
