@@ -10,9 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.cli import main
-from lowbit.data import DataError, InputSpec, open_feeds, tensor_batches
+from lowbit.data import DataError, ImageOptions, InputSpec, open_feeds, tensor_batches
 from lowbit.errors import DataWarning
-from lowbit.data import ImageOptions
 from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 

@@ -7,8 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from lowbit.data import DataError, InputSpec, check_feed, open_feeds
-from lowbit.data import ImageOptions
+from lowbit.data import DataError, ImageOptions, InputSpec, check_feed, open_feeds
 
 IMAGE = (InputSpec("x", np.dtype("float32"), (None, 3, 8, 8)),)
 
