@@ -13,7 +13,10 @@ import subprocess
 
 import pytest
 
-from lowbit.onnx.analyze import analyze
+from lowbit.onnx import Budget, Options
+from lowbit.onnx.analyze import Reporting, analyze
+from lowbit.onnx.settings import edit
+from lowbit.recipe import preset
 from tests.onnx import models
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -51,8 +54,14 @@ def test_report_renders_in_chromium_and_every_image_loads(tmp_path):
     from lowbit.onnx import metrics
     from tests.onnx.test_analyze import _feeds
 
-    analyze(model, data, samples=16, report=report, metric=metrics.OutputMetric("cosine", _feeds()), max_drop=0,
-            per_channel=False, progress=False)  # fmt: skip
+    analyze(
+        model,
+        data,
+        edit(preset("int8"), per_channel=False),
+        budget=Budget(metrics.OutputMetric("cosine", _feeds()), 0),
+        options=Options(progress=False),
+        report=Reporting(samples=16, html=report),
+    )
     html = report.read_text()
     probed = tmp_path / "probed.html"
     probed.write_text(html.replace("<head>", "<head>" + PROBE, 1))
@@ -105,8 +114,13 @@ def test_legends_and_labels_fit_with_the_browsers_own_fonts(tmp_path):
 
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
-    analyze(model, data, samples=16, report=tmp_path / "report.html", per_channel=False, profile=False,
-            progress=False)  # fmt: skip
+    analyze(
+        model,
+        data,
+        edit(preset("int8"), per_channel=False),
+        options=Options(progress=False),
+        report=Reporting(samples=16, html=tmp_path / "report.html", profile=False),
+    )
     uris = re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', (tmp_path / "report.html").read_text())
     charts = "".join(f"<div>{base64.b64decode(u).decode()}</div>" for u in uris)
     page = tmp_path / "charts.html"

@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 from lowbit.cli import main
 from lowbit.data import DataError, ImageOptions, InputSpec, open_feeds, tensor_batches
 from lowbit.errors import DataWarning
+from lowbit.onnx import Options
 from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 
@@ -73,7 +74,12 @@ def test_quantize_refuses_nan_in_the_evaluation_data(tmp_path, model):
     np.savez(tmp_path / "eval.npz", x=bad)
     with pytest.raises(DataError, match=r"eval.npz: input 'x' .*sample 3 \(counting from 0\).* 1 NaN and 0 Inf"):
         quantize(
-            model, tmp_path / "q.onnx", calib=tmp_path / "calib.npz", eval_data=tmp_path / "eval.npz", progress=False
+            model,
+            tmp_path / "q.onnx",
+            tmp_path / "calib.npz",
+            "int8",
+            eval_data=tmp_path / "eval.npz",
+            options=Options(progress=False),
         )
 
 
@@ -214,7 +220,7 @@ def test_an_array_of_the_wrong_rank_states_both_ranks():
 
 
 def test_quantize_takes_a_4d_array_as_calib(tmp_path, model):
-    result = quantize(model, tmp_path / "q.onnx", calib=_samples(), compare_models=False, progress=False)
+    result = quantize(model, tmp_path / "q.onnx", _samples(), "int8", options=Options(compare=False, progress=False))
     assert result.calibration_samples > 0
 
 

@@ -19,11 +19,12 @@ from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
 from lowbit.core import QuantSpec, fake_quant, qparams
 from lowbit.errors import AnalyzeError
-from lowbit.onnx import kernels, metrics, mixed
-from lowbit.onnx.analyze import analyze
+from lowbit.onnx import Budget, Options, kernels, metrics, mixed
+from lowbit.onnx.analyze import Reporting, analyze
 from lowbit.onnx.calibration import calibrate_model
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.settings import edit
 from lowbit.paths import PathError
 from lowbit.recipe import preset
 from tests.onnx import models
@@ -56,7 +57,13 @@ def _feeds(n=16, seed=3):
 
 def test_the_layer_that_alone_loses_most_ranks_first(files):
     _tmp, model, data = files
-    a = analyze(model, data, per_channel=False, samples=16, profile=False, progress=False)
+    a = analyze(
+        model,
+        data,
+        edit(preset("int8"), per_channel=False),
+        options=Options(progress=False),
+        report=Reporting(samples=16, profile=False),
+    )
     names = [r.name for r in a.layers]
     assert sorted(names) == ["add", "conv1", "conv2", "fc", "gap"]
     assert names[0] == "conv2"
@@ -69,8 +76,20 @@ def test_the_layer_that_alone_loses_most_ranks_first(files):
 
 def test_per_channel_weights_remove_that_loss(files):
     _tmp, model, data = files
-    per_tensor = analyze(model, data, per_channel=False, samples=16, profile=False, progress=False)
-    per_channel = analyze(model, data, per_channel=True, samples=16, profile=False, progress=False)
+    per_tensor = analyze(
+        model,
+        data,
+        edit(preset("int8"), per_channel=False),
+        options=Options(progress=False),
+        report=Reporting(samples=16, profile=False),
+    )
+    per_channel = analyze(
+        model,
+        data,
+        edit(preset("int8"), per_channel=True),
+        options=Options(progress=False),
+        report=Reporting(samples=16, profile=False),
+    )
     conv2 = {r.name: r for r in per_tensor.layers}["conv2"].own_model.sqnr_db
     assert {r.name: r for r in per_channel.layers}["conv2"].own_model.sqnr_db > conv2 + 10
 
@@ -98,7 +117,13 @@ def test_histogram_thresholds_and_their_sqnr(files):
 
 def test_json_and_report_hold_every_layer(files):
     tmp, model, data = files
-    a = analyze(model, data, samples=16, report=tmp / "r.html", json_path=tmp / "r.json", progress=False)
+    a = analyze(
+        model,
+        data,
+        "int8",
+        options=Options(progress=False),
+        report=Reporting(samples=16, html=tmp / "r.html", json=tmp / "r.json"),
+    )
     record = json.loads((tmp / "r.json").read_text())
     assert [r["name"] for r in record["layers"]] == [r.name for r in a.layers]
     assert record["output_error"]["sqnr_db"] == pytest.approx(a.output_error.sqnr_db)
@@ -182,8 +207,14 @@ def test_quantize_with_a_budget_keeps_layers_float(files):
     tmp, model, data = files
     scores = iter([1.0] + [0.0] * 10)  # FP32 scores 1, every quantized model 0: a budget no model meets
     metric = metrics.FunctionMetric(lambda session: next(scores), "never")
-    result = quantize(model, tmp / "q.onnx", data, per_channel=False, metric=metric, max_drop=0.5,
-                      compare_models=False, progress=False)  # fmt: skip
+    result = quantize(
+        model,
+        tmp / "q.onnx",
+        data,
+        edit(preset("int8"), per_channel=False),
+        budget=Budget(metric, 0.5),
+        options=Options(compare=False, progress=False),
+    )
     assert not result.mixed.met and set(result.mixed.kept) == {"conv1", "conv2", "add", "gap", "fc"}
     assert set(result.excluded_nodes) >= {"conv1", "conv2", "add", "fc"}
     record = json.loads(result.ranges_path.read_text())
@@ -210,7 +241,7 @@ def test_metric_functions_are_told_from_data_functions(tmp_path, monkeypatch):
 
 def test_profile_tells_integer_kernels_from_float_ones(files):
     tmp, model, data = files
-    quantize(model, tmp / "q.onnx", data, compare_models=False, progress=False)
+    quantize(model, tmp / "q.onnx", data, "int8", options=Options(compare=False, progress=False))
     feed = _feeds(8)[0]
     q = kernels.profile(str(tmp / "q.onnx"), feed, runs=2)
     kinds = {k.op: k.kind for k in q.kernels}
@@ -234,7 +265,13 @@ def test_profile_parse_averages_the_last_runs():
 
 def test_extract_writes_runnable_cuts_with_recorded_inputs(files):
     tmp, model, data = files
-    a = analyze(model, data, samples=16, extract=["conv2"], extract_dir=tmp / "cut", profile=False, progress=False)
+    a = analyze(
+        model,
+        data,
+        "int8",
+        options=Options(progress=False),
+        report=Reporting(samples=16, extract=["conv2"], extract_dir=tmp / "cut", profile=False),
+    )
     paths = {p.rsplit("/", 1)[-1] for p in a.extracted}
     assert paths == {"conv2.float.onnx", "conv2.int8.onnx", "conv2.inputs.npz", "conv2.fp32_output.npy"}
     feed = dict(np.load(tmp / "cut" / "conv2.inputs.npz"))
@@ -254,11 +291,17 @@ def test_extract_writes_runnable_cuts_with_recorded_inputs(files):
 def test_bad_requests_are_clear_errors(files):
     _tmp, model, data = files
     with pytest.raises(AnalyzeError, match="no node of that name"):
-        analyze(model, data, samples=8, extract=["nope"], profile=False, progress=False)
+        analyze(
+            model,
+            data,
+            "int8",
+            options=Options(progress=False),
+            report=Reporting(samples=8, extract=["nope"], profile=False),
+        )
     with pytest.raises(PathError, match=r"report .* is the same file as model"):
-        analyze(model, data, report=model, progress=False)
+        analyze(model, data, "int8", options=Options(progress=False), report=Reporting(html=model))
     with pytest.raises(AnalyzeError, match="calibration data"):
-        analyze(model, None, progress=False)
+        analyze(model, None, "int8", options=Options(progress=False))
 
 
 def test_cli_analyze_and_inspect(files, capsys):
@@ -280,7 +323,7 @@ def test_cli_analyze_and_inspect(files, capsys):
 
 def test_report_renders_without_a_mixed_result_or_profile(files):
     _tmp, model, data = files
-    a = analyze(model, data, samples=8, profile=False, progress=False)
+    a = analyze(model, data, "int8", options=Options(progress=False), report=Reporting(samples=8, profile=False))
     html = render(a)
     assert "Automatic mixed precision" not in html and "ONNX Runtime CPU profile" not in html
     assert html.startswith("<!DOCTYPE html>")
@@ -311,7 +354,13 @@ def test_cli_budget_with_a_metric_function(files, capsys, monkeypatch):
 
 def test_trt_layout_is_analysed_too(files):
     _, model, data = files
-    a = analyze(model, data, target="trt", method="minmax", samples=8, progress=False)
+    a = analyze(
+        model,
+        data,
+        edit(preset("int8"), target="trt", method="minmax"),
+        options=Options(progress=False),
+        report=Reporting(samples=8),
+    )
     assert {"conv1", "conv2", "fc"} <= {r.name for r in a.layers}
     assert all(rep.ranges["minmax"]["lo"] == -rep.ranges["minmax"]["hi"] for rep in a.tensors.values())  # symmetric
     assert a.profile is not None and "TensorRT" in render(a)

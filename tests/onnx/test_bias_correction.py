@@ -8,10 +8,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto
 
+from lowbit.onnx import Options, placement, rewrite
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import placement, rewrite
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.settings import edit
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -77,7 +79,11 @@ def test_bias_correction_removes_most_of_the_mean_output_error(tmp_path):
     for corrected in (False, True):
         out = tmp_path / f"q_{corrected}.onnx"
         result = quantize(
-            model, out, {"x": x}, bias_correction=corrected, rounding="nearest", compare_models=False, progress=False
+            model,
+            out,
+            {"x": x},
+            edit(preset("int8"), bias_correction=corrected, rounding="nearest"),
+            options=Options(compare=False, progress=False),
         )
         errors[corrected] = np.abs((_run(str(out), {"x": x}) - ref).mean(axis=0)).mean()
         if corrected:
@@ -91,7 +97,7 @@ def test_a_layer_without_bias_gains_an_int32_one(tmp_path):
     model = models.save(models.depthwise_net(), tmp_path / "dw.onnx")
     x = np.random.default_rng(3).uniform(0, 2, (16, 4, 12, 12)).astype(np.float32)
     out = tmp_path / "q.onnx"
-    quantize(model, out, {"x": x}, compare_models=False, progress=False)
+    quantize(model, out, {"x": x}, "int8", options=Options(compare=False, progress=False))
     q = onnx.load(str(out))
     onnx.checker.check_model(q)
     expand = next(n for n in q.graph.node if n.name == "expand")

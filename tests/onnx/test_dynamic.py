@@ -11,7 +11,10 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
+from lowbit.onnx import Options
 from lowbit.onnx.pipeline import QuantizeError, quantize
+from lowbit.onnx.settings import edit
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -48,7 +51,9 @@ def test_dynamic_quantization_of_matmul_and_gemm(tmp_path):
     model = models.save(models.mlp(), tmp_path / "mlp.onnx")
     out = tmp_path / "mlp_dyn.onnx"
     data = models.calib_data(tmp_path / "eval.npz", (4, 16), n=16)
-    result = quantize(model, out, dynamic=True, eval_data=data, progress=False)
+    result = quantize(
+        model, out, None, edit(preset("int8"), dynamic=True), eval_data=data, options=Options(progress=False)
+    )
     assert sorted(result.quantized_nodes) == ["head", "mm1", "mm2"]
     q = onnx.load(str(out))
     ops = collections.Counter(n.op_type for n in q.graph.node)
@@ -93,11 +98,13 @@ def test_quantization_stores_embedding_tables_as_int8(tmp_path, mode):
     src, out = tmp_path / "emb.onnx", tmp_path / "emb_dyn.onnx"
     onnx.save(model, str(src))
     if mode == "dynamic":
-        result = quantize(src, out, dynamic=True, compare_models=False, progress=False)
+        result = quantize(
+            src, out, None, edit(preset("int8"), dynamic=True), options=Options(compare=False, progress=False)
+        )
     else:  # static leaves the gathered rows float (they feed no compute op) but stores the table as int8 too
         # ids_small has no batch axis: 6 sequences keep the first axes of both inputs the same length
         calib = [{"ids": rng.integers(0, 500, (6, 6)), "ids_small": rng.integers(0, 8, 6)} for _ in range(8)]
-        result = quantize(src, out, calib, compare_models=False, progress=False)
+        result = quantize(src, out, calib, "int8", options=Options(compare=False, progress=False))
     assert sorted(result.quantized_nodes) == ["embed", "proj"]
     q = onnx.load(str(out))
     inits = {t.name: t for t in q.graph.initializer}
@@ -158,7 +165,9 @@ def test_static_quantization_for_tensorrt_leaves_embedding_tables_in_float(tmp_p
     src, out = tmp_path / "emb.onnx", tmp_path / "emb_trt.onnx"
     onnx.save(model, str(src))
     calib = [{"ids": rng.integers(0, 500, (4, 6))} for _ in range(8)]
-    result = quantize(src, out, calib, target="trt", compare_models=False, progress=False)
+    result = quantize(
+        src, out, calib, edit(preset("int8"), target="trt"), options=Options(compare=False, progress=False)
+    )
     assert result.quantized_nodes == ["proj"]
     inits = {t.name: t for t in onnx.load(str(out)).graph.initializer}
     assert inits["table"].data_type == onnx.TensorProto.FLOAT
@@ -182,9 +191,13 @@ def test_dynamic_quantization_of_recurrent_layers(tmp_path, op, direction, kerne
     onnx.save(_recurrent_model(op, 64, direction, rng), str(src))
     if op != "LSTM":  # no integer kernel: left in float unless asked
         with pytest.raises(QuantizeError, match="nothing to quantize"):
-            quantize(src, out, dynamic=True, compare_models=False, progress=False)
+            quantize(src, out, None, edit(preset("int8"), dynamic=True), options=Options(compare=False, progress=False))
     result = quantize(
-        src, out, dynamic=True, weight_only_rnn=True, per_channel=per_channel, compare_models=False, progress=False
+        src,
+        out,
+        None,
+        edit(preset("int8"), dynamic=True, weight_only_rnn=True, per_channel=per_channel),
+        options=Options(compare=False, progress=False),
     )
     assert result.quantized_nodes == ["recurrent"]
     q = onnx.load(str(out))
@@ -208,4 +221,10 @@ def test_an_excluded_lstm_stays_in_float(tmp_path):
     src, out = tmp_path / "lstm.onnx", tmp_path / "lstm_dyn.onnx"
     onnx.save(_recurrent_model("LSTM", 8, "forward", np.random.default_rng(6)), str(src))
     with pytest.raises(QuantizeError, match="nothing to quantize"):
-        quantize(src, out, dynamic=True, exclude_ops=["LSTM"], compare_models=False, progress=False)
+        quantize(
+            src,
+            out,
+            None,
+            edit(preset("int8"), dynamic=True, exclude_ops=["LSTM"]),
+            options=Options(compare=False, progress=False),
+        )

@@ -8,8 +8,10 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, numpy_helper
 
-from lowbit.onnx import fp16
+from lowbit.onnx import Options, fp16
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.settings import edit
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -18,7 +20,13 @@ def quantized(tmp_path):
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
     out = tmp_path / "q.onnx"
-    quantize(model, out, data, target="trt", exclude=["conv2"], compare_models=False, progress=False)
+    quantize(
+        model,
+        out,
+        data,
+        edit(preset("int8"), target="trt", exclude=["conv2"]),
+        options=Options(compare=False, progress=False),
+    )
     return onnx.load(str(out))
 
 
@@ -62,7 +70,13 @@ def test_quantize_with_fp16_rest_writes_a_checked_model(tmp_path):
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
     out = tmp_path / "q16.onnx"
-    result = quantize(model, out, data, target="trt", fp16_rest=True, compare_models=False, progress=False)
+    result = quantize(
+        model,
+        out,
+        data,
+        edit(preset("int8"), target="trt", fp16_rest=True),
+        options=Options(compare=False, progress=False),
+    )
     q = onnx.load(str(out))
     onnx.checker.check_model(q, full_check=True)
     assert result.fp16_nodes

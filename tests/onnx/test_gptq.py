@@ -10,9 +10,10 @@ import onnxruntime as ort
 import pytest
 
 from lowbit.errors import SpecError
-from lowbit.onnx import gptq, placement, rewrite
+from lowbit.onnx import Options, gptq, placement, rewrite
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.settings import edit
 from lowbit.recipe import preset
 from tests.onnx import models
 
@@ -144,7 +145,11 @@ def test_quantize_writes_the_gptq_codes(tmp_path):
     for rounding in ("gptq", "nearest"):
         out = tmp_path / f"q_{rounding}.onnx"
         results[rounding] = quantize(
-            src, out, {"x": calib}, rounding=rounding, bias_correction=False, compare_models=False, progress=False
+            src,
+            out,
+            {"x": calib},
+            edit(preset("int8"), rounding=rounding, bias_correction=False),
+            options=Options(compare=False, progress=False),
         )
         onnx.checker.check_model(onnx.load(str(out)))
         weight_only, _ = models.single_layer("Conv", _written_weight(out), shape, group=8, pads=[1, 1, 1, 1])

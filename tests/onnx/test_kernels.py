@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lowbit.onnx import kernels
+from lowbit.onnx import Options, kernels
 from lowbit.onnx.pipeline import quantize
 from tests.onnx import models
 from tests.onnx.test_analyze import _feeds
@@ -44,7 +44,7 @@ def test_the_summary_counts_data_movement_apart():
 def test_a_quantized_convnet_moves_bytes_in_its_flatten_and_layout_transpose(tmp_path):
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))
-    quantize(model, tmp_path / "q.onnx", data, compare_models=False, progress=False)
+    quantize(model, tmp_path / "q.onnx", data, "int8", options=Options(compare=False, progress=False))
     p = kernels.profile(str(tmp_path / "q.onnx"), _feeds(8)[0], runs=2)
     kinds = {k.op: k.kind for k in p.kernels}
     assert kinds["Flatten"] == "move" and kinds["QLinearConv"] == "integer"

@@ -14,8 +14,11 @@ from onnx import numpy_helper
 from lowbit.cli import main
 from lowbit.data import DataError
 from lowbit.errors import FormatError
+from lowbit.onnx import Options
 from lowbit.onnx.pipeline import QuantizeError, quantize
+from lowbit.onnx.settings import edit
 from lowbit.paths import PathError
+from lowbit.recipe import preset
 from lowbit.trt_cache import read_trt_cache
 from tests.onnx import models
 
@@ -41,7 +44,7 @@ def _cos(a, b):
 def test_static_quantization_keeps_the_outputs(convnet_files, target):
     tmp, model, data = convnet_files
     out = tmp / f"q_{target}.onnx"
-    result = quantize(model, out, data, target=target, progress=False)
+    result = quantize(model, out, data, edit(preset("int8"), target=target), options=Options(progress=False))
     q = onnx.load(str(out))
     onnx.checker.check_model(q)
     assert [i.name for i in q.graph.input] == ["x"] and [o.name for o in q.graph.output] == ["logits"]
@@ -57,7 +60,7 @@ def test_static_quantization_keeps_the_outputs(convnet_files, target):
 def test_ranges_json_matches_the_quantizers_in_the_model(convnet_files):
     tmp, model, data = convnet_files
     out = tmp / "q.onnx"
-    result = quantize(model, out, data, compare_models=False, progress=False)
+    result = quantize(model, out, data, "int8", options=Options(compare=False, progress=False))
     record = json.loads(result.ranges_path.read_text())
     assert result.ranges_path == tmp / "q.ranges.json"
     q = onnx.load(str(out))
@@ -72,7 +75,13 @@ def test_ranges_json_matches_the_quantizers_in_the_model(convnet_files):
 def test_trt_cache_agrees_with_the_qdq_scales(convnet_files):
     tmp, model, data = convnet_files
     out, cache = tmp / "q.onnx", tmp / "q.cache"
-    quantize(model, out, data, target="trt", trt_cache=cache, compare_models=False, progress=False)
+    quantize(
+        model,
+        out,
+        data,
+        edit(preset("int8"), target="trt"),
+        options=Options(trt_cache=cache, compare=False, progress=False),
+    )
     scales = read_trt_cache(cache).scales
     record = json.loads((tmp / "q.ranges.json").read_text())["activations"]
     for tensor, entry in record.items():
@@ -82,8 +91,13 @@ def test_trt_cache_agrees_with_the_qdq_scales(convnet_files):
 
 def test_excluded_nodes_stay_float(convnet_files):
     tmp, model, data = convnet_files
-    result = quantize(model, tmp / "q.onnx", data, exclude=["^conv2$"], exclude_ops=["Gemm"], progress=False,
-                      compare_models=False)  # fmt: skip
+    result = quantize(
+        model,
+        tmp / "q.onnx",
+        data,
+        edit(preset("int8"), exclude=["^conv2$"], exclude_ops=["Gemm"]),
+        options=Options(progress=False, compare=False),
+    )
     assert "conv2" in result.excluded_nodes and "fc" in result.excluded_nodes
     q = onnx.load(str(tmp / "q.onnx"))
     ops = collections.Counter(n.op_type for n in q.graph.node)
@@ -94,7 +108,7 @@ def test_control_flow_is_quantized_outside_the_subgraphs(tmp_path):
     model = models.save(models.branching(), tmp_path / "if.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=16)
     out = tmp_path / "if_q.onnx"
-    quantize(model, out, data, compare_models=False, progress=False)
+    quantize(model, out, data, "int8", options=Options(compare=False, progress=False))
     q = onnx.load(str(out))
     assert any(n.op_type == "If" for n in q.graph.node)
     x = np.random.default_rng(0).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -107,7 +121,7 @@ def test_refuses_to_overwrite_the_input(convnet_files):
     tmp, model, data = convnet_files
     before = (tmp / "convnet.onnx").read_bytes()
     with pytest.raises(PathError, match=r"output .* is the same file as model .*: writing it would overwrite it"):
-        quantize(model, model, data, progress=False)
+        quantize(model, model, data, "int8", options=Options(progress=False))
     assert (tmp / "convnet.onnx").read_bytes() == before
 
 
@@ -115,7 +129,7 @@ def test_not_an_onnx_file(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"this is not a protobuf \x00\xff" * 10)
     with pytest.raises(FormatError, match=r"not a readable ONNX model|not an ONNX model"):
-        quantize(bad, tmp_path / "out.onnx", dynamic=True, progress=False)
+        quantize(bad, tmp_path / "out.onnx", None, edit(preset("int8"), dynamic=True), options=Options(progress=False))
     assert not (tmp_path / "out.onnx").exists()
 
 
@@ -124,26 +138,26 @@ def test_a_model_onnx_runtime_cannot_load(tmp_path):
     model.graph.node[0].op_type = "NoSuchOp"
     path = models.save(model, tmp_path / "broken.onnx")
     with pytest.raises(FormatError, match=r"ONNX Runtime .* cannot load the model"):
-        quantize(path, tmp_path / "out.onnx", dynamic=True, progress=False)
+        quantize(path, tmp_path / "out.onnx", None, edit(preset("int8"), dynamic=True), options=Options(progress=False))
 
 
 def test_calibration_data_that_does_not_fit_lists_what_the_model_expects(convnet_files):
     tmp, model, _ = convnet_files
     wrong_rank = models.calib_data(tmp / "rank.npz", (3, 16), n=4)
     with pytest.raises(DataError, match=r"x: float32\[\?, 3, 16, 16\]"):
-        quantize(model, tmp / "q.onnx", wrong_rank, progress=False)
+        quantize(model, tmp / "q.onnx", wrong_rank, "int8", options=Options(progress=False))
     np.savez(tmp / "dtype.npz", x=np.zeros((4, 3, 16, 16)))
     with pytest.raises(DataError, match="is float64 but the model expects float32"):
-        quantize(model, tmp / "q.onnx", tmp / "dtype.npz", progress=False)
+        quantize(model, tmp / "q.onnx", tmp / "dtype.npz", "int8", options=Options(progress=False))
     np.savez(tmp / "names.npz", a=np.zeros((4, 3, 16, 16), np.float32), b=np.zeros((4, 1), np.float32))
     with pytest.raises(DataError, match="the model's inputs are x"):
-        quantize(model, tmp / "q.onnx", tmp / "names.npz", progress=False)
+        quantize(model, tmp / "q.onnx", tmp / "names.npz", "int8", options=Options(progress=False))
 
 
 def test_nothing_to_quantize(tmp_path, convnet_files):
     tmp, model, data = convnet_files
     with pytest.raises(QuantizeError, match="nothing to quantize"):
-        quantize(model, tmp / "q.onnx", data, exclude=[".*"], progress=False)
+        quantize(model, tmp / "q.onnx", data, edit(preset("int8"), exclude=[".*"]), options=Options(progress=False))
 
 
 def test_cli_quantize_prints_the_comparison(convnet_files, capsys):
@@ -171,7 +185,7 @@ def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, m
     tmp, model, data = convnet_files
     monkeypatch.setattr(model_module, "_PROTO_LIMIT", 1000)
     out = tmp / "big_q.onnx"
-    result = quantize(model, out, data, progress=False)
+    result = quantize(model, out, data, "int8", options=Options(progress=False))
     assert (tmp / "big_q.onnx.data").exists()
     assert result.agreement is not None and result.agreement.cosine > 0.99
     x = np.random.default_rng(2).standard_normal((2, 3, 16, 16)).astype(np.float32)
@@ -202,7 +216,13 @@ def test_entropy_keeps_the_whole_range_of_a_model_input_with_a_spike(tmp_path, t
     np.savez(tmp_path / "calib.npz", x=x)
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     out = tmp_path / "q.onnx"
-    quantize(model, out, tmp_path / "calib.npz", method="entropy", target=target, compare_models=False, progress=False)
+    quantize(
+        model,
+        out,
+        tmp_path / "calib.npz",
+        edit(preset("int8"), method="entropy", target=target),
+        options=Options(compare=False, progress=False),
+    )
     record = json.loads((tmp_path / "q.ranges.json").read_text())
     assert record["activations"]["x"]["hi"] >= float(x.max()) * 0.999
     assert record["activations"]["x"]["lo"] <= -0.8 * 0.999
@@ -230,7 +250,13 @@ def test_a_dead_channel_keeps_its_large_bias(tmp_path, rounding):
     x = rng.standard_normal((64, 3, 12, 12)).astype(np.float32)
     np.save(tmp_path / "calib.npy", x)
     out = tmp_path / "q.onnx"
-    quantize(path, out, str(tmp_path / "calib.npy"), rounding=rounding, compare_models=False, progress=False)
+    quantize(
+        path,
+        out,
+        str(tmp_path / "calib.npy"),
+        edit(preset("int8"), rounding=rounding),
+        options=Options(compare=False, progress=False),
+    )
     y, y_q = _run(path, x[:8])[0], _run(out, x[:8])[0]
     assert np.abs(y_q[:, 1] - y[:, 1]).max() < 0.1  # without the raised scale: about 7
     assert np.abs(y_q - y).max() < 0.5
@@ -246,7 +272,7 @@ def test_static_quantization_of_a_transformer_block_keeps_its_output(tmp_path):
     model = models.save(models.attention_block(), tmp_path / "attention.onnx")
     calib, held_out = models.attention_feeds(seed=1), models.attention_feeds(seed=2)
     np.savez(tmp_path / "calib.npz", **calib)
-    quantize(model, tmp_path / "q.onnx", tmp_path / "calib.npz", compare_models=False, progress=False)
+    quantize(model, tmp_path / "q.onnx", tmp_path / "calib.npz", "int8", options=Options(compare=False, progress=False))
     ref = ort.InferenceSession(model, providers=["CPUExecutionProvider"]).run(None, held_out)[0]
     out = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"]).run(None, held_out)[0]
     assert _cos(ref, out) > 0.99

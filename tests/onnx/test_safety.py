@@ -12,9 +12,13 @@ import pytest
 from lowbit import sampling
 from lowbit.cli import main
 from lowbit.data import InputSpec, open_feeds
+from lowbit.onnx import Budget, Options
+from lowbit.onnx.analyze import Reporting
 from lowbit.onnx.pipeline import quantize
 from lowbit.onnx.placement import ExclusionError
+from lowbit.onnx.settings import edit
 from lowbit.paths import PathError, check_outputs
+from lowbit.recipe import preset
 from tests.onnx import models
 
 
@@ -107,7 +111,7 @@ def test_an_unwritable_folder_is_refused_before_any_work(files, capsys, monkeypa
     assert main(["quantize", model, "--calib", calib, "-o", str(out), "-q"]) == 2
     assert f"-o {out}: cannot write in {out.parent} (Permission denied)" in _error_line(capsys)
     with pytest.raises(PathError, match="cannot write in"):
-        quantize(model, out, calib, progress=False)
+        quantize(model, out, calib, "int8", options=Options(progress=False))
 
 
 @pytest.mark.parametrize(
@@ -137,13 +141,15 @@ def test_options_that_mean_nothing_are_refused(files, capsys, extra, message):
 def test_python_api_refuses_the_same(files):
     tmp, model, calib, _ = files
     with pytest.raises(ExclusionError, match="matches no node"):
-        quantize(model, tmp / "q.onnx", calib, exclude=["^/head/"], progress=False)
+        quantize(
+            model, tmp / "q.onnx", calib, edit(preset("int8"), exclude=["^/head/"]), options=Options(progress=False)
+        )
     with pytest.raises(ExclusionError, match="not a valid regular expression"):
-        quantize(model, tmp / "q.onnx", calib, exclude=["("], progress=False)
+        quantize(model, tmp / "q.onnx", calib, edit(preset("int8"), exclude=["("]), options=Options(progress=False))
     with pytest.raises(ValueError, match="max_drop must be 0 or more"):
-        quantize(model, tmp / "q.onnx", calib, metric=object(), max_drop=-1, progress=False)
+        quantize(model, tmp / "q.onnx", calib, "int8", budget=Budget(object(), -1), options=Options(progress=False))
     with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
-        quantize(model, tmp / "q.onnx", calib, batch_size=0, progress=False)
+        quantize(model, tmp / "q.onnx", calib, "int8", options=Options(batch_size=0, progress=False))
     assert not (tmp / "q.onnx").exists()
 
 
@@ -293,6 +299,6 @@ def test_analyze_calibrates_a_fixed_batch_model_at_the_batch_size_asked_for(tmp_
         value.type.tensor_type.shape.dim[0].dim_value = 1
     path = models.save(model, tmp_path / "b1.onnx")
     calib = models.calib_data(tmp_path / "c.npz", (3, 16, 16), n=24)
-    result = analyze(path, calib, samples=4, profile=False, progress=False)
+    result = analyze(path, calib, "int8", options=Options(progress=False), report=Reporting(samples=4, profile=False))
     assert seen == [(8, True)]  # batches of 8 through the freed copy, not of 1
     assert result.layers and all(np.isfinite(r.own_model.sqnr_db) for r in result.layers)
