@@ -10,7 +10,6 @@ TensorRT cache), :class:`Budget` asks for automatic mixed precision.
 from __future__ import annotations
 
 import fnmatch
-import os
 import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -211,7 +210,3 @@ def edit(
              "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest}  # fmt: skip
     changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
     return replace(config, **changes)
-
-
-def as_path(value: str | os.PathLike | None) -> Path | None:
-    return None if value is None else Path(value)
