@@ -230,3 +230,17 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_tracing(tmp_pat
     )
     assert isinstance(info.value, LowbitError)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "ro"] and not list((tmp_path / "ro").iterdir())
+
+
+def test_the_exported_model_records_the_recipe_it_was_quantized_with(tmp_path):
+    import json
+
+    from lowbit.recipe import from_dict, preset
+
+    q = lt.quantize(models.convnet(), "int8", calib=models.batches(), rounding="gptq", progress=False)
+    path = lt.export_onnx(q, models.batches(1)[0], tmp_path / "q.onnx")
+    props = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+    recipe = from_dict(json.loads(props["lowbit.recipe"]))
+    assert recipe.target == "trt" and recipe.rounding == "gptq"
+    assert recipe.default.input.signed and recipe.default.input.method == "mse"  # resolved for TensorRT
+    assert preset("int8").default.input.signed is None  # the preset itself leaves both to the target

@@ -13,6 +13,7 @@ from lowbit.recipe import Config, QuantizerConfig, as_config, get_target
 from lowbit.recipe import resolve as resolve_for
 
 DEFAULT_TARGET = "trt"
+RECIPE_ATTRIBUTE = "lowbit_recipe"  # the resolved recipe as data on a quantized model, which export_onnx records
 ONNX_ONLY = {  # recipe field -> what to do instead in PyTorch
     "exclude": "keep layers in float with config.override(pattern, None) (globs over module names)",
     "exclude_ops": "keep layers in float with config.override(pattern, None) (globs over module names)",

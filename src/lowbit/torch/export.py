@@ -21,6 +21,7 @@ from __future__ import annotations
 import copy
 import io
 import itertools
+import json
 import os
 import warnings
 from pathlib import Path
@@ -33,6 +34,7 @@ from torch import nn
 from lowbit._io import atomic_open
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.paths import check_outputs
+from lowbit.torch.config import RECIPE_ATTRIBUTE
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 DEFAULT_OPSET = 17
@@ -287,6 +289,9 @@ def export_onnx(
     if opset >= 21:
         _use_int4(proto, specs)
     _prune(proto)
+    recipe = getattr(model, RECIPE_ATTRIBUTE, None)
+    if recipe is not None:  # the recipe lt.quantize resolved, recorded in the file (metadata "lowbit.recipe")
+        onnx.helper.set_model_props(proto, {"lowbit.recipe": json.dumps(recipe)})
     onnx.checker.check_model(proto)
     with atomic_open(path, "wb") as f:
         f.write(proto.SerializeToString())

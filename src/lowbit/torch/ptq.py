@@ -22,15 +22,16 @@ import fnmatch
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.recipe import Config
+from lowbit.recipe import Config, to_dict
 from lowbit.torch import roundings
-from lowbit.torch.config import resolve
+from lowbit.torch.config import RECIPE_ATTRIBUTE, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.qat import batch_statistics, prepare_conv_bn
@@ -227,6 +228,7 @@ def quantize(
         calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
     if method.apply is not None:
         method.apply(model, calib, progress)
+    setattr(model, RECIPE_ATTRIBUTE, to_dict(replace(cfg, rounding=method.name)))
     return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too
 
 
