@@ -29,23 +29,34 @@ class SourceKind:
     priority: int
 
 
-_KINDS: list[SourceKind] = []
+_KINDS: dict[str, SourceKind] = {}
 
 
 def register_source(name: str, accepts: Callable[[Any], bool], priority: int) -> Callable[[Opener], Opener]:
     """Decorator: make ``fn(source, inputs, image_options, role) -> FeedSource`` the opener of the sources
-    ``accepts`` recognises; lower ``priority`` is tried first."""
+    ``accepts`` recognises, known as ``name``; lower ``priority`` is tried first. A second kind of the same name is
+    an error. A new kind is one module (imported by :mod:`lowbit.data`)::
+
+        @register_source("feather file", lambda s: str(s).endswith(".feather"), priority=45)
+        def open_feather(source, inputs, image_options, role) -> FeedSource: ...
+    """
 
     def add(fn: Opener) -> Opener:
-        _KINDS.append(SourceKind(name, accepts, fn, priority))
-        _KINDS.sort(key=lambda k: k.priority)
+        if name in _KINDS:
+            raise ValueError(f"a kind of data source named {name!r} is already registered")
+        _KINDS[name] = SourceKind(name, accepts, fn, priority)
         return fn
 
     return add
 
 
+def _in_order() -> list[SourceKind]:
+    return sorted(_KINDS.values(), key=lambda k: k.priority)
+
+
 def source_kinds() -> list[str]:
-    return [k.name for k in _KINDS]
+    """The registered kinds of source, in the order :func:`open_feeds` tries them."""
+    return [k.name for k in _in_order()]
 
 
 def open_feeds(
@@ -63,7 +74,7 @@ def open_feeds(
     ``role`` ("calibration data", "evaluation data") names data that has no file name in messages.
     """
     inputs = tuple(inputs)
-    for kind in _KINDS:
+    for kind in _in_order():
         if kind.accepts(source):
             return kind.open(source, inputs, image_options, role)
     raise DataError(f"cannot read {role} from a {type(source).__name__}")
