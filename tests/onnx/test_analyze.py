@@ -12,12 +12,8 @@ import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
-from lowbit import analysis
-from lowbit.analysis import expected_sqnr_db, tensor_report
 from lowbit.analysis.report import render
-from lowbit.calib.histogram_methods import MSECalibrator
 from lowbit.cli import main
-from lowbit.core import QuantSpec, fake_quant, qparams
 from lowbit.errors import AnalyzeError
 from lowbit.onnx import Budget, Options, kernels, metrics, mixed
 from lowbit.onnx.analyze import Reporting, analyze
@@ -92,27 +88,6 @@ def test_per_channel_weights_remove_that_loss(files):
     )
     conv2 = {r.name: r for r in per_tensor.layers}["conv2"].own_model.sqnr_db
     assert {r.name: r for r in per_channel.layers}["conv2"].own_model.sqnr_db > conv2 + 10
-
-
-def test_histogram_thresholds_and_their_sqnr(files):
-    rng = np.random.default_rng(0)
-    x = np.concatenate([rng.standard_normal(200_000), [40.0, -35.0]]).astype(np.float32)  # two outliers
-    cal = MSECalibrator(tensor="t")
-    cal.update(x)
-    rep = tensor_report("t", cal, QuantSpec(), "mse")
-    assert set(rep.ranges) == {"minmax", "percentile", "entropy", "mse"}
-    assert rep.ranges["minmax"]["hi"] == pytest.approx(40.0)
-    assert rep.ranges["mse"]["hi"] < 30  # the outliers are clipped
-    assert rep.ranges["mse"]["sqnr_db"] > rep.ranges["minmax"]["sqnr_db"]
-    assert rep.ranges["mse"]["sqnr_db"] >= max(r["sqnr_db"] for r in rep.ranges.values()) - 0.3
-    assert sum(rep.counts) == x.size and len(rep.edges) == len(rep.counts) + 1
-    # the SQNR read from the histogram is the SQNR of really quantizing the values
-    spec = QuantSpec()
-    lo, hi = rep.ranges["mse"]["lo"], rep.ranges["mse"]["hi"]
-    scale, zp = qparams(lo, hi, spec)
-    err = x.astype(np.float64) - fake_quant(x, scale, zp, spec)
-    true_sqnr = 10 * math.log10((x.astype(np.float64) ** 2).sum() / (err**2).sum())
-    assert expected_sqnr_db(cal.histogram, lo, hi, spec) == pytest.approx(true_sqnr, abs=0.5)
 
 
 def test_json_and_report_hold_every_layer(files):
@@ -191,16 +166,6 @@ def test_an_agreement_budget_says_how_noisy_its_score_is(files):
         cal, ["conv2"], metrics.OutputMetric("accuracy", _feeds(seed=9), labels), 100.0, progress=False
     )
     assert accuracy.samples is None and accuracy.noise is None
-
-
-def test_standard_error_of_a_percentage():
-    assert analysis.standard_error_points(97.0, 256) == pytest.approx(1.0662, abs=1e-4)
-    assert analysis.standard_error_points(97.0, 1024) == pytest.approx(analysis.standard_error_points(97.0, 256) / 2)
-    assert analysis.standard_error_points(100.0, 100) > 0  # one sample's worth, never 0
-    quiet = analysis.MixedResult("agreement", " %", 100.0, 3.0, samples=1000)
-    assert "one standard error is 0.54 points" in quiet.noise_note() and "Evaluate" not in quiet.noise_note()
-    exact = analysis.MixedResult("agreement", " %", 100.0, 0.0, [analysis.Step(0, None, 100.0, 0.0)], True, samples=10)
-    assert "standard error" in exact.table() and "Evaluate" not in exact.table()  # no budget to weigh noise against
 
 
 def test_quantize_with_a_budget_keeps_layers_float(files):
