@@ -100,6 +100,13 @@ class _Bert:
 
     def encoder_layer(self, x: str, bias: str, p: str) -> str:
         """Self-attention (masked by ``bias``), residual and LayerNorm; GELU feed-forward, residual and LayerNorm."""
+        residual = self.node("Add", [self.attention(x, bias, p), x], f"{p}.attention.residual")
+        x = self.layer_norm(residual, f"{p}.attention.output.LayerNorm")
+        out = self.feed_forward(x, p)
+        return self.layer_norm(self.node("Add", [out, x], f"{p}.output.residual"), f"{p}.output.LayerNorm")
+
+    def attention(self, x: str, bias: str, p: str) -> str:
+        """Multi-head ``softmax(q k^T / sqrt(head_dim) + bias) v``, heads merged, through the output projection."""
         node, const = self.node, self.const
 
         def split(t, perm, name):
@@ -113,14 +120,16 @@ class _Bert:
         probs = node("Softmax", [node("Add", [scores, bias], f"{p}.masked")], f"{p}.probs", axis=-1)
         context = node("Transpose", [node("MatMul", [probs, v], f"{p}.context")], f"{p}.context.t", perm=[0, 2, 1, 3])
         context = node("Reshape", [context, self.hidden_shape], f"{p}.context.merged")
-        attention = self.linear(context, f"{p}.attention.output.dense")
-        x = self.layer_norm(node("Add", [attention, x], f"{p}.attention.residual"), f"{p}.attention.output.LayerNorm")
+        return self.linear(context, f"{p}.attention.output.dense")
+
+    def feed_forward(self, x: str, p: str) -> str:
+        """``dense(gelu(dense(x)))`` with the exact GELU ``0.5 h (1 + erf(h / sqrt(2)))``."""
+        node, const = self.node, self.const
         h = self.linear(x, f"{p}.intermediate.dense")
         erf = node("Erf", [node("Mul", [h, const(f"{p}.inv_sqrt2", np.float32(2**-0.5))], f"{p}.gelu.x")], f"{p}.erf")
         gelu = node("Add", [erf, const(f"{p}.one", np.float32(1))], f"{p}.gelu.1p")
         gelu = node("Mul", [node("Mul", [h, gelu], f"{p}.gelu.mul"), const(f"{p}.half", np.float32(0.5))], f"{p}.gelu")
-        out = self.linear(gelu, f"{p}.output.dense")
-        return self.layer_norm(node("Add", [out, x], f"{p}.output.residual"), f"{p}.output.LayerNorm")
+        return self.linear(gelu, f"{p}.output.dense")
 
     def mean_pooling(self, x: str, mask: str) -> str:
         """The mean of the hidden states over the attended tokens: ``embedding``."""
