@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 
 from lowbit.data import InputSpec
 from lowbit.onnx import compare
+from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.model import session
 
 
@@ -87,8 +88,6 @@ def test_latencies_say_why_a_batch_size_was_not_timed(capsys):
 
 
 def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
-    from lowbit.onnx.compare import interleaved_latency_ms
-
     calls: list[tuple[str, float]] = []
 
     class Fake:

@@ -12,6 +12,7 @@ import pytest
 from onnx import numpy_helper
 
 from lowbit.onnx import Options
+from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.pipeline import QuantizeError, quantize
 from lowbit.onnx.settings import edit
 from lowbit.recipe import preset
@@ -123,8 +124,6 @@ def test_quantization_stores_embedding_tables_as_int8(tmp_path, mode):
 def test_embedding_rows_keep_their_own_scale():
     # Word tables hold rows of very different sizes (rare words are small): one scale for the whole table would
     # round the small rows to a few codes; a scale per row keeps each row's shape.
-    from lowbit.onnx.dynamic import quantize_dynamic
-
     rng = np.random.default_rng(5)
     table = rng.standard_normal((512, 16)) * np.logspace(-2, 0, 512)[:, None]
     graph = onnx.helper.make_graph(

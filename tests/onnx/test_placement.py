@@ -23,12 +23,6 @@ def _ranges(plan, lo=-2.0, hi=2.0):
     return {t: (lo, hi) for t in plan.calibrated}
 
 
-def test_preprocess_folds_batchnorm_into_conv(convnet):
-    ops = [n.op_type for n in convnet.graph.node]
-    assert "BatchNormalization" not in ops
-    assert ops.count("Conv") == 2
-
-
 def test_ort_plan_quantizes_through_integer_ops(convnet):
     graph = Graph(convnet)
     plan = placement.plan(graph, "ort")

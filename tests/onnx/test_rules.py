@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from onnx import helper
 
-from lowbit.onnx.graph import Graph, attribute, attributes
+from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.rules import KINDS, RULES, rule_for, unit_output
 from tests.onnx import models
@@ -25,9 +25,3 @@ def test_a_layers_error_is_read_after_the_relu_that_follows_it():
     assert relu.op_type == "Relu" and unit_output(graph, graph.node_name(conv1)) == relu.output[0]
     gemm = next(n for n in graph.nodes if n.op_type == "Gemm")
     assert unit_output(graph, graph.node_name(gemm)) == gemm.output[0]
-
-
-def test_attributes_are_read_as_python_values():
-    node = helper.make_node("Gemm", ["a", "b"], ["y"], transB=1, alpha=0.5)
-    assert attributes(node) == {"transB": 1, "alpha": 0.5}
-    assert attribute(node, "transB", 0) == 1 and attribute(node, "beta", 1.0) == 1.0
