@@ -29,6 +29,7 @@ from lowbit.core import gptq as core_gptq
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
 from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
+from lowbit.onnx.rewrite import weight_qparams
 
 ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
 MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
@@ -256,8 +257,6 @@ def codes(
     nearest rounding when it is read by two layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN`
     input rows per column (``H`` is then poorly known, and GPTQ would fit the calibration samples rather than the
     data: on MNISTNet's last layer, 128 inputs seen on 512 samples, it triples the output error)."""
-    from lowbit.onnx.rewrite import weight_qparams
-
     readers: dict[str, int] = {}
     for m in moments:
         readers[m.layer.weight] = readers.get(m.layer.weight, 0) + 1

@@ -29,7 +29,8 @@ def attribute(node: onnx.NodeProto, name: str, default=None):
     return default
 
 
-def _subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """The graphs a node holds as attributes: the bodies of If, Loop and Scan."""
     for attr in node.attribute:
         if attr.type == onnx.AttributeProto.GRAPH:
             yield attr.g
@@ -44,7 +45,7 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
     for node in graph.node:
         used.update(i for i in node.input if i)
         defined.update(node.output)
-        for sub in _subgraphs(node):
+        for sub in subgraphs(node):
             used |= _outer_names(sub)
     used.update(o.name for o in graph.output)
     return used - defined
@@ -71,10 +72,10 @@ class Graph:
             for name in node.input:
                 if name:
                     self.consumers[name].append(node)
-            for sub in _subgraphs(node):
+            for sub in subgraphs(node):
                 self.subgraph_reads |= _outer_names(sub)
             if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
-                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                value = attribute(node, "value")
                 if value is not None:
                     self.constants[node.output[0]] = value
         self.types: dict[str, int] = {}

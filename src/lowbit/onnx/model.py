@@ -22,6 +22,7 @@ from onnx import version_converter
 
 from lowbit._io import atomic_open
 from lowbit.errors import FormatError
+from lowbit.onnx.graph import subgraphs
 
 # Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
 MIN_OPSET = 13
@@ -165,9 +166,8 @@ def _drop_unused_domains(model: onnx.ModelProto) -> None:
     def visit(graph: onnx.GraphProto) -> None:
         for node in graph.node:
             used.add(node.domain)
-            for attr in node.attribute:
-                for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                    visit(sub)
+            for sub in subgraphs(node):
+                visit(sub)
 
     visit(model.graph)
     keep = [op for op in model.opset_import if op.domain in used or op.domain == "ai.onnx"]
