@@ -73,3 +73,20 @@ def test_a_bad_file_is_one_line_naming_the_file(tmp_path):
     wrong.write_text('{"target": "tpu"}')
     with pytest.raises(SpecError, match=r"w.json: unknown target 'tpu'"):
         load(wrong)
+
+
+def test_a_yaml_recipe_without_pyyaml_says_what_to_install(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_yaml(name, *args, **kwargs):
+        if name == "yaml":
+            raise ImportError("No module named 'yaml'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_yaml)
+    path = tmp_path / "r.yaml"
+    path.write_text("preset: int8\n")
+    with pytest.raises(SpecError, match=r"r\.yaml: reading or writing a YAML recipe needs PyYAML: pip install"):
+        load(path)

@@ -140,8 +140,12 @@ def load(path: str | os.PathLike) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError(f"{path}: cannot read the recipe: {exc.strerror or exc}") from None
+    try:  # a missing PyYAML says so, not "invalid YAML"
+        parse = _yaml().safe_load if _is_yaml(path) else json.loads
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None
     try:
-        data = _yaml().safe_load(text) if _is_yaml(path) else json.loads(text)
+        data = parse(text)
     except ValueError as exc:  # json.JSONDecodeError and yaml.YAMLError's parse errors
         raise SpecError(f"{path}: not a valid {'YAML' if _is_yaml(path) else 'JSON'} recipe: {exc}") from None
     except Exception as exc:
