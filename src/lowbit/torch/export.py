@@ -289,10 +289,18 @@ def export_onnx(
     if opset >= 21:
         _use_int4(proto, specs)
     _prune(proto)
-    recipe = getattr(model, RECIPE_ATTRIBUTE, None)
-    if recipe is not None:  # the recipe lt.quantize resolved, recorded in the file (metadata "lowbit.recipe")
-        onnx.helper.set_model_props(proto, {"lowbit.recipe": json.dumps(recipe)})
+    _record_recipe(model, proto)
     onnx.checker.check_model(proto)
     with atomic_open(path, "wb") as f:
         f.write(proto.SerializeToString())
     return path
+
+
+def _record_recipe(model: nn.Module, proto) -> None:
+    """The recipe :func:`lowbit.torch.quantize` resolved for ``model``, into the file's metadata (``lowbit.recipe``,
+    JSON), as ``lowbit quantize`` writes it into ``.ranges.json``."""
+    import onnx
+
+    recipe = getattr(model, RECIPE_ATTRIBUTE, None)
+    if recipe is not None:
+        onnx.helper.set_model_props(proto, {"lowbit.recipe": json.dumps(recipe)})
