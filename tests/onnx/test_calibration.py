@@ -8,8 +8,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from lowbit.onnx.calibration import calibrate_model
+from lowbit.onnx.calibration import calibrate_model, calibrator_options
 from lowbit.onnx.model import free_batch, input_specs, preprocess, session
+from lowbit.onnx.settings import Settings
 from lowbit.recipe import preset
 from tests.onnx import models
 
@@ -85,3 +86,12 @@ def test_calibrating_the_freed_copy_gives_the_ranges_of_batch_1_and_builds_the_f
     for t, (lo, hi) in one.ranges(tensors).items():
         assert eight.ranges([t])[t] == (lo, hi)
     assert _batch_dims(eight.build().model) == [1]
+
+
+def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
+    def options(method, target, given=None):
+        return calibrator_options(Settings.of(preset(f"int8_{target}").with_method(method, given)))
+
+    assert options("entropy", "ort")["exclude_zeros"] is True
+    assert options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
+    assert "exclude_zeros" not in options("mse", "ort")

@@ -192,19 +192,6 @@ def test_models_over_the_protobuf_limit_travel_as_external_data(convnet_files, m
     assert _cos(_run(model, x)[0], _run(out, x)[0]) > 0.99
 
 
-def test_entropy_for_onnx_leaves_zeros_out_unless_told_otherwise():
-    from lowbit.onnx.calibration import calibrator_options
-    from lowbit.onnx.settings import Settings
-    from lowbit.recipe import preset
-
-    def options(method, target, given=None):
-        return calibrator_options(Settings.of(preset(f"int8_{target}").with_method(method, given)))
-
-    assert options("entropy", "ort")["exclude_zeros"] is True
-    assert options("entropy", "trt", {"exclude_zeros": False})["exclude_zeros"] is False
-    assert "exclude_zeros" not in options("mse", "ort")
-
-
 @pytest.mark.parametrize("target", ["ort", "trt"])
 def test_entropy_keeps_the_whole_range_of_a_model_input_with_a_spike(tmp_path, target):
     # An image normalised with a mean: most pixels are the background (one value), a few are bright. KL over |x|
