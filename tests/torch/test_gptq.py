@@ -189,3 +189,26 @@ def test_gptq_on_a_quantized_model_and_bad_input():
 def test_a_quantized_model_is_in_eval_mode_down_to_its_quantizers():
     q = lt.quantize(models.convnet(), "w4a8", calib=models.batches(), progress=False)
     assert not any(m.training for m in q.modules())
+
+
+@LAYERS
+def test_one_conv_patch_helper_serves_both_roundings(layer):
+    """Patches at every position (GPTQ's) and gathered at chosen positions (AdaRound's) are the same rows, and
+    times the weight they give the layer's output."""
+    from lowbit.torch.rounding import conv_patches, output_positions
+
+    if isinstance(layer, nn.Linear):
+        return
+    x = layer_input(layer, torch.Generator().manual_seed(2))
+    every = conv_patches(layer, x, "test")
+    n = output_positions(layer, x, "test")
+    assert every.shape[0] == n
+    chosen = torch.tensor([0, n // 2, n - 1])
+    assert torch.equal(conv_patches(layer, x, "test", chosen), every[chosen])
+    g = layer.groups
+    w = layer.weight.detach().reshape(g, layer.out_channels // g, -1)
+    y = torch.einsum("rgk,gok->rgo", every, w).reshape(n, -1)
+    conv = F.conv2d if isinstance(layer, nn.Conv2d) else F.conv1d
+    ref = conv(x, layer.weight.detach(), None, layer.stride, layer.padding, layer.dilation, layer.groups)
+    ref = ref.reshape(x.shape[0], layer.out_channels, -1).transpose(1, 2).reshape(n, -1)
+    torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-5)

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
-from lowbit.torch.rounding import chosen_layers, conv_geometry, weight_matrix
+from lowbit.torch.rounding import chosen_layers, conv_patches, output_positions, weight_matrix
 from lowbit.torch.runner import call, is_loop, run_batch
 
 ITERATIONS = 500  # gradient steps per layer
@@ -100,21 +100,8 @@ class _Sample:
         if isinstance(m, nn.Linear):
             flat = x.reshape(-1, x.shape[-1])
             return flat[self.positions(batch, flat.shape[0]).to(flat.device)][:, None, :].detach().float()
-        if isinstance(m, nn.Conv1d):
-            x = x.unsqueeze(-2)
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv_geometry(m, "AdaRound")
-        n, _, h, w = x.shape
-        oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-        ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-        pos = self.positions(batch, n * oh * ow).to(x.device)
-        img, rest = pos // (oh * ow), pos % (oh * ow)
-        rows = (rest // ow)[:, None] * sh - ph + torch.arange(kh, device=x.device)[None] * dh  # (R, kh)
-        cols = (rest % ow)[:, None] * sw - pw + torch.arange(kw, device=x.device)[None] * dw  # (R, kw)
-        inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # not padding
-        p = x[img[:, None, None], :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
-        p = p * inside[..., None]  # (R, kh, kw, C), zero where the patch reaches into the padding
-        p = p.permute(0, 3, 1, 2).reshape(len(pos), -1)  # (R, C*kh*kw): the weight's (in-channel, taps) order
-        return p.reshape(len(pos), m.groups, -1).detach().float()
+        pos = self.positions(batch, output_positions(m, x, "AdaRound")).to(x.device)
+        return conv_patches(m, x, "AdaRound", pos).detach().float()
 
 
 def _batches(calib: Any) -> list[Any]:

@@ -101,6 +101,42 @@ def conv_geometry(module: nn.Module, method: str) -> tuple[tuple[int, ...], ...]
     return tuple(k), tuple(s), tuple(p), tuple(d)
 
 
+def conv_patches(
+    module: nn.Module, x: torch.Tensor, method: str, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The input patch each output position of a Conv1d/Conv2d reads, as (rows, groups, columns) in the weight's
+    (in-channel, taps) order, zero where a patch reaches into the padding: at every position (``positions`` None,
+    by ``F.unfold``), or at ``positions`` (flat indices over images x output rows x output columns, gathered).
+    ``method`` names the rounding in the error :func:`conv_geometry` may raise."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+    kernel, stride, padding, dilation = conv_geometry(module, method)
+    if positions is None:
+        u = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (N, C*taps, L)
+        return u.transpose(1, 2).reshape(-1, module.groups, u.shape[1] // module.groups)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    _, _, h, w = x.shape
+    ow = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    oh = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    img, rest = positions // (oh * ow), positions % (oh * ow)
+    rows = (rest // ow)[:, None] * sh - ph + torch.arange(kh, device=x.device)[None] * dh  # (R, kh)
+    cols = (rest % ow)[:, None] * sw - pw + torch.arange(kw, device=x.device)[None] * dw  # (R, kw)
+    inside = ((rows >= 0) & (rows < h))[:, :, None] & ((cols >= 0) & (cols < w))[:, None, :]  # not padding
+    p = x[img[:, None, None], :, rows.clamp(0, h - 1)[:, :, None], cols.clamp(0, w - 1)[:, None, :]]
+    p = p * inside[..., None]  # (R, kh, kw, C)
+    p = p.permute(0, 3, 1, 2).reshape(len(positions), -1)  # (R, C*kh*kw)
+    return p.reshape(len(positions), module.groups, -1)
+
+
+def output_positions(module: nn.Module, x: torch.Tensor, method: str) -> int:
+    """How many output positions (images x rows x columns) a Conv1d/Conv2d computes on ``x``."""
+    if isinstance(module, nn.Conv1d):
+        x = x.unsqueeze(-2)
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv_geometry(module, method)
+    n, _, h, w = x.shape
+    return n * ((h + 2 * ph - dh * (kh - 1) - 1) // sh + 1) * ((w + 2 * pw - dw * (kw - 1) - 1) // sw + 1)
+
+
 class LayerMoment:
     """GPTQ's second moment of a layer's input rows (:class:`lowbit.core.gptq.SecondMoment`), gathered by a
     forward pre-hook on the layer: rows of a Linear, pixels of a 1x1 convolution, unfolded patches otherwise."""
@@ -129,8 +165,8 @@ class LayerMoment:
         per_image = F.unfold(x[:1], kernel, dilation=dilation, padding=padding, stride=stride).numel()
         chunk = max(1, UNFOLD_VALUES // max(per_image, 1))
         for i in range(0, n, chunk):
-            u = F.unfold(x[i : i + chunk], kernel, dilation=dilation, padding=padding, stride=stride)
-            self._add(u.transpose(0, 1).reshape(g, u.shape[1] // g, -1))  # (C*taps, n*L) -> per group
+            rows = conv_patches(module, args[0].detach().float()[i : i + chunk], "GPTQ")  # (rows, groups, columns)
+            self._add(rows.permute(1, 2, 0).contiguous())
 
 
 def gptq(
