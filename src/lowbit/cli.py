@@ -317,17 +317,22 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     try:
         from lowbit.data import InputSpec, open_feeds
         from lowbit.onnx.kernels import profile, random_feed
-        from lowbit.onnx.model import input_specs, load_model
+        from lowbit.onnx.model import input_specs, load_model, metadata_size
     except ImportError as exc:
         raise UsageError(f"lowbit inspect needs onnx and onnxruntime ({exc}): pip install 'lowbit[onnx]'") from None
-    inputs = tuple(InputSpec(*spec) for spec in input_specs(load_model(args.model)))
+    model = load_model(args.model)
+    inputs = tuple(InputSpec(*spec) for spec in input_specs(model))
     if args.data is not None:
         feed = next(iter(open_feeds(args.data, inputs, image_options=_image_options(args)).batches(args.batch_size)))
     else:
+        size = metadata_size(model)
         try:
-            feed = random_feed(inputs, args.batch_size)
+            feed = random_feed(inputs, args.batch_size, size)
         except LowbitError as exc:
             raise UsageError(f"{exc} (--data)") from None
+        shapes = ", ".join(f"{name} {list(a.shape)}" for name, a in feed.items())
+        where = f"; free sizes from the model's metadata: {size[0]}x{size[1]}" if size else ""
+        print(f"random inputs: {shapes}{where}")
     prof = profile(args.model, feed, runs=args.runs)
     print(prof.table())
     print(prof.summary())

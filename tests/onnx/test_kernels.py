@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
 from lowbit.onnx import Options, kernels
@@ -49,3 +50,29 @@ def test_a_quantized_convnet_moves_bytes_in_its_flatten_and_layout_transpose(tmp
     kinds = {k.op: k.kind for k in p.kernels}
     assert kinds["Flatten"] == "move" and kinds["QLinearConv"] == "integer"
     assert all(k.kind != "integer" for k in p.kernels if k.op in kernels.MOVE)
+
+
+def test_inspect_takes_free_sizes_from_the_models_metadata(tmp_path, capsys):
+    from lowbit.cli import main
+
+    model = models.convnet()
+    for d in model.graph.input[0].type.tensor_type.shape.dim[2:]:
+        d.ClearField("dim_value")
+        d.dim_param = "size"
+    path = models.save(model, tmp_path / "free.onnx")
+    assert main(["inspect", path, "--runs", "1"]) == 2
+    assert "free dimensions besides the batch" in capsys.readouterr().err
+    onnx.helper.set_model_props(model, {"imgsz": "[16, 16]"})
+    path = models.save(model, tmp_path / "sized.onnx")
+    assert main(["inspect", path, "--runs", "1"]) == 0
+    assert "random inputs: x [1, 3, 16, 16]; free sizes from the model's metadata: 16x16" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("value", "size"), [("[640, 640]", (640, 640)), ("320", (320, 320)), ("(48, 320)", (48, 320)),
+                                             ("[]", None), ("a, b, c", None)])  # fmt: skip
+def test_metadata_sizes_are_read_from_the_usual_keys(value, size):
+    from lowbit.onnx.model import metadata_size
+
+    model = models.convnet()
+    onnx.helper.set_model_props(model, {"image_size": value})
+    assert metadata_size(model) == size

@@ -167,13 +167,18 @@ def profile(
     return parse(events, runs, batch)
 
 
-def random_feed(inputs, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
+def random_feed(inputs, batch_size: int, size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
     """A feed of ``batch_size`` samples for ``inputs`` (:class:`lowbit.data.InputSpec`): standard normal floats,
-    zero integers; an input with a free dimension besides the batch cannot be made up."""
+    zero integers. The free dimensions of an input besides the batch are filled with ``size`` (height, width; from
+    the model's metadata, :func:`lowbit.onnx.model.metadata_size`) when there are exactly two of them; otherwise
+    they cannot be made up."""
     feed = {}
     rng = np.random.default_rng(seed)
     for spec in inputs:
         shape = [batch_size if i == 0 and d is None else d for i, d in enumerate(spec.shape)]
+        free = [i for i, d in enumerate(shape) if d is None]
+        if size is not None and len(free) == 2:
+            shape[free[0]], shape[free[1]] = size
         if any(d is None for d in shape):
             raise FormatError(f"input {spec.describe()} has free dimensions besides the batch: give data to run on")
         kind = np.dtype(spec.dtype).kind

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -195,6 +196,29 @@ def input_specs(model: onnx.ModelProto) -> list[tuple[str, np.dtype, tuple]]:
         shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim)
         specs.append((info.name, dtype, shape))
     return specs
+
+
+SIZE_KEYS = (
+    "imgsz",
+    "img_size",
+    "image_size",
+    "input_size",
+    "imgsize",
+)  # metadata keys exporters write (Ultralytics: imgsz)
+
+
+def metadata_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """The input height and width a model's metadata states (``imgsz: [640, 640]``, ``image_size: 224``), if any."""
+    props = {p.key.lower(): p.value for p in model.metadata_props}
+    for key in SIZE_KEYS:
+        if key not in props:
+            continue
+        numbers = [int(n) for n in re.findall(r"\d+", props[key])]
+        if len(numbers) == 1 and numbers[0] > 0:
+            return numbers[0], numbers[0]
+        if len(numbers) == 2 and min(numbers) > 0:
+            return numbers[0], numbers[1]
+    return None
 
 
 def batch_size_for(inputs, requested: int) -> int:
