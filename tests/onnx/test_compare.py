@@ -7,12 +7,13 @@ import time
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from lowbit.data import InputSpec
 from lowbit.onnx import compare
 from lowbit.onnx.compare import interleaved_latency_ms
 from lowbit.onnx.model import session
+from lowbit.onnx.pipeline import agreement_summary
 
 
 def _model(nodes, batch="N") -> onnx.ModelProto:
@@ -117,3 +118,42 @@ def test_interleaved_latency_runs_every_model_in_each_round_in_rotated_order():
     assert len(blocks) == 6
     # Each model runs on its own for settle_s before its timed run: other sessions' threads have gone quiet.
     assert all(len(b) >= 2 and b[-1][1] - b[0][1] >= 0.009 for b in blocks)
+
+
+def _scaled(scale: np.ndarray, channels: int):
+    """y = x * scale (per channel of axis 1): a model whose output we choose."""
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "s"], ["y"])],
+        "scaled",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", channels, 10])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", channels, 10])],
+        [numpy_helper.from_array(scale.astype(np.float32).reshape(channels, 1), "s")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return session(model)
+
+
+def test_a_collapsed_block_of_outputs_shows_though_larger_outputs_hide_it_in_the_whole_cosine():
+    boxes_then_scores = np.array([300.0, 300, 300, 300, 1, 1])
+    broken = boxes_then_scores * [1, 1, 1, 1, -1, 0.2]  # the two score channels destroyed
+    x = np.abs(np.random.default_rng(0).standard_normal((40, 6, 10))).astype(np.float32)
+    a = compare.agreement(_scaled(boxes_then_scores, 6), _scaled(broken, 6), [{"x": x}], progress=False)
+    assert a.cosine > 0.999  # the box coordinates dominate the whole output
+    assert a.worst_channel[0] == 4 and a.worst_channel[1] == pytest.approx(-1.0)
+    assert a.channel_cosines[5] == pytest.approx(1.0) and a.collapsed
+    line = agreement_summary(a, "held-out")
+    assert "worst of the output's 6 channels (axis 1): 4, cosine -1.00000; WARNING: far below" in line
+    same = compare.agreement(_scaled(boxes_then_scores, 6), _scaled(boxes_then_scores, 6), [{"x": x}], progress=False)
+    assert not same.collapsed and "WARNING" not in agreement_summary(same, "held-out")
+
+
+def test_one_value_per_sample_has_its_error_in_the_sqnr_and_few_samples_are_called_rough():
+    x = np.random.default_rng(1).standard_normal((12, 1, 10)).astype(np.float32)
+    a = compare.agreement(_scaled(np.ones(1), 1), _scaled(np.full(1, 1.1), 1), [{"x": x}], progress=False)
+    assert a.cosine == pytest.approx(1.0) and a.sqnr_db == pytest.approx(20.0, abs=1e-3)  # 10% off everywhere
+    assert a.channel_cosines == ()
+    assert "output agreement on 12 held-out samples (only 12 samples: rough figures)" in agreement_summary(
+        a, "held-out"
+    )
+    assert "SQNR 20.0 dB" in agreement_summary(a, "held-out")

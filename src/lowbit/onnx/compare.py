@@ -11,7 +11,7 @@ import numpy as np
 import onnxruntime as ort
 from tqdm.auto import tqdm
 
-from lowbit.analysis import cosine_rows, finite_rows
+from lowbit.analysis import MAX_SQNR_DB, cosine_rows, finite_rows
 from lowbit.data import Feed, InputSpec
 
 
@@ -23,8 +23,12 @@ class Agreement:
     of every figure (``nonfinite_reference``: of those, the ones whose float output is not finite either, as when
     the input itself holds a NaN). Over the ``finite`` rest: ``cosine``, the mean over samples of the cosine
     similarity of the flattened outputs; ``max_abs_error``, the largest absolute difference; ``top1``, the
-    fraction of samples whose argmax agrees (classifier outputs, else None). With no finite sample, all three are
-    None: an argmax or a maximum over NaN means nothing.
+    fraction of samples whose argmax agrees (classifier outputs, else None); ``sqnr_db``, the signal-to-noise ratio
+    of the whole output, ``10 log10(sum a^2 / sum (a - b)^2)``, which sees the error of an output with one value
+    per sample (where a cosine is always 1). With no finite sample, these are None: an argmax or a maximum over NaN
+    means nothing. ``channel_cosines``: the cosine of each channel (axis 1) of the output over every sample and
+    position, so that a block of scores that collapsed shows even when larger values (box coordinates) dominate
+    the whole output's cosine; empty for outputs without channels.
     """
 
     samples: int
@@ -33,6 +37,25 @@ class Agreement:
     top1: float | None
     nonfinite: int = 0
     nonfinite_reference: int = 0
+    sqnr_db: float | None = None
+    channel_cosines: tuple[float, ...] = ()
+
+    @property
+    def worst_channel(self) -> tuple[int, float] | None:
+        """(index, cosine) of the channel that agrees least, or None without channels."""
+        if not self.channel_cosines:
+            return None
+        i = int(np.argmin(self.channel_cosines))
+        return i, self.channel_cosines[i]
+
+    @property
+    def collapsed(self) -> bool:
+        """Whether the worst channel is far below the whole output: its gap to 1 over 10x the whole output's and its
+        cosine under 0.99 (a block of outputs that quantization broke, which the whole output's cosine hides)."""
+        worst = self.worst_channel
+        if worst is None or self.cosine is None:
+            return False
+        return worst[1] < 0.99 and 1 - worst[1] > 10 * max(1 - self.cosine, 1e-6)
 
     @property
     def finite(self) -> int:
@@ -58,6 +81,7 @@ def agreement(
     if total is None and isinstance(feeds, Sized):
         total = len(feeds) or None
     cosines: list[np.ndarray] = []
+    channels = _Channels()
     max_err, agree, n, classifier = 0.0, 0, 0, True
     nonfinite = nonfinite_reference = 0
     with tqdm(feeds, total=total, desc="comparing FP32 and quantized", unit="batch", disable=not progress,
@@ -77,6 +101,7 @@ def agreement(
             if not len(a):
                 continue
             cosines.append(cosine_rows(a, b))
+            channels.update(a, b)
             max_err = max(max_err, float(np.abs(a.astype(np.float64) - b).max(initial=0.0)))
             if classifier:
                 agree += int((a.argmax(axis=1) == b.argmax(axis=1)).sum())
@@ -86,7 +111,42 @@ def agreement(
     if finite == 0:
         return Agreement(n, None, None, None, nonfinite, nonfinite_reference)
     top1 = agree / finite if classifier else None
-    return Agreement(n, float(np.concatenate(cosines).mean()), max_err, top1, nonfinite, nonfinite_reference)
+    return Agreement(n, float(np.concatenate(cosines).mean()), max_err, top1, nonfinite, nonfinite_reference,
+                     channels.sqnr_db(), channels.cosines())  # fmt: skip
+
+
+class _Channels:
+    """Per-channel (axis 1) dot products and energies of two outputs, and their totals, summed over batches."""
+
+    def __init__(self):
+        self.dot = self.aa = self.bb = None
+        self.signal = self.noise = 0.0
+
+    def update(self, a: np.ndarray, b: np.ndarray) -> None:
+        a, b = a.astype(np.float64), b.astype(np.float64)
+        self.signal += float((a * a).sum())
+        self.noise += float(((a - b) ** 2).sum())
+        if a.ndim < 2 or a.shape[1] < 2:
+            return
+        axes = (0, *range(2, a.ndim))
+        dot, aa, bb = (a * b).sum(axis=axes), (a * a).sum(axis=axes), (b * b).sum(axis=axes)
+        if self.dot is None:
+            self.dot, self.aa, self.bb = dot, aa, bb
+        else:
+            self.dot, self.aa, self.bb = self.dot + dot, self.aa + aa, self.bb + bb
+
+    def cosines(self) -> tuple[float, ...]:
+        if self.dot is None:
+            return ()
+        norm = np.sqrt(self.aa * self.bb)
+        both_zero = (self.aa == 0) & (self.bb == 0)
+        cos = np.where(norm > 0, self.dot / np.where(norm > 0, norm, 1), np.where(both_zero, 1.0, 0.0))
+        return tuple(float(c) for c in cos)
+
+    def sqnr_db(self) -> float | None:
+        if self.signal == 0 and self.noise == 0:
+            return None
+        return MAX_SQNR_DB if self.noise == 0 else 10 * float(np.log10(max(self.signal, 1e-300) / self.noise))
 
 
 def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | None:

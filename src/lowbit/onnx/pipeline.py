@@ -96,7 +96,7 @@ class QuantizeResult:
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"
         if self.agreement is not None:
-            text += "\n" + _agreement_line(self.agreement, "held-out" if self.held_out_samples else "evaluation")
+            text += "\n" + agreement_summary(self.agreement, "held-out" if self.held_out_samples else "evaluation")
         return text
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,8 +107,12 @@ class QuantizeResult:
         return out
 
 
-def _agreement_line(a: compare.Agreement, kind: str) -> str:
-    """One line of output agreement; NaN/Inf outputs are counted apart and never averaged in."""
+FEW_COMPARED = 32  # fewer compared samples than this: the summary says its figures are rough
+
+
+def agreement_summary(a: compare.Agreement, kind: str) -> str:
+    """Output agreement in a line or two; NaN/Inf outputs are counted apart and never averaged in; the worst output
+    channel is given, with a warning when it is far below the whole output."""
     if a.nonfinite:
         where = "the FP32 model's too" if a.nonfinite_reference else "FP32's are finite"
         warn = f"; WARNING: the INT8 output is NaN/Inf on {a.nonfinite} of {a.samples} samples ({where})"
@@ -117,10 +121,21 @@ def _agreement_line(a: compare.Agreement, kind: str) -> str:
     if a.cosine is None:
         return f"output agreement on {a.samples} {kind} samples: none is finite{warn}"
     top1 = "" if a.top1 is None else f", top-1 agreement {a.top1 * 100:.2f}%"
-    return (
-        f"output agreement on {a.finite} {kind} samples: cosine {a.cosine:.5f}, max abs error "
-        f"{a.max_abs_error:.4g} (in the output's units){top1}{warn}"
+    sqnr = "" if a.sqnr_db is None else f", SQNR {a.sqnr_db:.1f} dB"
+    few = f" (only {a.finite} samples: rough figures)" if a.finite < FEW_COMPARED else ""
+    text = (
+        f"output agreement on {a.finite} {kind} samples{few}: cosine {a.cosine:.5f}, max abs error "
+        f"{a.max_abs_error:.4g} (in the output's units){sqnr}{top1}{warn}"
     )
+    worst = a.worst_channel
+    if worst is not None:
+        text += f"\nworst of the output's {len(a.channel_cosines)} channels (axis 1): {worst[0]}, cosine {worst[1]:.5f}"
+        if a.collapsed:
+            text += (
+                "; WARNING: far below the whole output: those outputs may have collapsed while larger ones hide it; "
+                "judge the model with its task metric (--eval module:function)"
+            )
+    return text
 
 
 def _speedup(before: float, after: float) -> str:
