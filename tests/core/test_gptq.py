@@ -36,6 +36,22 @@ def test_torch_tensors_accumulate_in_float64_on_their_device():
     np.testing.assert_allclose(t.value.numpy(), m.value, rtol=1e-6)
 
 
+def test_merging_the_moments_of_two_halves_gives_the_moment_of_the_whole():
+    a, b = _rows(4, 11).astype(np.float64), _rows(5, 6).astype(np.float64)  # no float32 rounding to compare
+    whole, first, second = SecondMoment(), SecondMoment(), SecondMoment()
+    whole.add(np.concatenate([a, b], axis=2))
+    first.add(a)
+    second.add(b)
+    first.merge(second)
+    assert first.count == whole.count == 17
+    np.testing.assert_allclose(first.value, whole.value, rtol=1e-12, atol=1e-15)
+    empty = SecondMoment()
+    empty.merge(SecondMoment())  # nothing seen on either side: still nothing
+    assert empty.sum is None and empty.count == 0
+    empty.merge(whole)
+    np.testing.assert_array_equal(empty.value, whole.value)
+
+
 def test_an_empty_moment_has_no_value():
     with pytest.raises(ValueError, match="no data seen"):
         _ = SecondMoment().value
@@ -54,3 +70,21 @@ def test_gptq_codes_beat_nearest_rounding_on_the_data_they_were_fitted_to():
     err = [float(np.sum(((q * scale - w) @ x) ** 2)) for q in (codes, nearest)]
     assert err[0] < 0.92 * err[1]  # 0.89 with this seed
     assert codes.min() >= -8 and codes.max() <= 7
+
+
+def test_uncorrelated_inputs_leave_nearest_rounding_and_correlated_ones_lower_the_output_error():
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(1, 6, 20))
+    scale = np.abs(w).max(axis=2, keepdims=True) / 7
+    nearest = np.clip(np.rint(w / scale), -8, 7)
+    q = round_matrix(w, scale, 0.0, -8, 7, np.eye(20)[None])
+    np.testing.assert_array_equal(q, nearest)  # H = I: no error to cancel, every weight keeps its nearest code
+    x = rng.normal(size=(5000, 20)) @ rng.normal(size=(20, 20))  # correlated inputs
+    h = (x.T @ x / len(x))[None]
+    q = round_matrix(w, scale, 0.0, -8, 7, h)
+    assert q.min() >= -8 and q.max() <= 7 and np.all(q == np.rint(q))
+
+    def output_error(codes):
+        return float(np.mean((x @ (w[0] - codes[0] * scale[0]).T) ** 2))
+
+    assert output_error(q) < 0.7 * output_error(nearest)

@@ -7,7 +7,7 @@ column's rounding error over the columns not yet rounded, weighted by ``H^-1``, 
 data. Scales and zero points stay as given (plain rounding's); only the codes change.
 
 Both front ends use :func:`round_matrix`: :mod:`lowbit.onnx.gptq` (weights of an ONNX graph) and
-:mod:`lowbit.torch.rounding` (a quantized PyTorch model's layers).
+:mod:`lowbit.torch.rounding.gptq` (a quantized PyTorch model's layers).
 """
 
 from __future__ import annotations
@@ -96,6 +96,11 @@ class SecondMoment:
         h = h.double() if hasattr(h, "double") else np.asarray(h, dtype=np.float64)
         self.sum = h if self.sum is None else self.sum + h
         self.count += rows
+
+    def merge(self, other: SecondMoment) -> None:
+        """Fold in the rows ``other`` saw (another shard of the data, another process): the sums add."""
+        if other.sum is not None:
+            self.add_product(other.sum, other.count)
 
     @property
     def value(self):
