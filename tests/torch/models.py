@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lowbit.torch import Add, quantizers
+
 
 def _randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
     g = torch.Generator().manual_seed(seed)
@@ -92,8 +94,6 @@ class ResBlock(nn.Module):
 class ExplicitAdd(nn.Module):
     def __init__(self):
         super().__init__()
-        from lowbit.torch import Add
-
         torch.manual_seed(0)
         self.conv = nn.Conv2d(3, 3, 3, padding=1)
         self.add = Add()
@@ -163,3 +163,51 @@ class FreshResNet(nn.Module):
         x = torch.relu(self.bn1(self.conv1(x)))
         x = torch.relu(x + self.bn3(self.conv3(torch.relu(self.bn2(self.conv2(x))))))
         return self.fc(x.mean((2, 3)))
+
+
+def smooth_images(n: int, c: int = 3, size: int = 12, seed: int = 0) -> torch.Tensor:
+    """Images whose neighbouring pixels and channels are correlated, as real ones are: where GPTQ and AdaRound have
+    something to exploit."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, 1, size, size, generator=g).cumsum(-1).cumsum(-2) / size
+    return base + 0.3 * torch.randn(n, c, size, size, generator=g)
+
+
+def rounding_net() -> nn.Module:
+    """Conv, grouped Conv, pointwise Conv, Linear: a layer of each kind the weight roundings round."""
+    torch.manual_seed(3)
+    return nn.Sequential(
+        nn.Conv2d(3, 24, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(24, 24, 3, padding=1, groups=2),
+        nn.ReLU(),
+        nn.Conv2d(24, 16, 1),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
+
+
+def weight_codes(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The integer codes a weight rounding stored, by quantizer name (nearest rounding stores none)."""
+    return {n: q.codes.clone() for n, q in quantizers(model).items() if q.has_codes}
+
+
+def roundable_geometries() -> dict[str, nn.Module]:
+    """A layer of every geometry the weight roundings handle, by a short name."""
+    torch.manual_seed(0)
+    return {
+        "strided-grouped": nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2),
+        "dilated": nn.Conv2d(4, 6, (1, 3), padding=(0, 1), dilation=(1, 2)),
+        "same-depthwise": nn.Conv2d(4, 4, 3, padding="same", groups=4),
+        "pointwise": nn.Conv2d(4, 6, 1),
+        "conv1d": nn.Conv1d(4, 6, 3, stride=2, padding=1),
+        "valid-even": nn.Conv2d(4, 6, 2, padding="valid"),
+        "linear": nn.Linear(4, 6),
+    }
+
+
+def layer_input(layer: nn.Module, generator: torch.Generator) -> torch.Tensor:
+    """A random input for one of :func:`roundable_geometries`."""
+    shape = {nn.Linear: (5, 7, 4), nn.Conv1d: (3, 4, 11)}.get(type(layer), (3, 4, 9, 10))
+    return torch.randn(*shape, generator=generator)

@@ -19,7 +19,6 @@ from torch import nn
 import lowbit.torch as lt
 from lowbit.torch.layers import QuantLSTM
 from tests.torch import models
-from tests.torch.test_gptq import _codes, _net, _smooth
 
 DEVICE = os.environ.get("LOWBIT_TEST_DEVICE", "cuda")
 if DEVICE == "cuda" and not torch.cuda.is_available():
@@ -188,11 +187,11 @@ def test_dynamic_linear_and_lstm_on_the_device_match_the_cpu():
 
 
 def test_gptq_on_the_device_picks_the_cpu_codes():
-    model, calib = _net(), list(_smooth(128).split(32))
+    model, calib = models.rounding_net(), list(models.smooth_images(128).split(32))
     cpu = lt.quantize(model, "w4a8", calib=calib, rounding="gptq", progress=False)
     dev = lt.quantize(copy.deepcopy(model).to(DEVICE), "w4a8", calib=_to(calib), rounding="gptq", progress=False)
     _on_device(dev)
-    a, b = _codes(cpu), _codes(dev)
+    a, b = models.weight_codes(cpu), models.weight_codes(dev)
     assert list(a) == list(b) and len(a) == 4
     for name in a:
         assert b[name].device.type == DEVICE
@@ -200,8 +199,8 @@ def test_gptq_on_the_device_picks_the_cpu_codes():
 
 
 def test_adaround_on_the_device_learns_codes_that_lower_the_output_error():
-    model, calib = _net(), list(_smooth(256).split(32))
-    test = _smooth(128, seed=1).to(DEVICE)
+    model, calib = models.rounding_net(), list(models.smooth_images(256).split(32))
+    test = models.smooth_images(128, seed=1).to(DEVICE)
     model = model.to(DEVICE)
     with torch.no_grad():
         ref = model(test)
@@ -211,7 +210,7 @@ def test_adaround_on_the_device_learns_codes_that_lower_the_output_error():
         _on_device(q)
         with torch.no_grad():
             errors[rounding] = float(((q(test) - ref) ** 2).mean())
-    assert len(_codes(q)) == 4 and all(c.device.type == DEVICE for c in _codes(q).values())
+    assert len(models.weight_codes(q)) == 4 and all(c.device.type == DEVICE for c in models.weight_codes(q).values())
     assert errors["adaround"] < 0.7 * errors["nearest"]
 
 

@@ -156,3 +156,8 @@ def test_the_recipe_names_the_weight_rounding_and_the_keyword_wins():
         lt.quantize(models.convnet(), replace(preset("int8"), rounding="up"), calib=calib, progress=False)
     with pytest.raises(SpecError, match=r"config\.fp16_rest is not used by lowbit\.torch"):
         lt.quantize(models.convnet(), replace(preset("int8"), fp16_rest=True), calib=calib, progress=False)
+
+
+def test_a_quantized_model_is_in_eval_mode_down_to_its_quantizers():
+    q = lt.quantize(models.convnet(), "w4a8", calib=models.batches(), progress=False)
+    assert not any(m.training for m in q.modules())

@@ -27,12 +27,12 @@ from lowbit.torch.layers import (
     QuantConvTranspose2d,
     QuantLinear,
 )
-from lowbit.torch.learned_rounding import adaround
 from lowbit.torch.ptq import calibrate, quantize, quantizers
 from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, batch_statistics, freeze_bn_stats
 from lowbit.torch.quantizer import ClippingWarning, TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
-from lowbit.torch.rounding import gptq
+from lowbit.torch.rounding.adaround import adaround
+from lowbit.torch.rounding.gptq import gptq
 from lowbit.torch.sensitivity import analyze, apply_mixed, mixed_config
 
 __all__ = [

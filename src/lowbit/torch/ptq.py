@@ -30,7 +30,7 @@ from torch import nn
 
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.recipe import Config, to_dict
-from lowbit.torch import roundings
+from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import RECIPE_ATTRIBUTE, resolve
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
@@ -185,10 +185,10 @@ def quantize(
     BatchNorms into the convolutions before them first. ``qat``: the model will be trained (QAT): keep each
     folded BatchNorm training inside a :class:`~lowbit.torch.qat.QuantConvBn2d` (:mod:`lowbit.torch.qat`)
     instead of folding its statistics away. Either way the returned model is in eval mode: call ``.train()``.
-    ``rounding`` (default: the config's ``rounding``, else ``"nearest"``; :mod:`lowbit.torch.roundings`):
+    ``rounding`` (default: the config's ``rounding``, else ``"nearest"``; the registry :mod:`lowbit.torch.rounding`):
     ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the Conv/Linear weights
-    for the least output error on ``calib`` (:mod:`lowbit.torch.rounding`; worth it at 4 bits); ``"adaround"``
-    learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.learned_rounding`; slower,
+    for the least output error on ``calib`` (:mod:`lowbit.torch.rounding.gptq`; worth it at 4 bits); ``"adaround"``
+    learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.rounding.adaround`; slower,
     better, and it needs ``calib`` as batches).
     ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
     are calibrated: ``"batch"``, those of each calibration batch, as training will (the default with ``qat``: the
@@ -206,7 +206,7 @@ def quantize(
     if bn_stats is None:
         bn_stats = "batch" if qat else "running"
     _check_bn_stats(bn_stats)
-    method = roundings.get(rounding or cfg.rounding or "nearest")
+    method = weight_rounding.get(rounding or cfg.rounding or "nearest")
     calib = _check_call(model, cfg, calib, method, inplace)
     if not cfg.residual_adds:
         _check_layers(model, cfg)
@@ -226,8 +226,7 @@ def quantize(
     _swap_layers(model, cfg)
     if calib is not None and not cfg.dynamic:
         calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
-    if method.apply is not None:
-        method.apply(model, calib, progress)
+    method.apply(model, calib, progress=progress)
     setattr(model, RECIPE_ATTRIBUTE, to_dict(replace(cfg, rounding=method.name)))
     return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too
 

@@ -51,9 +51,9 @@ from lowbit.analysis import (
     write,
 )
 from lowbit.calib.histogram_methods import MSECalibrator
-from lowbit.errors import CalibrationError
+from lowbit.errors import CalibrationError, SpecError
 from lowbit.recipe import Config
-from lowbit.torch import roundings
+from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import resolve
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 from lowbit.torch.runner import run_batch
@@ -61,13 +61,17 @@ from lowbit.torch.switches import kept_float, only, own_quantizers, quantized_la
 
 MODES = ("float", "bits")
 MINIMIZE = ("layers", "size")
-# What a search may round the weights again with, for each model it tries: every rounding that fits codes to data.
-RE_ROUNDINGS = tuple(name for name in roundings.available() if roundings.get(name).needs_data)
+
+
+def re_roundings() -> tuple[str, ...]:
+    """What a search may round the weights again with, for each model it tries: every registered weight rounding
+    that fits codes to data (:mod:`lowbit.torch.rounding`), sorted."""
+    return tuple(name for name in weight_rounding.available() if weight_rounding.get(name).needs_data)
 
 
 def _check_rounding(rounding: str | None) -> None:
-    if rounding is not None and rounding not in RE_ROUNDINGS:
-        raise ValueError(f"rounding must be one of {', '.join(RE_ROUNDINGS)} or None, got {rounding!r}")
+    if rounding is not None and rounding not in re_roundings():
+        raise SpecError(f"rounding must be one of {', '.join(re_roundings())} or None, got {rounding!r}")
 
 
 def _weights(layer: nn.Module) -> Iterator[tuple[TensorQuantizer, torch.Tensor]]:
@@ -317,7 +321,7 @@ def _rounded_search(
 
 
 def _round(model: nn.Module, rounding: str, calib: list[Any]) -> None:
-    roundings.get(rounding).apply(model, calib, False)
+    weight_rounding.get(rounding).apply(model, calib, progress=False)
 
 
 def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:

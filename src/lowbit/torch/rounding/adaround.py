@@ -29,8 +29,8 @@ in docs/BENCHMARKS.md), and INT8 models whose activations are quantized hard (de
 It costs a partial pass of the calibration data through the model per layer plus the optimisation: minutes on a
 CPU for a mobile network on 64 images.
 
-Rounded: ``Conv1d``/``Conv2d`` (zero padding, any groups) and ``Linear`` layers whose weight quantizer is static
-and calibrated (:func:`lowbit.torch.rounding.layers`).
+Rounded: the layers of :mod:`lowbit.torch.rounding.roundable`; a convolution's input patches come from
+:func:`lowbit.torch.rounding.patches.conv_patches`, gathered at the sampled positions.
 """
 
 from __future__ import annotations
@@ -45,7 +45,9 @@ from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
-from lowbit.torch.rounding import chosen_layers, conv_patches, output_positions, weight_matrix
+from lowbit.torch.rounding.patches import conv_patches, output_positions
+from lowbit.torch.rounding.registry import register
+from lowbit.torch.rounding.roundable import chosen_layers, weight_matrix
 from lowbit.torch.runner import call, is_loop, run_batch
 
 ITERATIONS = 500  # gradient steps per layer
@@ -75,7 +77,7 @@ def _all_float(model: nn.Module) -> Iterator[None]:
             q.mode = mode
 
 
-class _Sample:
+class Sample:
     """Picks a layer's output positions, the same in every pass (seeded by batch), and gathers the input patch
     of each (rows, groups, columns) and the output there (rows, channels)."""
 
@@ -117,7 +119,7 @@ def _batches(calib: Any) -> list[Any]:
 
 
 def _collect(
-    model: nn.Module, name: str, module: nn.Module, sample: _Sample, batches: list[Any], keep_float: bool = False
+    model: nn.Module, name: str, module: nn.Module, sample: Sample, batches: list[Any], keep_float: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The layer's quantized input patches, its float outputs and (``keep_float``) its float model's input patches,
     at the sampled positions of every batch."""
@@ -142,14 +144,14 @@ def _collect(
 
     for i, batch in enumerate(batches):
         state["batch"] = i
-        for register, ctx in (
+        for add_hooks, ctx in (
             (
                 lambda: (module.register_forward_pre_hook(take_float_input), module.register_forward_hook(take_output)),
                 _all_float(model),
             ),
             (lambda: (module.register_forward_pre_hook(take_input),), contextlib.nullcontext()),
         ):
-            hooks = register()
+            hooks = add_hooks()
             try:
                 with ctx, torch.no_grad():
                     call(model, batch)  # the batches already ran in calibration: no other error to expect
@@ -278,6 +280,7 @@ def _run_order(model: nn.Module, found: dict[str, nn.Module], batch: Any) -> lis
     return order + [n for n in found if n not in order]
 
 
+@register("adaround", batches_only=True)
 def adaround(
     model: nn.Module,
     calib: Iterable[Any],
@@ -307,7 +310,7 @@ def adaround(
         bar = tqdm(order, desc="AdaRound", unit="layer", disable=not progress, leave=False)
         for i, name in enumerate(bar):
             module = found[name]
-            sample = _Sample(module, max(1, -(-rows // len(batches))), i)
+            sample = Sample(module, max(1, -(-rows // len(batches))), i)
             patches, target, float_patches = _collect(model, name, module, sample, batches, keep_float=drop > 0)
             errors[name] = round_layer(
                 module, patches, target, iterations=iterations, float_patches=float_patches, drop=drop

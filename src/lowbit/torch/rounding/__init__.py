@@ -1,0 +1,20 @@
+"""How the PyTorch front end gives a quantized model's weights their integer codes: a registry of weight roundings
+(:mod:`lowbit.torch.rounding.registry`), applied after calibration, one method per file.
+
+``nearest`` (:mod:`~lowbit.torch.rounding.nearest`) keeps the codes calibration gave (each weight to its nearest
+code); ``gptq`` (:mod:`~lowbit.torch.rounding.gptq`) chooses the codes of the Conv/Linear weights for the least
+output error on the calibration data; ``adaround`` (:mod:`~lowbit.torch.rounding.adaround`) learns them layer by
+layer on the quantized model's own inputs. Both choose among the layers of :mod:`~lowbit.torch.rounding.roundable`
+and read a convolution's input patches through :mod:`~lowbit.torch.rounding.patches`.
+
+Adding a method is one file here with ``@register("name")`` on its function, imported below.
+
+>>> available()
+['adaround', 'gptq', 'nearest']
+"""
+
+# Each method registers itself on import.
+from lowbit.torch.rounding import adaround, gptq, nearest  # noqa: F401
+from lowbit.torch.rounding.registry import METHODS, WeightRounding, available, get, register
+
+__all__ = ["METHODS", "WeightRounding", "available", "get", "register"]
