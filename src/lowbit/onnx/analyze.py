@@ -103,8 +103,8 @@ def analyze(
         raise AnalyzeError("the analysis measures static quantization; a dynamic recipe has no ranges to analyse")
     loaded = stages.open_model(Path(model), settings, options.batch_size)
     data = stages.open_data(loaded, calib, eval_data, options)
-    _check_plan(loaded, settings, report.extract)
-    calibrated, observers = _calibrate(loaded, settings, data.calib, options)
+    full = _check_plan(loaded, settings, report.extract)
+    calibrated, observers = _calibrate(loaded, settings, full, data.calib, options)
     feeds = (data.eval or data.calib).batches(loaded.batch, 0, report.samples)
     analysis = _measure(loaded, settings, calibrated, observers, feeds, options.progress)
     built = calibrated.build()
@@ -130,7 +130,8 @@ def _from_keywords(config, options, budget, report, keywords):
     return config, options, budget, report
 
 
-def _check_plan(loaded: stages.Model, settings: Settings, extract: tuple[str, ...]) -> None:
+def _check_plan(loaded: stages.Model, settings: Settings, extract: tuple[str, ...]) -> placement.Plan:
+    """The full plan, refused when it quantizes nothing or ``extract`` names a node the model lacks."""
     full = plan_for(loaded.graph, settings)
     if not full.quantized_nodes:
         raise AnalyzeError("nothing to analyse: no node of a supported type (Conv, Gemm, MatMul, ...) is quantized")
@@ -139,14 +140,14 @@ def _check_plan(loaded: stages.Model, settings: Settings, extract: tuple[str, ..
     if missing:  # say so now, not after minutes of analysis
         known = ", ".join(full.quantized_nodes[:30])
         raise AnalyzeError(f"--extract {missing[0]!r}: no node of that name; quantized nodes include: {known}")
+    return full
 
 
-def _calibrate(loaded, settings: Settings, source, options: Options) -> tuple[Calibrated, dict]:
+def _calibrate(loaded, settings: Settings, full: placement.Plan, source, options: Options) -> tuple[Calibrated, dict]:
     """Calibrate once (every tensor, for the report's histograms); a method without a histogram gets an MSE
     calibrator beside it on each planned tensor, whose histogram the report shows."""
     observers = {}
     if not issubclass(type(calib_registry.create(settings.method)), HistogramCalibrator):
-        full = plan_for(loaded.graph, settings)
         observers = {t: [MSECalibrator(tensor=t)] for t in full.calibrated}
     cal_source = sampling.split(source, options.max_samples).calib
     calibrated = stages.calibrate(loaded, settings, cal_source, options, every_tensor=True, observers=observers)

@@ -30,7 +30,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
 from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
-from lowbit.onnx.calibration import Calibrated, units
+from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.model import file_size, save_model, session
 from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
@@ -260,8 +260,7 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     result.samples_note = chosen.describe()
     if not chosen.calib.num_samples and chosen.total is not None:
         raise DataError(f"{job.data.calib.description}: no samples left for calibration")
-    full = placement.plan(model.graph, settings.target, exclude=settings.exclude, exclude_ops=settings.exclude_ops,
-                          per_channel=settings.per_channel, activation=settings.activation)  # fmt: skip
+    full = plan_for(model.graph, settings)
     if not full.quantized_nodes:
         raise QuantizeError(
             "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
