@@ -400,10 +400,12 @@ def _add_budget_args(parser: argparse.ArgumentParser) -> None:
         help="keep the most sensitive layers in float, fewest first, until the metric drops by at most X from FP32",
     )  # fmt: skip
     budget.add_argument(
-        "--metric", choices=["cosine", "agreement", "accuracy"],
+        "--metric", choices=["cosine", "agreement", "accuracy", "relerr"],
         help="cosine (drop = 1 - mean cosine to FP32; the default without labels), agreement (top-1 agreement "
-        "with FP32, %%), accuracy (top-1 %% against --labels; the default with labels); or give --eval "
-        "module:function, a function(session) -> score",
+        "with FP32, %%), accuracy (top-1 %% against --labels; the default with labels), relerr (drop = the "
+        "output's relative error to FP32, ||out - fp32|| / ||fp32|| over all samples: sees the error of one "
+        "value per sample, where cosine is always 1; X = 0.01 is an SQNR of 40 dB, 0.1 of 20 dB); or give "
+        "--eval module:function, a function(session) -> score",
     )  # fmt: skip
     budget.add_argument("--labels", type=Path, help=".npy of integer classes, one per --eval sample")
 
