@@ -216,6 +216,9 @@ def _print_quantized(result, args_batch: int) -> None:
         elif result.batch_size != args_batch:
             how += " (the model fixes the batch size, and no copy with a free one gives the same outputs)"
         print(f"{result.samples_note}, {how}, in {result.calibration_seconds:.1f} s")
+    if result.fused:
+        ops = ", ".join(f"{n} {op}" for op, n in result.fused.items())
+        print(f"decomposed activations rewritten as single ops: {ops}")
     if result.fp16_nodes:
         print(f"float remainder in FP16: {len(result.fp16_nodes)} nodes")
     if result.rounded_layers:

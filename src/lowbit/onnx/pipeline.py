@@ -72,6 +72,7 @@ class QuantizeResult:
     seconds: float = 0.0  # the whole call, calibration included
     warnings: list[str] = field(default_factory=list)
     untimed: dict[int, str] = field(default_factory=dict)  # batch -> why its latency was not measured
+    fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -215,7 +216,7 @@ class _Job:
         data = stages.open_data(model, calib, eval_data, options)
         target = DEFAULT_TARGET if settings.dynamic else settings.target.name
         result = QuantizeResult(output, ranges_path, target, settings.method, settings.dynamic, [], [])
-        result.batch_size = model.batch
+        result.batch_size, result.fused = model.batch, dict(model.fused)
         return cls(settings, options, budget, model, data, result)
 
 
@@ -289,6 +290,7 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
     settings, result = job.settings, job.result
     built = calibrated.build(keep_float=keep_float)
     quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
+    rewrite.without_dead_quantizers(quantized)
     result.quantized_nodes, result.excluded_nodes = list(plan.quantized_nodes), plan.excluded_nodes
     result.layers = len(units(job.model.graph, plan))
     if settings.target.int8_tables:

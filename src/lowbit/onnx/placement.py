@@ -33,7 +33,7 @@ import onnx
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.onnx.graph import Graph, attributes
-from lowbit.onnx.rules import rule_for
+from lowbit.onnx.rules import rule_for, scalar_factor
 from lowbit.recipe import Target, get_target
 
 
@@ -50,6 +50,9 @@ class Plan:
     weights: dict[str, int | None] = field(default_factory=dict)
     constants: set[str] = field(default_factory=set)  # constant operands of elementwise ops (ort): own range
     biases: dict[str, tuple[str, str]] = field(default_factory=dict)
+    # The output of a Mul/Div by a positive constant whose input is quantized -> (that input, the factor): the
+    # op goes, and its readers read the input's codes at the scale times the factor.
+    scaled: dict[str, tuple[str, float]] = field(default_factory=dict)
     quantized_nodes: list[str] = field(default_factory=list)
     excluded_nodes: list[str] = field(default_factory=list)
 
@@ -137,8 +140,7 @@ def plan(
     result = Plan(target.name, activation or target.activation)
     active: list[onnx.NodeProto] = []
     for node in graph.nodes:
-        rule = rule_for(node)
-        if rule is None:
+        if rule_for(node) is None and scalar_factor(graph, node) is None:
             continue
         if excluded(graph, node):
             result.excluded_nodes.append(graph.node_name(node))
@@ -169,6 +171,8 @@ def _plan_trt(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     for node in active:
         rule = rule_for(node)
+        if rule is None:
+            continue
         if rule.kind == "compute":
             _add_weights(graph, node, result, per_channel)
             for i in rule.activation_inputs(node):
@@ -208,6 +212,15 @@ def _plain_bias(graph: Graph, node: onnx.NodeProto, bias: str) -> bool:
     return attrs.get("alpha", 1.0) == 1.0 and attrs.get("beta", 1.0) == 1.0 and not attrs.get("transA", 0)
 
 
+PASSING = ("share", "activation", "lookup", "scale")  # kinds an integer path runs through
+
+
+def _kind(graph: Graph, node: onnx.NodeProto) -> str:
+    """A node's kind for the integer-islands planner: its rule's, or ``scale`` for a Mul/Div by a positive
+    constant (:func:`lowbit.onnx.rules.scalar_factor`)."""
+    return "scale" if scalar_factor(graph, node) is not None else rule_for(node).kind
+
+
 def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
     """The ids of the active elementwise, MatMul and Gemm nodes worth keeping in the integer domain.
 
@@ -217,14 +230,14 @@ def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
     would add a rounding for a kernel that ends in a float op anyway (a GELU written as Erf, Mul and Add; a
     LayerNormalization; a Softmax)."""
     ids = {id(n) for n in active}
-    kind = {id(n): rule_for(n).kind for n in active}
+    kind = {id(n): _kind(graph, n) for n in active}
 
     def through(tensor: str, seen: set[str]) -> str:
         """Walk back from ``tensor`` through share/activation/lookup producers to the tensor they pass on."""
         while tensor not in seen:
             seen.add(tensor)
             node = graph.producer.get(tensor)
-            if node is None or id(node) not in ids or kind[id(node)] not in ("share", "activation", "lookup"):
+            if node is None or id(node) not in ids or kind[id(node)] not in PASSING:
                 return tensor
             tensor = node.input[0]
         return tensor
@@ -252,7 +265,7 @@ def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
             k = kind[id(reader)]
             if k == "compute" or (k == "elementwise" and id(reader) in useful):
                 return True
-            if k in ("share", "activation", "lookup") and any(reaches(o, seen) for o in reader.output if o):
+            if k in PASSING and any(reaches(o, seen) for o in reader.output if o):
                 return True
         return False
 
@@ -271,7 +284,7 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
     useful = _worth_integer(graph, active)
     for node in active:
         rule = rule_for(node)
-        if rule.kind in ("share", "activation", "lookup"):
+        if _kind(graph, node) in PASSING:
             followers.append(node)
             continue
         if rule.kind == "elementwise" and id(node) not in useful:
@@ -306,6 +319,9 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
     absorbed: set[str] = set()
     absorbing: set[int] = set()
     for node in followers:
+        if _kind(graph, node) == "scale":
+            _fold_scale(graph, node, result)
+            continue
         rule = rule_for(node)
         source = node.input[0]
         if source not in result.activations or not graph.is_float(source):
@@ -327,6 +343,22 @@ def _plan_ort(graph: Graph, active: list[onnx.NodeProto], result: Plan, per_chan
             continue
         if all(id(c) in absorbing for c in readers):
             del result.activations[name]
+    for name in result.scaled:  # its readers read the folded DequantizeLinear: no quantizer of its own
+        result.activations.pop(name, None)
+
+
+def _fold_scale(graph: Graph, node: onnx.NodeProto, result: Plan) -> None:
+    """A Mul/Div by a positive constant whose input is quantized: record its output as that input's codes at a
+    scale times the factor (chains of them multiply)."""
+    factor = scalar_factor(graph, node)
+    source = next(t for t in node.input if graph.is_activation(t))
+    if source in result.scaled:
+        source, first = result.scaled[source]
+        factor *= first
+    elif source not in result.activations:
+        return
+    result.scaled[node.output[0]] = (source, factor)
+    result.quantized_nodes.append(graph.node_name(node))
 
 
 @planner("every-op")
@@ -335,7 +367,7 @@ def _plan_every_op(graph: Graph, active: list[onnx.NodeProto], result: Plan, per
     none (the runtime runs them on whatever arrives). A Conv/Gemm with computed weights stays in float."""
     for node in active:
         rule = rule_for(node)
-        if rule.kind not in ("compute", "elementwise"):
+        if rule is None or rule.kind not in ("compute", "elementwise"):
             continue
         if rule.kind == "compute" and not _add_weights(graph, node, result, per_channel) and node.op_type != "MatMul":
             continue

@@ -143,6 +143,7 @@ def insert_qdq(
     rewrite.biases(plan, act, weights)
     rewrite.elementwise_constants(plan)
     rewrite.activations(act)
+    rewrite.scaled(plan.scaled, act)
     rewrite.rewire(set(plan.excluded_nodes))
     rewrite.finish()
     _ensure_opset(out, 13)
@@ -160,6 +161,7 @@ class _Rewrite:
         self.pairs: dict[str, list[onnx.NodeProto]] = {}  # activation -> its Q and DQ nodes
         self.float_of: dict[str, str] = {}  # what excluded nodes read
         self.dequantized_of: dict[str, str] = {}  # what quantized readers of a graph input read
+        self.folded: dict[str, onnx.NodeProto] = {}  # output of a folded Mul/Div -> the DequantizeLinear instead
 
     def init(self, base: str, array: np.ndarray) -> str:
         return self.names.initializer(base, array, self.new_inits)
@@ -221,6 +223,17 @@ class _Rewrite:
                                  name=new(f"{tensor}_DequantizeLinear")),
             ]  # fmt: skip
 
+    def scaled(self, scaled: Mapping[str, tuple[str, float]], act: Mapping[str, QParams]) -> None:
+        """A Mul/Div by a positive constant on a quantized tensor becomes a DequantizeLinear of that tensor's codes
+        at its scale times the factor (the op's output name kept)."""
+        for tensor, (source, factor) in scaled.items():
+            p = act[source]
+            scale = self.init(f"{tensor}_scale", (p.scale.astype(np.float64) * factor).astype(np.float32))
+            codes = self.pairs[source][0].output[0]
+            zero_point = self.pairs[source][1].input[2]
+            name = self.names.new(f"{tensor}_DequantizeLinear")
+            self.folded[tensor] = helper.make_node("DequantizeLinear", [codes, scale, zero_point], [tensor], name=name)
+
     def rewire(self, excluded: set[str]) -> None:
         """Every node in order, each followed by the pairs of its outputs; excluded nodes read the float tensors,
         quantized readers of a graph input its dequantized copy."""
@@ -229,6 +242,9 @@ class _Rewrite:
             nodes.extend(self.pairs[tensor])
         for node in self.g.node:
             if node.op_type == "Constant" and node.output[0] in self.replaced:
+                continue
+            if node.output and node.output[0] in self.folded:
+                nodes.append(self.folded[node.output[0]])
                 continue
             reads_float = self.graph.node_name(node) in excluded
             for i, name in enumerate(node.input):
@@ -255,6 +271,29 @@ class _Rewrite:
         inputs = [i for i in g.input if i.name not in self.replaced]
         del g.input[:]
         g.input.extend(inputs)
+
+
+def without_dead_quantizers(model: onnx.ModelProto) -> int:
+    """Remove, in place, the DequantizeLinear nodes of ``model``'s main graph whose output nothing reads (a folded
+    Mul/Div reads the codes before them; an excluded node the float tensor), then the QuantizeLinear nodes whose
+    codes nothing reads any more: ONNX Runtime would run them. Returns how many nodes went. (Models built for
+    measuring keep them: a tensor they expose as an output must exist.)"""
+    g = model.graph
+    graph = Graph(model)
+    outside = {o.name for o in g.output} | graph.subgraph_reads
+    readers = {t: len(c) for t, c in graph.consumers.items()}
+    dead: set[int] = set()
+    for op in ("DequantizeLinear", "QuantizeLinear"):
+        for node in reversed(g.node):
+            out = node.output[0]
+            if node.op_type == op and out not in outside and not readers.get(out):
+                dead.add(id(node))
+                for t in node.input:
+                    readers[t] -= 1
+    kept = [n for n in g.node if id(n) not in dead]
+    del g.node[:]
+    g.node.extend(kept)
+    return len(dead)
 
 
 def _ensure_opset(model: onnx.ModelProto, version: int) -> None:

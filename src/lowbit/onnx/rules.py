@@ -11,7 +11,9 @@ Kinds of op:
   scale and zero point and the op runs on integers for free.
 - ``activation``: Relu, Clip: a quantizer placed after them does their job (a uint8 zero point of 0 clips at 0),
   so their input needs no quantizer of its own and ONNX Runtime drops them.
-- ``lookup``: Sigmoid, LeakyRelu, ...: quantized input and output with its own range (a table lookup in ORT).
+- ``lookup``: Sigmoid, LeakyRelu, HardSwish, ...: quantized input and output with its own range (QLinearSigmoid
+  and QLinearLeakyRelu are table lookups in ORT; the others run in float between a DequantizeLinear and a
+  QuantizeLinear).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import onnx
 
 from lowbit.onnx.graph import Graph, attribute
@@ -105,7 +108,27 @@ register(
     OpRule("share"),
 )
 register(("Relu", "Clip"), OpRule("activation"))
-register(("Sigmoid", "LeakyRelu", "HardSigmoid", "Tanh"), OpRule("lookup"))
+register(("Sigmoid", "LeakyRelu", "HardSigmoid", "HardSwish", "Tanh", "Gelu"), OpRule("lookup"))
+
+
+def scalar_factor(graph: Graph, node: onnx.NodeProto) -> float | None:
+    """``c`` for a ``Mul`` of an activation by a positive one-element constant ``c`` (``1 / c`` for a ``Div`` by
+    one), else None. Such an op changes only the scale of a quantized tensor: its codes stay, so it folds into the
+    scale of the DequantizeLinear that reads them."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in ("Mul", "Div") or len(node.input) != 2:
+        return None
+    a, b = node.input
+    if node.op_type == "Mul" and graph.is_constant(a):
+        a, b = b, a
+    if not (graph.is_activation(a) and graph.is_constant(b) and graph.is_float(b)):
+        return None
+    c = graph.value(b)
+    if c.size != 1 or len(c.shape) > (graph.rank(a) or 0):
+        return None
+    c = float(c.reshape(-1)[0])
+    if not (np.isfinite(c) and c > 0):
+        return None
+    return c if node.op_type == "Mul" else 1.0 / c
 
 
 def unit_output(graph: Graph, name: str) -> str:

@@ -1,7 +1,7 @@
 """The stages :func:`lowbit.onnx.quantize` and :func:`lowbit.onnx.analyze` are made of, each a function:
 open the model, open the data, calibrate once, rank the layers and search mixed precision.
 
-    model = open_model(path, settings)            # load, preprocess, check the recipe's exclusions
+    model = open_model(path, settings)            # load, preprocess, fuse activations, check the exclusions
     data = open_data(model, calib, eval_data, options)
     calibrated = calibrate(model, settings, data.calib, options)
 """
@@ -9,7 +9,7 @@ open the model, open the data, calibrate once, rank the layers and search mixed 
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit.data import FeedSource, InputSpec, open_feeds
-from lowbit.onnx import mixed, placement
+from lowbit.onnx import activations, mixed, placement
 from lowbit.onnx.calibration import Calibrated, calibrate_model
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
@@ -36,12 +36,18 @@ class Model:
     graph: Graph
     inputs: tuple[InputSpec, ...]
     batch: int
+    fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
 
 
 def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
-    """Load and preprocess the model at ``path``; a recipe exclusion that names nothing in it is an error."""
+    """Load and preprocess the model at ``path``, rewrite its decomposed activations as single ops and, for a
+    target that runs them best so, lower those on integer paths to integer ops (:mod:`lowbit.onnx.activations`);
+    a recipe exclusion that names nothing in it is an error."""
     original = load_model(path)
     float_model = preprocess(original)
+    fused = activations.fuse(float_model)
+    if not settings.dynamic and settings.target.integer_activations:
+        activations.lower(float_model)
     graph = Graph(float_model)
     placement.check_exclusions(graph, settings.config.exclude, settings.exclude_ops)
     names = [graph.node_name(n) for n in graph.nodes]
@@ -52,7 +58,7 @@ def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
                 f"override {glob!r} matches no node of the model (node names are e.g. {sample})"
             )
     inputs = tuple(InputSpec(*s) for s in input_specs(float_model))
-    return Model(path, original, float_model, graph, inputs, batch_size_for(inputs, batch_size))
+    return Model(path, original, float_model, graph, inputs, batch_size_for(inputs, batch_size), fused)
 
 
 @dataclass

@@ -31,6 +31,9 @@ class Target:
     int8_tables: static quantization also stores embedding tables (a Gather on a constant) as int8.
     timed_on_ort: latency measured on ONNX Runtime's CPU means something for it (a TensorRT layout is not run
         as TensorRT would).
+    integer_activations: activations that the runtime has no integer kernel for (HardSwish, HardSigmoid) are
+        written as the integer ops it has (an Add whose quantizer clips, a Mul, a scale folded into a
+        DequantizeLinear: ``lowbit.onnx.activations.lower``) where their input arrives as integers.
     """
 
     name: str
@@ -43,6 +46,7 @@ class Target:
     int32_biases: bool = False
     int8_tables: bool = False
     timed_on_ort: bool = True
+    integer_activations: bool = False
 
     def check_activation(self, spec: QuantSpec) -> None:
         """Refuse an activation grid this runtime cannot run."""

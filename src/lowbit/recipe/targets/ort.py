@@ -1,7 +1,8 @@
 """``ort``: ONNX Runtime's integer CPU kernels (QLinearConv, QGemm, QLinearAdd, ...).
 
 uint8 asymmetric activations (the fastest u8s8 kernels), int8 per-channel weights, int32 biases, Q/DQ on the
-inputs and outputs of every op ORT runs on integers where the integer domain pays, embedding tables as int8.
+inputs and outputs of every op ORT runs on integers where the integer domain pays, embedding tables as int8,
+hard-swish and hard-sigmoid as the QLinearAdd and QLinearMul they can be (ORT has no integer kernel for them).
 """
 
 from lowbit.core import QuantSpec
@@ -16,5 +17,6 @@ ORT = register_target(
         placement="integer-islands",
         int32_biases=True,
         int8_tables=True,
+        integer_activations=True,
     )
 )

@@ -1,0 +1,282 @@
+"""A text recogniser's shape, quantized for ONNX Runtime: does INT8 run faster than FP32 when the model's
+activations are hard-swish chains exported the way Paddle2ONNX writes them?
+
+    python benchmarks/recogniser_bench.py            # about 3 minutes on a 2-core machine
+    python benchmarks/recogniser_bench.py --quick    # fewer samples and timing rounds
+
+The model (built here in PyTorch with seeded random weights; no pretrained recogniser installs offline): a
+PP-LCNet-style backbone at scale 0.5 (depthwise-separable blocks, squeeze-excite in the last two, strides (2, 1)
+so the width stays a sequence), with every hard-swish written ``x * Clip(x + 3, 0, 6) / 6`` and every hard-sigmoid
+``Clip(x + 3, 0, 6) / 6``, then an SVTR-style neck (two transformer blocks of width 120 with swish MLPs) and a CTC
+head over 6,625 characters. BatchNormalization statistics are set by forward passes over the calibration images so
+activations have real ranges. Input 3x48x320, crops of the real photos shipped by scikit-image and scikit-learn.
+
+Measured: FP32 (the exported model) against lowbit's default INT8 (``--target ort``) with its activation rewriting
+(decomposed hard-swish and hard-sigmoid become ``HardSwish``/``HardSigmoid``) and without it (the registry of
+:mod:`lowbit.onnx.activations` emptied, which is what lowbit did before): latency at batch 8 (median of
+interleaved rounds), the share of time in float and conversion kernels from ONNX Runtime's profile (what
+``lowbit inspect`` reports), and the agreement of the greedy CTC decoding with FP32's (character error rate of
+INT8's decoded string against FP32's, and per-time-step top-1 agreement) on held-out crops. Random weights say
+nothing about reading text: the agreement with FP32 is what is measured.
+
+Writes the "recogniser" section of docs/BENCHMARKS.md and docs/benchmarks/recogniser.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, write_section
+
+CLASSES = 6625
+HEIGHT, WIDTH = 48, 320
+
+
+def _torch_model(seed: int = 0):
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class HardSwish(nn.Module):  # as Paddle2ONNX exports it
+        def forward(self, x):
+            return x * torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+    class HardSigmoid(nn.Module):
+        def forward(self, x):
+            return torch.clamp(x + 3.0, 0.0, 6.0) / 6.0
+
+    def conv_bn(cin, cout, k, stride, groups=1):
+        return nn.Sequential(
+            nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False), nn.BatchNorm2d(cout), HardSwish()
+        )
+
+    class SE(nn.Module):
+        def __init__(self, c):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.fc = nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1), HardSigmoid())
+
+        def forward(self, x):
+            return x * self.fc(self.pool(x))
+
+    class DepSep(nn.Module):
+        def __init__(self, cin, cout, k, stride, se):
+            super().__init__()
+            self.dw = conv_bn(cin, cin, k, stride, groups=cin)
+            self.se = SE(cin) if se else nn.Identity()
+            self.pw = conv_bn(cin, cout, 1, 1)
+
+        def forward(self, x):
+            return self.pw(self.se(self.dw(x)))
+
+    # PP-LCNet's blocks (kernel, in, out, stride, squeeze-excite) at scale 0.5, strides (2, 1) as in recognition
+    config = [
+        (3, 16, 32, 1, False), (3, 32, 64, 2, False), (3, 64, 64, 1, False), (3, 64, 128, (2, 1), False),
+        (3, 128, 128, 1, False), (3, 128, 256, (2, 1), False), *[(5, 256, 256, 1, False)] * 5,
+        (5, 256, 512, (2, 1), True), (5, 512, 512, 1, True),
+    ]  # fmt: skip
+    half = [(cin // 2, cout // 2, k, s, se) for k, cin, cout, s, se in config]
+
+    class Block(nn.Module):  # SVTR's global mixing: pre-norm attention and a swish MLP
+        def __init__(self, dim, heads=8):
+            super().__init__()
+            self.n1, self.n2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+            self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.SiLU(), nn.Linear(2 * dim, dim))
+
+        def forward(self, x):
+            y = self.n1(x)
+            x = x + self.attn(y, y, y, need_weights=False)[0]
+            return x + self.mlp(self.n2(x))
+
+    class Recogniser(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = conv_bn(3, 8, 3, 2)
+            self.blocks = nn.Sequential(*[DepSep(*c) for c in half])
+            self.pool = nn.AvgPool2d((2, 1))  # H 2 -> 1: 80 time steps
+            self.neck_in = nn.Sequential(nn.Conv2d(256, 120, 1), nn.BatchNorm2d(120), HardSwish())
+            self.neck = nn.Sequential(Block(120), Block(120))
+            self.head = nn.Linear(120, CLASSES)
+
+        def forward(self, x):
+            x = self.neck_in(self.pool(self.blocks(self.stem(x))))
+            x = x.flatten(2).transpose(1, 2)  # (N, T, C)
+            return self.head(self.neck(x))
+
+    return Recogniser()
+
+
+def images(count: int, seed: int) -> np.ndarray:
+    """``count`` crops of the photos as (N, 3, 48, 320) float32, normalised to [-1, 1] (PaddleOCR's)."""
+    from lowbit.examples import photo_crops, pil_image
+
+    Image = pil_image()
+    out = []
+    for _, crop in photo_crops(count, seed, size=320):
+        strip = np.asarray(Image.fromarray(crop).resize((WIDTH, HEIGHT), Image.BILINEAR), np.float32)
+        out.append(strip.transpose(2, 0, 1) / 127.5 - 1)
+    return np.stack(out)
+
+
+def export(path: Path, calib: np.ndarray) -> None:
+    import torch
+
+    model = _torch_model()
+    model.train()
+    with torch.no_grad():  # BatchNorm statistics of these images, so activations have realistic ranges
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None
+        for i in range(0, len(calib), 32):
+            model(torch.from_numpy(calib[i : i + 32]))
+    model.eval()
+    example = torch.from_numpy(calib[:1])
+    torch.onnx.export(
+        model, (example,), str(path), dynamo=False, opset_version=17, input_names=["image"],
+        output_names=["logits"], dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}},
+    )  # fmt: skip
+
+
+def greedy_ctc(logits: np.ndarray) -> list[list[int]]:
+    """CTC greedy decoding (class 0 is the blank): the best class of each step, repeats merged, blanks dropped."""
+    out = []
+    for best in logits.argmax(-1):
+        keep = np.concatenate([[True], best[1:] != best[:-1]]) & (best != 0)
+        out.append(best[keep].tolist())
+    return out
+
+
+def edit_distance(a: list[int], b: list[int]) -> int:
+    row = list(range(len(b) + 1))
+    for i, x in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, y in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
+    return row[-1]
+
+
+def accuracy(reference: np.ndarray, logits: np.ndarray) -> dict:
+    ref, ours = greedy_ctc(reference), greedy_ctc(logits)
+    errors = sum(edit_distance(r, o) for r, o in zip(ref, ours, strict=True))
+    chars = max(sum(len(r) for r in ref), 1)
+    return {
+        "cer_vs_fp32": errors / chars,
+        "step_agreement": float((reference.argmax(-1) == logits.argmax(-1)).mean()),
+        "strings_equal": float(np.mean([r == o for r, o in zip(ref, ours, strict=True)])),
+    }
+
+
+def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return np.concatenate([sess.run(None, {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+
+
+def _quantize(src: Path, dst: Path, calib: np.ndarray, rewrite: bool) -> dict:
+    from lowbit.onnx import Options, activations, quantize
+
+    saved = list(activations.ACTIVATIONS)
+    if not rewrite:
+        activations.ACTIVATIONS.clear()
+    try:
+        result = quantize(src, dst, calib, "int8", options=Options(compare=False, progress=False))
+    finally:
+        activations.ACTIVATIONS[:] = saved
+    return {"fused": result.fused, "seconds": result.seconds}
+
+
+def _shares(path: Path, feed: dict) -> dict:
+    from lowbit.onnx import kernels
+
+    prof = kernels.profile(path, feed, runs=5, warmup=2)
+    total = prof.total_ms() or 1.0
+    return {kind: prof.total_ms(kind) / total for kind in kernels.KINDS} | {"profile_ms": prof.total_ms()}
+
+
+def run(samples: int, held: int, rounds: int) -> dict:
+    from lowbit.onnx.compare import interleaved_latency_ms
+
+    calib, test = images(samples, seed=1), images(held, seed=2)
+    rows: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-recogniser-") as tmp:
+        work = Path(tmp)
+        paths = {"FP32": work / "fp32.onnx", "INT8 before (chains in float)": work / "before.onnx",
+                 "INT8 lowbit (activations rewritten)": work / "int8.onnx"}  # fmt: skip
+        export(paths["FP32"], calib)
+        rows["FP32"] = {}
+        labels = list(paths)
+        rows[labels[1]] = _quantize(paths["FP32"], paths[labels[1]], calib, rewrite=False)
+        rows[labels[2]] = _quantize(paths["FP32"], paths[labels[2]], calib, rewrite=True)
+        reference = _outputs(paths["FP32"], test)
+        feed = {"image": test[:8]}
+        for label, path in paths.items():
+            rows[label].update(_shares(path, feed))
+            rows[label]["size_mb"] = path.stat().st_size / 1e6
+            if label != "FP32":
+                rows[label].update(accuracy(reference, _outputs(path, test)))
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                    for k, p in paths.items()}  # fmt: skip
+        for b in (1, 8):
+            for label, ms in interleaved_latency_ms(sessions, {"image": test[:b]}, rounds=rounds).items():
+                rows[label].setdefault("latency_ms", {})[b] = ms
+    return {"machine": machine(), "samples": samples, "held_out": held, "rows": rows}
+
+
+def render(results: dict) -> str:
+    from lowbit._table import format_table
+
+    rows = results["rows"]
+    fp32 = rows["FP32"]["latency_ms"]
+    table = []
+    for label, r in rows.items():
+        lat = r["latency_ms"]
+        table.append([
+            label, f"{lat[1]:.2f}", f"{lat[8]:.2f}", f"x{fp32[8] / lat[8]:.2f}", f"{r['float'] * 100:.0f}%",
+            f"{r['convert'] * 100:.0f}%", f"{r['integer'] * 100:.0f}%", f"{r['size_mb']:.2f}",
+            "-" if "cer_vs_fp32" not in r else f"{r['cer_vs_fp32'] * 100:.2f}%",
+            "-" if "step_agreement" not in r else f"{r['step_agreement'] * 100:.2f}%",
+        ])  # fmt: skip
+    head = ["model", "ms b=1", "ms b=8", "vs FP32 b=8", "float", "convert", "integer", "MB", "CER vs FP32",
+            "step top-1 agr."]  # fmt: skip
+    fused = rows["INT8 lowbit (activations rewritten)"].get("fused", {})
+    m = results["machine"]
+    return "\n".join([
+        "## A text recogniser's shape (hard-swish chains)", "",
+        f"`python benchmarks/recogniser_bench.py` ({m['date']}; {m['cpu']}, {m['cores']} cores, ONNX Runtime "
+        f"{m['onnxruntime']}). PP-LCNet-style backbone (scale 0.5, hard-swish exported as `x * Clip(x + 3, 0, 6) / 6`) "
+        "+ SVTR-style neck + CTC head over 6,625 classes, seeded random weights, input 3x48x320; calibration on "
+        f"{results['samples']} photo crops, agreement with FP32's greedy CTC decoding on {results['held_out']} others. "
+        "Shares of kernel time from ONNX Runtime's profile at batch 8 (as `lowbit inspect` reports them). "
+        f"Rewritten: {', '.join(f'{n} {op}' for op, n in fused.items()) or 'none'}.", "",
+        "```", format_table(head, table, "lrrrrrrrrr"), "```", "",
+    ])  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer samples and timing rounds")
+    args = parser.parse_args()
+    samples, held, rounds = (64, 32, 3) if args.quick else (256, 128, 7)
+    results = run(samples, held, rounds)
+    text = render(results)
+    write_section("recogniser", text, results)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
