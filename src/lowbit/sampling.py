@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.data import Feed, FeedSource
+from lowbit.data import Feed, FeedSource, samples_in
 
 SEED = 0
 
@@ -99,10 +99,10 @@ def _derived(source: FeedSource, pick: Callable[[int, int], np.ndarray], stop: i
         for chunk in source.chunks():  # checked there, against the model and for NaN/Inf, at their true positions
             if position >= stop:
                 break
-            n = next(iter(chunk.values())).shape[0]
+            n = samples_in(chunk)
             rows = pick(position, n)
             position += n
             if len(rows):
-                yield {name: value[rows] for name, value in chunk.items()}
+                yield {name: value[rows] if np.ndim(value) else value for name, value in chunk.items()}
 
     return FeedSource(chunks, count, source.description, source.inputs)

@@ -88,13 +88,30 @@ def _array_chunks(path: Path) -> tuple[Callable[[], Iterator[Feed]], int | None]
             total = None if None in sizes else sum(sizes)  # type: ignore[arg-type]
             return (lambda: (feed for chunks, _ in readers for feed in chunks())), total
     sources = tensor_batches(path, batch_size=_CHUNK)
-    names = list(sources)
+    scalars = _scalars(path)  # rank-0 arrays: one value (a flag, a sample rate) for every sample of the file
+    names = [n for n in sources if n not in scalars]
 
     def chunks() -> Iterator[Feed]:
+        if not names:
+            yield dict(scalars)
+            return
         for arrays in zip(*(sources[n] for n in names), strict=False):
-            yield dict(zip(names, arrays, strict=True))
+            yield {**dict(zip(names, arrays, strict=True)), **scalars}
 
-    return chunks, _first_axis(path, names)
+    return chunks, _first_axis(path, names) if names else 1
+
+
+def _scalars(path: Path) -> dict[str, np.ndarray]:
+    """The rank-0 arrays of a .npz, a .npy or a folder of .npy files, by name."""
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as archive:
+                return {n: archive[n] for n in archive.files if archive[n].ndim == 0}
+        files = [path] if path.suffix == ".npy" else sorted(path.glob("*.npy"))
+        arrays = {f.stem: np.load(f, mmap_mode="r", allow_pickle=False) for f in files}
+        return {n: np.asarray(a) for n, a in arrays.items() if a.ndim == 0}
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return {}
 
 
 _CHUNK = 256  # samples read from a file at a time

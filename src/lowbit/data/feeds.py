@@ -91,7 +91,11 @@ class FeedSource:
                 if stop is not None and position >= stop:
                     break
                 continue
-            pending.append({k: v[lo:hi] for k, v in chunk.items()})
+            part = {k: v[lo:hi] if np.ndim(v) else v for k, v in chunk.items()}
+            if pending and not same_settings(pending[-1], part):  # a batch never mixes two values of a flag
+                yield _take(pending, held)[0]
+                pending, held = [], 0
+            pending.append(part)
             held += hi - lo
             while held >= batch_size:
                 batch, pending, held = _take(pending, batch_size)
@@ -103,8 +107,14 @@ class FeedSource:
 
 
 def samples_in(feed: Feed) -> int:
-    """The number of samples a feed holds (its arrays' first axis)."""
-    return next(iter(feed.values())).shape[0]
+    """The number of samples a feed holds (its arrays' first axis; a feed of scalars alone holds one)."""
+    return next((np.shape(v)[0] for v in feed.values() if np.ndim(v)), 1)
+
+
+def same_settings(a: Feed, b: Feed) -> bool:
+    """True when two feeds give their scalar inputs (rank 0: a flag or a sample rate for the whole batch, such as
+    the input an If chooses its branch by) the same values."""
+    return all(np.array_equal(a[k], b[k]) for k, v in a.items() if not np.ndim(v))
 
 
 def _take(pending: list[Feed], n: int) -> tuple[Feed, list[Feed], int]:
@@ -114,13 +124,17 @@ def _take(pending: list[Feed], n: int) -> tuple[Feed, list[Feed], int]:
     while got < n:
         head = pending[0]
         k = min(n - got, samples_in(head))
-        parts.append({name: v[:k] for name, v in head.items()})
+        parts.append({name: v[:k] if np.ndim(v) else v for name, v in head.items()})
         got += k
         if k == samples_in(head):
             pending = pending[1:]
         else:
-            pending = [{name: v[k:] for name, v in head.items()}, *pending[1:]]
-    batch = parts[0] if len(parts) == 1 else {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            pending = [{name: v[k:] if np.ndim(v) else v for name, v in head.items()}, *pending[1:]]
+    batch = (
+        parts[0]
+        if len(parts) == 1
+        else {name: np.concatenate([p[name] for p in parts]) if np.ndim(v) else v for name, v in parts[0].items()}
+    )
     return batch, pending, sum(samples_in(p) for p in pending)
 
 
@@ -178,7 +192,8 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str, *, renamed: s
                     f"{where}: input {spec.name!r} has shape {value.shape} but the model expects "
                     f"{spec.describe()} (axis {axis} differs)"
                 )
-        sizes.add(value.shape[0])
+        if value.ndim:  # a scalar input (rank 0) holds one value for the whole chunk
+            sizes.add(value.shape[0])
     if len(sizes) > 1:
         raise DataError(f"{where}: the inputs have different numbers of samples {sorted(sizes)}")
     return feed

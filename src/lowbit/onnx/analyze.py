@@ -28,7 +28,7 @@ from lowbit import calib as calib_registry
 from lowbit import sampling
 from lowbit.analysis import Analysis, LayerReport, tensor_report, write
 from lowbit.calib.histogram_methods import HistogramCalibrator, MSECalibrator
-from lowbit.data import DataError, Feed
+from lowbit.data import DataError, Feed, samples_in
 from lowbit.errors import AnalyzeError
 from lowbit.onnx import extract as extract_mod
 from lowbit.onnx import kernels, mixed, placement, stages
@@ -133,7 +133,7 @@ def _from_keywords(config, options, budget, report, keywords):
 def _check_plan(loaded: stages.Model, settings: Settings, extract: tuple[str, ...]) -> placement.Plan:
     """The full plan, refused when it quantizes nothing or ``extract`` names a node the model lacks."""
     full = plan_for(loaded.graph, settings)
-    if not full.quantized_nodes:
+    if not full.quantized_nodes and not full.bodies:
         raise AnalyzeError("nothing to analyse: no node of a supported type (Conv, Gemm, MatMul, ...) is quantized")
     names = {loaded.graph.node_name(n) for n in loaded.graph.nodes}
     missing = [name for name in extract if name not in names]
@@ -161,7 +161,7 @@ def _measure(loaded, settings: Settings, calibrated: Calibrated, observers, feed
         raise DataError("the analysis data yielded no samples")
     graph, float_model = loaded.graph, loaded.float_model
     n_batches = len(feeds) or None
-    n_samples = sum(next(iter(f.values())).shape[0] for f in feeds)
+    n_samples = sum(samples_in(f) for f in feeds)
     built = calibrated.build()
     plan = built.plan
     layer_names = units(graph, plan)

@@ -23,7 +23,7 @@ import onnx
 from lowbit import calib as calib_registry
 from lowbit.calib.base import Calibrator
 from lowbit.onnx import bias_correction as bc
-from lowbit.onnx import collect, placement, rewrite
+from lowbit.onnx import collect, controlflow, placement, rewrite
 from lowbit.onnx import rounding as weight_rounding
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.rules import rule_for
@@ -58,14 +58,20 @@ class Calibrated:
         self._ranges: dict[str, tuple[float, float]] = {}
 
     def plan(self, keep_float: Collection[str] = (), model: onnx.ModelProto | None = None) -> placement.Plan:
-        """The target's plan with the user's exclusions and the nodes named in ``keep_float`` left in float."""
+        """The target's plan with the user's exclusions and the nodes named in ``keep_float`` left in float (and
+        the bodies whose tensors calibration never saw)."""
         graph = self.graph if model is None else Graph(model)
-        return plan_for(graph, self.settings, keep_float)
+        full = plan_for(graph, self.settings, keep_float)
+        return full.observed(self.ranges(full.calibrated))
 
     def ranges(self, tensors: Iterable[str]) -> dict[str, tuple[float, float]]:
         """The calibrated range of each tensor (symmetric where the target stores activations symmetrically),
-        computed once and kept."""
-        todo = {t: self.calibrators[t] for t in tensors if t not in self._ranges and t in self.calibrators}
+        computed once and kept; a tensor never observed (in an If branch that never ran) has none."""
+        todo = {
+            t: c
+            for t in tensors
+            if t not in self._ranges and (c := self.calibrators.get(t)) is not None and c.num_batches
+        }
         if todo:
             self._ranges.update(collect.ranges(todo, symmetric=self.settings.activation.symmetric))
         return {t: self._ranges[t] for t in tensors if t in self._ranges}
@@ -117,6 +123,16 @@ def units(graph: Graph, plan: placement.Plan) -> list[str]:
         rule = rule_for(node)
         if name in quantized and rule is not None and rule.kind in ("compute", "elementwise"):
             out.append(name)
+    return out
+
+
+def body_units(graph: Graph, plan: placement.Plan) -> list[str]:
+    """The compute and elementwise ops ``plan`` quantizes inside If/Loop/Scan bodies, at any depth (they are
+    quantized or not with their body: mixed precision ranks the main graph's layers only)."""
+    out = []
+    for (holder, attribute), sub in plan.bodies.items():
+        inner = Graph(graph.model, controlflow.find(graph.proto, holder, attribute), outer=graph)
+        out += units(inner, sub) + body_units(inner, sub)
     return out
 
 
@@ -185,6 +201,7 @@ def calibrate_model(
         seconds=time.perf_counter() - t0,
         batches=next(iter(cals.values())).num_batches if cals else 0,
     )
+    full = full.observed(result.ranges(full.calibrated))
     act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
     result.floors = rewrite.weight_scale_floors(graph, full, act)
     result.codes = rounding.codes(graph, moments, result.floors, progress)

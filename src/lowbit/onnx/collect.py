@@ -18,6 +18,7 @@ from lowbit import calib
 from lowbit.calib.base import Calibrator
 from lowbit.calib.grid import grid_range
 from lowbit.errors import CalibrationError
+from lowbit.onnx import controlflow
 from lowbit.onnx.model import session
 
 # The method that calibrates a graph input instead of the one asked for. Entropy reads a histogram of |x|: an image
@@ -63,12 +64,17 @@ def collect(
     }
     observers = dict(observers or {})
     run_names = [t for t in dict.fromkeys([*tensors, *observers]) if t not in inputs]
-    sess = session(with_outputs(model, run_names)) if run_names else None
+    exposed, output_of = controlflow.expose(model, run_names)  # tensors inside If/Loop/Scan bodies too
+    missing = [t for t in run_names if t not in output_of]
+    if missing:
+        raise CalibrationError(f"the model computes no tensor named {missing[0]!r}; nothing to calibrate it on")
+    outputs = [output_of[t] for t in run_names]
+    sess = session(exposed) if run_names else None
     seen = 0
     bar = tqdm(feeds, total=total, desc=f"calibrating ({method})", unit="batch", disable=not progress, leave=False)
     for feed in bar:
         if sess is not None:
-            values = sess.run(run_names, dict(feed))
+            values = sess.run(outputs, dict(feed))
             for name, value in zip(run_names, values, strict=True):
                 _update(name, value, calibrators, observers)
         for name in inputs:

@@ -157,6 +157,9 @@ def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | 
         if fixed is not None and fixed != batch:
             return None
         x = sample[spec.name]
+        if not np.ndim(x):  # a scalar input holds for the whole batch
+            out[spec.name] = x
+            continue
         reps = -(-batch // x.shape[0])
         out[spec.name] = np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
     return out

@@ -52,11 +52,15 @@ def _outer_names(graph: onnx.GraphProto) -> set[str]:
 
 
 class Graph:
-    """Producer, consumers, element type and constant value of every tensor of ``model.graph``."""
+    """Producer, consumers, element type and constant value of every tensor of ``model.graph``, or of ``body``
+    (the body of an If, Loop or Scan somewhere in ``model``) seen from inside: with ``outer``, the :class:`Graph`
+    of the scope around it, the body's ``inputs`` are its own inputs and the float tensors it reads from outer
+    scopes (values it does not compute), and outer constants and types are known by name."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, body: onnx.GraphProto | None = None, outer: Graph | None = None):
         self.model = model
-        g = model.graph
+        g = model.graph if body is None else body
+        self.proto = g
         self.nodes = list(g.node)
         self.initializers = {t.name: t for t in g.initializer}
         self.inputs = [i.name for i in g.input if i.name not in self.initializers]
@@ -64,7 +68,8 @@ class Graph:
         self.producer: dict[str, onnx.NodeProto] = {}
         self.consumers: dict[str, list[onnx.NodeProto]] = defaultdict(list)
         self.subgraph_reads: set[str] = set()
-        self.constants: dict[str, onnx.TensorProto] = dict(self.initializers)
+        self.constants: dict[str, onnx.TensorProto] = {} if outer is None else dict(outer.constants)
+        self.constants.update(self.initializers)
         for node in self.nodes:
             for out in node.output:
                 if out:
@@ -78,17 +83,20 @@ class Graph:
                 value = attribute(node, "value")
                 if value is not None:
                     self.constants[node.output[0]] = value
-        self.types: dict[str, int] = {}
+        self.types: dict[str, int] = {} if outer is None else dict(outer.types)
+        self.shapes: dict[str, tuple] = {} if outer is None else dict(outer.shapes)
         for info in [*g.value_info, *g.input, *g.output]:
             if info.type.HasField("tensor_type"):
                 self.types[info.name] = info.type.tensor_type.elem_type
+                if info.type.tensor_type.HasField("shape"):
+                    dims = info.type.tensor_type.shape.dim
+                    self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
         for name, tensor in self.initializers.items():
             self.types[name] = tensor.data_type
-        self.shapes: dict[str, tuple] = {}
-        for info in [*g.value_info, *g.input, *g.output]:
-            if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
-                dims = info.type.tensor_type.shape.dim
-                self.shapes[info.name] = tuple(d.dim_value if d.HasField("dim_value") else None for d in dims)
+        if outer is not None:  # values computed outside the body are its inputs
+            local = set(self.producer) | set(self.initializers) | set(self.inputs)
+            read = [t for n in self.nodes for t in n.input if t and t not in local]
+            self.inputs += [t for t in dict.fromkeys(read) if t not in self.constants]
 
     def is_float(self, name: str) -> bool:
         """True for a float32 tensor (the only kind lowbit quantizes)."""

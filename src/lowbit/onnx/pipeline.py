@@ -30,7 +30,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
 from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
-from lowbit.onnx.calibration import Calibrated, plan_for, units
+from lowbit.onnx.calibration import Calibrated, body_units, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.model import file_size, save_model, session
 from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
@@ -262,7 +262,7 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     if not chosen.calib.num_samples and chosen.total is not None:
         raise DataError(f"{job.data.calib.description}: no samples left for calibration")
     full = plan_for(model.graph, settings)
-    if not full.quantized_nodes:
+    if not full.quantized_nodes and not full.bodies:
         raise QuantizeError(
             "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
         )
@@ -291,8 +291,10 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
     built = calibrated.build(keep_float=keep_float)
     quantized, plan, result.bias_corrections = built.model, built.plan, built.bias_corrections
     rewrite.without_dead_quantizers(quantized)
-    result.quantized_nodes, result.excluded_nodes = list(plan.quantized_nodes), plan.excluded_nodes
-    result.layers = len(units(job.model.graph, plan))
+    _warn_unseen(result, plan_for(job.model.graph, settings, keep_float), plan)
+    result.quantized_nodes = [*plan.quantized_nodes, *plan.body_nodes()]
+    result.excluded_nodes = plan.excluded_nodes
+    result.layers = len(units(job.model.graph, plan)) + len(body_units(job.model.graph, plan))
     if settings.target.int8_tables:
         # Embedding tables feed no compute op, so the plan leaves them in float; stored as int8 they take
         # more than half off a transformer's file (all-MiniLM-L6-v2: 59 MB -> 23 MB).
@@ -307,6 +309,17 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
         write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
         result.trt_cache = job.options.trt_cache
     return quantized, record
+
+
+def _warn_unseen(result: QuantizeResult, full: placement.Plan, built: placement.Plan) -> None:
+    """Say which If/Loop/Scan bodies stayed in float because calibration never ran them."""
+    unseen = sorted(set(full.body_paths()) - set(built.body_paths()))
+    if unseen:
+        stays = "it stays" if len(unseen) == 1 else "they stay"
+        result.warnings.append(
+            f"{', '.join(unseen)} never ran on the calibration data, so {stays} in float: give samples that take "
+            "every branch"
+        )
 
 
 def _trt_amax(calibrated: Calibrated, plan: placement.Plan, act_ranges) -> dict[str, float]:

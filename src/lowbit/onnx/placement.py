@@ -26,13 +26,14 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import onnx
 
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
-from lowbit.onnx.graph import Graph, attributes
+from lowbit.onnx import controlflow
+from lowbit.onnx.graph import Graph, attributes, subgraphs
 from lowbit.onnx.rules import rule_for, scalar_factor
 from lowbit.recipe import Target, get_target
 
@@ -55,11 +56,33 @@ class Plan:
     scaled: dict[str, tuple[str, float]] = field(default_factory=dict)
     quantized_nodes: list[str] = field(default_factory=list)
     excluded_nodes: list[str] = field(default_factory=list)
+    # The plans of the bodies of If/Loop/Scan nodes, by (first output of the node, attribute): the same rules
+    # inside (lowbit.onnx.controlflow)
+    bodies: dict[tuple[str, str], Plan] = field(default_factory=dict)
 
     @property
     def calibrated(self) -> list[str]:
-        """Tensors whose range comes from calibration (the others share one)."""
-        return [t for t, root in self.activations.items() if t == root]
+        """Tensors whose range comes from calibration (the others share one), those inside bodies included."""
+        own = [t for t, root in self.activations.items() if t == root]
+        return own + [t for body in self.bodies.values() for t in body.calibrated]
+
+    def body_nodes(self) -> list[str]:
+        """The quantized nodes inside bodies, at any depth."""
+        return [n for body in self.bodies.values() for n in [*body.quantized_nodes, *body.body_nodes()]]
+
+    def body_paths(self) -> list[str]:
+        """Where the bodies are, at any depth, as ``node output/attribute`` paths (``loop/body``)."""
+        return [f"{h}/{a}" + p for (h, a), b in self.bodies.items() for p in ["", *(f"/{q}" for q in b.body_paths())]]
+
+    def observed(self, tensors: Collection[str]) -> Plan:
+        """This plan without the bodies (at any depth) that quantize a tensor outside ``tensors``: a branch that
+        never ran during calibration has no ranges, and stays in float."""
+        kept = {}
+        for key, body in self.bodies.items():
+            body = body.observed(tensors)
+            if all(t in tensors for t in body.calibrated):
+                kept[key] = body
+        return replace(self, bodies=kept)
 
 
 class ExclusionError(LowbitError, ValueError):
@@ -137,7 +160,14 @@ def plan(
     stay in float. ``activation``: how activations are stored (default: the target's)."""
     target = get_target(target) if isinstance(target, str) else target
     excluded = exclusion(exclude, exclude_ops, exclude_nodes)
-    result = Plan(target.name, activation or target.activation)
+    once = _defined_once(graph.proto)
+    return _plan_graph(graph, target, excluded, per_channel, activation or target.activation, once)
+
+
+def _plan_graph(graph: Graph, target: Target, excluded, per_channel: bool, activation: QuantSpec, once) -> Plan:
+    """The plan of ``graph`` (the main graph or a body) and, inside it, of the bodies of its control-flow nodes
+    that are not excluded and whose tensor names are defined once in the model."""
+    result = Plan(target.name, activation)
     active: list[onnx.NodeProto] = []
     for node in graph.nodes:
         if rule_for(node) is None and scalar_factor(graph, node) is None:
@@ -147,7 +177,32 @@ def plan(
             continue
         active.append(node)
     PLANNERS[target.placement](graph, active, result, per_channel, target)
+    for body in controlflow.bodies(graph.proto):
+        holder = graph.producer[body.holder]
+        if excluded(graph, holder) or not all(once(o) for n in body.graph.node for o in n.output if o):
+            continue
+        inner = Graph(graph.model, body.graph, outer=graph)
+        sub = _plan_graph(inner, target, excluded, per_channel, activation, once)
+        if sub.quantized_nodes or sub.bodies:
+            result.bodies[(body.holder, body.attribute)] = sub
     return result
+
+
+def _defined_once(graph: onnx.GraphProto) -> Callable[[str], bool]:
+    """A test: is a tensor name defined (computed, an input or an initializer) in one place of the whole model?
+    A body that reuses a name of another scope is left in float: ranges are kept by name."""
+    counts: dict[str, int] = {}
+
+    def count(g: onnx.GraphProto) -> None:
+        for name in [*(i.name for i in g.input), *(t.name for t in g.initializer),
+                     *(o for n in g.node for o in n.output if o)]:  # fmt: skip
+            counts[name] = counts.get(name, 0) + 1
+        for node in g.node:
+            for sub in subgraphs(node):
+                count(sub)
+
+    count(graph)
+    return lambda name: counts.get(name, 0) == 1
 
 
 def _add_weights(graph: Graph, node: onnx.NodeProto, result: Plan, per_channel: bool) -> bool:

@@ -17,6 +17,7 @@ from onnx import helper
 
 from lowbit.core import QuantSpec, dequantize, qparams, qparams_from_tensor, quantize
 from lowbit.errors import CalibrationError, FormatError
+from lowbit.onnx import controlflow
 from lowbit.onnx.graph import Graph, Names
 from lowbit.onnx.placement import Plan
 
@@ -132,10 +133,30 @@ def insert_qdq(
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
+    taken = controlflow.all_names(out.graph)
+    _rewrite_bodies(out, graph, plan, ranges, taken)  # first: the main graph's rewriting copies its nodes
     act = activation_qparams(plan, ranges)
     if floors is None:
         floors = weight_scale_floors(graph, plan, act)
-    rewrite = _Rewrite(out.graph, graph)
+    _apply(graph, plan, act, codes, floors, taken)
+    _ensure_opset(out, 13)
+    return out
+
+
+def _rewrite_bodies(out: onnx.ModelProto, view: Graph, plan: Plan, ranges, taken: set[str]) -> None:
+    """The quantizers of each body plan of ``plan`` written into its body (nested bodies first); weights inside
+    bodies are rounded to nearest."""
+    for (holder, attribute), sub in plan.bodies.items():
+        inner = Graph(out, controlflow.find(view.proto, holder, attribute), outer=view)
+        _rewrite_bodies(out, inner, sub, ranges, taken)
+        act = activation_qparams(sub, ranges)
+        _apply(inner, sub, act, None, weight_scale_floors(inner, sub, act), taken)
+
+
+def _apply(graph: Graph, plan: Plan, act, codes, floors, taken: set[str]) -> None:
+    """Write ``plan`` into the graph ``graph`` indexes (the main graph or a body), in place."""
+    rewrite = _Rewrite(graph.proto, graph)
+    rewrite.names.used |= taken
     weights = {}
     for name, p, q in _plan_weights(graph, plan, codes, floors):
         weights[name] = p
@@ -146,8 +167,7 @@ def insert_qdq(
     rewrite.scaled(plan.scaled, act)
     rewrite.rewire(set(plan.excluded_nodes))
     rewrite.finish()
-    _ensure_opset(out, 13)
-    return out
+    taken |= rewrite.names.used
 
 
 class _Rewrite:

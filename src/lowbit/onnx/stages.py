@@ -17,7 +17,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit.data import FeedSource, InputSpec, open_feeds
-from lowbit.onnx import activations, mixed, placement
+from lowbit.onnx import activations, controlflow, mixed, placement
 from lowbit.onnx.calibration import Calibrated, calibrate_model
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
@@ -48,6 +48,7 @@ def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
     fused = activations.fuse(float_model)
     if not settings.dynamic and settings.target.integer_activations:
         activations.lower(float_model)
+    controlflow.localize(float_model)  # the weights a body reads become its own, to be quantized there
     graph = Graph(float_model)
     placement.check_exclusions(graph, settings.config.exclude, settings.exclude_ops)
     names = [graph.node_name(n) for n in graph.nodes]
