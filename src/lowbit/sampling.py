@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lowbit.data import Feed, FeedSource, samples_in
+from lowbit.data import Feed, FeedSource, samples_in, whole_chunk
 
 SEED = 0
 
@@ -94,15 +94,17 @@ def window(source: FeedSource, start: int, stop: int) -> FeedSource:
 
 
 def _derived(source: FeedSource, pick: Callable[[int, int], np.ndarray], stop: int, count: int | None) -> FeedSource:
+    whole = whole_chunk(source.inputs)
+
     def chunks() -> Iterator[Feed]:
         position = 0
         for chunk in source.chunks():  # checked there, against the model and for NaN/Inf, at their true positions
             if position >= stop:
                 break
-            n = samples_in(chunk)
+            n = samples_in(chunk, whole)
             rows = pick(position, n)
             position += n
             if len(rows):
-                yield {name: value[rows] if np.ndim(value) else value for name, value in chunk.items()}
+                yield {name: value if name in whole else value[rows] for name, value in chunk.items()}
 
     return FeedSource(chunks, count, source.description, source.inputs)

@@ -167,3 +167,14 @@ def test_a_scalar_in_a_npz_holds_for_every_sample(tmp_path):
 
 def test_subgraphs_helper_sees_every_body():
     assert sum(1 for n in cm.if_model().graph.node for _ in subgraphs(n)) == 2
+
+
+def test_a_recurrent_state_with_its_own_batch_axis_goes_whole_with_each_chunk():
+    inputs = (InputSpec("x", np.dtype(np.float32), (None, 4)), InputSpec("state", np.dtype(np.float32), (2, None, 3)),
+              InputSpec("sr", np.dtype(np.int64), ()))  # fmt: skip
+    chunks = [{"x": np.full((1, 4), i, np.float32), "state": np.full((2, 1, 3), i, np.float32),
+               "sr": np.array(16000)} for i in range(5)]  # fmt: skip
+    batches = list(open_feeds(chunks, inputs).batches(8))
+    assert len(batches) == 5  # one batch per chunk: the state's batch axis is its second
+    for i, batch in enumerate(batches):
+        assert batch["x"].shape == (1, 4) and batch["state"].shape == (2, 1, 3) and (batch["state"] == i).all()

@@ -18,6 +18,7 @@ from lowbit.data.feeds import (
     check_finite,
     describe_inputs,
     samples_in,
+    whole_chunk,
 )
 from lowbit.data.functions import load_function
 from lowbit.data.images import ImageOptions, image_source, list_images
@@ -41,4 +42,5 @@ __all__ = [
     "samples_in",
     "source_kinds",
     "tensor_batches",
+    "whole_chunk",
 ]

@@ -5,7 +5,7 @@ NaN/Inf)."""
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -76,66 +76,81 @@ class FeedSource:
         for chunk in self.read():
             chunk = check_feed(chunk, self.inputs, self.description, renamed=self.renamed)
             check_finite(chunk, self.description, position)
-            position += samples_in(chunk)
+            position += samples_in(chunk, whole_chunk(self.inputs))
             yield chunk
 
     def _cut(self, batch_size: int, start: int, stop: int | None) -> Iterator[Feed]:
+        whole = whole_chunk(self.inputs)
+        # An input with a batch axis of its own (a recurrent state (layers, batch, hidden)) cannot be cut or joined
+        # by sample: each chunk is then one batch.
+        apart = any(s.shape for s in self.inputs if s.name in whole)
         position = 0
         pending: list[Feed] = []
         held = 0
         for chunk in self.chunks():
-            n = samples_in(chunk)
+            n = samples_in(chunk, whole)
             lo, hi = max(start - position, 0), n if stop is None else min(n, stop - position)
             position += n
             if hi <= lo:
                 if stop is not None and position >= stop:
                     break
                 continue
-            part = {k: v[lo:hi] if np.ndim(v) else v for k, v in chunk.items()}
-            if pending and not same_settings(pending[-1], part):  # a batch never mixes two values of a flag
-                yield _take(pending, held)[0]
+            part = {k: v if k in whole else v[lo:hi] for k, v in chunk.items()}
+            if pending and (apart or not _same_values(pending[-1], part, whole)):  # never mix two flag values
+                yield _take(pending, held, whole)[0]
                 pending, held = [], 0
             pending.append(part)
             held += hi - lo
-            while held >= batch_size:
-                batch, pending, held = _take(pending, batch_size)
+            while held >= batch_size and not apart:
+                batch, pending, held = _take(pending, batch_size, whole)
                 yield batch
             if stop is not None and position >= stop:
                 break
         if held:
-            yield _take(pending, held)[0]
+            yield _take(pending, held, whole)[0]
 
 
-def samples_in(feed: Feed) -> int:
-    """The number of samples a feed holds (its arrays' first axis; a feed of scalars alone holds one)."""
-    return next((np.shape(v)[0] for v in feed.values() if np.ndim(v)), 1)
+def whole_chunk(inputs: Sequence[InputSpec]) -> frozenset[str]:
+    """The inputs a chunk of samples carries whole instead of one row per sample: a scalar (a flag or a sample
+    rate for the whole batch, such as the input an If chooses its branch by) and, when another input has a free
+    batch axis, an input whose first axis the model fixes (a recurrent state laid out (layers, batch, hidden))."""
+    free = any(s.shape and s.shape[0] is None for s in inputs)
+    return frozenset(s.name for s in inputs if not s.shape or (free and s.shape[0] is not None))
 
 
-def same_settings(a: Feed, b: Feed) -> bool:
-    """True when two feeds give their scalar inputs (rank 0: a flag or a sample rate for the whole batch, such as
-    the input an If chooses its branch by) the same values."""
-    return all(np.array_equal(a[k], b[k]) for k, v in a.items() if not np.ndim(v))
+def samples_in(feed: Feed, whole: Collection[str] = ()) -> int:
+    """The number of samples a feed holds: the first axis of its arrays (those in ``whole`` and scalars aside; a
+    feed of those alone holds one)."""
+    return next((np.shape(v)[0] for k, v in feed.items() if k not in whole and np.ndim(v)), 1)
 
 
-def _take(pending: list[Feed], n: int) -> tuple[Feed, list[Feed], int]:
-    """The first ``n`` samples of ``pending`` as one feed, and what is left."""
+def _same_values(a: Feed, b: Feed, whole: Collection[str]) -> bool:
+    return all(np.array_equal(a[k], b[k]) for k in a if k in whole or not np.ndim(a[k]))
+
+
+def _take(pending: list[Feed], n: int, whole: Collection[str] = ()) -> tuple[Feed, list[Feed], int]:
+    """The first ``n`` samples of ``pending`` as one feed, and what is left (inputs in ``whole`` go along)."""
     parts: list[Feed] = []
     got = 0
     while got < n:
         head = pending[0]
-        k = min(n - got, samples_in(head))
-        parts.append({name: v[:k] if np.ndim(v) else v for name, v in head.items()})
+        k = min(n - got, samples_in(head, whole))
+        parts.append({name: v if name in whole or not np.ndim(v) else v[:k] for name, v in head.items()})
         got += k
-        if k == samples_in(head):
+        if k == samples_in(head, whole):
             pending = pending[1:]
         else:
-            pending = [{name: v[k:] if np.ndim(v) else v for name, v in head.items()}, *pending[1:]]
+            pending = [{name: v if name in whole or not np.ndim(v) else v[k:] for name, v in head.items()},
+                       *pending[1:]]  # fmt: skip
     batch = (
         parts[0]
         if len(parts) == 1
-        else {name: np.concatenate([p[name] for p in parts]) if np.ndim(v) else v for name, v in parts[0].items()}
+        else {
+            name: v if name in whole or not np.ndim(v) else np.concatenate([p[name] for p in parts])
+            for name, v in parts[0].items()
+        }
     )
-    return batch, pending, sum(samples_in(p) for p in pending)
+    return batch, pending, sum(samples_in(p, whole) for p in pending)
 
 
 def describe_inputs(inputs: Sequence[InputSpec]) -> str:
@@ -178,6 +193,7 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str, *, renamed: s
             + (f" (unknown: {', '.join(extra)})" if extra else "")
         )
     sizes = set()
+    whole = whole_chunk(inputs)
     for spec in inputs:
         value = feed[spec.name]
         _check_dtype(value, spec, where)
@@ -187,12 +203,12 @@ def check_feed(feed: Any, inputs: Sequence[InputSpec], where: str, *, renamed: s
                 f"rank {len(spec.shape)}: {spec.describe()}; the first axis is the sample axis"
             )
         for axis, (got, want) in enumerate(zip(value.shape, spec.shape, strict=True)):
-            if axis > 0 and want is not None and got != want:
+            if (axis > 0 or spec.name in whole) and want is not None and got != want:
                 raise DataError(
                     f"{where}: input {spec.name!r} has shape {value.shape} but the model expects "
                     f"{spec.describe()} (axis {axis} differs)"
                 )
-        if value.ndim:  # a scalar input (rank 0) holds one value for the whole chunk
+        if spec.name not in whole:
             sizes.add(value.shape[0])
     if len(sizes) > 1:
         raise DataError(f"{where}: the inputs have different numbers of samples {sorted(sizes)}")

@@ -12,7 +12,7 @@ import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from lowbit.analysis import MAX_SQNR_DB, cosine_rows, finite_rows
-from lowbit.data import Feed, InputSpec
+from lowbit.data import Feed, InputSpec, samples_in, whole_chunk
 
 
 @dataclass(frozen=True)
@@ -152,14 +152,17 @@ class _Channels:
 def batch_of(sample: Feed, inputs: tuple[InputSpec, ...], batch: int) -> Feed | None:
     """``sample`` repeated or cut to ``batch`` samples; None when an input's batch dimension is fixed otherwise."""
     out = {}
+    whole = whole_chunk(inputs)
+    if any(s.shape for s in inputs if s.name in whole) and samples_in(sample, whole) != batch:
+        return None  # an input with its own batch axis (a recurrent state) cannot be repeated to another batch
     for spec in inputs:
+        if spec.name in whole:
+            out[spec.name] = sample[spec.name]
+            continue
         fixed = spec.shape[0] if spec.shape else None
         if fixed is not None and fixed != batch:
             return None
         x = sample[spec.name]
-        if not np.ndim(x):  # a scalar input holds for the whole batch
-            out[spec.name] = x
-            continue
         reps = -(-batch // x.shape[0])
         out[spec.name] = np.concatenate([x] * reps)[:batch] if reps > 1 else x[:batch]
     return out

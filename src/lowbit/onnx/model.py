@@ -22,6 +22,7 @@ import onnxruntime as ort
 from onnx import version_converter
 
 from lowbit._io import atomic_open
+from lowbit.data import whole_chunk
 from lowbit.errors import FormatError
 from lowbit.onnx.graph import subgraphs
 
@@ -224,7 +225,8 @@ def metadata_size(model: onnx.ModelProto) -> tuple[int, int] | None:
 def batch_size_for(inputs, requested: int) -> int:
     """The batch size to run a model at: the one its inputs fix (every input with a fixed first dimension
     agreeing), else ``requested``."""
-    fixed = {s.shape[0] for s in inputs if s.shape and s.shape[0] is not None}
+    whole = whole_chunk(inputs)  # a recurrent state's fixed first axis is its layers, not the batch
+    fixed = {s.shape[0] for s in inputs if s.name not in whole and s.shape and s.shape[0] is not None}
     if len(fixed) == 1:
         return fixed.pop()
     return requested
