@@ -178,3 +178,12 @@ def test_a_recurrent_state_with_its_own_batch_axis_goes_whole_with_each_chunk():
     assert len(batches) == 5  # one batch per chunk: the state's batch axis is its second
     for i, batch in enumerate(batches):
         assert batch["x"].shape == (1, 4) and batch["state"].shape == (2, 1, 3) and (batch["state"] == i).all()
+
+
+def test_exclusions_reach_nodes_inside_bodies(tmp_path):
+    calib = [_feeds("if", 8, seed, wide=seed % 2 == 0) for seed in range(4)]
+    onnx.save(cm.if_model(), str(tmp_path / "if.onnx"))
+    result = quantize(tmp_path / "if.onnx", tmp_path / "q.onnx", calib, "int8", options=QUIET, exclude=["^then_conv2$"])
+    assert "then_conv2" in result.excluded_nodes and "then_conv1" in result.quantized_nodes
+    kernels = _kernels(tmp_path / "q.onnx")
+    assert "Conv" in kernels["then_branch"] and kernels["else_branch"].count("QLinearConv") == 1

@@ -100,7 +100,8 @@ def compile_pattern(pattern: str) -> re.Pattern:
 def check_exclusions(graph: Graph, exclude: Sequence[str], exclude_ops: Sequence[str]) -> None:
     """Refuse a regex of ``exclude`` that matches no node's name and an op type of ``exclude_ops`` that no node has:
     a typo would otherwise keep nothing in float, silently."""
-    names = [graph.node_name(n) for n in graph.nodes]
+    nodes = _every_node(graph.proto)  # inside If/Loop/Scan bodies too
+    names = [graph.node_name(n) for n in nodes]
     for pattern in exclude:
         regex = compile_pattern(pattern)
         if not any(regex.search(name) for name in names):
@@ -108,12 +109,16 @@ def check_exclusions(graph: Graph, exclude: Sequence[str], exclude_ops: Sequence
             raise ExclusionError(
                 f"exclude (--exclude) {pattern!r} matches no node of the model (it searches node names, e.g. {sample})"
             )
-    present = sorted({n.op_type for n in graph.nodes})
+    present = sorted({n.op_type for n in nodes})
     for op in exclude_ops:
         if op not in present:
             raise ExclusionError(
                 f"exclude_ops (--exclude-op) {op!r}: the model has no node of that type; it has {', '.join(present)}"
             )
+
+
+def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
+    return [m for n in graph.node for m in [n, *(k for sub in subgraphs(n) for k in _every_node(sub))]]
 
 
 def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str], exclude_nodes: Collection[str] = ()):
@@ -183,6 +188,7 @@ def _plan_graph(graph: Graph, target: Target, excluded, per_channel: bool, activ
             continue
         inner = Graph(graph.model, body.graph, outer=graph)
         sub = _plan_graph(inner, target, excluded, per_channel, activation, once)
+        result.excluded_nodes += sub.excluded_nodes  # reported with the model's; names are unique in it
         if sub.quantized_nodes or sub.bodies:
             result.bodies[(body.holder, body.attribute)] = sub
     return result
