@@ -187,3 +187,19 @@ def test_exclusions_reach_nodes_inside_bodies(tmp_path):
     assert "then_conv2" in result.excluded_nodes and "then_conv1" in result.quantized_nodes
     kernels = _kernels(tmp_path / "q.onnx")
     assert "Conv" in kernels["then_branch"] and kernels["else_branch"].count("QLinearConv") == 1
+
+
+def test_mixed_precision_ranks_and_keeps_layers_inside_bodies(tmp_path):
+    from lowbit.data import open_feeds
+    from lowbit.onnx import Budget
+    from lowbit.onnx.metrics import OutputMetric
+
+    calib = [_feeds("if", 8, seed, wide=seed % 2 == 0) for seed in range(4)]
+    onnx.save(cm.if_model(), str(tmp_path / "if.onnx"))
+    inputs = tuple(InputSpec(*s) for s in input_specs(cm.if_model()))
+    evaluation = open_feeds([_feeds("if", 8, 50 + s, wide=s % 2 == 0) for s in range(2)], inputs)
+    budget = Budget(OutputMetric("relerr", evaluation.batches(8)), 0.0)  # nothing but FP32 meets it
+    result = quantize(tmp_path / "if.onnx", tmp_path / "q.onnx", calib, "int8", options=QUIET, budget=budget)
+    assert set(result.mixed.kept) == {"then_conv1", "then_conv2", "else_conv"}
+    kernels = _kernels(tmp_path / "q.onnx")
+    assert "QLinearConv" not in kernels["then_branch"] + kernels["else_branch"]

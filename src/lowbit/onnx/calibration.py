@@ -115,7 +115,8 @@ def calibrator_options(settings: Settings) -> dict[str, Any]:
 
 def units(graph: Graph, plan: placement.Plan) -> list[str]:
     """The quantized nodes that can be kept in float one at a time: compute and elementwise ops (Conv, Gemm,
-    MatMul, Add, ...). Relu, MaxPool, Reshape and the like follow the node that feeds them and are left out."""
+    MatMul, Add, ...), inside If/Loop/Scan bodies too. Relu, MaxPool, Reshape and the like follow the node that
+    feeds them and are left out."""
     quantized = set(plan.quantized_nodes)
     out = []
     for node in graph.nodes:
@@ -123,16 +124,8 @@ def units(graph: Graph, plan: placement.Plan) -> list[str]:
         rule = rule_for(node)
         if name in quantized and rule is not None and rule.kind in ("compute", "elementwise"):
             out.append(name)
-    return out
-
-
-def body_units(graph: Graph, plan: placement.Plan) -> list[str]:
-    """The compute and elementwise ops ``plan`` quantizes inside If/Loop/Scan bodies, at any depth (they are
-    quantized or not with their body: mixed precision ranks the main graph's layers only)."""
-    out = []
     for (holder, attribute), sub in plan.bodies.items():
-        inner = Graph(graph.model, controlflow.find(graph.proto, holder, attribute), outer=graph)
-        out += units(inner, sub) + body_units(inner, sub)
+        out += units(Graph(graph.model, controlflow.find(graph.proto, holder, attribute), outer=graph), sub)
     return out
 
 

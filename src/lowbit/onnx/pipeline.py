@@ -30,7 +30,7 @@ from lowbit._table import format_table
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
 from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
-from lowbit.onnx.calibration import Calibrated, body_units, plan_for, units
+from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.model import file_size, save_model, session
 from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
@@ -294,7 +294,7 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
     _warn_unseen(result, plan_for(job.model.graph, settings, keep_float), plan)
     result.quantized_nodes = [*plan.quantized_nodes, *plan.body_nodes()]
     result.excluded_nodes = plan.excluded_nodes
-    result.layers = len(units(job.model.graph, plan)) + len(body_units(job.model.graph, plan))
+    result.layers = len(units(job.model.graph, plan))
     if settings.target.int8_tables:
         # Embedding tables feed no compute op, so the plan leaves them in float; stored as int8 they take
         # more than half off a transformer's file (all-MiniLM-L6-v2: 59 MB -> 23 MB).

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from lowbit.onnx.graph import Graph, attribute
+from lowbit.onnx.graph import Graph, attribute, subgraphs
 
 KINDS = ("compute", "elementwise", "share", "activation", "lookup")
 
@@ -133,8 +133,12 @@ def scalar_factor(graph: Graph, node: onnx.NodeProto) -> float | None:
 
 def unit_output(graph: Graph, name: str) -> str:
     """The tensor a layer's error is read at: its output, or the output of the Relu/Clip right after it (the
-    quantizer there does the activation's job, so the layer's own output is never quantized)."""
-    node = next(n for n in graph.nodes if graph.node_name(n) == name)
+    quantizer there does the activation's job, so the layer's own output is never quantized). The layer may sit
+    inside an If/Loop/Scan body."""
+    found = _find_node(graph, name)
+    if found is None:
+        raise KeyError(f"no node named {name!r}")
+    graph, node = found
     tensor = node.output[0]
     while True:
         readers = graph.consumers.get(tensor, [])
@@ -142,3 +146,16 @@ def unit_output(graph: Graph, name: str) -> str:
         if rule is None or rule.kind != "activation" or tensor in graph.outputs:
             return tensor
         tensor = readers[0].output[0]
+
+
+def _find_node(graph: Graph, name: str) -> tuple[Graph, onnx.NodeProto] | None:
+    """The graph (the main one or a body, as a :class:`Graph` view) holding the node called ``name``, and it."""
+    node = next((n for n in graph.nodes if graph.node_name(n) == name), None)
+    if node is not None:
+        return graph, node
+    for holder in graph.nodes:
+        for body in subgraphs(holder):
+            found = _find_node(Graph(graph.model, body, outer=graph), name)
+            if found is not None:
+                return found
+    return None
