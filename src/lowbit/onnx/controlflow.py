@@ -16,14 +16,14 @@ Nested bodies hand their tensors up one level at a time. The placement rules ins
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.onnx.graph import Graph, subgraphs
+from lowbit.onnx.graph import Graph, Names, subgraphs
 
 BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 
@@ -64,30 +64,25 @@ def all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-class _Fresh:
-    def __init__(self, taken: set[str]):
-        self.taken = taken
-
-    def __call__(self, base: str) -> str:
-        name, k = base, 1
-        while name in self.taken:
-            name, k = f"{base}_{k}", k + 1
-        self.taken.add(name)
-        return name
+def _fresh(graph: onnx.GraphProto) -> Callable[[str], str]:
+    """A source of names used nowhere in ``graph`` and its bodies."""
+    names = Names(graph)
+    names.used |= all_names(graph)
+    return names.new
 
 
 def localize(model: onnx.ModelProto) -> int:
     """Give every body, in place, its own copy of the constants it reads from the scopes around it (weights of a
     Conv inside an ``If`` are usually the main graph's initializers), so that a body's weights are quantized in
     the body; constants nothing reads any more are dropped. Returns how many constants were copied."""
-    fresh = _Fresh(all_names(model.graph))
+    fresh = _fresh(model.graph)
     copied = _localize(model, model.graph, Graph(model), fresh)
     if copied:
         _drop_unread(model.graph)
     return copied
 
 
-def _localize(model: onnx.ModelProto, graph: onnx.GraphProto, view: Graph, fresh: _Fresh) -> int:
+def _localize(model: onnx.ModelProto, graph: onnx.GraphProto, view: Graph, fresh: Callable[[str], str]) -> int:
     copied = 0
     for body in bodies(graph):
         inner = Graph(model, body.graph, outer=view)
@@ -132,7 +127,7 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelPr
     inside a body, and the output name each is read from (see the module doc)."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
-    fresh = _Fresh(all_names(out.graph))
+    fresh = _fresh(out.graph)
     names: dict[str, str] = {}
     wanted = set(tensors)
     for body_tensor, outer in _hand_up(out.graph, wanted, fresh):
@@ -146,7 +141,7 @@ def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelPr
     return out, names
 
 
-def _hand_up(graph: onnx.GraphProto, wanted: set[str], fresh: _Fresh) -> list[tuple[str, str]]:
+def _hand_up(graph: onnx.GraphProto, wanted: set[str], fresh: Callable[[str], str]) -> list[tuple[str, str]]:
     """Make each tensor of ``wanted`` computed inside a body of ``graph`` (at any depth) an output of the node
     holding that body in ``graph``; returns (tensor, that output's name) pairs."""
     found: list[tuple[str, str]] = []
@@ -181,7 +176,7 @@ def _defined(body: onnx.GraphProto) -> list[str]:
     return [i.name for i in body.input] + [t for n in body.node for t in n.output if t]
 
 
-def _empty_output(body: onnx.GraphProto, fresh: _Fresh) -> None:
+def _empty_output(body: onnx.GraphProto, fresh: Callable[[str], str]) -> None:
     name = fresh("lowbit_empty")
     value = numpy_helper.from_array(np.zeros((0,), np.float32))
     body.node.append(helper.make_node("Constant", [], [name], value=value))
