@@ -203,3 +203,16 @@ def test_mixed_precision_ranks_and_keeps_layers_inside_bodies(tmp_path):
     assert set(result.mixed.kept) == {"then_conv1", "then_conv2", "else_conv"}
     kernels = _kernels(tmp_path / "q.onnx")
     assert "QLinearConv" not in kernels["then_branch"] + kernels["else_branch"]
+
+
+def test_the_ranges_file_and_the_trt_cache_name_tensors_inside_bodies(tmp_path):
+    import json
+
+    calib = [_feeds("if", 8, seed, wide=seed % 2 == 0) for seed in range(4)]
+    onnx.save(cm.if_model(), str(tmp_path / "if.onnx"))
+    options = Options(compare=False, progress=False, trt_cache=tmp_path / "if.cache")
+    quantize(tmp_path / "if.onnx", tmp_path / "q.onnx", calib, "int8", options=options)
+    record = json.loads((tmp_path / "q.ranges.json").read_text())
+    assert {"tr", "eout"} <= set(record["activations"]) and "wa_1" in record["weights"]
+    cache = (tmp_path / "if.cache").read_text()
+    assert "\ntr: " in cache and "\neout: " in cache

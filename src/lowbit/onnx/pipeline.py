@@ -16,7 +16,6 @@ import json
 import os
 import time
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,7 +303,7 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
         result.quantized_nodes += tables.quantized_nodes
         result.layers += len(tables.quantized_nodes)
     act_ranges = calibrated.ranges(plan.calibrated)
-    record = _record(plan, rewrite.activation_qparams(plan, act_ranges), act_ranges)
+    record = _record(plan, act_ranges)
     if job.options.trt_cache is not None:
         write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
         result.trt_cache = job.options.trt_cache
@@ -329,7 +328,7 @@ def _trt_amax(calibrated: Calibrated, plan: placement.Plan, act_ranges) -> dict[
     symmetric = act_ranges if plan.activation.symmetric else collect.ranges(planned, symmetric=True)
     others = collect.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
     amax = {t: r[1] for t, r in others.items()}
-    amax.update({t: symmetric[root][1] for t, root in plan.activations.items()})
+    amax.update({t: symmetric[root][1] for part in plan.walk() for t, root in part.activations.items()})
     return amax
 
 
@@ -394,19 +393,22 @@ def _compare(job: _Job, quant_sess: Any) -> None:
         result.untimed = compare.untimed(model.inputs)
 
 
-def _record(plan: placement.Plan, qp: Mapping[str, rewrite.QParams], ranges) -> dict:
-    acts = {}
-    for tensor, root in plan.activations.items():
-        p = qp[tensor]
-        lo, hi = ranges[root]
-        acts[tensor] = {
-            "lo": lo,
-            "hi": hi,
-            "scale": float(p.scale),
-            "zero_point": int(p.zero_point),
-            **({"shares_range_of": root} if root != tensor else {}),
-        }
-    weights = {name: {"axis": axis} for name, axis in plan.weights.items()}
+def _record(plan: placement.Plan, ranges) -> dict:
+    """The ranges file's activations (inside If/Loop/Scan bodies too) and weights."""
+    acts, weights = {}, {}
+    for part in plan.walk():
+        qp = rewrite.activation_qparams(part, ranges)
+        for tensor, root in part.activations.items():
+            p = qp[tensor]
+            lo, hi = ranges[root]
+            acts[tensor] = {
+                "lo": lo,
+                "hi": hi,
+                "scale": float(p.scale),
+                "zero_point": int(p.zero_point),
+                **({"shares_range_of": root} if root != tensor else {}),
+            }
+        weights.update({name: {"axis": axis} for name, axis in part.weights.items()})
     return {"activations": acts, "weights": weights}
 
 

@@ -18,6 +18,11 @@ MatMulIntegerToFloat otherwise). In a transformer, the residual Add before a Lay
 attention-mask Add before a Softmax and the pieces of a GELU thus stay in float: quantizing them would cost
 accuracy (a -10000 mask swamps the scores' range) and buy no integer kernel.
 
+Every planner also runs inside the bodies of If, Loop and Scan nodes (:mod:`lowbit.onnx.controlflow`): a body's
+plan sits in ``Plan.bodies``, and the tensors a body reads from outside are its inputs there. In ``integer-islands``
+a Mul or Div by a positive constant whose input is quantized is no op at all: its readers dequantize the input's
+codes at the scale times the factor (``Plan.scaled``).
+
 ``every-op`` (target ``qdq``, runtimes that fuse Q/DQ themselves): Q/DQ on every activation input of every
 quantizable compute and elementwise op, weights per channel, nothing on outputs, biases left float.
 """
@@ -65,6 +70,10 @@ class Plan:
         """Tensors whose range comes from calibration (the others share one), those inside bodies included."""
         own = [t for t, root in self.activations.items() if t == root]
         return own + [t for body in self.bodies.values() for t in body.calibrated]
+
+    def walk(self) -> list[Plan]:
+        """This plan and the plans of its bodies, at any depth."""
+        return [self, *(p for body in self.bodies.values() for p in body.walk())]
 
     def body_nodes(self) -> list[str]:
         """The quantized nodes inside bodies, at any depth."""
