@@ -3,6 +3,7 @@
     apt-get install dataset-fashion-mnist
     python benchmarks/qat_bn_bench.py              # ~10 min on 2 cores (3 seeds)
     python benchmarks/qat_bn_bench.py --no-write   # print only
+    python benchmarks/qat_bn_bench.py --seeds 1 --steps 50 --test-images 2000 --threads 1   # the --quick run
 
 Writes the "qat-bn" section of docs/BENCHMARKS.md and docs/benchmarks/qat-bn.json.
 
@@ -17,7 +18,7 @@ fixed at quantize time, moved with the BatchNorm fold factor, or follow the weig
 the fix is running + fixed, since the fix batch + fold. Reported: the mean norm of the first convolution's weight
 gradient over the steps and on how many steps it was non-zero, how far the first layer's weights moved
 (``|w_end - w_start| / |w_start|``), the largest share of a layer's folded weight outside its range after
-training, top-1 on the 10,000 test images, and which quantizers warned that they clip
+training, top-1 on the 10,000 test images (--test-images: the first N), and which quantizers warned that they clip
 most of their input (``lt.ClippingWarning``). The float model trained the same way is the reference.
 """
 
@@ -161,6 +162,7 @@ def run(args) -> dict:
     torch.set_num_threads(args.threads)
     x, y = fashion_mnist("train")
     xt, yt = fashion_mnist("test")
+    xt, yt = xt[: args.test_images], yt[: args.test_images]
     order = np.random.default_rng(args.seed).permutation(len(x))[: args.train_images]
     x, y = x[order], y[order]
     calib = [torch.from_numpy(x[i * BATCH : (i + 1) * BATCH]) for i in range(CALIB_BATCHES)]
@@ -188,6 +190,7 @@ def run(args) -> dict:
             "batch": BATCH,
             "lr": LR,
             "train_images": args.train_images,
+            "test_images": len(xt),
             "calibration_batches": CALIB_BATCHES,
             "bn_convergence_batches": BN_BATCHES,
             "threads": args.threads,
@@ -237,6 +240,10 @@ def _run_seed(seed: int, x: np.ndarray, y: np.ndarray, calib: list, steps: int, 
                 record(name, q, started, stats)
 
 
+def _test_images(n: int) -> str:
+    return "the 10,000 test images" if n >= 10000 else f"the first {n} of the 10,000 test images"
+
+
 def render(results: dict) -> str:
     s = results["settings"]
     headers = [
@@ -275,7 +282,8 @@ def render(results: dict) -> str:
         f"statistics at their init values (\"not converged\") or averaged over {s['bn_convergence_batches']} training "
         "batches (\"converged\", same weights), then trained from scratch: Adam, lr "
         f"{s['lr']}, {s['steps']} steps of {s['batch']} images from {s['train_images']} training images; top-1 on "
-        f"the 10,000 test images, mean ± standard deviation over {len(s['seeds'])} seeds (model, batches; "
+        f"{_test_images(s.get('test_images', 10000))}, mean ± standard deviation over {len(s['seeds'])} seeds "
+        "(model, batches; "
         "'per seed' lists them). act. ranges on: the activation ranges calibrated on inference's activations "
         "(\"running\" BatchNorm statistics, `bn_stats=\"running\"`) or on training's (\"batch\", the QAT default "
         "now); weights: the weight ranges fixed at quantize time (\"fixed\", `QuantConvBn2d.follow_bn=False`), "
@@ -301,6 +309,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps per run (default 300)")
     parser.add_argument("--train-images", type=int, default=12000, help="the training subset (default 12000)")
+    parser.add_argument(
+        "--test-images", type=int, default=10000, help="top-1 on the first N test images (default all 10000)"
+    )
     parser.add_argument("--seed", type=int, default=0, help="the first seed (default 0)")
     parser.add_argument("--seeds", type=int, default=3, help="how many seeds, from --seed on (default 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
