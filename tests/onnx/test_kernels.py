@@ -42,6 +42,14 @@ def test_the_summary_counts_data_movement_apart():
     assert "integer 0.030 ms (75%)" in p.summary() and "move 0.010 ms (25%)" in p.summary()
 
 
+def test_a_loop_body_kernel_counts_every_iteration_and_the_loop_itself_is_left_out():
+    # 2 runs (1 warm-up), 3 iterations each: the body kernel ran 6 times; the Loop node's own time holds them
+    events = [_event("loop", "Loop", ["float"], 1000)] + [_event("mm", "MatMulIntegerToFloat", ["uint8"], d)
+                                                          for d in (1, 1, 1, 10, 20, 30)]  # fmt: skip
+    p = kernels.parse(events, runs=1, batch=1, total_runs=2)
+    assert [k.node for k in p.kernels] == ["mm"] and p.kernels[0].ms == pytest.approx(0.06)
+
+
 def test_a_quantized_convnet_moves_bytes_in_its_flatten_and_layout_transpose(tmp_path):
     model = models.save(models.convnet(), tmp_path / "convnet.onnx")
     data = models.calib_data(tmp_path / "calib.npz", (3, 16, 16))

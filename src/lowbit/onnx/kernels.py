@@ -117,15 +117,22 @@ def kernel_kind(op: str, input_types: list[str]) -> str:
     return "other"
 
 
-def parse(events: list[dict], runs: int, batch: int) -> Profile:
-    """Kernels from the events of an ONNX Runtime profile, in the order they ran; each node's time is the mean of
-    its last ``runs`` executions (earlier ones were warm-up)."""
+CONTROL = {"If", "Loop", "Scan"}  # their time is that of the kernels inside them, listed themselves
+
+
+def parse(events: list[dict], runs: int, batch: int, total_runs: int | None = None) -> Profile:
+    """Kernels from the events of an ONNX Runtime profile, in the order they ran; each node's time is its mean time
+    per run over the last ``runs`` runs (earlier ones were warm-up). With ``total_runs`` (warm-up included), a node
+    inside a Loop or Scan body that ran several times per run counts all of them. If/Loop/Scan nodes themselves are
+    left out: their time is the kernels' inside them."""
     times: dict[str, list[float]] = {}
     info: dict[str, tuple[str, list[str]]] = {}
     for e in events:
         if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time"):
             continue
         args = e.get("args", {})
+        if args.get("op_name") in CONTROL:
+            continue
         node = _SUFFIX.sub("", e["name"])
         types = [next(iter(t)) for t in args.get("input_type_shape", []) if isinstance(t, dict) and t]
         info.setdefault(node, (args.get("op_name", "?"), types))
@@ -133,8 +140,10 @@ def parse(events: list[dict], runs: int, batch: int) -> Profile:
     kernels = []
     for node, durations in times.items():
         op, types = info[node]
-        last = durations[-runs:] if runs > 0 else durations
-        kernels.append(Kernel(node, op, kernel_kind(op, types), float(np.mean(last)), types))
+        per_run = len(durations) // total_runs if total_runs and len(durations) % total_runs == 0 else 1
+        last = durations[-runs * per_run :] if runs > 0 else durations
+        kernels.append(Kernel(node, op, kernel_kind(op, types), float(np.sum(last) / max(len(last) // per_run, 1)),
+                              types))  # fmt: skip
     return Profile(kernels, runs, batch)
 
 
@@ -164,7 +173,7 @@ def profile(
             raise load_error(exc, "check that the model and the feed fit each other") from None
         events = json.loads(Path(sess.end_profiling()).read_text())
     batch = int(next(iter(feed.values())).shape[0]) if feed else 0
-    return parse(events, runs, batch)
+    return parse(events, runs, batch, warmup + runs)
 
 
 def random_feed(inputs, batch_size: int, size: tuple[int, int] | None = None, seed: int = 0) -> dict[str, np.ndarray]:
