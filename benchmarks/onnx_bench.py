@@ -792,7 +792,7 @@ def summarize(results: dict) -> str:
         peers = {k: v for k, v in rows.items() if k.startswith("ORT") and "error" not in v}
         best = min(peers.items(), key=lambda kv: kv[1]["latency_ms"][8]) if peers else None
         size = resnet.get("input_size", 224)
-        where = "" if size == 224 else f" at {size}x{size}"
+        where = "" if size == 224 else f" ({size}x{size})"
         line = (
             f"ResNet-18{where} at batch 8: lowbit INT8 x{fp32['latency_ms'][8] / ours['latency_ms'][8]:.2f} faster "
             "than FP32 "
