@@ -216,3 +216,16 @@ def test_the_ranges_file_and_the_trt_cache_name_tensors_inside_bodies(tmp_path):
     assert {"tr", "eout"} <= set(record["activations"]) and "wa_1" in record["weights"]
     cache = (tmp_path / "if.cache").read_text()
     assert "\ntr: " in cache and "\neout: " in cache
+
+
+def test_a_body_that_reuses_a_tensor_name_stays_in_float_and_says_so(tmp_path):
+    model = cm.if_model()
+    then = next(b.graph for b in controlflow.bodies(model.graph) if b.attribute == "then_branch")
+    for node in then.node:  # the then branch's first Conv now computes a name the main graph also computes
+        node.input[:] = ["g" if t == "ta" else t for t in node.input]
+        node.output[:] = ["g" if t == "ta" else t for t in node.output]
+    onnx.save(model, str(tmp_path / "if.onnx"))
+    calib = [_feeds("if", 8, seed, wide=seed % 2 == 0) for seed in range(4)]
+    result = quantize(tmp_path / "if.onnx", tmp_path / "q.onnx", calib, "int8", options=QUIET)
+    assert any("reuse" in w or "names a tensor" in w for w in result.warnings)
+    assert "then_conv1" not in result.quantized_nodes and "else_conv" in result.quantized_nodes

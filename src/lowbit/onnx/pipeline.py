@@ -262,8 +262,10 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
         raise DataError(f"{job.data.calib.description}: no samples left for calibration")
     full = plan_for(model.graph, settings)
     if not full.quantized_nodes and not full.bodies:
+        renamed = [path for part in full.walk() for path in part.renamed_bodies]
+        why = f" (the bodies {', '.join(renamed)} reuse tensor names of the model)" if renamed else ""
         raise QuantizeError(
-            "nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions"
+            f"nothing to quantize: no node of a supported type (Conv, Gemm, MatMul, ...) is left after exclusions{why}"
         )
     result.calibration_batch = stages.calibration_batch(model, options)[0]
     every_tensor = options.trt_cache is not None or job.budget is not None
@@ -318,6 +320,12 @@ def _warn_unseen(result: QuantizeResult, full: placement.Plan, built: placement.
         result.warnings.append(
             f"{', '.join(unseen)} never ran on the calibration data, so {stays} in float: give samples that take "
             "every branch"
+        )
+    renamed = [path for part in full.walk() for path in part.renamed_bodies]
+    if renamed:
+        result.warnings.append(
+            f"{', '.join(renamed)} stays in float: it names a tensor as another part of the model does, and lowbit "
+            "keeps ranges by name (give the body's tensors their own names)"
         )
 
 

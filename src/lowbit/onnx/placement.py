@@ -64,6 +64,7 @@ class Plan:
     # The plans of the bodies of If/Loop/Scan nodes, by (first output of the node, attribute): the same rules
     # inside (lowbit.onnx.controlflow)
     bodies: dict[tuple[str, str], Plan] = field(default_factory=dict)
+    renamed_bodies: list[str] = field(default_factory=list)  # bodies left in float: they reuse a tensor name
 
     @property
     def calibrated(self) -> list[str]:
@@ -193,7 +194,10 @@ def _plan_graph(graph: Graph, target: Target, excluded, per_channel: bool, activ
     PLANNERS[target.placement](graph, active, result, per_channel, target)
     for body in controlflow.bodies(graph.proto):
         holder = graph.producer[body.holder]
-        if excluded(graph, holder) or not all(once(o) for n in body.graph.node for o in n.output if o):
+        if excluded(graph, holder):
+            continue
+        if not all(once(o) for n in body.graph.node for o in n.output if o):
+            result.renamed_bodies.append(f"{body.holder}/{body.attribute}")
             continue
         inner = Graph(graph.model, body.graph, outer=graph)
         sub = _plan_graph(inner, target, excluded, per_channel, activation, once)
