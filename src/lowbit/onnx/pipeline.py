@@ -390,7 +390,7 @@ def _compare(job: _Job, quant_sess: Any) -> None:
     result, model, progress = job.result, job.model, job.options.progress
     held = job.data.eval or job.held
     sample_source = held or job.data.calib
-    float_sess = session(model.float_model)
+    float_sess = session(model.original)  # the file as given: what the user compares with
     result.sizes = {"fp32": file_size(model.path), "int8": file_size(result.output)}
     if held is not None:
         result.agreement = compare.agreement(float_sess, quant_sess, held.batches(model.batch), progress=progress)
