@@ -1,9 +1,12 @@
 """The whole benchmark suite in one command.
 
     python -m benchmarks                  # every benchmark at full size: docs/BENCHMARKS.md and docs/benchmarks/
-    python -m benchmarks --quick          # calibration, onnx and torch at reduced size, under 10 minutes on 2
-                                          #   cores (sensitivity left out: its searches take longer); written
-                                          #   to build/benchmarks-quick/ so the full figures in docs/ stay
+    python -m benchmarks --quick          # calibration, onnx, torch and qat-bn at reduced size (SUITE's quick
+                                          #   arguments), a smoke run of every model and peer: 243 s on an idle
+                                          #   2-core machine, 522 s with two other CPU-bound processes on its
+                                          #   cores, under 10 minutes either way (sensitivity left out: its
+                                          #   searches take longer); written to build/benchmarks-quick/ so the
+                                          #   full figures in docs/ stay
     python -m benchmarks --only onnx,calibration
     python -m benchmarks --summary-only   # rebuild the summary at the top of BENCHMARKS.md from the JSONs
 
@@ -28,13 +31,22 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from _common import ROOT, write_section  # noqa: E402
 
-# name -> (script, full-size arguments, quick arguments)
+# name -> (script, full-size arguments, quick arguments). --quick on 2 idle cores (and with two other CPU-bound
+# processes on them): calibration 17 s (25), onnx 127 s (249), torch 46 s (166), qat-bn 53 s (82), 243 s in all (522);
+# 818 s idle before these quick sizes (fewer test images and timing rounds, one warm quantizer process, ResNet-18 at
+# 112x112, 2 QAT steps in torch, 50 steps in qat-bn).
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "calibration": ("calib_bench.py", [], ["--quick"]),
-    "onnx": ("onnx_bench.py", [], ["--quick", "--crops", "200", "--calib-crops", "64", "--sentences", "128"]),
-    "torch": ("torch_bench.py", [], ["--qat-epochs", "0"]),
+    "onnx": (
+        "onnx_bench.py",
+        [],
+        "--quick --crops 100 --calib-crops 32 --sentences 128 --calib-sentences 32 --fashion-test 1000 "
+        "--resnet-size 112".split(),
+    ),
+    "torch": ("torch_bench.py", [], "--qat-epochs 0.005 --test-images 1000 --calib-images 200".split()),  # 2 QAT steps
     "sensitivity": ("sensitivity_bench.py", [], []),
-    "qat-bn": ("qat_bn_bench.py", [], ["--seeds", "1", "--steps", "100"]),
+    # one torch thread: with two other busy processes on the 2 cores, 50 steps took 3 s on one thread, 8-10 s on two
+    "qat-bn": ("qat_bn_bench.py", [], "--seeds 1 --steps 50 --test-images 2000 --threads 1".split()),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
