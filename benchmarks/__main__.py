@@ -1,12 +1,12 @@
 """The whole benchmark suite in one command.
 
     python -m benchmarks                  # every benchmark at full size: docs/BENCHMARKS.md and docs/benchmarks/
-    python -m benchmarks --quick          # calibration, onnx, torch and qat-bn at reduced size (SUITE's quick
-                                          #   arguments), a smoke run of every model and peer: 243 s on an idle
-                                          #   2-core machine, 522 s with two other CPU-bound processes on its
-                                          #   cores, under 10 minutes either way (sensitivity left out: its
-                                          #   searches take longer); written to build/benchmarks-quick/ so the
-                                          #   full figures in docs/ stay
+    python -m benchmarks --quick          # every benchmark but sensitivity at reduced size (SUITE's quick
+                                          #   arguments), a smoke run of every model and peer: 255 s on an idle
+                                          #   2-core machine; the first four took 522 s with two other CPU-bound
+                                          #   processes on its cores (sensitivity left out: its searches take
+                                          #   longer); written to build/benchmarks-quick/ so the full figures in
+                                          #   docs/ stay
     python -m benchmarks --only onnx,calibration
     python -m benchmarks --summary-only   # rebuild the summary at the top of BENCHMARKS.md from the JSONs
 
@@ -33,6 +33,7 @@ from _common import ROOT, write_section  # noqa: E402
 
 # name -> (script, full-size arguments, quick arguments). --quick on 2 idle cores (and with two other CPU-bound
 # processes on them): calibration 17 s (25), onnx 127 s (249), torch 46 s (166), qat-bn 53 s (82), 243 s in all (522);
+# recogniser 13 s, controlflow 5 s and elementwise 1 s more, idle (255 s in all, 2026-12-03);
 # 818 s idle before these quick sizes (fewer test images and timing rounds, one warm quantizer process, ResNet-18 at
 # 112x112, 2 QAT steps in torch, 50 steps in qat-bn).
 SUITE: dict[str, tuple[str, list[str], list[str]]] = {
