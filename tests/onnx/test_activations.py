@@ -218,3 +218,31 @@ def test_dead_quantizers_are_removed_and_live_ones_kept():
     model = helper.make_model(graph)
     assert without_dead_quantizers(model) == 3
     assert [n.output[0] for n in model.graph.node] == ["q", "used", "y"]
+
+
+def test_an_affine_block_with_the_constant_first_around_hard_swish_stays_integer(tmp_path):
+    """PP-OCRv4's learnable affine blocks: Conv -> Mul(scale, x) -> Add(x, bias) -> hard-swish -> Mul(scale, x)
+    -> Add(x, bias) -> Conv, every constant a one-element tensor, the Mul's first."""
+    inits = [numpy_helper.from_array(np.array([v], np.float32), k) for k, v in
+             {"s1": 1.2, "b1": 0.1, "s2": 0.9, "b2": -0.2}.items()]  # fmt: skip
+    chain = [_node("Mul", ["s1", "c"], "m1"), _node("Add", ["m1", "b1"], "a1"),
+             *[_node(n.op_type, ["a1" if i == "c" else i for i in n.input],
+                     "h" if n.output[0] == "act" else n.output[0]) for n in HARD_SWISH["paddle"]],
+             _node("Mul", ["s2", "h"], "m2"), _node("Add", ["m2", "b2"], "act")]  # fmt: skip
+    model = _net(chain)
+    model.graph.initializer.extend(inits)
+    src = models.save(onnx.shape_inference.infer_shapes(model), tmp_path / "net.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=64)
+    quantize(src, tmp_path / "q.onnx", data, "int8", options=QUIET)
+    kernels = _quantized_kernels(tmp_path / "q.onnx")
+    assert not {"Add", "Mul", "Div", "Clip"} & set(kernels), kernels
+    ref, out = _run(src, X), _run(str(tmp_path / "q.onnx"), X)
+    assert (ref * out).sum() / np.linalg.norm(ref) / np.linalg.norm(out) > 0.995
+
+
+def test_below_opset_14_hard_swish_is_recognised_only_where_it_is_lowered(tmp_path):
+    src = models.save(_net(HARD_SWISH["paddle"], opset=13), tmp_path / "net.onnx")
+    data = models.calib_data(tmp_path / "calib.npz", (3, 8, 8), n=32)
+    assert quantize(src, tmp_path / "q.onnx", data, "int8", options=QUIET).fused == {"HardSwish": 1}
+    assert "HardSwish" not in [n.op_type for n in onnx.load(str(tmp_path / "q.onnx")).graph.node]
+    assert quantize(src, tmp_path / "t.onnx", data, "int8_trt", options=QUIET).fused == {}  # no HardSwish at 13

@@ -26,6 +26,7 @@ from lowbit.onnx.graph import Graph, Names, attribute
 from lowbit.onnx.pointwise import Region, regions, run_function
 from lowbit.onnx.rules import rule_for
 
+LOWERED = {"HardSwish": 14, "HardSigmoid": 6}  # what lower() rewrites, and the opset that has each
 PROBE = np.concatenate([np.linspace(-64, 64, 4001), [-1e4, -1e3, 1e3, 1e4]]).astype(np.float32)
 TOLERANCE = 1e-5
 MAX_CUTS = 8  # the longest piece tried spans this many cuts
@@ -74,13 +75,14 @@ def _matches(reference: np.ndarray, candidate: np.ndarray) -> bool:
     return bool(np.all(np.abs(candidate - reference) <= TOLERANCE * (1 + np.abs(reference))))
 
 
-def _single_op(region: Region, opset: int) -> onnx.NodeProto | None:
+def _single_op(region: Region, opset: int, lowering: bool = False) -> onnx.NodeProto | None:
     """The registered activation that computes ``region``'s function, as a node, or None."""
     reference = region.evaluate(PROBE)
     if not np.all(np.isfinite(reference)):
         return None
     for act in ACTIVATIONS:
-        if act.opset > opset or (len(region.nodes) == 1 and region.nodes[0].op_type == act.op_type):
+        too_new = act.opset > opset and not (lowering and act.op_type in LOWERED)
+        if too_new or (len(region.nodes) == 1 and region.nodes[0].op_type == act.op_type):
             continue
         attrs = act.attributes(PROBE, reference)
         if attrs is None:
@@ -93,14 +95,14 @@ def _single_op(region: Region, opset: int) -> onnx.NodeProto | None:
                 [helper.make_tensor_value_info(region.source, onnx.TensorProto.FLOAT, [None])],
                 [helper.make_tensor_value_info(region.result, onnx.TensorProto.FLOAT, None)],
             ),
-            opset_imports=[helper.make_opsetid("", opset)],
+            opset_imports=[helper.make_opsetid("", max(opset, act.opset))],
         )
         if _matches(reference, run_function(model, PROBE)):
             return node
     return None
 
 
-def _fusions(region: Region, opset: int) -> list[tuple[Region, onnx.NodeProto]]:
+def _fusions(region: Region, opset: int, lowering: bool) -> list[tuple[Region, onnx.NodeProto]]:
     """The pieces of ``region`` (between two of its cuts) that a single op computes, each with that op; the
     longest piece from each cut on first (a hard-swish followed by a GELU is two ops, not none)."""
     cuts = [region.source, *region.cuts()]
@@ -108,7 +110,7 @@ def _fusions(region: Region, opset: int) -> list[tuple[Region, onnx.NodeProto]]:
     while i < len(cuts) - 1:
         for j in range(min(len(cuts) - 1, i + MAX_CUTS), i, -1):
             piece = region.segment(cuts[i], cuts[j])
-            node = _single_op(piece, opset) if len(piece.nodes) > 1 else None
+            node = _single_op(piece, opset, lowering) if len(piece.nodes) > 1 else None
             if node is not None:
                 found.append((piece, node))
                 i = j
@@ -118,16 +120,17 @@ def _fusions(region: Region, opset: int) -> list[tuple[Region, onnx.NodeProto]]:
     return found
 
 
-def fuse(model: onnx.ModelProto) -> dict[str, int]:
+def fuse(model: onnx.ModelProto, lowering: bool = False) -> dict[str, int]:
     """Rewrite, in place, every decomposed activation of ``model``'s main graph as its single op; returns how many
-    chains became each op."""
+    chains became each op. ``lowering``: :func:`lower` runs next, so an activation it lowers is recognised even
+    where the model's opset lacks its op (a hard-swish in an opset-12 model, as Paddle2ONNX writes them)."""
     graph = Graph(model)
     opset = _opset(model)
     replaced: dict[int, onnx.NodeProto] = {}  # id of a region's last node -> the op standing in for the region
     dropped: set[int] = set()
     counts: dict[str, int] = {}
     for region in regions(graph):
-        for piece, node in _fusions(region, opset):
+        for piece, node in _fusions(region, opset, lowering):
             last = next(n for n in piece.nodes if piece.result in n.output)
             node.name = last.name or f"{node.op_type}({piece.result})"
             replaced[id(last)] = node
@@ -197,8 +200,9 @@ def _lowered(node: onnx.NodeProto, names: Names, inits: list[onnx.TensorProto]) 
 
 def lower(model: onnx.ModelProto) -> int:
     """Rewrite, in place, each HardSwish and HardSigmoid of ``model``'s main graph whose input can arrive as
-    integers as the ops a runtime without an integer kernel for them runs on integers (:func:`_lowered`);
-    returns how many. The last node keeps the activation's name, so exclusions still find it."""
+    integers (and each whose op the model's opset lacks: :func:`fuse` put it there for this) as the ops a runtime
+    without an integer kernel for them runs on integers (:func:`_lowered`); returns how many. The last node keeps
+    the activation's name, so exclusions still find it."""
     graph = Graph(model)
     names = Names(model.graph)
     inits: list[onnx.TensorProto] = []
@@ -206,7 +210,8 @@ def lower(model: onnx.ModelProto) -> int:
     count = 0
     for node in model.graph.node:
         if node.op_type in ("HardSwish", "HardSigmoid") and node.domain in ("", "ai.onnx"):
-            if graph.is_float(node.input[0]) and _arrives_integer(graph, node.input[0]):
+            unknown = LOWERED[node.op_type] > _opset(model)
+            if unknown or (graph.is_float(node.input[0]) and _arrives_integer(graph, node.input[0])):
                 nodes.extend(_lowered(node, names, inits))
                 count += 1
                 continue

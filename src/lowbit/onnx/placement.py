@@ -313,7 +313,8 @@ def _worth_integer(graph: Graph, active: list[onnx.NodeProto]) -> set[int]:
             node = graph.producer.get(tensor)
             if node is None or id(node) not in ids or kind[id(node)] not in PASSING:
                 return tensor
-            tensor = node.input[0]
+            # the tensor it passes on (a Mul by a constant may hold the constant first)
+            tensor = next((t for t in node.input if graph.is_activation(t)), node.input[0])
         return tensor
 
     arrives: set[int] = set()  # elementwise nodes whose activation inputs can all arrive as integers

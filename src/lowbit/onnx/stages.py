@@ -45,8 +45,9 @@ def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
     a recipe exclusion that names nothing in it is an error."""
     original = load_model(path)
     float_model = preprocess(original)
-    fused = activations.fuse(float_model)
-    if not settings.dynamic and settings.target.integer_activations:
+    lowering = not settings.dynamic and settings.target.integer_activations
+    fused = activations.fuse(float_model, lowering)
+    if lowering:
         activations.lower(float_model)
     controlflow.localize(float_model)  # the weights a body reads become its own, to be quantized there
     graph = Graph(float_model)
