@@ -21,10 +21,10 @@ def test_demo_compares_every_method_and_writes_a_cache(tmp_path, capsys):
     cache, ranges = tmp_path / "demo.cache", tmp_path / "ranges.json"
     assert main(["calibrate", "--demo", "-m", "all", "-q", "--trt-cache", str(cache), "--json", str(ranges)]) == 0
     out = capsys.readouterr().out
-    for method in ("minmax", "ema", "percentile", "entropy", "mse"):
+    for method in ("minmax", "ema", "percentile", "entropy", "mse", "admm"):
         assert method in out
     results = json.loads(ranges.read_text())["results"]
-    assert len(results) == 15
+    assert len(results) == 18  # 3 demo tensors x 6 methods
     entropy = {r["tensor"]: r for r in results if r["method"] == "entropy"}
     amax = read_trt_cache(cache).amax()
     assert amax.keys() == entropy.keys()
@@ -56,7 +56,7 @@ def test_calibrates_an_npz_and_saves_mergeable_statistics(tmp_path, capsys):
     ("argv", "message"),
     [
         (["calibrate"], "give either a DATA file or --demo"),
-        (["calibrate", "--demo", "-m", "kl"], "unknown method 'kl'; known methods: ema, entropy"),
+        (["calibrate", "--demo", "-m", "kl"], "unknown method 'kl'; known methods: admm, ema, entropy"),
         (["calibrate", "--demo", "--option", "bins=3"], "no selected method has an option 'bins'"),
         (["calibrate", "--demo", "--option", "nonsense"], "--option takes KEY=VALUE"),
         (["calibrate", "missing.npz"], "missing.npz does not exist"),

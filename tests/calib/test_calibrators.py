@@ -8,8 +8,8 @@ from lowbit.calib import Range, create
 from lowbit.core import QuantSpec, fake_quant, qparams
 from lowbit.errors import CalibrationError
 
-ALL_METHODS = ["minmax", "ema", "percentile", "entropy", "mse"]
-EXACT_MERGE = ["minmax", "percentile", "entropy", "mse"]  # an EMA depends on batch order by definition
+ALL_METHODS = ["minmax", "ema", "percentile", "entropy", "mse", "admm"]
+EXACT_MERGE = ["minmax", "percentile", "entropy", "mse", "admm"]  # an EMA depends on batch order by definition
 
 
 def _assert_range_equal(a: Range, b: Range) -> None:
@@ -24,7 +24,7 @@ def test_registry_lists_every_method():
 
 
 def test_unknown_method_or_option_lists_the_known_ones():
-    with pytest.raises(CalibrationError, match=r"unknown calibration method 'kl'; known methods: ema, entropy"):
+    with pytest.raises(CalibrationError, match=r"unknown calibration method 'kl'; known methods: admm, ema, entropy"):
         create("kl")
     with pytest.raises(CalibrationError, match=r"no option 'bins'; its options are: num_bins, num_levels"):
         create("entropy", bins=2048)

@@ -83,7 +83,7 @@ def create(method: str, **options: Any) -> Calibrator:
 
 def grid_options(method: str, spec, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``options`` completed with what fits the grid ``spec`` (a :class:`~lowbit.core.QuantSpec`) the range is for,
-    unless the user chose otherwise: MSE searches that grid (its bits and its symmetry, per tensor), percentile cuts
+    unless the user chose otherwise: MSE and ADMM fit that grid (its bits and its symmetry, per tensor), percentile cuts
     both tails for an asymmetric grid, entropy leaves exact zeros out of its divergence (ReLU outputs).
 
     >>> from lowbit.core import QuantSpec
@@ -95,7 +95,7 @@ def grid_options(method: str, spec, options: dict[str, Any] | None = None) -> di
     out = dict(options or {})
     if method == "entropy":
         out.setdefault("exclude_zeros", True)
-    elif method == "mse":
+    elif method in ("mse", "admm"):
         out.setdefault("spec", replace(spec, axis=None, group_size=None))
     elif method == "percentile":
         out.setdefault("symmetric", spec.symmetric)
