@@ -73,6 +73,21 @@ def reset_peak_memory() -> float | None:
     return status_mb("VmRSS")
 
 
+def median_ms(session, feed: dict, runs: int, warmup: int) -> float:
+    """Median wall time (ms) of ``runs`` runs of an ONNX Runtime ``session`` on ``feed`` after ``warmup`` untimed
+    ones: a model timed alone (several models timed against each other: lowbit.onnx.compare.interleaved_latency_ms)."""
+    import time
+
+    for _ in range(warmup):
+        session.run(None, feed)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, feed)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
 def write_section(name: str, section: str, results: dict) -> None:
     """Replace the ``<!-- name:start -->`` .. ``<!-- name:end -->`` section of docs/BENCHMARKS.md (or append it)
     and write the raw figures to docs/benchmarks/<name>.json (under :data:`DOCS`)."""

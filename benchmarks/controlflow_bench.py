@@ -30,7 +30,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, machine, write_section
+from _common import ROOT, machine, median_ms, write_section
 
 sys.path.insert(0, str(ROOT))
 from tests.onnx import controlflow_models as cm
@@ -144,18 +144,8 @@ def silero_path() -> Path | None:
     return path if path.is_file() else None
 
 
-def _latency_ms(path: Path, feed: dict, runs: int = 200) -> float:
-    import time
-
-    sess = _session(path)
-    for _ in range(20):
-        sess.run(None, feed)
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+def _latency_ms(path: Path, feed: dict) -> float:
+    return median_ms(_session(path), feed, runs=200, warmup=20)
 
 
 def bench(name: str, src: Path, calib: list[dict], test: list[dict], work: Path, budget_on=None) -> dict:

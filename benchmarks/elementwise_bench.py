@@ -24,7 +24,6 @@ Writes the "elementwise" section of docs/BENCHMARKS.md and docs/benchmarks/eleme
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +32,7 @@ import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, write_section
+from _common import machine, median_ms, write_section
 
 SHAPE = [8, 64, 56, 56]
 S_IN, Z_IN = 0.05, 128  # input codes: x = 0.05 * (c - 128), -6.4 .. 6.35
@@ -136,14 +135,7 @@ def _latency_ms(model: onnx.ModelProto, feed: dict) -> float:
     options.intra_op_num_threads = 2
     options.log_severity_level = 3
     sess = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    for _ in range(5):
-        sess.run(None, feed)
-    times = []
-    for _ in range(RUNS):
-        t = time.perf_counter()
-        sess.run(None, feed)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times) * 1000)
+    return median_ms(sess, feed, runs=RUNS, warmup=5)
 
 
 def run() -> dict:
