@@ -168,8 +168,29 @@ class EntropyCalibrator(HistogramCalibrator):
         return Range(-amax, amax)
 
 
+class GridCalibrator(HistogramCalibrator):
+    """Base of the methods that fit a range to one integer grid, ``spec`` (a per-tensor :class:`QuantSpec` of
+    2 bits or more, or its dict; default int8 symmetric): ``mse`` and ``admm``."""
+
+    fit = "the grid fit"  # what messages call the method
+
+    def __init__(
+        self, *, spec: QuantSpec | dict | None = None, tensor: str | None = None, skip_nonfinite: bool = False
+    ):
+        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
+        try:
+            spec = QuantSpec() if spec is None else spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
+        except (SpecError, TypeError) as exc:
+            raise CalibrationError(f"{self.describe()}: bad spec: {exc}") from None
+        if spec.axis is not None or spec.bits < 2:
+            raise CalibrationError(
+                f"{self.describe()}: {self.fit} needs a per-tensor spec of 2 bits or more, got {spec}"
+            )
+        self.spec = spec
+
+
 @register("mse")
-class MSECalibrator(HistogramCalibrator):
+class MSECalibrator(GridCalibrator):
     """The range that minimises the expected squared quantization error for ``spec`` (a per-tensor
     :class:`QuantSpec` or its dict; default int8 symmetric), searched over ``num_candidates`` shrinkings of
     the observed range. Symmetric specs give (-amax, amax).
@@ -181,6 +202,8 @@ class MSECalibrator(HistogramCalibrator):
     True
     """
 
+    fit = "the MSE search"
+
     def __init__(
         self,
         *,
@@ -189,20 +212,11 @@ class MSECalibrator(HistogramCalibrator):
         tensor: str | None = None,
         skip_nonfinite: bool = False,
     ):
-        super().__init__(tensor=tensor, skip_nonfinite=skip_nonfinite)
-        try:
-            spec = QuantSpec() if spec is None else spec if isinstance(spec, QuantSpec) else QuantSpec.from_dict(spec)
-        except (SpecError, TypeError) as exc:
-            raise CalibrationError(f"{self.describe()}: bad spec: {exc}") from None
-        if spec.axis is not None or spec.bits < 2:
-            raise CalibrationError(
-                f"{self.describe()}: the MSE search needs a per-tensor spec of 2 bits or more, got {spec}"
-            )
+        super().__init__(spec=spec, tensor=tensor, skip_nonfinite=skip_nonfinite)
         if not isinstance(num_candidates, (int, np.integer)) or num_candidates < 1:
             raise CalibrationError(
                 f"{self.describe()}: num_candidates must be a positive integer, got {num_candidates!r}"
             )
-        self.spec = spec
         self.num_candidates = int(num_candidates)
 
     def _compute(self) -> Range:
@@ -213,7 +227,7 @@ class MSECalibrator(HistogramCalibrator):
 
 
 @register("admm")
-class ADMMCalibrator(MSECalibrator):
+class ADMMCalibrator(GridCalibrator):
     """The range whose scale fits its own codes best for ``spec`` (default int8 symmetric): alternate quantizing
     the histogram's bin centres (weighted by their counts) and fitting the scale in closed form, from the observed
     range, until the codes stop changing (:func:`lowbit.calib.search.admm_range`; at most ``max_rounds``). Its
@@ -225,6 +239,8 @@ class ADMMCalibrator(MSECalibrator):
     >>> 1.5 < c.compute().hi < 4.0
     True
     """
+
+    fit = "the ADMM fit"
 
     def __init__(
         self,
