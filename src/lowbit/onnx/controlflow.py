@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from lowbit.onnx.graph import Graph, Names, subgraphs
+from lowbit.onnx.graph import Graph, Names, graphs
 
 BODIES = {"If": ("then_branch", "else_branch"), "Loop": ("body",), "Scan": ("body",)}
 
@@ -53,13 +53,13 @@ def find(graph: onnx.GraphProto, holder: str, attribute: str) -> onnx.GraphProto
 
 def all_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor and node name of ``graph`` and of the bodies inside it."""
-    names = {t.name for t in graph.initializer} | {i.name for i in graph.input} | {o.name for o in graph.output}
-    for node in graph.node:
-        names.update(node.input)
-        names.update(node.output)
-        names.add(node.name)
-        for sub in subgraphs(node):
-            names |= all_names(sub)
+    names: set[str] = set()
+    for g in graphs(graph):
+        names |= {t.name for t in g.initializer} | {i.name for i in g.input} | {o.name for o in g.output}
+        for node in g.node:
+            names.update(node.input)
+            names.update(node.output)
+            names.add(node.name)
     names.discard("")
     return names
 
@@ -104,22 +104,17 @@ def _localize(model: onnx.ModelProto, graph: onnx.GraphProto, view: Graph, fresh
 
 
 def _reads(graph: onnx.GraphProto) -> set[str]:
-    read = {t for n in graph.node for t in n.input} | {o.name for o in graph.output}
-    for node in graph.node:
-        for sub in subgraphs(node):
-            read |= _reads(sub)
-    return read
+    """The names ``graph`` and the bodies inside it read (node inputs and graph outputs)."""
+    return {t for g in graphs(graph) for t in [*(i for n in g.node for i in n.input), *(o.name for o in g.output)]}
 
 
 def _drop_unread(graph: onnx.GraphProto) -> None:
-    read = _reads(graph)
-    kept = [t for t in graph.initializer if t.name in read]
-    if len(kept) != len(graph.initializer):
-        del graph.initializer[:]
-        graph.initializer.extend(kept)
-    for node in graph.node:
-        for sub in subgraphs(node):
-            _drop_unread(sub)
+    for g in graphs(graph):
+        read = _reads(g)
+        kept = [t for t in g.initializer if t.name in read]
+        if len(kept) != len(g.initializer):
+            del g.initializer[:]
+            g.initializer.extend(kept)
 
 
 def expose(model: onnx.ModelProto, tensors: Sequence[str]) -> tuple[onnx.ModelProto, dict[str, str]]:

@@ -38,6 +38,14 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every body inside it, at any depth (outer ones first)."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from graphs(sub)
+
+
 def _outer_names(graph: onnx.GraphProto) -> set[str]:
     """Names a subgraph reads but does not define: tensors of an enclosing scope."""
     defined = {i.name for i in graph.input} | {i.name for i in graph.initializer}

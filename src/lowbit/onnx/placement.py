@@ -38,7 +38,7 @@ import onnx
 from lowbit.core import QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.onnx import controlflow
-from lowbit.onnx.graph import Graph, attributes, subgraphs
+from lowbit.onnx.graph import Graph, attributes, graphs
 from lowbit.onnx.rules import rule_for, scalar_factor
 from lowbit.recipe import Target, get_target
 
@@ -128,7 +128,7 @@ def check_exclusions(graph: Graph, exclude: Sequence[str], exclude_ops: Sequence
 
 
 def _every_node(graph: onnx.GraphProto) -> list[onnx.NodeProto]:
-    return [m for n in graph.node for m in [n, *(k for sub in subgraphs(n) for k in _every_node(sub))]]
+    return [n for g in graphs(graph) for n in g.node]
 
 
 def exclusion(exclude: Sequence[str], exclude_ops: Sequence[str], exclude_nodes: Collection[str] = ()):
@@ -211,16 +211,10 @@ def _defined_once(graph: onnx.GraphProto) -> Callable[[str], bool]:
     """A test: is a tensor name defined (computed, an input or an initializer) in one place of the whole model?
     A body that reuses a name of another scope is left in float: ranges are kept by name."""
     counts: dict[str, int] = {}
-
-    def count(g: onnx.GraphProto) -> None:
+    for g in graphs(graph):
         for name in [*(i.name for i in g.input), *(t.name for t in g.initializer),
                      *(o for n in g.node for o in n.output if o)]:  # fmt: skip
             counts[name] = counts.get(name, 0) + 1
-        for node in g.node:
-            for sub in subgraphs(node):
-                count(sub)
-
-    count(graph)
     return lambda name: counts.get(name, 0) == 1
 
 
