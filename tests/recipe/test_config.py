@@ -39,6 +39,7 @@ def test_an_unresolved_activation_has_no_spec():
         (lambda: Config(exclude="conv"), "exclude must be a list of strings"),
         (lambda: Config(fp16_rest="yes"), "fp16_rest must be true or false"),
         (lambda: Config(bias_correction=1), "bias_correction must be"),
+        (lambda: Config(refine="adaquant"), "unknown refinement 'adaquant'; refinements: easyquant"),
         (lambda: QuantizerConfig(method="kl"), "unknown calibration method 'kl'"),
         (lambda: QuantizerConfig(bits=1), "bits must be an integer from 2 to 16"),
         (lambda: preset("int9"), "unknown quantization preset 'int9'; presets: int8, "),

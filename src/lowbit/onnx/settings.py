@@ -196,6 +196,7 @@ def edit(
     bias_correction: bool | None = None,
     rounding: str | None = None,
     fp16_rest: bool | None = None,
+    refine: str | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
     given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer."""
@@ -207,6 +208,6 @@ def edit(
     if per_channel is not None:
         config = config.with_weight_granularity("channel" if per_channel else "tensor")
     plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
-             "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest}  # fmt: skip
+             "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest, "refine": refine}  # fmt: skip
     changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
     return replace(config, **changes)

@@ -11,7 +11,7 @@ model lowbit writes. NumPy only.
 """
 
 from lowbit.recipe import targets as _builtin_targets  # noqa: F401 (registers ort, trt, qdq)
-from lowbit.recipe.config import GRANULARITIES, Config, LayerConfig, QuantizerConfig, resolve
+from lowbit.recipe.config import GRANULARITIES, REFINEMENTS, Config, LayerConfig, QuantizerConfig, resolve
 from lowbit.recipe.files import FORMAT_VERSION, from_dict, load, save, to_dict
 from lowbit.recipe.presets import PRESETS, as_config, preset
 from lowbit.recipe.target import Target, available_targets, get_target, register_target
@@ -20,6 +20,7 @@ __all__ = [
     "FORMAT_VERSION",
     "GRANULARITIES",
     "PRESETS",
+    "REFINEMENTS",
     "Config",
     "LayerConfig",
     "QuantizerConfig",

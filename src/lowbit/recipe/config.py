@@ -30,6 +30,7 @@ from lowbit.errors import SpecError
 from lowbit.recipe.target import Target, get_target
 
 GRANULARITIES = ("tensor", "channel", "group")
+REFINEMENTS = ("easyquant",)  # the stages that may run after calibration (``Config.refine``)
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,9 @@ class Config:
     rounding: how weights get their integer codes: a weight-rounding method of the front end (``nearest``,
         ``gptq``; PyTorch also ``adaround``); None: the front end's default (ONNX: gptq; PyTorch: nearest).
     bias_correction: move each Conv/Gemm bias by the mean shift weight rounding causes (ONNX; None: on).
+    refine: a stage after calibration that searches the scales again (:data:`REFINEMENTS`): ``"easyquant"``
+        (Wu et al. 2020) searches, layer by layer with the quantized model upstream, each output channel's weight
+        scale and the layer's input scale for the highest cosine of the layer's output to FP32. None: no stage.
     fp16_rest: run every node outside the quantizers in float16 (ONNX; INT8 + FP16 as TensorRT builds).
     weight_only_rnn: with dynamic activations, also store GRU/RNN weights as int8 (ONNX).
     residual_adds: find the ``x + y`` additions of a PyTorch model's ``forward`` with torch.fx and quantize their
@@ -149,6 +153,7 @@ class Config:
     exclude_ops: tuple[str, ...] = ()
     rounding: str | None = None
     bias_correction: bool | None = None
+    refine: str | None = None
     fp16_rest: bool = False
     weight_only_rnn: bool = False
 
@@ -165,6 +170,8 @@ class Config:
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):
             raise SpecError(f"bias_correction must be true, false or None, got {self.bias_correction!r}")
+        if self.refine is not None and self.refine not in REFINEMENTS:
+            raise SpecError(f"unknown refinement {self.refine!r}; refinements: {', '.join(REFINEMENTS)} (or None)")
 
     def override(self, pattern: str, layer: LayerConfig | None) -> Config:
         """A copy with one more override (it wins over the earlier ones)."""
