@@ -35,8 +35,7 @@ Rounded: the layers of :mod:`lowbit.torch.rounding.roundable`; a convolution's i
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -44,11 +43,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from lowbit.errors import CalibrationError
-from lowbit.torch.quantizer import TensorQuantizer, evaluating, param_view
+from lowbit.torch.quantizer import evaluating, param_view
+from lowbit.torch.rounding.capture import run_order, run_to
 from lowbit.torch.rounding.patches import conv_patches, output_positions
 from lowbit.torch.rounding.registry import register
 from lowbit.torch.rounding.roundable import chosen_layers, weight_matrix
-from lowbit.torch.runner import call, is_loop, run_batch
+from lowbit.torch.runner import is_loop
 
 ITERATIONS = 500  # gradient steps per layer
 ROWS = 4096  # output positions (pixels, tokens) sampled per layer, over all the calibration batches
@@ -59,22 +59,6 @@ REGULARIZATION = 0.01  # weight of the term that pushes h to 0 or 1
 WARMUP = 0.2  # fraction of the iterations learned without the regularizer
 BETA = (20.0, 2.0)  # sharpness of the regularizer, annealed from the first to the second
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch: h reaches 0 and 1 exactly
-
-
-class _Stop(Exception):
-    """Raised by a hook once it has what it came for: the rest of the forward pass is not needed."""
-
-
-@contextlib.contextmanager
-def _all_float(model: nn.Module) -> Iterator[None]:
-    saved = [(q, q.mode) for q in model.modules() if isinstance(q, TensorQuantizer)]
-    try:
-        for q, _ in saved:
-            q.mode = "disabled"
-        yield
-    finally:
-        for q, mode in saved:
-            q.mode = mode
 
 
 class Sample:
@@ -126,40 +110,20 @@ def _collect(
     inputs: list[torch.Tensor] = []
     float_inputs: list[torch.Tensor] = []
     targets: list[torch.Tensor] = []
-    state = {"batch": 0}
-
-    def take_float_input(m: nn.Module, args: tuple[Any, ...]) -> None:
-        if keep_float:
-            float_inputs.append(sample.patches(args[0], state["batch"]))
-
-    def take_output(m: nn.Module, args: tuple[Any, ...], y: torch.Tensor) -> None:
-        targets.append(sample.output(y, state["batch"]))
-        raise _Stop
-
-    def take_input(m: nn.Module, args: tuple[Any, ...]) -> None:
+    for i, batch in enumerate(batches):
+        run_to(
+            model,
+            module,
+            batch,
+            take_input=(lambda x, i=i: float_inputs.append(sample.patches(x, i))) if keep_float else None,
+            take_output=lambda y, i=i: targets.append(sample.output(y, i)),
+            float_model=True,
+        )
         # Quantizing the gathered patches equals gathering the quantized input: the quantizer is elementwise, and
         # it keeps the padding's zeros (zero is always on the grid).
-        inputs.append(m.input_quantizer(sample.patches(args[0], state["batch"])))
-        raise _Stop
-
-    for i, batch in enumerate(batches):
-        state["batch"] = i
-        for add_hooks, ctx in (
-            (
-                lambda: (module.register_forward_pre_hook(take_float_input), module.register_forward_hook(take_output)),
-                _all_float(model),
-            ),
-            (lambda: (module.register_forward_pre_hook(take_input),), contextlib.nullcontext()),
-        ):
-            hooks = add_hooks()
-            try:
-                with ctx, torch.no_grad():
-                    call(model, batch)  # the batches already ran in calibration: no other error to expect
-            except _Stop:
-                pass
-            finally:
-                for hook in hooks:
-                    hook.remove()
+        run_to(
+            model, module, batch, take_input=lambda x, i=i: inputs.append(module.input_quantizer(sample.patches(x, i)))
+        )
     if len(inputs) != len(batches) or len(targets) != len(batches):
         raise CalibrationError(f"AdaRound: layer {name} did not run on every calibration batch; it cannot be rounded")
     return torch.cat(inputs), torch.cat(targets), torch.cat(float_inputs) if keep_float else None
@@ -264,22 +228,6 @@ def _learn(layer: _Layer, v, patches, target, float_patches, drop: float, iterat
         optimizer.step()
 
 
-def _run_order(model: nn.Module, found: dict[str, nn.Module], batch: Any) -> list[str]:
-    """The layers in the order the model runs them (on one calibration batch)."""
-    order: list[str] = []
-    hooks = [
-        m.register_forward_pre_hook(lambda m, a, n=name: order.append(n) if n not in order else None)
-        for name, m in found.items()
-    ]
-    try:
-        with torch.no_grad(), _all_float(model):
-            run_batch(model, batch, 0)
-    finally:
-        for h in hooks:
-            h.remove()
-    return order + [n for n in found if n not in order]
-
-
 @register("adaround", batches_only=True)
 def adaround(
     model: nn.Module,
@@ -306,7 +254,7 @@ def adaround(
     batches = _batches(calib)
     errors: dict[str, tuple[float, float]] = {}
     with evaluating(model):
-        order = _run_order(model, found, batches[0])
+        order = run_order(model, found, batches[0])
         bar = tqdm(order, desc="AdaRound", unit="layer", disable=not progress, leave=False)
         for i, name in enumerate(bar):
             module = found[name]
