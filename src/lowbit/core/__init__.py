@@ -2,31 +2,43 @@
 
 from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
 from lowbit.core.quant import (
+    ADMM_STARTS,
+    WEIGHT_METHODS,
+    admm_range_per_slice,
     binarize,
     binary_scale,
+    check_admm_options,
     dequantize,
     fake_quant,
     mse_range_per_slice,
+    percentile_range_per_slice,
     qparams,
     qparams_from_tensor,
     quantize,
+    weight_range,
 )
 from lowbit.core.spec import ROUNDINGS, SCALE_KINDS, QuantSpec
 
 __all__ = [
+    "ADMM_STARTS",
     "ROUNDINGS",
     "SCALE_KINDS",
+    "WEIGHT_METHODS",
     "QuantSpec",
+    "admm_range_per_slice",
     "binarize",
     "binary_scale",
     "broadcast",
+    "check_admm_options",
     "dequantize",
     "fake_quant",
     "mse_range_per_slice",
     "normalize_axis",
     "param_shape",
+    "percentile_range_per_slice",
     "qparams",
     "qparams_from_tensor",
     "quantize",
     "reduce",
+    "weight_range",
 ]

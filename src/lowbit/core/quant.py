@@ -176,3 +176,155 @@ def mse_range_per_slice(x, spec: QuantSpec, num_candidates: int = 80, smallest: 
         best = np.where(better, err, best)
         best_lo, best_hi = np.where(better, cand_lo, best_lo), np.where(better, cand_hi, best_hi)
     return best_lo, best_hi
+
+
+def _rows(x: np.ndarray, spec: QuantSpec, fill: float = np.nan):
+    """``x`` as a float64 matrix with one row per scale of ``spec`` (a short last group padded with ``fill``), and
+    ``(back, rows)``: the maps from one value per row to :func:`layout.param_shape` and the other way."""
+    x = np.asarray(x, dtype=np.float64)
+    if spec.axis is None:
+        return x.reshape(1, -1), (lambda v: np.asarray(v).reshape(())), (lambda p: np.asarray(p).reshape(1))
+    axis = layout.normalize_axis(spec.axis, x.ndim)
+    if spec.group_size is None:
+        return np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1), (lambda v: v), (lambda p: np.asarray(p))
+    g = spec.group_size
+    moved = np.moveaxis(x, axis, -1)
+    blocks = -(-moved.shape[-1] // g)
+    moved = np.pad(moved, [(0, 0)] * (moved.ndim - 1) + [(0, blocks * g - moved.shape[-1])], constant_values=fill)
+    grid = (*moved.shape[:-1], blocks)
+    return (
+        moved.reshape(-1, g),
+        lambda v: np.moveaxis(np.asarray(v).reshape(grid), -1, axis),
+        lambda p: np.moveaxis(np.asarray(p), axis, -1).reshape(-1),
+    )
+
+
+def percentile_range_per_slice(x, spec: QuantSpec, percentile: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per slice of ``x`` as ``spec`` lays them out, the range that keeps ``percentile`` percent of its values:
+    ``(-a, a)`` with ``a`` the percentile of ``|x|`` on a symmetric grid, else the two tails cut by
+    ``(100 - percentile) / 2`` percent each. Returns ``(lo, hi)`` in :func:`~lowbit.core.layout.param_shape`.
+
+    >>> percentile_range_per_slice(np.arange(-50.0, 51.0), QuantSpec(), 90.0)
+    (array(-45.), array(45.))
+    """
+    m, back, _ = _rows(x, spec)
+    if spec.symmetric:
+        amax = np.nanpercentile(np.abs(m), percentile, axis=1)
+        return back(-amax), back(amax)
+    cut = (100.0 - percentile) / 2.0
+    return back(np.nanpercentile(m, cut, axis=1)), back(np.nanpercentile(m, 100.0 - cut, axis=1))
+
+
+def admm_range_per_slice(x, spec: QuantSpec, *, start=None, weights=None, max_rounds: int = 50):
+    """Per slice of ``x`` as ``spec`` lays them out (per tensor, channel or group), the range whose scale fits its
+    own codes best, found by alternating (the ADMM-style fixed point MNN and others use): quantize with the current
+    scale and zero point, ``q = clamp(round(x / s) + z)``; fit the scale to those codes by (``weights``-weighted)
+    least squares, symmetric ``s = <x, q - z> / <q - z, q - z>``, asymmetric ``x ~ a q + c`` (``s = a``,
+    ``z = -c / a``); repeat until the codes stop changing or ``max_rounds`` pass. Starts from ``start`` (``(lo, hi)``
+    in :func:`~lowbit.core.layout.param_shape`; default each slice's max range, ``(-max|x|, max|x|)`` on a symmetric
+    grid) and keeps per slice the round with the least squared error, so never one worse than the start.
+    Rounding is to nearest, whatever ``spec.rounding`` says. Returns ``(lo, hi)`` in param_shape.
+
+    >>> rng = np.random.default_rng(0)
+    >>> w = np.stack([rng.standard_normal(4096), rng.uniform(-1, 1, 4096)]).astype(np.float32)
+    >>> lo, hi = admm_range_per_slice(w, QuantSpec(bits=4, axis=0))
+    >>> bool(hi[0] < 0.85 * w[0].max()), bool(hi[1] > 0.9 * w[1].max())   # Gaussian tails clipped, uniform kept
+    (True, True)
+    """
+    x = np.asarray(x, dtype=np.float64)
+    m, back, rows = _rows(x, spec)
+    pad = np.isnan(m)
+    w = np.ones_like(m) if weights is None else _rows(np.broadcast_to(weights, x.shape), spec, 0.0)[0]
+    m, w = np.where(pad, 0.0, m), np.where(pad, 0.0, w)
+    if start is None:
+        lo, hi = np.nanmin(np.where(pad, np.nan, m), axis=1), np.nanmax(np.where(pad, np.nan, m), axis=1)
+        if spec.symmetric:
+            hi = np.maximum(-lo, hi)
+            lo = -hi
+    else:
+        shape = layout.param_shape(x.shape, spec)
+        lo, hi = (rows(np.broadcast_to(np.asarray(v, dtype=np.float64), shape)) for v in start)
+    grid = spec.replace(axis=0, group_size=None, rounding="nearest")
+    best_lo, best_hi, best = lo, hi, np.full(lo.shape, np.inf)
+    previous = None
+    for _ in range(max(1, int(max_rounds))):
+        scale, zero_point = qparams(lo, hi, grid)
+        codes = quantize(m.astype(np.float32), scale, zero_point, grid).astype(np.float64)
+        z = zero_point.astype(np.float64)[:, None]
+        error = (w * ((codes - z) * scale.astype(np.float64)[:, None] - m) ** 2).sum(axis=1)
+        better = error < best
+        best = np.where(better, error, best)
+        best_lo, best_hi = np.where(better, lo, best_lo), np.where(better, hi, best_hi)
+        if previous is not None and np.array_equal(codes, previous):
+            break
+        previous = codes
+        lo, hi = _fit_codes(m, w, codes, z, grid, lo, hi)
+    return back(best_lo), back(best_hi)
+
+
+def _fit_codes(x, w, codes, z, spec: QuantSpec, lo, hi):
+    """Per row, the range of the scale (and, asymmetric, the zero point) that maps ``codes`` onto ``x`` best in
+    weighted least squares; a row whose codes cannot say (all equal, or a scale that is not positive) keeps
+    ``(lo, hi)``."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if spec.symmetric:
+            d = codes - z
+            s = (w * x * d).sum(axis=1) / (w * d * d).sum(axis=1)
+            half = (1 << (spec.bits - 1)) - 1
+            ok = np.isfinite(s) & (s > 0)
+            return np.where(ok, -s * half, lo), np.where(ok, s * half, hi)
+        total = w.sum(axis=1)
+        mq, mx = (w * codes).sum(axis=1) / total, (w * x).sum(axis=1) / total
+        dq = codes - mq[:, None]
+        a = (w * dq * (x - mx[:, None])).sum(axis=1) / (w * dq * dq).sum(axis=1)
+        ok = np.isfinite(a) & (a > 0)
+        c = mx - a * mq  # x ~ a * codes + c: the grid's ends map to a * qmin + c and a * qmax + c
+        return np.where(ok, a * spec.qmin + c, lo), np.where(ok, a * spec.qmax + c, hi)
+
+
+WEIGHT_METHODS = ("minmax", "mse", "admm")  # how weight_range picks a weight's range from its values
+ADMM_STARTS = ("max", "percentile")
+_WEIGHT_OPTIONS = {"minmax": (), "mse": ("num_candidates",), "admm": ("start", "percentile", "max_rounds")}
+
+
+def check_admm_options(start: str = "max", percentile: float = 99.99, max_rounds: int = 50) -> None:
+    """A SpecError naming the first bad ADMM option: ``start`` (``"max"`` or ``"percentile"``), ``percentile``
+    (in (0, 100]), ``max_rounds`` (a positive integer)."""
+    if start not in ADMM_STARTS:
+        raise SpecError(f"start must be one of {', '.join(ADMM_STARTS)}, got {start!r}")
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)) or not 0.0 < percentile <= 100.0:
+        raise SpecError(f"percentile must be a number in (0, 100], got {percentile!r}")
+    if isinstance(max_rounds, bool) or not isinstance(max_rounds, (int, np.integer)) or max_rounds < 1:
+        raise SpecError(f"max_rounds must be a positive integer, got {max_rounds!r}")
+
+
+def weight_range(w, spec: QuantSpec, method: str = "minmax", options: dict | None = None):
+    """The range of a weight per tensor, channel or group (``spec``), from its values by ``method``
+    (:data:`WEIGHT_METHODS`): ``minmax`` its own min and max; ``mse`` the shrunk range with the least squared
+    error (:func:`mse_range_per_slice`, option ``num_candidates``); ``admm`` the scale fitted to its own codes
+    (:func:`admm_range_per_slice`, options ``start`` ``"max"`` or ``"percentile"`` (then from
+    :func:`percentile_range_per_slice` at ``percentile``, default 99.99) and ``max_rounds``). Returns ``(lo, hi)``
+    in :func:`~lowbit.core.layout.param_shape`; a bad method or option is a SpecError that names it.
+
+    >>> w = np.array([[1.0, -0.5, 0.25], [0.2, 0.1, -0.05]])
+    >>> weight_range(w, QuantSpec(axis=0))[1]
+    array([1. , 0.2], dtype=float32)
+    """
+    if method not in WEIGHT_METHODS:
+        raise SpecError(f"unknown weight method {method!r}; weight methods: {', '.join(WEIGHT_METHODS)}")
+    options = dict(options or {})
+    for key in options:
+        if key not in _WEIGHT_OPTIONS[method]:
+            allowed = ", ".join(_WEIGHT_OPTIONS[method]) or "none"
+            raise SpecError(f"weight method {method!r} has no option {key!r} (its options: {allowed})")
+    w = np.asarray(w, dtype=np.float32)
+    if method == "mse":
+        return mse_range_per_slice(w, spec, **options)
+    if method == "admm":
+        check_admm_options(**options)
+        start = None
+        if options.pop("start", "max") == "percentile":
+            start = percentile_range_per_slice(w, spec, options.pop("percentile", 99.99))
+        options.pop("percentile", None)
+        return admm_range_per_slice(w, spec, start=start, **options)
+    return layout.reduce(w, spec, "min"), layout.reduce(w, spec, "max")
