@@ -43,9 +43,11 @@ class QuantizerConfig:
     granularity: ``"tensor"``, ``"channel"`` (weights: per output channel) or ``"group"`` (weights: blocks of
         ``group_size`` along the input axis).
     method: the calibrator of activation ranges (``lowbit.calib`` names: minmax, ema, percentile, entropy,
-        mse; None: the target's default method); weights take their own max|w| per channel or group, or with
-        ``mse`` the clipped range with the least squared error per channel or group.
-    method_options: options of that calibrator (``{"percentile": 99.99}``).
+        mse, admm; None: the target's default method). Weights (:func:`lowbit.core.weight_range`) take their own
+        max|w| per tensor, channel or group; with ``mse`` the clipped range with the least squared error per
+        channel or group; with ``admm`` the scale fitted to its own codes per tensor, channel or group.
+    method_options: options of that calibrator (``{"percentile": 99.99}``), or of the weights' method (admm:
+        ``{"start": "percentile", "percentile": 99.9, "max_rounds": 50}``; the start is ``"max"`` by default).
     dynamic: the scale is computed from each batch at run time (activations of dynamic quantization).
     learn_scale: the scale is a trainable parameter (LSQ, Esser et al. 2020) during QAT.
     narrow_range: drop the lowest code (int8: [-127, 127]).

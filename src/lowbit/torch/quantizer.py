@@ -36,8 +36,8 @@ import torch
 from torch import nn
 
 from lowbit import calib
-from lowbit.core import QuantSpec, layout, mse_range_per_slice, qparams
-from lowbit.errors import CalibrationError
+from lowbit.core import QuantSpec, layout, qparams, weight_range
+from lowbit.errors import CalibrationError, SpecError
 
 MODES = ("calibrate", "quantize", "disabled")
 _MIN_SCALE = 1e-12
@@ -229,13 +229,18 @@ class TensorQuantizer(nn.Module):
         self.codes = torch.zeros(0, dtype=torch.int32, device=self.codes.device)
 
     def calibrate_on(self, x: torch.Tensor) -> None:
-        """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A per-channel
-        or per-group quantizer whose method is ``mse`` takes each slice's MSE-optimal clipped range
-        (:func:`lowbit.core.mse_range_per_slice`), the others min/max (or their calibrator)."""
-        if self.method == "mse" and self.spec.axis is not None:
+        """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A quantizer
+        whose method is ``admm`` (per tensor, channel or group) or ``mse`` (per channel or group) takes the range
+        :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
+        ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator)."""
+        if self.method == "admm" or (self.method == "mse" and self.spec.axis is not None):
             if self.scale.device != x.device:
                 self.to(x.device)
-            self.set_range(*mse_range_per_slice(x.detach().float().cpu().numpy(), self.spec))
+            try:
+                lo, hi = weight_range(x.detach().float().cpu().numpy(), self.spec, self.method, self.method_options)
+            except SpecError as exc:
+                raise CalibrationError(f"{self._describe()}: {exc}") from None
+            self.set_range(lo, hi)
             self._calibrator, self._lo, self._hi = None, None, None
             self.mode = "quantize"
         else:
