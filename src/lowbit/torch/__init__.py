@@ -4,6 +4,9 @@
     qmodel = lt.quantize(model, "int8", calib=[x for x, _ in loader])
     lt.export_onnx(qmodel, example, "model_int8.onnx")
 
+Refinements after calibration: ``Config(refine="easyquant")`` (or :func:`easyquant` on a calibrated model) searches
+the scales layer by layer (:mod:`lowbit.torch.easyquant`); ``rounding="gptq"``/``"adaround"`` choose weight codes.
+
 Needs ``torch`` (``pip install torch==2.13.0`` for the CPU build, then ``pip install "lowbit[torch]"``).
 """
 
@@ -15,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from lowbit.recipe import PRESETS, Config, LayerConfig, QuantizerConfig, preset
+from lowbit.torch.easyquant import easyquant
 from lowbit.torch.export import export_onnx
 from lowbit.torch.fold import fold_batchnorm
 from lowbit.torch.layers import (
@@ -58,6 +62,7 @@ __all__ = [
     "apply_mixed",
     "batch_statistics",
     "calibrate",
+    "easyquant",
     "export_onnx",
     "fake_quant",
     "fold_batchnorm",

@@ -7,7 +7,9 @@
 Steps: copy the model (unless ``inplace``), eval mode, fold Conv+BatchNorm, trace the residual additions into
 :class:`~lowbit.torch.layers.Add` layers (only if the config's ``residual_adds``), swap every Conv/Linear/Add the
 config quantizes for its ``Quant*`` layer (:data:`lowbit.torch.layers.MODULE_MAP`), fix the weights' scales from the
-weights, then run ``calib`` with the input quantizers in ``"calibrate"`` mode and fix their scales.
+weights, then run ``calib`` with the input quantizers in ``"calibrate"`` mode and fix their scales; then the
+config's ``refine`` stage (``"easyquant"``: :mod:`lowbit.torch.easyquant` searches the scales again, layer by layer),
+then the weight rounding (``rounding``), which chooses the codes at the scales the stage chose.
 
 ``calib`` is an iterable of batches (a tensor: ``model(batch)``; a tuple or list: ``model(*batch)``; a dict:
 ``model(**batch)``), such as a DataLoader that yields inputs only, or a callable ``calib(model)`` that runs the
@@ -32,6 +34,7 @@ from lowbit.errors import CalibrationError, SpecError
 from lowbit.recipe import Config, to_dict
 from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import RECIPE_ATTRIBUTE, resolve
+from lowbit.torch.easyquant import easyquant
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.qat import batch_statistics, prepare_conv_bn
@@ -189,7 +192,9 @@ def quantize(
     ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the Conv/Linear weights
     for the least output error on ``calib`` (:mod:`lowbit.torch.rounding.gptq`; worth it at 4 bits); ``"adaround"``
     learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.rounding.adaround`; slower,
-    better, and it needs ``calib`` as batches).
+    better, and it needs ``calib`` as batches). The config's ``refine="easyquant"`` searches the weight and input
+    scales before the rounding (:mod:`lowbit.torch.easyquant`; it needs ``calib`` as batches); the recipe recorded
+    on the model (``model.lowbit_recipe``) says so.
     ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
     are calibrated: ``"batch"``, those of each calibration batch, as training will (the default with ``qat``: the
     ranges fit what training feeds the quantizers, even when the running statistics are far from converged, as
@@ -226,6 +231,8 @@ def quantize(
     _swap_layers(model, cfg)
     if calib is not None and not cfg.dynamic:
         calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
+    if cfg.refine == "easyquant":
+        easyquant(model, calib, progress=progress)
     method.apply(model, calib, progress=progress)
     setattr(model, RECIPE_ATTRIBUTE, to_dict(replace(cfg, rounding=method.name)))
     return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too
@@ -233,7 +240,7 @@ def quantize(
 
 def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inplace: bool) -> Calib | None:
     """Refuse what cannot work together, before any work; a one-shot iterator becomes a list when the rounding
-    reads the batches again."""
+    or the refine stage reads the batches again."""
     if method.needs_data and calib is None:
         raise CalibrationError(f"rounding={method.name!r} needs calibration data (calib=): it fits codes to the inputs")
     if method.batches_only and is_loop(calib):
@@ -241,7 +248,16 @@ def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inpl
             f"rounding={method.name!r} needs calibration batches (a list of inputs), not a forward loop: it runs the "
             "float and the quantized model on the same batches, once per layer"
         )
-    if method.needs_data and isinstance(calib, Iterator):
+    if cfg.refine is not None and calib is None:
+        raise CalibrationError(
+            f"refine={cfg.refine!r} needs calibration data (calib=): it compares each layer's output to FP32's"
+        )
+    if cfg.refine is not None and is_loop(calib):
+        raise CalibrationError(
+            f"refine={cfg.refine!r} needs calibration batches (a list of inputs), not a forward loop: it runs the "
+            "float and the quantized model on the same batches, once per layer"
+        )
+    if (method.needs_data or cfg.refine is not None) and isinstance(calib, Iterator):
         calib = list(calib)
     if not isinstance(model, nn.Module):
         raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")
