@@ -26,6 +26,12 @@ step keeps the current scales unless a candidate is strictly better, and the wei
 cosine (computed exactly from the per-channel sums) does not drop: a layer's cosine never ends below that of its
 starting scales. ``alternations`` rounds of (weights, input), default 2, stopping early when a round changes nothing.
 
+``mse_guard`` (on by default; off: the paper's search): a candidate must also not raise the summed squared error of
+its output (per channel for the weights, of the layer for the input) above the current scales'. The cosine is blind
+to the output's magnitude: a scale that clips can shrink a whole channel, or the whole layer through its input, and
+still raise the cosine; on the logits that costs accuracy. In tests (tests/torch/test_easyquant.py's small convnet,
+W4A8) the search without the guard doubled the model's output MSE through its last layer; with it, the MSE fell 20x.
+
 Memory: per layer, per candidate and channel, the sums ``<y, y*>`` and ``|y|^2`` accumulated over the batches
 (streaming), never the outputs of every batch; the layer's (quantized-model input, FP32 output) per batch are kept
 for the next steps while they fit in ``cache_mb`` (default 256 MB), else recomputed by running the models up to the
@@ -43,6 +49,7 @@ order). Codes chosen before EasyQuant are cleared: they belong to the old scales
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -66,11 +73,11 @@ def grid(points: int = POINTS, low: float = LOW, high: float = HIGH) -> torch.Te
     """The candidate factors: ``points`` spaced geometrically over ``[low, high]``, and 1, sorted (float64).
 
     >>> grid(5).tolist()
-    [0.5, 0.7071067811865476, 1.0, 1.4142135623730951, 2.0]
+    [0.5, 0.7071067811865476, 1.0, 1.414213562373095, 2.0]
     """
     if points < 2 or not 0 < low <= 1 <= high:
         raise CalibrationError(f"EasyQuant needs points >= 2 and 0 < low <= 1 <= high, got {points}, {low}, {high}")
-    f = torch.exp(torch.linspace(torch.tensor(low).log(), torch.tensor(high).log(), points, dtype=torch.float64))
+    f = torch.exp(torch.linspace(math.log(low), math.log(high), points, dtype=torch.float64))
     f[0], f[-1] = low, high
     f[(f - 1).abs() < 1e-9] = 1.0  # exp(0) computed from logs: snap it
     return torch.unique(torch.cat([f, torch.ones(1, dtype=torch.float64)]))
@@ -135,6 +142,8 @@ class _Scale:
         f = factor.to(self.start.device, torch.float32)
         if self.rows:
             f = f.reshape(-1, *[1] * (self.start.dim() - 1))
+        else:  # one scale: the factor of every channel is the same
+            f = f.reshape(-1)[0].reshape(self.start.shape)
         with torch.no_grad():
             self.q.scale.copy_(self.start * f)
 
@@ -154,8 +163,8 @@ class _Search:
     """One layer's state during the search: its scales, the chosen grid index of each (per output channel for the
     weight), and the streaming sums of the last measured step."""
 
-    def __init__(self, module: nn.Module, data: LayerData, factors: torch.Tensor):
-        self.module, self.data, self.factors = module, data, factors
+    def __init__(self, module: nn.Module, data: LayerData, factors: torch.Tensor, mse_guard: bool = True):
+        self.module, self.data, self.factors, self.mse_guard = module, data, factors, mse_guard
         self.dim = -1 if isinstance(module, nn.Linear) else 1
         self.channels = module.weight.shape[0]
         self.one = int((factors == 1).nonzero()[0, 0])
@@ -189,46 +198,52 @@ class _Search:
     def weight_step(self) -> tuple[float, float]:
         """Each output channel's weight scale to its best factor (one for the layer with per-tensor weights).
         Returns the layer's cosine before and after."""
-        n = len(self.factors)
         dot, yy, ff = self.measure(lambda g: self.weight.set(self.factors[g].expand(self.channels)))
         before = self.layer_cosine(dot, yy, ff, self.w_idx)
-        if self.weight.rows:
-            cos = _cosine(dot, yy, ff[None])  # (candidates, channels)
-            best = cos.argmax(0)
-            better = cos.gather(0, best[None])[0] > cos.gather(0, self.w_idx[None])[0]
-            chosen = torch.where(better, best, self.w_idx)
+        if self.weight.rows:  # (candidates, channels)
+            chosen = _pick(_cosine(dot, yy, ff[None]), yy - 2 * dot + ff[None], self.w_idx, self.mse_guard)
         else:
-            layer = [self.layer_cosine(dot, yy, ff, torch.full_like(self.w_idx, g)) for g in range(n)]
-            best = max(range(n), key=layer.__getitem__)
-            chosen = torch.full_like(self.w_idx, best) if layer[best] > before else self.w_idx
+            err = (yy - 2 * dot + ff[None]).sum(1)
+            cos = _cosine(dot.sum(1), yy.sum(1), ff.sum())
+            chosen = _pick(cos, err, self.w_idx[:1], self.mse_guard).expand(self.channels)
         after = self.layer_cosine(dot, yy, ff, chosen)
         if after < before:  # better channel by channel, worse as a whole: keep the layer as it was
             chosen, after = self.w_idx, before
-        self.w_idx = chosen
+        self.w_idx = chosen.clone()
         self.weight.set(self.factors[chosen])
         return before, after
 
     def input_step(self) -> tuple[float, float]:
         """The input scale to the factor of best layer cosine. Returns the layer's cosine before and after."""
         dot, yy, ff = self.measure(lambda g: self.input.set(self.factors[g]))
-        layer = _cosine(dot.sum(1), yy.sum(1), ff.sum())  # (candidates,)
-        best = int(layer.argmax())
-        before = float(layer[self.x_idx])
-        if float(layer[best]) > before:
-            self.x_idx = best
+        cos = _cosine(dot.sum(1), yy.sum(1), ff.sum())  # (candidates,)
+        before = float(cos[self.x_idx])
+        self.x_idx = int(_pick(cos, (yy - 2 * dot + ff[None]).sum(1), torch.tensor([self.x_idx]), self.mse_guard)[0])
         self.input.set(self.factors[self.x_idx])
-        return before, float(layer[self.x_idx])
+        return before, float(cos[self.x_idx])
+
+
+def _pick(cos: torch.Tensor, err: torch.Tensor, current: torch.Tensor, mse_guard: bool) -> torch.Tensor:
+    """Along the candidates (dim 0), the index of the highest cosine, for each column; ``current`` unless strictly
+    better. ``mse_guard``: only among the candidates whose squared error is not above the current one's."""
+    cos, err, now = cos.reshape(len(cos), -1), err.reshape(len(err), -1), current.reshape(1, -1)
+    if mse_guard:
+        cos = torch.where(err <= err.gather(0, now), cos, torch.full_like(cos, -2.0))
+    best = cos.argmax(0)
+    better = cos.gather(0, best[None])[0] > cos.gather(0, now)[0]
+    return torch.where(better, best, now[0]).reshape(current.shape)
 
 
 def refine_layer(
     model: nn.Module, name: str, module: nn.Module, batches: list[Any], factors: torch.Tensor, **options: Any
 ) -> tuple[float, float]:
-    """Search the scales of one layer (see the module docstring); ``options``: ``alternations``, ``cache_mb``.
+    """Search the scales of one layer (see the module docstring); ``options``: ``alternations``, ``cache_mb``,
+    ``mse_guard``.
     Returns the layer's output cosine to FP32 with its starting scales and with the chosen ones, both on its inputs
     from the quantized model as it is now."""
     module.weight_quantizer.clear_codes()  # chosen at the old scale
     data = LayerData(model, name, module, batches, int(options.get("cache_mb", CACHE_MB) * 2**20))
-    search = _Search(module, data, factors)
+    search = _Search(module, data, factors, options.get("mse_guard", True))
     start = after = None
     for _ in range(options.get("alternations", ALTERNATIONS)):
         moved = (search.w_idx.clone(), search.x_idx)
@@ -265,6 +280,7 @@ def easyquant(
     high: float = HIGH,
     alternations: int = ALTERNATIONS,
     cache_mb: float = CACHE_MB,
+    mse_guard: bool = True,
     progress: bool = True,
 ) -> dict[str, tuple[float, float]]:
     """Search the weight and input scales of ``model``'s quantized Conv/Linear layers (all, or those in ``names``)
@@ -291,7 +307,14 @@ def easyquant(
         bar = tqdm(order, desc="EasyQuant", unit="layer", disable=not progress, leave=False)
         for name in bar:
             report[name] = refine_layer(
-                model, name, found[name], batches, factors, alternations=alternations, cache_mb=cache_mb
+                model,
+                name,
+                found[name],
+                batches,
+                factors,
+                alternations=alternations,
+                cache_mb=cache_mb,
+                mse_guard=mse_guard,
             )
             bar.set_postfix(cosine=f"{report[name][1]:.4f}")
     return report
