@@ -17,7 +17,7 @@ from lowbit import calib
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table
 from lowbit.calib.run import compare_methods, method_list
-from lowbit.core import QuantSpec
+from lowbit.core import WEIGHT_METHODS, QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.paths import check_outputs, ranges_path_for
 from lowbit.recipe import PRESETS, available_targets, get_target
@@ -174,6 +174,7 @@ def _recipe(args: argparse.Namespace):
         method=args.method,
         target=args.target,
         per_channel=args.per_channel,
+        weight_method=args.weight_method,
         exclude=args.exclude or None,
         exclude_ops=args.exclude_op or None,
         dynamic=getattr(args, "dynamic", False),
@@ -435,6 +436,11 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
                        help="one weight scale per output channel (default)")  # fmt: skip
     group.add_argument("--per-tensor", dest="per_channel", action="store_const", const=False,
                        help="one weight scale per tensor")  # fmt: skip
+    parser.add_argument(
+        "--weight-method", choices=WEIGHT_METHODS,
+        help="how each weight scale is fitted to the weight (default minmax, its own max|w|; mse: the clipped "
+        "range with the least squared error; admm: the scale fitted to its own codes)",
+    )  # fmt: skip
     parser.add_argument(
         "--exclude",
         action="append",

@@ -298,6 +298,18 @@ def check_admm_options(start: str = "max", percentile: float = 99.99, max_rounds
         raise SpecError(f"max_rounds must be a positive integer, got {max_rounds!r}")
 
 
+def check_weight_method(method: str, options: dict | None = None) -> None:
+    """A SpecError naming what is wrong with a weight ``method`` (:data:`WEIGHT_METHODS`) and its ``options``."""
+    if method not in WEIGHT_METHODS:
+        raise SpecError(f"unknown weight method {method!r}; weight methods: {', '.join(WEIGHT_METHODS)}")
+    for key in options or {}:
+        if key not in _WEIGHT_OPTIONS[method]:
+            allowed = ", ".join(_WEIGHT_OPTIONS[method]) or "none"
+            raise SpecError(f"weight method {method!r} has no option {key!r} (its options: {allowed})")
+    if method == "admm":
+        check_admm_options(**(options or {}))
+
+
 def weight_range(w, spec: QuantSpec, method: str = "minmax", options: dict | None = None):
     """The range of a weight per tensor, channel or group (``spec``), from its values by ``method``
     (:data:`WEIGHT_METHODS`): ``minmax`` its own min and max; ``mse`` the shrunk range with the least squared
@@ -310,18 +322,12 @@ def weight_range(w, spec: QuantSpec, method: str = "minmax", options: dict | Non
     >>> weight_range(w, QuantSpec(axis=0))[1]
     array([1. , 0.2], dtype=float32)
     """
-    if method not in WEIGHT_METHODS:
-        raise SpecError(f"unknown weight method {method!r}; weight methods: {', '.join(WEIGHT_METHODS)}")
+    check_weight_method(method, options)
     options = dict(options or {})
-    for key in options:
-        if key not in _WEIGHT_OPTIONS[method]:
-            allowed = ", ".join(_WEIGHT_OPTIONS[method]) or "none"
-            raise SpecError(f"weight method {method!r} has no option {key!r} (its options: {allowed})")
     w = np.asarray(w, dtype=np.float32)
     if method == "mse":
         return mse_range_per_slice(w, spec, **options)
     if method == "admm":
-        check_admm_options(**options)
         start = None
         if options.pop("start", "max") == "percentile":
             start = percentile_range_per_slice(w, spec, options.pop("percentile", 99.99))

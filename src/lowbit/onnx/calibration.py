@@ -49,7 +49,7 @@ class Calibrated:
     calibrators: dict[str, Calibrator]
     means: dict[str, np.ndarray] = field(default_factory=dict)
     codes: dict[str, np.ndarray] = field(default_factory=dict)
-    floors: dict[str, np.ndarray] = field(default_factory=dict)
+    scales: dict[str, np.ndarray] = field(default_factory=dict)  # the weights', chosen once (rewrite.weight_scales)
     seconds: float = 0.0
     batches: int = 0
 
@@ -86,11 +86,11 @@ class Calibrated:
                 self.float_model,
                 plan,
                 self.means,
-                rewrite.dequantized_weights(self.float_model, plan, self.codes, self.floors),
+                rewrite.dequantized_weights(self.float_model, plan, self.codes, self.scales),
             )
             # The corrected biases are new initializers (and bias-less layers gained one): plan again to place them.
             plan = self.plan(keep_float, to_quantize)
-        model = rewrite.insert_qdq(to_quantize, plan, ranges, self.codes, self.floors)
+        model = rewrite.insert_qdq(to_quantize, plan, ranges, self.codes, self.scales)
         return Built(model, plan, corrections)
 
 
@@ -196,6 +196,7 @@ def calibrate_model(
     )
     full = full.observed(result.ranges(full.calibrated))
     act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
-    result.floors = rewrite.weight_scale_floors(graph, full, act)
-    result.codes = rounding.codes(graph, moments, result.floors, progress)
+    floors = rewrite.weight_scale_floors(graph, full, act)
+    result.scales = rewrite.weight_scales(graph, full, floors, settings.weight_method, settings.weight_options)
+    result.codes = rounding.codes(graph, moments, result.scales, progress)
     return result

@@ -250,11 +250,11 @@ def round_weight(
 
 
 def codes(
-    graph: Graph, moments: list[SecondMoment], floors: dict[str, np.ndarray] | None = None, *, progress: bool = True
+    graph: Graph, moments: list[SecondMoment], scales: dict[str, np.ndarray] | None = None, *, progress: bool = True
 ) -> dict[str, np.ndarray]:
-    """GPTQ's int8 codes of every weight a :class:`SecondMoment` saw enough data for, at the scales of plain
-    rounding (:func:`lowbit.onnx.rewrite.weight_qparams`, raised to ``floors`` where given). A weight keeps
-    nearest rounding when it is read by two layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN`
+    """GPTQ's int8 codes of every weight a :class:`SecondMoment` saw enough data for, at the weights' ``scales``
+    (by weight name, as :func:`lowbit.onnx.rewrite.weight_scales` chose them; max|w| where not given). A weight
+    keeps nearest rounding when it is read by two layers, or when its layer saw fewer than :data:`ROWS_PER_COLUMN`
     input rows per column (``H`` is then poorly known, and GPTQ would fit the calibration samples rather than the
     data: on MNISTNet's last layer, 128 inputs seen on 512 samples, it triples the output error)."""
     readers: dict[str, int] = {}
@@ -266,7 +266,7 @@ def codes(
         if readers[layer.weight] > 1 or m.moment.sum is None or m.count < ROWS_PER_COLUMN * m.moment.sum.shape[-1]:
             continue
         w = graph.value(layer.weight).astype(np.float32)
-        p, _ = weight_qparams(w, layer.axis, min_scale=(floors or {}).get(layer.weight))
+        p, _ = weight_qparams(w, layer.axis, scale=(scales or {}).get(layer.weight))
         q = round_weight(layer, w, p.scale, m.value)
         if q is not None:
             out[layer.weight] = q

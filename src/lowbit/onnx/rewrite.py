@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import helper
 
-from lowbit.core import QuantSpec, dequantize, qparams, qparams_from_tensor, quantize
+from lowbit.core import QuantSpec, dequantize, qparams, quantize, weight_range
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.onnx import controlflow
 from lowbit.onnx.graph import Graph, Names
@@ -48,22 +49,60 @@ def activation_qparams(plan: Plan, ranges: Mapping[str, tuple[float, float]]) ->
     return {t: roots[root] for t, root in plan.activations.items()}
 
 
-def weight_qparams(
-    w: np.ndarray, axis: int | None, bits: int = 8, min_scale: np.ndarray | None = None
-) -> tuple[QParams, np.ndarray]:
-    """Symmetric signed per-channel (or per-tensor) parameters of a weight, and its integer codes; ``min_scale``
-    (per channel or a scalar) raises the scale where it is smaller (:func:`weight_scale_floors`)."""
+def weight_scale(
+    w: np.ndarray,
+    axis: int | None,
+    *,
+    method: str = "minmax",
+    options: Mapping[str, Any] | None = None,
+    floor: np.ndarray | None = None,
+    bits: int = 8,
+) -> np.ndarray:
+    """The symmetric signed scale of a weight per channel along ``axis`` (or per tensor): ``amax / 127`` of the
+    range ``method`` fits to its values (:func:`lowbit.core.weight_range`: ``minmax`` its own max|w|, ``mse``,
+    ``admm`` with ``options``), raised to ``floor`` (per channel or a scalar) where it is smaller
+    (:func:`weight_scale_floors`). Every weight scale of the ONNX front end comes from here."""
     spec = QuantSpec(bits=bits, axis=axis)
-    scale, zp = qparams_from_tensor(w, spec)
-    if min_scale is not None:
-        scale = np.maximum(scale, np.asarray(min_scale, np.float32).reshape(scale.shape))
+    scale, _ = qparams(*weight_range(w, spec, method, dict(options or {})), spec)
+    if floor is not None:
+        scale = np.maximum(scale, np.asarray(floor, np.float32).reshape(scale.shape))
+    return scale
+
+
+def weight_qparams(
+    w: np.ndarray, axis: int | None, bits: int = 8, scale: np.ndarray | None = None
+) -> tuple[QParams, np.ndarray]:
+    """Symmetric signed per-channel (or per-tensor) parameters of a weight at ``scale`` (default: its own max|w|,
+    :func:`weight_scale`), and its nearest integer codes."""
+    spec = QuantSpec(bits=bits, axis=axis)
+    scale = weight_scale(w, axis, bits=bits) if scale is None else np.asarray(scale, np.float32)
+    zp = np.zeros(scale.shape, dtype=spec.dtype)
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
+
+
+def weight_scales(
+    graph: Graph,
+    plan: Plan,
+    floors: Mapping[str, np.ndarray] | None = None,
+    method: str = "minmax",
+    options: Mapping[str, Any] | None = None,
+) -> dict[str, np.ndarray]:
+    """The scale of every weight of ``plan`` (not of its bodies), by weight name: :func:`weight_scale` with
+    ``method`` and ``options``, raised to ``floors`` (:func:`weight_scale_floors`). What calibration chooses once
+    and every later step (GPTQ, bias correction, the build) quantizes the weights at."""
+    floors = floors or {}
+    out = {}
+    for name, axis in plan.weights.items():
+        w = graph.value(name).astype(np.float32)
+        axis = None if axis is None or w.ndim == 0 else axis
+        out[name] = weight_scale(w, axis, method=method, options=options, floor=floors.get(name))
+    return out
 
 
 def weight_scale_floors(graph: Graph, plan: Plan, act: Mapping[str, QParams]) -> dict[str, np.ndarray]:
     """The least scale each weight of ``plan`` may take so that its layer's bias fits an int32 code of at most
     :data:`BIAS_CODE_MAX` at scale ``input scale * weight scale``: per output channel (a scalar for a per-tensor
-    weight), for every weight whose layer has a quantized bias. :func:`weight_qparams` takes the larger of this
+    weight), for every weight whose layer has a quantized bias. :func:`weight_scale` takes the larger of this
     floor and the weight's own scale, so where the floor is lower nothing changes.
 
     A channel whose weights are all but zero (a dead channel after BatchNorm folding: weights ~1e-7, bias -7)
@@ -90,15 +129,15 @@ def _plan_weights(
     graph: Graph,
     plan: Plan,
     codes: Mapping[str, np.ndarray] | None = None,
-    floors: Mapping[str, np.ndarray] | None = None,
+    scales: Mapping[str, np.ndarray] | None = None,
 ):
-    """(name, parameters, int8 codes) of every weight of ``plan``; ``codes`` (by weight name) replaces the
-    nearest-rounded codes of some weights with codes chosen otherwise (GPTQ) at the same scales; ``floors`` as
-    :func:`weight_scale_floors` returns them."""
-    floors = floors or {}
+    """(name, parameters, int8 codes) of every weight of ``plan``, at its scale in ``scales`` (as
+    :func:`weight_scales` returns them; a weight missing there: its own max|w|); ``codes`` (by weight name)
+    replaces the nearest-rounded codes of some weights with codes chosen otherwise (GPTQ) at the same scales."""
+    scales = scales or {}
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
-        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis, min_scale=floors.get(name))
+        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis, scale=scales.get(name))
         if codes is not None and name in codes:
             if codes[name].shape != q.shape:
                 raise ValueError(f"codes for {name!r} have shape {codes[name].shape}, the weight {q.shape}")
@@ -110,12 +149,12 @@ def dequantized_weights(
     model: onnx.ModelProto,
     plan: Plan,
     codes: Mapping[str, np.ndarray] | None = None,
-    floors: Mapping[str, np.ndarray] | None = None,
+    scales: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
     """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
     return {
         name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis))
-        for name, p, q in _plan_weights(Graph(model), plan, codes, floors)
+        for name, p, q in _plan_weights(Graph(model), plan, codes, scales)
     }
 
 
@@ -124,21 +163,22 @@ def insert_qdq(
     plan: Plan,
     ranges: Mapping[str, tuple[float, float]],
     codes: Mapping[str, np.ndarray] | None = None,
-    floors: Mapping[str, np.ndarray] | None = None,
+    scales: Mapping[str, np.ndarray] | None = None,
 ) -> onnx.ModelProto:
     """A copy of ``model`` with the quantizers of ``plan`` (ranges by tensor name): weights, int32 biases and
     elementwise constants stored as integers behind a DequantizeLinear, a QuantizeLinear/DequantizeLinear pair on
-    every planned activation. ``codes`` and ``floors`` as in :func:`_plan_weights` (``floors`` by default:
-    :func:`weight_scale_floors` of this model; pass the same floors that chose ``codes``)."""
+    every planned activation. ``codes`` and ``scales`` as in :func:`_plan_weights` (``scales`` by default:
+    :func:`weight_scales` of this model, max|w| raised to :func:`weight_scale_floors`; pass the same scales that
+    chose ``codes``). Weights inside bodies take max|w| raised to their floors."""
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = Graph(out)
     taken = controlflow.all_names(out.graph)
     _rewrite_bodies(out, graph, plan, ranges, taken)  # first: the main graph's rewriting copies its nodes
     act = activation_qparams(plan, ranges)
-    if floors is None:
-        floors = weight_scale_floors(graph, plan, act)
-    _apply(graph, plan, act, codes, floors, taken)
+    if scales is None:
+        scales = weight_scales(graph, plan, weight_scale_floors(graph, plan, act))
+    _apply(graph, plan, act, codes, scales, taken)
     _ensure_opset(out, 13)
     return out
 
@@ -150,15 +190,15 @@ def _rewrite_bodies(out: onnx.ModelProto, view: Graph, plan: Plan, ranges, taken
         inner = Graph(out, controlflow.find(view.proto, holder, attribute), outer=view)
         _rewrite_bodies(out, inner, sub, ranges, taken)
         act = activation_qparams(sub, ranges)
-        _apply(inner, sub, act, None, weight_scale_floors(inner, sub, act), taken)
+        _apply(inner, sub, act, None, weight_scales(inner, sub, weight_scale_floors(inner, sub, act)), taken)
 
 
-def _apply(graph: Graph, plan: Plan, act, codes, floors, taken: set[str]) -> None:
+def _apply(graph: Graph, plan: Plan, act, codes, scales, taken: set[str]) -> None:
     """Write ``plan`` into the graph ``graph`` indexes (the main graph or a body), in place."""
     rewrite = _Rewrite(graph.proto, graph)
     rewrite.names.used |= taken
     weights = {}
-    for name, p, q in _plan_weights(graph, plan, codes, floors):
+    for name, p, q in _plan_weights(graph, plan, codes, scales):
         weights[name] = p
         rewrite.dequantized_constant(name, q, p)
     rewrite.biases(plan, act, weights)

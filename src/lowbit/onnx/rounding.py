@@ -30,8 +30,8 @@ class WeightRounding:
         """``(tensor, observer)`` pairs to feed in the calibration pass; ``samples``: calibration samples, if known."""
         return []
 
-    def codes(self, graph: Graph, observers: list, floors: dict[str, np.ndarray], progress: bool) -> dict:
-        """The int8 codes of the weights this method chose, by weight name."""
+    def codes(self, graph: Graph, observers: list, scales: dict[str, np.ndarray], progress: bool) -> dict:
+        """The int8 codes of the weights this method chose at their ``scales``, by weight name."""
         return {}
 
 
@@ -71,5 +71,5 @@ class GPTQ(WeightRounding):
     def observers(self, graph, plan, samples):
         return [(m.layer.x, m) for m in (gptq.SecondMoment(x) for x in gptq.layers(graph, plan, samples))]
 
-    def codes(self, graph, observers, floors, progress):
-        return gptq.codes(graph, [m for _, m in observers], floors, progress=progress)
+    def codes(self, graph, observers, scales, progress):
+        return gptq.codes(graph, [m for _, m in observers], scales, progress=progress)

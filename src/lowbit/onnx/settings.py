@@ -15,8 +15,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lowbit.core import QuantSpec
-from lowbit.errors import LowbitError
+from lowbit.core import QuantSpec, check_weight_method
+from lowbit.errors import LowbitError, SpecError
 from lowbit.onnx import rounding as weight_rounding
 from lowbit.recipe import Config, Target, as_config, get_target, preset, resolve
 
@@ -39,6 +39,8 @@ class Settings:
     method: str | None  # None: dynamic
     method_options: dict[str, Any]
     per_channel: bool
+    weight_method: str  # how each weight's range is fitted to its values (lowbit.core.weight_range)
+    weight_options: dict[str, Any]
     rounding: str
     bias_correction: bool
     exclude: tuple[str, ...]  # regexes over node names, the recipe's and its float-override globs (translated)
@@ -82,6 +84,8 @@ class Settings:
             method=None if dynamic else layer.input.method,
             method_options=dict(layer.input.method_options),
             per_channel=layer.weight.granularity == "channel",
+            weight_method=layer.weight.method or "minmax",
+            weight_options=dict(layer.weight.method_options),
             rounding="nearest" if dynamic else rounding,
             bias_correction=bias_correction,
             exclude=config.exclude + tuple(_glob_regex(g) for g in globs),
@@ -106,7 +110,13 @@ def _check_layer(layer, target: Target) -> None:
             f"the ONNX front end stores int8 symmetric weights per channel or per tensor; got {w.bits}-bit "
             f"{'symmetric' if w.symmetric else 'asymmetric'} weights per {w.granularity}"
         )
+    try:
+        check_weight_method(w.method or "minmax", w.method_options)
+    except SpecError as exc:
+        raise QuantizeError(f"the weight config: {exc}") from None
     if layer.input.dynamic:
+        if w.method not in (None, "minmax"):
+            raise QuantizeError(f"weight method {w.method!r}: dynamic quantization takes each weight's own max|w|")
         return
     try:
         target.check_activation(layer.input.spec(None))
@@ -197,6 +207,7 @@ def edit(
     rounding: str | None = None,
     fp16_rest: bool | None = None,
     refine: str | None = None,
+    weight_method: str | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
     given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer."""
@@ -207,7 +218,10 @@ def edit(
         config = config.with_method(method or current.method, method_options)
     if per_channel is not None:
         config = config.with_weight_granularity("channel" if per_channel else "tensor")
+    if weight_method is not None:
+        config = config.with_weight_method(weight_method)
     plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
-             "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest, "refine": refine}  # fmt: skip
+             "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest,
+             "refine": refine}  # fmt: skip
     changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
     return replace(config, **changes)

@@ -209,6 +209,18 @@ class Config:
 
         return self._map_layers(lambda layer: LayerConfig(layer.input, grained(layer.weight)))
 
+    def with_weight_method(self, method: str, options: dict[str, Any] | None = None) -> Config:
+        """A copy whose weights take their ranges by ``method`` with ``options`` (None: the current ones if the
+        method stays, else none)."""
+
+        def fitted(q: QuantizerConfig | None) -> QuantizerConfig | None:
+            if q is None:
+                return q
+            kept = q.method_options if q.method == method else {}
+            return replace(q, method=method, method_options=dict(kept if options is None else options))
+
+        return self._map_layers(lambda layer: LayerConfig(layer.input, fitted(layer.weight)))
+
     def _map_layers(self, fn) -> Config:
         def apply(layer: LayerConfig | None) -> LayerConfig | None:
             return None if layer is None else fn(layer)
