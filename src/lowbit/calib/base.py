@@ -84,7 +84,7 @@ def create(method: str, **options: Any) -> Calibrator:
 def grid_options(method: str, spec, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """``options`` completed with what fits the grid ``spec`` (a :class:`~lowbit.core.QuantSpec`) the range is for,
     unless the user chose otherwise: MSE and ADMM fit that grid (its bits and its symmetry, per tensor), percentile cuts
-    both tails for an asymmetric grid, entropy leaves exact zeros out of its divergence (ReLU outputs).
+    both tails for an asymmetric grid. (Entropy needs nothing: its zero bin is handled as NVIDIA's toolkits do.)
 
     >>> from lowbit.core import QuantSpec
     >>> grid_options("mse", QuantSpec(bits=4, signed=False, symmetric=False))["spec"].bits
@@ -93,9 +93,7 @@ def grid_options(method: str, spec, options: dict[str, Any] | None = None) -> di
     from dataclasses import replace
 
     out = dict(options or {})
-    if method == "entropy":
-        out.setdefault("exclude_zeros", True)
-    elif method in ("mse", "admm"):
+    if method in ("mse", "admm"):
         out.setdefault("spec", replace(spec, axis=None, group_size=None))
     elif method == "percentile":
         out.setdefault("symmetric", spec.symmetric)

@@ -9,7 +9,7 @@ import numpy as np
 from lowbit.calib import search
 from lowbit.calib.base import Calibrator, Range, register
 from lowbit.calib.histogram import Histogram
-from lowbit.core import QuantSpec
+from lowbit.core import QuantSpec, check_admm_options
 from lowbit.errors import CalibrationError, SpecError
 
 # Bins over [0, max|x|] of the internal grid (between GRID_BINS and 2 * GRID_BINS; 256 kB of counts a
@@ -104,17 +104,17 @@ class PercentileCalibrator(HistogramCalibrator):
 
 @register("entropy")
 class EntropyCalibrator(HistogramCalibrator):
-    """TensorRT's entropy calibration: the threshold whose 8-bit quantization loses the least information,
-    measured by KL(P || Q) over a histogram of |x|. Returns (-amax, amax).
+    """TensorRT's entropy calibration as NVIDIA's own toolkits compute it (pytorch-quantization and ModelOpt):
+    the threshold whose 8-bit quantization loses the least information, measured by KL(P || Q) over a
+    histogram of |x|. Returns (-amax, amax).
 
-    As TensorRT: a histogram of ``num_bins`` bins over [0, max|x|] (re-binned from the fine streaming grid),
-    candidates ``num_levels``..num_bins, ``num_levels`` quantized levels. See :func:`search.kl_divergences`.
+    A histogram of ``num_bins`` bins over [0, max|x|] (re-binned from the fine streaming grid), bin 0 given bin
+    1's count (the spike of exact zeros after a ReLU weighs no more than its neighbour), candidates
+    ``num_levels``..num_bins, ``num_levels`` quantized levels, the last candidate on ties: see
+    :func:`search.kl_divergences` and :func:`search.entropy_bins`.
 
-    ``exclude_zeros=True`` leaves the first bin (the zeros, and values within one bin of zero) out of the
-    divergence. Zero is exact on every grid, but TensorRT's KL counts a large zero spike as information that
-    wide quantization bins smear: after a ReLU/ReLU6, where a third or more of the values are zeros, the faithful
-    search can pick a threshold a tenth of the real range (EfficientNet-Lite0: 0.38 of 6 on most ReLU6 outputs,
-    and 0% top-1 agreement). :func:`lowbit.onnx.pipeline` turns it on; the default stays TensorRT's algorithm.
+    ``exclude_zeros=True`` empties bin 0 instead (the zeros, and values within one bin of zero, leave the
+    divergence altogether).
 
     >>> rng = np.random.default_rng(0)
     >>> c = EntropyCalibrator()
@@ -148,10 +148,10 @@ class EntropyCalibrator(HistogramCalibrator):
         self.num_levels = int(num_levels)
 
     def trt_histogram(self) -> tuple[np.ndarray, float]:
-        """The histogram TensorRT's search reads: ``num_bins`` counts over [0, max|x|] (the first one emptied
-        with ``exclude_zeros``), and the bin width."""
+        """The histogram the search reads: ``num_bins`` counts over [0, max|x|] with bin 0 given bin 1's count
+        (emptied with ``exclude_zeros``), and the bin width."""
         h = self.histogram
-        hist = search.rebin(h.magnitude(), h.width, h.amax, self.num_bins)
+        hist = search.nvidia_zero_bin(search.rebin(h.magnitude(), h.width, h.amax, self.num_bins))
         if self.exclude_zeros and hist[1:].sum() > 0:
             hist[0] = 0.0
         return hist, h.amax / self.num_bins
@@ -164,7 +164,8 @@ class EntropyCalibrator(HistogramCalibrator):
 
     def _compute(self) -> Range:
         hist, width = self.trt_histogram()
-        amax = search.entropy_amax(hist, width, num_levels=self.num_levels, amax=self.histogram.amax)
+        kept = search.least_divergence(*search.kl_divergences(hist, self.num_levels), hist.size)
+        amax = min(kept * width, self.histogram.amax)
         return Range(-amax, amax)
 
 
@@ -229,9 +230,10 @@ class MSECalibrator(GridCalibrator):
 @register("admm")
 class ADMMCalibrator(GridCalibrator):
     """The range whose scale fits its own codes best for ``spec`` (default int8 symmetric): alternate quantizing
-    the histogram's bin centres (weighted by their counts) and fitting the scale in closed form, from the observed
-    range, until the codes stop changing (:func:`lowbit.calib.search.admm_range`; at most ``max_rounds``). Its
-    squared error is never above the observed range's (MinMax's).
+    the histogram's bin centres (weighted by their counts) and fitting the scale in closed form until the codes
+    stop changing (:func:`lowbit.calib.search.admm_range`; at most ``max_rounds``). ``start="max"`` (default)
+    starts from the observed range (MinMax's), ``start="percentile"`` from the ``percentile`` range (what
+    ``PercentileCalibrator`` with that percentile returns). Its squared error is never above its start's.
 
     >>> rng = np.random.default_rng(0)
     >>> c = ADMMCalibrator(spec=QuantSpec(bits=4))
@@ -246,17 +248,27 @@ class ADMMCalibrator(GridCalibrator):
         self,
         *,
         spec: QuantSpec | dict | None = None,
+        start: str = "max",
+        percentile: float = 99.99,
         max_rounds: int = 50,
         tensor: str | None = None,
         skip_nonfinite: bool = False,
     ):
         super().__init__(spec=spec, tensor=tensor, skip_nonfinite=skip_nonfinite)
-        if not isinstance(max_rounds, (int, np.integer)) or max_rounds < 1:
-            raise CalibrationError(f"{self.describe()}: max_rounds must be a positive integer, got {max_rounds!r}")
-        self.max_rounds = int(max_rounds)
+        try:
+            check_admm_options(start, percentile, max_rounds)
+        except SpecError as exc:
+            raise CalibrationError(f"{self.describe()}: {exc}") from None
+        self.start, self.percentile, self.max_rounds = start, float(percentile), int(max_rounds)
 
     def _compute(self) -> Range:
         h = self.histogram
+        start = None
+        if self.start == "percentile" and self.spec.symmetric:
+            amax = search.percentile_amax(h.magnitude(), h.width, self.percentile, amax=h.amax)
+            start = (-amax, amax)
+        elif self.start == "percentile":
+            start = search.percentile_range(*h.signed(), self.percentile, lo=h.lo, hi=h.hi)
         counts, edges = h.signed(group=_MSE_GROUP)
-        lo, hi = search.admm_range(counts, edges, self.spec, lo=h.lo, hi=h.hi, max_rounds=self.max_rounds)
+        lo, hi = search.admm_range(counts, edges, self.spec, lo=h.lo, hi=h.hi, start=start, max_rounds=self.max_rounds)
         return Range(lo, hi)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowbit.core import QuantSpec, fake_quant, qparams, quantize
+from lowbit.core import QuantSpec, admm_range_per_slice, fake_quant, qparams
 
 _CHUNK = 96  # candidates per block: 96 x 129 float64 = 99 kB, below glibc's mmap threshold, cache-resident
 
@@ -18,43 +18,43 @@ def _xlogx(v: np.ndarray) -> np.ndarray:
 
 
 def kl_divergences(hist, num_levels: int = 128) -> tuple[np.ndarray, np.ndarray]:
-    """KL(P || Q) of TensorRT's entropy calibration for every candidate number of bins i.
+    """KL(P || Q) of TensorRT's entropy calibration, as NVIDIA's open toolkits compute it, for every candidate
+    number of bins i.
 
     ``hist`` counts |x| in equal bins starting at 0. For each i in num_levels..len(hist):
       P = hist[:i] with every outlier (bins >= i) added to bin i - 1;
-      Q = hist[:i] merged into ``num_levels`` levels (bin j goes to level floor(j * num_levels / i)),
-          each level's mass spread evenly over the bins where P is non-zero (empty bins stay empty);
+      Q = hist[:i] merged into ``num_levels`` levels (bin j goes to level floor(j * num_levels / i)), each
+          level's mass spread evenly over its bins that are non-empty in ``hist`` (the others stay empty: so
+          a last bin that is empty in ``hist`` but holds the outliers in P gives KL = +inf);
       both normalised; KL = sum over P > 0 of p * log(p / q), +inf where q = 0 < p.
 
-    All candidates at once: with prefix sums C (counts), HL (h log h) and Z (non-zero bins),
+    All candidates at once: with prefix sums C (counts), HL (h log h) and Z (non-empty bins),
       KL(i) = [HL(i-1) + P_{i-1} log P_{i-1} - sum_l PL_l (log M_l - log c_l)] / T - log T + log C(i)
-    where M_l is level l's mass in hist, PL_l its mass in P and c_l its count of non-zero P bins.
+    where M_l is level l's mass in hist, PL_l its mass in P and c_l its count of non-empty bins.
     Returns (candidates, divergences); the candidate i means the threshold at the upper edge of bin i - 1.
     """
     h = np.asarray(hist, dtype=np.float64)
-    nonzero = np.flatnonzero(h)
-    n = int(nonzero[-1]) + 1 if nonzero.size else 0
+    n = h.size
     levels = int(num_levels)
-    if n < levels:
+    if n < levels or not h.any():
         return np.zeros(0, dtype=np.int64), np.zeros(0)
-    h = h[:n]
     i = np.arange(levels, n + 1)
     total = h.sum()
     c_sum = np.concatenate([[0.0], np.cumsum(h)])
     hl_sum = np.concatenate([[0.0], np.cumsum(_xlogx(h))])
-    nz = h > 0
-    nz_sum = np.concatenate([[0], np.cumsum(nz)])
+    nz_sum = np.concatenate([[0], np.cumsum(h > 0)])
 
     # Chunks of candidates keep the (candidates x levels) temporaries small enough to stay in cache.
     kl = np.empty(i.size)
     for start in range(0, i.size, _CHUNK):
-        kl[start : start + _CHUNK] = _kl_chunk(i[start : start + _CHUNK], levels, total, c_sum, hl_sum, nz, nz_sum)
+        kl[start : start + _CHUNK] = _kl_chunk(i[start : start + _CHUNK], levels, total, c_sum, hl_sum, h, nz_sum)
     return i, kl
 
 
-def _kl_chunk(i, levels, total, c_sum, hl_sum, nz, nz_sum) -> np.ndarray:
+def _kl_chunk(i, levels, total, c_sum, hl_sum, h, nz_sum) -> np.ndarray:
     """KL(i) for a block of candidates; see :func:`kl_divergences` for the formula."""
-    p_last = total - c_sum[i - 1]  # bin i-1 plus every outlier
+    outliers = total - c_sum[i]
+    p_last = h[i - 1] + outliers  # bin i-1 plus every outlier
     sum_plogp = hl_sum[i - 1] + _xlogx(p_last)
     # Level l of candidate i holds bins [ceil(l * i / L), ceil((l + 1) * i / L)).
     bounds = i[:, None] * np.arange(levels + 1)[None, :] + (levels - 1)
@@ -64,34 +64,60 @@ def _kl_chunk(i, levels, total, c_sum, hl_sum, nz, nz_sum) -> np.ndarray:
         bounds //= levels
     mass = np.diff(np.take(c_sum, bounds), axis=1)
     count = np.diff(np.take(nz_sum, bounds), axis=1)
-    # Bin i-1 lies in the last level; there P's non-zero test replaces hist's.
-    count[:, -1] += (p_last > 0).astype(count.dtype) - nz[i - 1]
     # log M_l where the level has mass (0 elsewhere: those terms carry no P mass), log c_l from a table.
-    mass_last_empty = mass[:, -1] == 0
     log_ratio = np.zeros_like(mass)
     np.log(mass, out=log_ratio, where=mass > 0)
     log_count = np.log(np.maximum(np.arange(int(count.max()) + 1), 1))
     log_ratio -= np.take(log_count, count)
     p_mass = mass  # from here on: the level masses of P, whose last level also holds the outliers
-    p_mass[:, -1] += total - c_sum[i]
+    p_mass[:, -1] += outliers
     term = np.einsum("ij,ij->i", p_mass, log_ratio)
     with np.errstate(divide="ignore"):
         kl = (sum_plogp - term) / total - np.log(total) + np.log(c_sum[i])
-    return np.where(mass_last_empty & (p_mass[:, -1] > 0), np.inf, kl)
+    return np.where((h[i - 1] == 0) & (outliers > 0), np.inf, kl)
+
+
+# Divergences within this relative distance of the least are ties (the closed form rounds differently from a loop).
+TIE = 1e-10
+
+
+def nvidia_zero_bin(hist) -> np.ndarray:
+    """``hist`` (float64) with bin 0 given bin 1's count, as NVIDIA's entropy calibration does before its search:
+    the spike of exact zeros after a ReLU then weighs no more than its neighbour."""
+    h = np.array(hist, dtype=np.float64)
+    if h.size > 1:
+        h[0] = h[1]
+    return h
+
+
+def entropy_bins(hist, num_levels: int = 128) -> int:
+    """The number of bins TensorRT's entropy calibration keeps, as NVIDIA's toolkits choose it
+    (pytorch-quantization and ModelOpt, ``_compute_amax_entropy``): bin 0 takes bin 1's count
+    (:func:`nvidia_zero_bin`), then the candidate with the least KL (:func:`kl_divergences`), the last one on
+    ties (:func:`least_divergence`)."""
+    h = nvidia_zero_bin(hist)
+    return least_divergence(*kl_divergences(h, num_levels), h.size)
+
+
+def least_divergence(candidates: np.ndarray, divergences: np.ndarray, num_bins: int) -> int:
+    """The candidate with the least divergence, the last (widest) one on ties; ``num_bins`` (keep everything) when
+    there is no candidate or none is finite."""
+    if not candidates.size or not np.isfinite(divergences).any():
+        return int(num_bins)
+    least = divergences.min()
+    return int(candidates[np.flatnonzero(divergences <= least + TIE * abs(least))[-1]])
 
 
 def entropy_amax(hist, width: float, *, num_levels: int = 128, amax: float | None = None) -> float:
-    """The threshold TensorRT's entropy calibration picks: the upper edge of the candidate with the least KL.
+    """The threshold TensorRT's entropy calibration picks on ``hist`` (bins of ``width`` from 0): the upper edge of
+    the bins :func:`entropy_bins` keeps. ``amax`` (the true max|x|) caps the result, since the last non-empty bin
+    may reach past it.
 
-    ``amax`` (the true max|x|) caps the result, since the last non-empty bin may reach past it.
-    A histogram narrower than ``num_levels`` bins needs no clipping: its upper edge is returned.
+    >>> hist = np.r_[5000.0, np.linspace(1000, 1, 300), np.zeros(700), [1.0]]   # zeros, a tail, an outlier
+    >>> entropy_amax(hist, 0.01)   # the outlier folds into the tail's last bin; the zeros do not count
+    3.0
     """
-    candidates, divergences = kl_divergences(hist, num_levels)
-    if candidates.size:
-        threshold = float(candidates[int(np.argmin(divergences))]) * width
-    else:
-        nonzero = np.flatnonzero(np.asarray(hist))
-        threshold = (int(nonzero[-1]) + 1) * width if nonzero.size else 0.0
+    threshold = entropy_bins(hist, num_levels) * float(width)
     return threshold if amax is None else min(threshold, float(amax))
 
 
@@ -188,12 +214,12 @@ def admm_range(
     start: tuple[float, float] | None = None,
     max_rounds: int = 50,
 ) -> tuple[float, float]:
-    """The range whose scale fits the histogram's own codes best, found by alternating (the ADMM-style fixed point
-    MNN and others use): quantize every bin centre with the current range's scale and zero point,
-    ``q = clamp(round(x / s) + z)``; fit the scale to those codes by weighted least squares (symmetric:
-    ``s = <x, q - z> / <q - z, q - z>``; asymmetric: ``x ~ a q + c``, so ``s = a`` and ``z = -c / a``); repeat
-    until the codes stop changing or ``max_rounds`` pass. Starts from ``start`` (default the observed range, as
-    MinMax) and returns the range of the round with the least squared error, so never one worse than the start.
+    """The range whose scale fits the histogram's own codes best: :func:`lowbit.core.admm_range_per_slice` on the
+    bin centres (clipped to the observed range) as one slice, each weighted by its count. It alternates quantizing
+    with the current scale and zero point, ``q = clamp(round(x / s) + z)``, and the weighted least-squares fit of
+    the scale to those codes (symmetric: ``s = <x, q - z> / <q - z, q - z>``; asymmetric: ``x ~ a q + c``) until
+    the codes stop changing or ``max_rounds`` pass. Starts from ``start`` (default the observed range, as MinMax)
+    and returns the range of the round with the least squared error, so never one worse than the start.
 
     >>> edges = np.linspace(-4, 4, 801); centres = (edges[1:] + edges[:-1]) / 2
     >>> counts = np.exp(-centres ** 2 / 2) * 1e4
@@ -206,42 +232,9 @@ def admm_range(
     if not keep.any() or max(-lo, hi) <= 0:
         return 0.0, 0.0
     x = np.clip((edges[:-1] + edges[1:])[keep] / 2.0, lo, hi)
-    w = counts[keep]
-    grid = spec.replace(axis=None, group_size=None, rounding="nearest")
-    amax = max(-lo, hi)
-    current = start if start is not None else ((-amax, amax) if spec.symmetric else (lo, hi))
-    best_error, best = np.inf, current
-    previous = None
-    for _ in range(max(1, int(max_rounds))):
-        scale, zero_point = qparams(current[0], current[1], grid)
-        codes = quantize(x.astype(np.float32), scale, zero_point, grid).astype(np.float64)
-        error = float((w * ((codes - float(zero_point)) * float(scale) - x) ** 2).sum())
-        if error < best_error:
-            best_error, best = error, current
-        if previous is not None and np.array_equal(codes, previous):
-            break
-        previous = codes
-        fitted = _fit_range(x, w, codes, float(zero_point), grid)
-        if fitted is None:
-            break
-        current = fitted
-    return float(best[0]), float(best[1])
-
-
-def _fit_range(x, w, codes, zero_point: float, spec: QuantSpec) -> tuple[float, float] | None:
-    """The range of the scale (and, asymmetric, the zero point) that maps ``codes`` onto ``x`` best in weighted
-    least squares; None when the codes cannot say (all equal, or a scale that is not positive)."""
-    if spec.symmetric:
-        d = codes - zero_point
-        den = float((w * d * d).sum())
-        s = float((w * x * d).sum()) / den if den > 0 else 0.0
-        half = (1 << (spec.bits - 1)) - 1
-        return (-s * half, s * half) if s > 0 else None
-    total = w.sum()
-    mq, mx = (w * codes).sum() / total, (w * x).sum() / total
-    var = float((w * (codes - mq) ** 2).sum())
-    a = float((w * (codes - mq) * (x - mx)).sum()) / var if var > 0 else 0.0
-    if a <= 0:
-        return None
-    c = mx - a * mq  # x ~ a * codes + c: the grid's ends map to a * qmin + c and a * qmax + c
-    return a * spec.qmin + c, a * spec.qmax + c
+    if start is None:
+        amax = max(-lo, hi)
+        start = (-amax, amax) if spec.symmetric else (lo, hi)
+    grid = spec.replace(axis=None, group_size=None)
+    best_lo, best_hi = admm_range_per_slice(x, grid, start=start, weights=counts[keep], max_rounds=max_rounds)
+    return float(best_lo), float(best_hi)
