@@ -76,3 +76,28 @@ def test_lowbit_quantize_takes_method_admm(tmp_path):
     import json
 
     assert json.loads((tmp_path / "q.ranges.json").read_text())["method"] == "admm"
+
+
+@pytest.mark.parametrize("spec", [QuantSpec(bits=4), QuantSpec(bits=4, signed=False, symmetric=False)],
+                         ids=["sym", "asym"])  # fmt: skip
+def test_a_percentile_start_is_the_percentile_range_or_better(spec):
+    x = _data("gauss+outliers", 2)
+    starts = {}
+    for method, options in (("percentile", {"percentile": 99.0, "symmetric": spec.symmetric}),
+                            ("admm", {"spec": spec, "start": "percentile", "percentile": 99.0}),
+                            ("admm", {"spec": spec})):  # fmt: skip
+        c = calib.create(method, **options)
+        c.update(x)
+        starts[(method, options.get("start"))] = c.compute()
+    percentile, from_percentile, from_max = starts.values()
+    assert from_percentile != from_max  # the start matters: the fixed points differ
+    assert _error(x, *from_percentile, spec) <= _error(x, *percentile, spec) * 1.001
+
+
+def test_admm_names_its_bad_start_and_percentile():
+    with pytest.raises(CalibrationError, match="start must be one of max, percentile, got 'median'"):
+        calib.create("admm", start="median")
+    with pytest.raises(CalibrationError, match="percentile must be a number in \\(0, 100\\], got 0"):
+        calib.create("admm", start="percentile", percentile=0)
+    c = calib.create("admm", start="percentile", percentile=99.9)
+    assert c.options()["start"] == "percentile" and c.options()["percentile"] == 99.9
