@@ -54,6 +54,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -84,9 +85,11 @@ def grid(points: int = POINTS, low: float = LOW, high: float = HIGH) -> torch.Te
 
 
 def refinable(module: nn.Module) -> bool:
-    """Whether EasyQuant searches ``module``'s scales: a quantized Conv1d/2d/3d or Linear whose weight quantizer
-    is static and calibrated."""
+    """Whether EasyQuant searches ``module``'s scales: a quantized Conv1d/2d/3d or Linear (not one that keeps a
+    BatchNorm for QAT) whose weight quantizer is static and calibrated."""
     if not isinstance(module, QuantMixin) or not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        return False
+    if type(module)._weight_to_quantize is not QuantMixin._weight_to_quantize:  # e.g. a conv with its BN (QAT)
         return False
     q = module.weight_quantizer
     return q.mode == "quantize" and q.calibrated and not q.dynamic
@@ -149,8 +152,16 @@ class _Scale:
 
 
 def _sums(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Per output channel (along ``dim``), the sum of ``t``, in float64."""
-    return t.movedim(dim, 0).reshape(t.shape[dim], -1).sum(1, dtype=torch.float64)
+    """Per output channel (along ``dim``), the sum of ``t`` (float32 reductions, returned as float64)."""
+    dims = [d for d in range(t.dim()) if d != dim % t.dim()]
+    return t.sum(dim=dims, dtype=torch.float32).double()
+
+
+def layer_output(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module``'s output on an input ``x`` already through its input quantizer (what its forward computes on the
+    raw input): the quantized weight, the bias on the accumulator's grid."""
+    w, b = module.weight_quantizer(module.weight), module._bias(module.bias)
+    return F.linear(x, w, b) if isinstance(module, nn.Linear) else module._conv_forward(x, w, b)
 
 
 def _cosine(dot: torch.Tensor, yy: torch.Tensor, ff: torch.Tensor) -> torch.Tensor:
@@ -173,19 +184,22 @@ class _Search:
         self.w_idx = torch.full((self.channels,), self.one, dtype=torch.long)
         self.x_idx = self.one
 
-    def measure(self, set_candidate) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def measure(self, set_candidate, input_moves: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """For every candidate ``g`` (``set_candidate(g)`` sets the scales), per output channel, ``<y, y*>`` and
-        ``|y|^2`` summed over the batches, and ``|y*|^2``; ``y`` the quantized output, ``y*`` the FP32 one."""
+        ``|y|^2`` summed over the batches, and ``|y*|^2``; ``y`` the quantized output, ``y*`` the FP32 one.
+        ``input_moves``: the candidates change the input's scale (else it is quantized once per batch)."""
         n = len(self.factors)
         dot = torch.zeros(n, self.channels, dtype=torch.float64)
         yy = torch.zeros(n, self.channels, dtype=torch.float64)
         ff = torch.zeros(self.channels, dtype=torch.float64)
+        quantize = self.module.input_quantizer
         with torch.no_grad():
             for x, target in self.data:
                 ff += _sums(target * target, self.dim).cpu()
+                xq = None if input_moves else quantize(x)
                 for g in range(n):
                     set_candidate(g)
-                    y = self.module(x).float()
+                    y = layer_output(self.module, quantize(x) if input_moves else xq).float()
                     dot[g] += _sums(y * target, self.dim).cpu()
                     yy[g] += _sums(y * y, self.dim).cpu()
         return dot, yy, ff
@@ -198,7 +212,7 @@ class _Search:
     def weight_step(self) -> tuple[float, float]:
         """Each output channel's weight scale to its best factor (one for the layer with per-tensor weights).
         Returns the layer's cosine before and after."""
-        dot, yy, ff = self.measure(lambda g: self.weight.set(self.factors[g].expand(self.channels)))
+        dot, yy, ff = self.measure(lambda g: self.weight.set(self.factors[g].expand(self.channels)), False)
         before = self.layer_cosine(dot, yy, ff, self.w_idx)
         if self.weight.rows:  # (candidates, channels)
             chosen = _pick(_cosine(dot, yy, ff[None]), yy - 2 * dot + ff[None], self.w_idx, self.mse_guard)
@@ -215,7 +229,7 @@ class _Search:
 
     def input_step(self) -> tuple[float, float]:
         """The input scale to the factor of best layer cosine. Returns the layer's cosine before and after."""
-        dot, yy, ff = self.measure(lambda g: self.input.set(self.factors[g]))
+        dot, yy, ff = self.measure(lambda g: self.input.set(self.factors[g]), True)
         cos = _cosine(dot.sum(1), yy.sum(1), ff.sum())  # (candidates,)
         before = float(cos[self.x_idx])
         self.x_idx = int(_pick(cos, (yy - 2 * dot + ff[None]).sum(1), torch.tensor([self.x_idx]), self.mse_guard)[0])
