@@ -15,7 +15,8 @@ Models:
   - Fashion-MNIST FashionCNN and FashionMobileNet (MobileNetV2-style), trained by benchmarks/train_fashion.py
     (weights committed in benchmarks/weights/): calibration on 1,000 training images, top-1 on the 10,000 test
     images. INT8 PTQ (and exported to ONNX, run in ONNX Runtime), W4A4 PTQ, and for FashionMobileNet W4A4 QAT
-    (BatchNorm kept training, learned scales) for at most 2 epochs from the W4A4 PTQ model.
+    (BatchNorm kept training, learned scales) for at most 2 epochs from the W4A4 PTQ model; for FashionMobileNet
+    also W8A8 and W4A8 with EasyQuant (``refine="easyquant"``) and with ADMM ranges (activations and weights).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import sys
 import tempfile
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +99,7 @@ def bench_fashion(
     configs = {"int8": lt.preset("int8"), "w4a4": lt.preset("w4a4")}
     if name == "mobilenet":
         configs["int8 + residual adds"] = lt.preset("int8").with_residual_adds()
+        configs.update(refined_configs())
     for label, cfg in configs.items():
         t0 = time.perf_counter()
         q = lt.quantize(model, cfg, calib=calib, progress=False)
@@ -119,6 +122,18 @@ def bench_fashion(
         rows[label].update(onnx_top1=top1, onnx_size_mb=size)
         print(f"{name} {label} {rows[label]}")
     return {"samples": {"calibration": len(pick), "evaluation": len(x_test)}, "rows": rows}
+
+
+def refined_configs() -> dict:
+    """W8A8 and W4A8 beside their EasyQuant refinement (``refine="easyquant"``) and ADMM ranges (activations and
+    weights)."""
+    out = {}
+    for label, base in (("w8a8", lt.preset("int8")), ("w4a8", lt.preset("w4a8"))):
+        if label != "w8a8":  # int8 is the W8A8 row
+            out[label] = base
+        out[f"{label} + easyquant"] = replace(base, refine="easyquant")
+        out[f"{label} admm"] = base.with_method("admm").with_weight_method("admm")
+    return out
 
 
 def _rows_table(rows: dict) -> str:
@@ -150,10 +165,11 @@ def render(results: dict) -> str:
     fp32, int8 = r["rows"]["FP32"]["top1"], r["rows"]["int8"]
     gpu = m.get("gpu")
     where = f"on {gpu} (and {m['cores']} CPU cores)" if gpu else f"on {m['cpu']} ({m['cores']} cores)"
+    threads = f" --threads {m['threads']}" if m.get("threads") else ""
     lines = [
         f"## PyTorch front end (lowbit.torch){' on CUDA' if gpu else ''}",
         "",
-        f"`python benchmarks/torch_bench.py{' --device cuda' if gpu else ''}` {where}, Python {m['python']}, "
+        f"`python benchmarks/torch_bench.py{' --device cuda' if gpu else ''}{threads}` {where}, Python {m['python']}, "
         f"torch {m['torch']}, ONNX Runtime {m['onnxruntime']}, {m['date']}. Activations per tensor (MSE ranges), "
         "weights per output channel; W4A4 quantizes every layer's input (asymmetric uint4) and weight (int4 per "
         "channel), first and last layers included; W4 models are exported at opset 21 (INT4 weights).",
@@ -183,7 +199,10 @@ def render(results: dict) -> str:
             "",
             f"Trained by `benchmarks/train_fashion.py` (seeded; weights in benchmarks/weights/). PTQ calibrated on "
             f"{f['samples']['calibration']} training images, top-1 on {_test_images(f['samples']['evaluation'])}. "
-            '"residual adds": the skip input of every residual addition quantized too (TensorRT\'s rule). QAT: '
+            '"residual adds": the skip input of every residual addition quantized too (TensorRT\'s rule). '
+            '"easyquant": the scales searched again after calibration, layer by layer (lowbit.torch.easyquant: '
+            "weight scale per channel and input scale over 41 factors in [0.5, 2], 2 alternations, for the output "
+            'cosine to FP32 on the calibration images). "admm": activation and weight ranges by ADMM. QAT: '
             "from the W4A4 PTQ model, BatchNorm kept training inside the quantized convolutions, learned scales "
             "(LSQ), SGD with a cosine learning rate from 0.01, half the loss distillation from the FP32 model.",
             "",
@@ -217,12 +236,20 @@ def main() -> None:
         "--device", default="cpu", help="where the models, calibration and QAT run: cpu (default) or cuda; a CUDA "
         'run writes its own section ("torch-cuda") beside the CPU one'
     )  # fmt: skip
+    parser.add_argument(
+        "--threads", type=int, default=0, help="torch CPU threads (default 0: torch's own choice); 1 on a machine "
+        "whose cores other work is using (torch's threads then wait on each other)"
+    )  # fmt: skip
     args = parser.parse_args()
     gpu = use_device(parser, args.device)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = {"machine": {**machine(), "torch": torch.__version__}, "models": {}}
     if gpu:
         results["machine"]["gpu"] = gpu
+    if args.threads > 0:
+        results["machine"]["threads"] = args.threads
     with tempfile.TemporaryDirectory(prefix="lowbit-torch-bench-") as tmp:
         results["models"]["ccexam MNISTNet"] = bench_mnist(Path(tmp), args.device)
         for name in ("cnn", "mobilenet"):
