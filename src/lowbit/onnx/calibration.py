@@ -13,7 +13,7 @@ two builds is quantized the same way in both.
 from __future__ import annotations
 
 import time
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +52,7 @@ class Calibrated:
     scales: dict[str, np.ndarray] = field(default_factory=dict)  # the weights', chosen once (rewrite.weight_scales)
     seconds: float = 0.0
     batches: int = 0
+    refinement: Any = None  # what a refinement reported (lowbit.onnx.easyquant.Report), if one ran
 
     def __post_init__(self):
         self.graph = Graph(self.float_model)
@@ -75,6 +76,10 @@ class Calibrated:
         if todo:
             self._ranges.update(collect.ranges(todo, symmetric=self.settings.activation.symmetric))
         return {t: self._ranges[t] for t in tensors if t in self._ranges}
+
+    def set_ranges(self, ranges: Mapping[str, tuple[float, float]]) -> None:
+        """Replace the ranges of some tensors (a refinement chose them: :mod:`lowbit.onnx.easyquant`)."""
+        self._ranges.update({t: (float(lo), float(hi)) for t, (lo, hi) in ranges.items()})
 
     def build(self, keep_float: Collection[str] = ()) -> Built:
         """The quantized model with the nodes named in ``keep_float`` (and the user's exclusions) in float."""
@@ -148,6 +153,7 @@ def calibrate_model(
     progress: bool = True,
     observers: Mapping[str, Sequence[Any]] | None = None,
     run_model: onnx.ModelProto | None = None,
+    refine: Callable[[Calibrated], None] | None = None,
 ) -> Calibrated:
     """Calibrate ``float_model`` (preprocessed) on ``batches`` for the recipe ``settings`` (a
     :class:`~lowbit.onnx.settings.Settings`, or a Config or preset name): the ranges of the tensors the full plan
@@ -157,7 +163,8 @@ def calibrate_model(
     with ``update(array)``) see their tensor's batches in the same pass. ``run_model``: the model run over
     ``batches`` when it is not ``float_model`` itself: the same graph with its batch size freed
     (:func:`lowbit.onnx.model.free_batch`), so that a model fixed at batch 1 calibrates at a larger batch; what is
-    built stays ``float_model``."""
+    built stays ``float_model``. ``refine`` (a refinement such as :func:`lowbit.onnx.easyquant.refine`) may change
+    the ranges and the weight scales once they are chosen, before the weight rounding picks its codes at them."""
     settings = settings if isinstance(settings, Settings) else Settings.of(settings)
     graph = Graph(float_model)
     full = plan_for(graph, settings)
@@ -198,5 +205,7 @@ def calibrate_model(
     act = rewrite.activation_qparams(full, result.ranges(full.calibrated))
     floors = rewrite.weight_scale_floors(graph, full, act)
     result.scales = rewrite.weight_scales(graph, full, floors, settings.weight_method, settings.weight_options)
+    if refine is not None:
+        refine(result)
     result.codes = rounding.codes(graph, moments, result.scales, progress)
     return result

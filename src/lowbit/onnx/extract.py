@@ -33,7 +33,8 @@ def _safe(name: str) -> str:
     return re.sub(r"[^\w.-]+", "_", name).strip("_") or "node"
 
 
-def _cut(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+def cut(model: onnx.ModelProto, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` from ``inputs`` (a model of its own, same opsets)."""
     inferred = onnx.shape_inference.infer_shapes(model)
     known = {v.name for v in [*inferred.graph.value_info, *inferred.graph.input, *inferred.graph.output]}
     for name in [*inputs, *outputs]:
@@ -66,7 +67,7 @@ def extract(calibrated: Calibrated, built: Built, name: str, feeds: Iterable[Fee
     if not inputs:
         raise AnalyzeError(f"--extract {name!r}: the node reads no computed tensor")
     output = unit_output(graph, name)
-    float_sub = _cut(calibrated.float_model, inputs, [output])
+    float_sub = cut(calibrated.float_model, inputs, [output])
 
     q = built.model
     produced = {o for n in q.graph.node for o in n.output}
@@ -77,7 +78,7 @@ def extract(calibrated: Calibrated, built: Built, name: str, feeds: Iterable[Fee
         else:  # the quantized model calls the float value t_float and its dequantized copy t
             q_inputs.append(f"{t}_float")
             mapping[f"{t}_float"], mapping[t] = t, f"{t}_dequantized"
-    q_sub = _cut(q, q_inputs, [output])
+    q_sub = cut(q, q_inputs, [output])
     _rename(q_sub, mapping)
 
     recorded: dict[str, list[np.ndarray]] = {t: [] for t in [*inputs, output]}

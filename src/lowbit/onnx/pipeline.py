@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 import lowbit
@@ -72,6 +73,7 @@ class QuantizeResult:
     warnings: list[str] = field(default_factory=list)
     untimed: dict[int, str] = field(default_factory=dict)  # batch -> why its latency was not measured
     fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
+    refinement: str = ""  # what the recipe's refinement did (easyquant), in a line
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -271,6 +273,8 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     every_tensor = options.trt_cache is not None or job.budget is not None
     calibrated = stages.calibrate(model, settings, chosen.calib, options, every_tensor=every_tensor)
     result.calibration_seconds = calibrated.seconds
+    if calibrated.refinement is not None:
+        result.refinement = calibrated.refinement.summary()
     known = chosen.calib.num_samples
     result.calibration_samples = known if known is not None else calibrated.batches * result.calibration_batch
     result.rounding, result.rounded_layers = settings.rounding, len(calibrated.codes)
@@ -305,7 +309,9 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
         result.quantized_nodes += tables.quantized_nodes
         result.layers += len(tables.quantized_nodes)
     act_ranges = calibrated.ranges(plan.calibrated)
-    record = _record(plan, act_ranges)
+    record = _record(plan, act_ranges, calibrated.scales)
+    if calibrated.refinement is not None:
+        record["easyquant"] = calibrated.refinement.to_dict()
     if job.options.trt_cache is not None:
         write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
         result.trt_cache = job.options.trt_cache
@@ -401,8 +407,9 @@ def _compare(job: _Job, quant_sess: Any) -> None:
         result.untimed = compare.untimed(model.inputs)
 
 
-def _record(plan: placement.Plan, ranges) -> dict:
-    """The ranges file's activations (inside If/Loop/Scan bodies too) and weights."""
+def _record(plan: placement.Plan, ranges, scales) -> dict:
+    """The ranges file's activations (inside If/Loop/Scan bodies too) and weights (with the scales calibration
+    chose for those of the main graph)."""
     acts, weights = {}, {}
     for part in plan.walk():
         qp = rewrite.activation_qparams(part, ranges)
@@ -416,7 +423,9 @@ def _record(plan: placement.Plan, ranges) -> dict:
                 "zero_point": int(p.zero_point),
                 **({"shares_range_of": root} if root != tensor else {}),
             }
-        weights.update({name: {"axis": axis} for name, axis in part.weights.items()})
+        for name, axis in part.weights.items():
+            scale = scales.get(name) if part is plan else None
+            weights[name] = {"axis": axis, **({} if scale is None else {"scale": np.ravel(scale).tolist()})}
     return {"activations": acts, "weights": weights}
 
 

@@ -17,7 +17,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit.data import FeedSource, InputSpec, open_feeds
-from lowbit.onnx import activations, controlflow, mixed, placement
+from lowbit.onnx import activations, controlflow, easyquant, mixed, placement
 from lowbit.onnx.calibration import Calibrated, calibrate_model
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
@@ -109,9 +109,16 @@ def calibrate(
     model: Model, settings: Settings, source: FeedSource, options: Options, *, every_tensor: bool, observers=None
 ) -> Calibrated:
     """Calibrate once on ``source`` (see :func:`lowbit.onnx.calibration.calibrate_model`), at the batch of
-    :func:`calibration_batch`."""
+    :func:`calibration_batch`; then the recipe's refinement (``refine="easyquant"``: :mod:`lowbit.onnx.easyquant`)."""
     batch, run_model = calibration_batch(model, options)
     batches = source.batches(batch)
+    refine = None
+    if settings.config.refine == "easyquant":
+
+        def refine(calibrated: Calibrated) -> None:
+            feeds = lambda: source.batches(model.batch)  # noqa: E731 (the model's own batch: it runs the float model)
+            calibrated.refinement = easyquant.refine(calibrated, feeds, progress=options.progress)
+
     return calibrate_model(
         model.float_model,
         batches,
@@ -122,6 +129,7 @@ def calibrate(
         progress=options.progress,
         observers=observers,
         run_model=run_model,
+        refine=refine,
     )
 
 
