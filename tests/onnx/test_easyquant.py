@@ -130,7 +130,8 @@ def test_matmul_and_gemm_layers_and_the_cli(tmp_path, capsys):
     shape = tuple(d.dim_value for d in onnx.load(src).graph.input[0].type.tensor_type.shape.dim[1:])
     data = models.calib_data(tmp_path / "calib.npz", shape, n=32)
     out = tmp_path / "q.onnx"
-    assert main(["quantize", src, "-o", str(out), "--calib", data, "--refine", "easyquant", "-q", "--no-compare"]) == 0
+    args = ["--calib", data, "--refine", "easyquant", "--rounding", "nearest", "-q", "--no-compare"]
+    assert main(["quantize", src, "-o", str(out), *args]) == 0
     printed = capsys.readouterr().out
     assert "easyquant on" in printed and "layers improved" in printed
     record = json.loads(out.with_suffix(".ranges.json").read_text())
@@ -147,3 +148,19 @@ def test_bad_search_settings_are_one_line_errors():
         easyquant.Search(span=1.0)
     grid = easyquant.Search().coarse_factors()
     assert grid[0] == 1.0 and grid.min() == pytest.approx(0.5) and grid.max() == pytest.approx(2.0)
+
+
+def test_under_gptq_only_the_activation_scales_are_searched(tmp_path):
+    src = models.save(_with_outliers(models.convnet()), tmp_path / "m.onnx")
+    data = _heavy_tailed(tmp_path / "calib.npz", 32)
+    config = preset("int8").with_method("minmax")  # GPTQ codes: scales chosen for nearest codes would fight them
+    scales = {}
+    for name, cfg in (("base", config), ("eq", replace(config, refine="easyquant"))):
+        quantize(src, tmp_path / f"{name}.onnx", data, cfg, options=Options(progress=False, compare=False))
+        scales[name] = json.loads((tmp_path / f"{name}.ranges.json").read_text())
+    assert {k: w["scale"] for k, w in scales["eq"]["weights"].items()} == {
+        k: w["scale"] for k, w in scales["base"]["weights"].items()
+    }
+    layers = scales["eq"]["easyquant"]["layers"]
+    assert layers and all(r["weight_factors"] == [1.0, 1.0] and r["activation_factor"] is not None for r in layers)
+    assert [r["name"] for r in layers] == ["conv1", "fc"]  # conv2's input is also the residual Add's
