@@ -40,8 +40,9 @@ layer again on every step.
 Cost: per layer, ``2 * alternations`` passes over the calibration batches, each ``points`` forwards of the layer
 (plus two partial forwards of the model up to the layer per batch when they are not cached), i.e. about
 ``4 * 41 = 164`` layer forwards per batch at the defaults: roughly 160 passes of the model over the calibration
-data. Measured on three layers of FashionMobileNet (benchmarks/torch_models.py: 26 layers; 1,000 28x28 calibration
-images, one thread of a 2-core machine that other work shared): about 16 s a layer, some 7 minutes for the model.
+data. Measured on FashionMobileNet (benchmarks/torch_models.py: 26 layers; 1,000 28x28 calibration images, one
+thread of a 2-core machine): about 8 s a layer, 211-222 s for the model with one other process on the machine
+(614 s with three; benchmarks/torch_bench.py).
 The cost grows linearly with ``points``, ``alternations`` and the number of calibration images.
 
 With a weight rounding (:mod:`lowbit.torch.rounding`): EasyQuant chooses the scales first, with each weight rounded
