@@ -65,6 +65,7 @@ from lowbit.errors import CalibrationError
 from lowbit.torch.layers import QuantMixin
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 from lowbit.torch.rounding.capture import run_order, run_to
+from lowbit.torch.rounding.roundable import named_subset
 from lowbit.torch.runner import is_loop
 
 POINTS = 41  # candidate factors per scale (odd: 1 is the middle one)
@@ -275,16 +276,8 @@ def refine_layer(
 
 def _chosen(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
     found = {name: m for name, m in model.named_modules() if refinable(m)}
-    if names is None:
-        return found
-    wanted = list(names)
-    unknown = [n for n in wanted if n not in found]
-    if unknown:
-        raise CalibrationError(
-            f"EasyQuant cannot refine {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv/Linear "
-            f"layer of this model. Refinable layers: {', '.join(list(found)[:8]) or 'none'}"
-        )
-    return {n: found[n] for n in wanted}
+    kind = "a calibrated, statically quantized Conv/Linear layer"
+    return named_subset(found, names, "EasyQuant cannot refine", kind, "Refinable")
 
 
 def easyquant(

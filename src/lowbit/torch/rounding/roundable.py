@@ -36,15 +36,21 @@ def roundable_layers(model: nn.Module) -> dict[str, nn.Module]:
 def chosen_layers(model: nn.Module, names: Iterable[str] | None, method: str) -> dict[str, nn.Module]:
     """The roundable layers of ``model`` named in ``names`` (all of them when None), in that order; a name that is
     not one is an error that lists the roundable ones. ``method`` names the rounding in the message."""
-    found = roundable_layers(model)
+    kind = "a calibrated, statically quantized Conv1d/Conv2d/Linear layer"
+    return named_subset(roundable_layers(model), names, f"{method} cannot round", kind, "Roundable")
+
+
+def named_subset(found: dict[str, nn.Module], names: Iterable[str] | None, cannot: str, kind: str, able: str):
+    """``found`` restricted to ``names`` (all of it when None), in that order; a name not in it is a one-line
+    CalibrationError: "<cannot> <names>: not <kind> of this model. <able> layers: ..."."""
     if names is None:
         return found
     wanted = list(names)
     unknown = [n for n in wanted if n not in found]
     if unknown:
         raise CalibrationError(
-            f"{method} cannot round {', '.join(unknown[:5])}: not a calibrated, statically quantized Conv1d/Conv2d/"
-            f"Linear layer of this model. Roundable layers: {', '.join(list(found)[:8]) or 'none'}"
+            f"{cannot} {', '.join(unknown[:5])}: not {kind} of this model. "
+            f"{able} layers: {', '.join(list(found)[:8]) or 'none'}"
         )
     return {n: found[n] for n in wanted}
 
