@@ -126,10 +126,13 @@ def modelopt_version() -> str | None:
     return proc.stdout.strip() if proc.returncode == 0 else None
 
 
-def run_modelopt(model, tensors: list[str], feeds: list[dict], sizes: dict[str, int], group_mb: float) -> dict:
-    """ModelOpt's HistogramCalibrator on ``tensors`` fed ``feeds``' batches: tensors in groups of at most
-    ``group_mb`` of batches, each group one ONNX Runtime pass written to one .npz; one ModelOpt process reads them
-    all, a tensor at a time. Returns modelopt_entropy.py's JSON (with the histograms) by tensor."""
+def run_modelopt(
+    model, tensors: list[str], feeds: list[dict], sizes: dict[str, int], group_mb: float, whole: bool = False
+) -> dict:
+    """ModelOpt's HistogramCalibrator on ``tensors`` fed ``feeds``' batches (``whole``: all of a tensor's values in
+    one batch, i.e. NVIDIA's 2048-bin histogram of the raw data): tensors in groups of at most ``group_mb`` of
+    batches, each group one ONNX Runtime pass written to one .npz; one ModelOpt process reads them all, a tensor at
+    a time. Returns modelopt_entropy.py's JSON (with the histograms) by tensor."""
     groups, group, size = [], [], 0.0
     for t in tensors:
         if group and size + sizes[t] / 2**20 > group_mb:
@@ -148,8 +151,9 @@ def run_modelopt(model, tensors: list[str], feeds: list[dict], sizes: dict[str, 
                     kept[t].append(outs[t])
             arrays = {}
             for t in names:
-                b = np.empty(len(kept[t]), dtype=object)
-                b[:] = kept[t]
+                parts = [np.concatenate([x.ravel() for x in kept[t]])] if whole else kept[t]
+                b = np.empty(len(parts), dtype=object)
+                b[:] = parts
                 arrays[f"batches_{tensors.index(t)}"] = b
             files.append(str(Path(tmp) / f"group{g}.npz"))
             np.savez(files[-1], **arrays)
@@ -212,6 +216,9 @@ def entropy_part(
     chosen = [tensors[i] for i in chosen] if chosen is not tensors else tensors
     print(f"{label}: ModelOpt on {len(chosen)} of {len(tensors)} tensors", flush=True)
     mo = run_modelopt(model, chosen, feeds, sizes, group_mb)
+    raw = run_modelopt(model, chosen, feeds, sizes, group_mb, whole=True)["tensors"]
+    raw_bins = [abs(amax[t] - raw[t]["amax"]) / raw[t]["width"] for t in chosen]
+    raw_pct = [100 * abs(amax[t] - raw[t]["amax"]) / raw[t]["amax"] if raw[t]["amax"] else 0.0 for t in chosen]
     rows, search_ms, equal, off_bins, off_pct = [], [], 0, [], []
     for t in chosen:
         r = mo["tensors"][t]
@@ -254,6 +261,10 @@ def entropy_part(
             "modelopt_search_median_s": statistics.median(r["modelopt_search_s"] for r in rows),
             "modelopt_search_total_s": sum(r["modelopt_search_s"] for r in rows),
             "modelopt_wall_s": mo["wall_s"],
+            "raw_within_one_bin": int(sum(b <= 1 for b in raw_bins)),
+            "raw_max_bins_off": max(raw_bins),
+            "raw_max_pct_off": max(raw_pct),
+            "raw_median_pct_off": statistics.median(raw_pct),
             "histogram_bins_median": statistics.median(r["modelopt_bins"] for r in rows),
             "rows": rows,
         }
@@ -425,7 +436,7 @@ def render(results: dict) -> str:
     for model, r in ent.items():
         mo = r.get("modelopt")
         if not mo:
-            table.append([model, f"{r['tensors']}", "-", "-", "-", "-", f"{r['lowbit_compute_median_ms']:.1f}", "-"])
+            table.append([model, f"{r['tensors']}", *"------", f"{r['lowbit_compute_median_ms']:.1f}", "-"])
             continue
         table.append(
             [
@@ -434,6 +445,8 @@ def render(results: dict) -> str:
                 f"{mo['equal']} / {mo['tensors']}",
                 f"{mo['within_one_bin']} / {mo['tensors']}",
                 f"{mo['max_bins_off']:.2f} ({mo['max_pct_off']:.3f}%)",
+                f"{mo['raw_within_one_bin']} / {mo['tensors']}" if "raw_within_one_bin" in mo else "-",
+                f"{mo['raw_max_bins_off']:.2f} ({mo['raw_max_pct_off']:.3f}%)" if "raw_max_bins_off" in mo else "-",
                 f"{mo['lowbit_search_median_ms']:.2f}",
                 f"{r['lowbit_compute_median_ms']:.1f}",
                 f"{mo['modelopt_search_median_s']:.2f}",
@@ -448,12 +461,14 @@ def render(results: dict) -> str:
                 "(a) equal",
                 "(b) within 1 bin",
                 "(b) largest diff",
+                "(c) within 1 bin",
+                "(c) largest diff",
                 "lowbit search ms",
                 "lowbit compute ms",
                 "ModelOpt s",
             ],
             table,
-            "llrrrrrr",
+            "llrrrrrrrr",
         ),
         "```",
         "",
@@ -463,7 +478,9 @@ def render(results: dict) -> str:
         "difference in ModelOpt's bins (and in % of its threshold). lowbit's histogram is a different one (a fine "
         "power-of-two grid that merges exactly, re-binned to 2048 bins over [0, max|x|] at the end; ModelOpt's "
         "keeps the first batch's bin width and grows past 2048 bins when a later batch reaches further), so (b) "
-        "measures how close two different histograms of the same data lead the same search. Times per tensor, "
+        "measures how close two different histograms of the same data lead the same search. (c) the same against "
+        "ModelOpt on each tensor's whole data at once (one batch: NVIDIA's 2048-bin histogram over [0, max|x|] of "
+        "the raw data, the issue's reference). Times per tensor, "
         "medians: lowbit search = `entropy_bins` on ModelOpt's histogram; lowbit compute = the calibrator's "
         '`compute()` (re-binning + search); ModelOpt s = its `compute_amax("entropy")` (a Python loop over the '
         "candidates).",
