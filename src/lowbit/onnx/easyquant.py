@@ -5,7 +5,8 @@ output closest in direction to the FP32 one.
 For each Conv, Gemm and MatMul with a quantized constant weight, in graph (topological) order:
 
 - its input ``x`` is taken from the model *as quantized so far* (every layer upstream with its refined scales,
-  Q/DQ as the target places them), so the error that accumulates upstream is the one the search sees, as deployed;
+  Q/DQ as the target places them; weights rounded to nearest and biases as they are, since GPTQ and bias
+  correction run after the search), so the error that accumulates upstream is the one the search sees;
   its FP32 output ``y`` from the float model;
 - alternately (``rounds`` times) the weight step chooses each output channel's weight scale and the activation
   step the scale of ``x``, each among factors of the calibrated scale in ``[1 / span, span]`` (a geometric grid of
