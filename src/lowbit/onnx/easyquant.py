@@ -158,19 +158,6 @@ def shared_roots(graph: Graph, plan) -> set[str]:
     return {root for root, n in readers.items() if n > 1}
 
 
-def first_batches(batches: Iterable[Mapping[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
-    """The leading feed dicts of ``batches`` that hold at most ``samples`` samples (the last one cut)."""
-    out, seen = [], 0
-    for feed in batches:
-        n = len(next(iter(feed.values())))
-        take = min(n, samples - seen)
-        out.append({k: np.asarray(v)[:take] if np.ndim(v) and len(v) == n else v for k, v in feed.items()})
-        seen += take
-        if seen >= samples:
-            break
-    return out
-
-
 def _layer_model(node: onnx.NodeProto, graph: Graph, opsets) -> onnx.ModelProto:
     """The node alone, its input and its weight as inputs (the bias a constant)."""
     x, w = node.input[0], node.input[1]
@@ -288,12 +275,6 @@ class _Scorer:
         return np.atleast_1d(dot), np.atleast_1d(norm), np.atleast_1d(self.ref)
 
 
-def cosine(dot, norm, ref) -> float:
-    """The cosine of the whole output from its per-channel sums."""
-    den = np.sqrt(norm.sum() * ref.sum())
-    return float(dot.sum() / den) if den > 0 else 1.0
-
-
 def _measures(scores, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
     """(cosine, squared error) per output channel (``per_channel``) or of the whole output, from the sums."""
     dot, norm, ref = scores
@@ -306,21 +287,21 @@ def _measures(scores, per_channel: bool) -> tuple[np.ndarray, np.ndarray]:
 
 def refine(
     calibrated: Calibrated,
-    batches: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    batches: Callable[[int], Iterable[Mapping[str, np.ndarray]]],
     search: Search = Search(),
     *,
     progress: bool = True,
 ) -> Report:
     """Search again the weight scales (``calibrated.scales``) and the activation ranges of every layer's input
-    (:meth:`Calibrated.set_ranges`), in place, as the module doc says; ``batches()`` yields the calibration feed
-    dicts. Returns what changed."""
+    (:meth:`Calibrated.set_ranges`), in place, as the module doc says; ``batches(n)`` yields the feed dicts of the
+    first ``n`` calibration samples (``FeedSource.batches(batch, 0, n)``). Returns what changed."""
     t0 = time.perf_counter()
     graph, model = calibrated.graph, calibrated.float_model
     plan = calibrated.plan()
     ranges = dict(calibrated.ranges(plan.calibrated))
     floors = rewrite.weight_scale_floors(graph, plan, rewrite.activation_qparams(plan, ranges))
-    feeds = first_batches(batches(), search.samples)
-    report = Report(samples=sum(len(next(iter(f.values()))) for f in feeds))
+    feeds = [dict(f) for f in batches(search.samples)]
+    report = Report(samples=sum(max((len(v) for v in f.values() if np.ndim(v)), default=1) for f in feeds))
     searched = shared_roots(graph, plan)  # ranges never searched: read by more than one node
     # A scale above max|w| / 127 only coarsens the grid (nothing is clipped at max|w|): such weights only shrink.
     ceiling = 1.0 if calibrated.settings.weight_method == "minmax" else search.span

@@ -116,8 +116,9 @@ def calibrate(
     if settings.config.refine == "easyquant":
 
         def refine(calibrated: Calibrated) -> None:
-            feeds = lambda: source.batches(model.batch)  # noqa: E731 (the model's own batch: it runs the float model)
-            calibrated.refinement = easyquant.refine(calibrated, feeds, progress=options.progress)
+            # the model's own batch: the search runs the float model itself
+            first = lambda n: source.batches(model.batch, 0, n)  # noqa: E731
+            calibrated.refinement = easyquant.refine(calibrated, first, progress=options.progress)
 
     return calibrate_model(
         model.float_model,
