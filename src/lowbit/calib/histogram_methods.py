@@ -94,12 +94,17 @@ class PercentileCalibrator(HistogramCalibrator):
         self.symmetric = bool(symmetric)
 
     def _compute(self) -> Range:
-        h = self.histogram
-        if self.symmetric:
-            amax = search.percentile_amax(h.magnitude(), h.width, self.percentile, amax=h.amax)
-            return Range(-amax, amax)
-        counts, edges = h.signed()
-        return Range(*search.percentile_range(counts, edges, self.percentile, lo=h.lo, hi=h.hi))
+        return percentile_of(self.histogram, self.percentile, self.symmetric)
+
+
+def percentile_of(h: Histogram, percentile: float, symmetric: bool) -> Range:
+    """The ``percentile`` range of the values ``h`` counts: (-a, a) with ``a`` the percentile of |x| when
+    ``symmetric``, else both tails cut by (100 - percentile) / 2 percent."""
+    if symmetric:
+        amax = search.percentile_amax(h.magnitude(), h.width, percentile, amax=h.amax)
+        return Range(-amax, amax)
+    counts, edges = h.signed()
+    return Range(*search.percentile_range(counts, edges, percentile, lo=h.lo, hi=h.hi))
 
 
 @register("entropy")
@@ -264,11 +269,8 @@ class ADMMCalibrator(GridCalibrator):
     def _compute(self) -> Range:
         h = self.histogram
         start = None
-        if self.start == "percentile" and self.spec.symmetric:
-            amax = search.percentile_amax(h.magnitude(), h.width, self.percentile, amax=h.amax)
-            start = (-amax, amax)
-        elif self.start == "percentile":
-            start = search.percentile_range(*h.signed(), self.percentile, lo=h.lo, hi=h.hi)
+        if self.start == "percentile":
+            start = tuple(percentile_of(h, self.percentile, self.spec.symmetric))
         counts, edges = h.signed(group=_MSE_GROUP)
         lo, hi = search.admm_range(counts, edges, self.spec, lo=h.lo, hi=h.hi, start=start, max_rounds=self.max_rounds)
         return Range(lo, hi)
