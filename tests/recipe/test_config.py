@@ -41,7 +41,10 @@ def test_an_unresolved_activation_has_no_spec():
         (lambda: Config(bias_correction=1), "bias_correction must be"),
         (lambda: Config(refine="adaquant"), "unknown refinement 'adaquant'; refinements: easyquant"),
         (lambda: QuantizerConfig(method="kl"), "unknown calibration method 'kl'"),
-        (lambda: QuantizerConfig(bits=1), "bits must be an integer from 2 to 16"),
+        (lambda: QuantizerConfig(bits=17), "bits must be an integer from 1 to 16"),
+        (lambda: QuantizerConfig(format="fp9"), "unknown format 'fp9'; formats: int"),
+        (lambda: QuantizerConfig(scale="pow3"), "scale must be one of float, pow2"),
+        (lambda: QuantizerConfig(rounding="up"), "rounding must be one of nearest, stochastic"),
         (lambda: preset("int9"), "unknown quantization preset 'int9'; presets: int8, "),
     ],
 )

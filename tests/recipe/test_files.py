@@ -51,7 +51,7 @@ def test_a_file_starts_from_a_preset_and_changes_what_it_names(tmp_path):
         ({"targt": "trt"}, "recipe: unknown key 'targt'; keys: lowbit_recipe, preset, default"),
         ({"lowbit_recipe": 99}, "recipe format 99 is not one this lowbit reads"),
         ({"default": {"input": {"bitz": 4}}}, "default.input: unknown key 'bitz'"),
-        ({"default": {"weight": {"bits": 1}}}, "default.weight: bits must be an integer from 2 to 16"),
+        ({"default": {"weight": {"bits": 0}}}, "default.weight: bits must be an integer from 1 to 16"),
         ({"overrides": [{"pattern": "x"}]}, r"overrides\[0\] needs a pattern"),
         ({"preset": "int3"}, "unknown quantization preset 'int3'"),
         ([1, 2], "recipe must be a mapping"),

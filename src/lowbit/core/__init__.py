@@ -1,5 +1,6 @@
 """NumPy-only quantization numerics: :class:`QuantSpec` and pure functions over arrays."""
 
+from lowbit.core import formats
 from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
 from lowbit.core.quant import (
     ADMM_STARTS,
@@ -34,6 +35,7 @@ __all__ = [
     "check_weight_method",
     "dequantize",
     "fake_quant",
+    "formats",
     "mse_range_per_slice",
     "normalize_axis",
     "param_shape",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowbit.core import layout
+from lowbit.core.formats import registry as formats
 from lowbit.core.spec import QuantSpec
 from lowbit.errors import SpecError
 
@@ -36,6 +37,8 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     >>> qparams(2.5, 3.5, QuantSpec(signed=False, symmetric=False))   # one-sided: range becomes (0, 3.5)
     (array(0.01372549, dtype=float32), array(0, dtype=uint8))
     """
+    if spec.format != "int":
+        return formats.get(spec.format).qparams(lo, hi, spec)
     if spec.bits == 1:
         raise SpecError(
             "1-bit quantization is binarization: its scale is mean|x| of the data, not a function of a "
@@ -76,6 +79,8 @@ def quantize(x, scale, zero_point, spec: QuantSpec, *, rng: np.random.Generator 
     >>> quantize(np.array([0.5, 1.5, 2.5, -300.0]), 1.0, 0, QuantSpec())
     array([   0,    2,    2, -128], dtype=int8)
     """
+    if spec.format != "int":
+        return formats.get(spec.format).quantize(x, scale, zero_point, spec, rng)
     x = np.asarray(x, dtype=np.float32)
     s = layout.broadcast(np.asarray(scale, dtype=np.float32), x.shape, spec, "scale")
     z = layout.broadcast(np.asarray(zero_point), x.shape, spec, "zero_point").astype(np.float32)
@@ -100,6 +105,8 @@ def dequantize(q, scale, zero_point, spec: QuantSpec) -> np.ndarray:
     >>> dequantize(np.array([0, 2, -128], dtype=np.int8), 0.5, 0, QuantSpec())
     array([  0.,   1., -64.], dtype=float32)
     """
+    if spec.format != "int":
+        return formats.get(spec.format).dequantize(q, scale, zero_point, spec)
     q = np.asarray(q)
     s = layout.broadcast(np.asarray(scale, dtype=np.float32), q.shape, spec, "scale")
     z = layout.broadcast(np.asarray(zero_point), q.shape, spec, "zero_point")
@@ -113,6 +120,23 @@ def fake_quant(x, scale, zero_point, spec: QuantSpec, *, rng: np.random.Generato
     array([ 0.5, -0.5], dtype=float32)
     """
     return dequantize(quantize(x, scale, zero_point, spec, rng=rng), scale, zero_point, spec)
+
+
+@formats.register
+class IntFormat(formats.Format):
+    """Uniform integers: the functions of this module (``bits`` 1..16; 1 is binarization)."""
+
+    name = "int"
+    summary = "uniform integer codes, x ~ scale * (q - zero_point)"
+
+    def qparams(self, lo, hi, spec: QuantSpec):
+        return qparams(lo, hi, spec)
+
+    def quantize(self, x, scale, zero_point, spec: QuantSpec, rng=None):
+        return quantize(x, scale, zero_point, spec, rng=rng)
+
+    def dequantize(self, codes, scale, zero_point, spec: QuantSpec):
+        return dequantize(codes, scale, zero_point, spec)
 
 
 def binary_scale(x, spec: QuantSpec) -> np.ndarray:

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from lowbit.core.formats import registry as formats
 from lowbit.errors import SpecError
 
 ROUNDINGS = ("nearest", "stochastic")
@@ -37,6 +38,9 @@ class QuantSpec:
             (``floor(x / scale + u)``, u ~ U[0, 1)).
         seed: seed of stochastic rounding, so that a run can be repeated.
         scale_kind: ``"float"`` or ``"pow2"`` (scales rounded up to a power of two: fixed point).
+        format: the number format of the codes (:func:`lowbit.core.formats.available`): ``"int"`` (uniform
+            integers, the default) or a registered one (``"fp8_e4m3"``, ...), which decides what the other fields
+            may be.
 
     >>> QuantSpec(bits=4, axis=0).qmin, QuantSpec(bits=4, axis=0).qmax
     (-8, 7)
@@ -53,6 +57,7 @@ class QuantSpec:
     rounding: str = "nearest"
     seed: int | None = None
     scale_kind: str = "float"
+    format: str = "int"
 
     def __post_init__(self) -> None:
         if not _is_int(self.bits) or not 1 <= self.bits <= 16:
@@ -83,6 +88,13 @@ class QuantSpec:
             raise SpecError(
                 f"QuantSpec.scale_kind must be one of {', '.join(map(repr, SCALE_KINDS))}, got {self.scale_kind!r}"
             )
+        if self.format not in formats.available():
+            raise SpecError(
+                f"QuantSpec.format must be one of {', '.join(map(repr, formats.available()))}, got {self.format!r}"
+            )
+        if self.format != "int":
+            formats.get(self.format).check(self)
+            return
         if self.bits == 1 and not (self.signed and self.symmetric):
             raise SpecError(
                 "QuantSpec.bits=1 is binarization (sign(x) * mean|x|): it needs signed=True and symmetric=True"

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from lowbit.calib import available as calibration_methods
-from lowbit.core import QuantSpec
+from lowbit.core import ROUNDINGS, SCALE_KINDS, QuantSpec
+from lowbit.core import formats as number_formats
 from lowbit.errors import SpecError
 from lowbit.recipe.target import Target, get_target
 
@@ -37,7 +38,8 @@ REFINEMENTS = ("easyquant",)  # the stages that may run after calibration (``Con
 class QuantizerConfig:
     """How one tensor is quantized.
 
-    bits: 2..16 (codes in ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]`` when ``signed`` is False).
+    bits: 1..16 (codes in ``[-2^(b-1), 2^(b-1) - 1]``, or ``[0, 2^b - 1]`` when ``signed`` is False; 1 is
+        binarization, ``sign(w) * mean|w|``, for weights).
     symmetric: zero point 0 (signed) and the range ``[-amax, amax]``; else an asymmetric range containing 0.
         None (with ``signed`` None): as the target stores activations.
     granularity: ``"tensor"``, ``"channel"`` (weights: per output channel) or ``"group"`` (weights: blocks of
@@ -51,6 +53,12 @@ class QuantizerConfig:
     dynamic: the scale is computed from each batch at run time (activations of dynamic quantization).
     learn_scale: the scale is a trainable parameter (LSQ, Esser et al. 2020) during QAT.
     narrow_range: drop the lowest code (int8: [-127, 127]).
+    format: the number format (:func:`lowbit.core.formats.available`): ``"int"`` (uniform integers) or another
+        registered one, which decides what ``bits``, ``signed`` and ``symmetric`` may be.
+    scale: ``"float"`` or ``"pow2"``: every scale a power of two (fixed point, as DSPs and many NPUs want).
+    rounding: ``"nearest"`` or ``"stochastic"``: in training (QAT) the fake quantizer rounds ``floor(x / s + u)``,
+        u ~ U[0, 1); evaluation and export always round to nearest. (Stochastic rounding of weights in PTQ is the
+        weight-rounding method ``Config.rounding="stochastic"``.)
     """
 
     bits: int = 8
@@ -63,6 +71,9 @@ class QuantizerConfig:
     dynamic: bool = False
     learn_scale: bool = False
     narrow_range: bool = False
+    format: str = "int"
+    scale: str = "float"
+    rounding: str = "nearest"
 
     def __post_init__(self) -> None:
         if self.granularity not in GRANULARITIES:
@@ -71,8 +82,14 @@ class QuantizerConfig:
             raise SpecError("granularity='group' needs a group_size, and a group_size needs granularity='group'")
         if self.method is not None and self.method not in calibration_methods():
             raise SpecError(f"unknown calibration method {self.method!r}; methods: {', '.join(calibration_methods())}")
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 2 <= self.bits <= 16:
-            raise SpecError(f"bits must be an integer from 2 to 16, got {self.bits!r}")
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not 1 <= self.bits <= 16:
+            raise SpecError(f"bits must be an integer from 1 to 16, got {self.bits!r}")
+        if self.format not in number_formats.available():
+            raise SpecError(f"unknown format {self.format!r}; formats: {', '.join(number_formats.available())}")
+        if self.scale not in SCALE_KINDS:
+            raise SpecError(f"scale must be one of {', '.join(SCALE_KINDS)}, got {self.scale!r}")
+        if self.rounding not in ROUNDINGS:
+            raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not isinstance(self.method_options, dict):
             raise SpecError(f"method_options must be a dict of calibrator options, got {self.method_options!r}")
         if (self.signed is None) != (self.symmetric is None):
@@ -103,6 +120,9 @@ class QuantizerConfig:
             narrow_range=self.narrow_range,
             axis=None if self.granularity == "tensor" else axis,
             group_size=self.group_size if self.granularity == "group" else None,
+            rounding=self.rounding,
+            scale_kind=self.scale,
+            format=self.format,
         )
 
 

@@ -38,6 +38,7 @@ from torch import nn
 from lowbit import calib
 from lowbit.core import QuantSpec, layout, qparams, weight_range
 from lowbit.errors import CalibrationError, SpecError
+from lowbit.torch import formats
 
 MODES = ("calibrate", "quantize", "disabled")
 _MIN_SCALE = 1e-12
@@ -366,7 +367,7 @@ class TensorQuantizer(nn.Module):
             scale, zp = qparams(lo, hi, self.spec)
             s = torch.as_tensor(scale, device=x.device)
             z = torch.as_tensor(zp.astype(np.float32), device=x.device)
-            return fake_quant(x, s, z, self.spec)
+            return self._fake_quant(x, s, z, 1.0)
         if not self.calibrated:
             raise CalibrationError(
                 f"{self._describe()} has no scale yet: calibrate it (lowbit.torch.quantize with calib=...) "
@@ -400,7 +401,14 @@ class TensorQuantizer(nn.Module):
             if self.training_steps % CLIP_CHECK_EVERY == 0:
                 self._check_clipping(x, scale)
             self.training_steps += 1
-        return fake_quant(x, scale, self.zero_point, self.spec, factor)
+        return self._fake_quant(x, scale, self.zero_point, factor)
+
+    def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, factor: float):
+        """Fake quantization in this quantizer's number format (uniform integers here, others by
+        :mod:`lowbit.torch.formats`)."""
+        if self.spec.format != "int":
+            return formats.get(self.spec.format).fake_quant(x, scale, zero_point, self.spec, factor)
+        return fake_quant(x, scale, zero_point, self.spec, factor)
 
     def _check_clipping(self, x: torch.Tensor, scale: torch.Tensor) -> None:
         """Warn (once) if more than :data:`CLIP_WARN_FRACTION` of ``x`` lies outside the grid."""
@@ -446,6 +454,8 @@ class TensorQuantizer(nn.Module):
                 f"{self._describe()}: a learned scale reached {float(self.scale.min()):.3g}; ONNX needs positive "
                 "scales. Lower the learning rate of the scales, or recalibrate this quantizer"
             )
+        if spec.format != "int":
+            return formats.get(spec.format).export(x, self.scale, self.zero_point, spec)
         storage = (-128, 127) if spec.signed else (0, 255)
         clip: tuple[float | None, float | None] = (None, None)
         if (spec.qmin, spec.qmax) != storage:

@@ -1,0 +1,66 @@
+"""The registry of number formats: a name -> one :class:`Format`, each defined in its own file of this package.
+
+A format says how a real value becomes a stored code and back, given a scale (and a zero point): uniform integers
+(``int``, :mod:`lowbit.core.quant`), and the non-uniform ones that register here (FP8, logarithmic, ternary, ...).
+:class:`~lowbit.core.QuantSpec` names its format (``QuantSpec(format="fp8_e4m3")``); :func:`lowbit.core.qparams`,
+:func:`~lowbit.core.quantize`, :func:`~lowbit.core.dequantize` and :func:`~lowbit.core.fake_quant` dispatch to it.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import numpy as np
+
+from lowbit.errors import SpecError
+
+_FORMATS: dict[str, Format] = {}
+
+
+class Format:
+    """One number format. Subclasses set :attr:`name` and implement the methods that raise here; ``spec`` is
+    always a :class:`~lowbit.core.QuantSpec` (not imported here: it validates its format through this registry)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # one line: the codes and the values they stand for
+
+    def check(self, spec) -> None:
+        """A SpecError naming the first field of ``spec`` this format cannot honour (none by default)."""
+
+    def qparams(self, lo, hi, spec) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point for the real range [lo, hi] (floats, or arrays of the parameter shape)."""
+        raise NotImplementedError
+
+    def quantize(self, x, scale, zero_point, spec, rng=None) -> np.ndarray:
+        """The stored codes of ``x``."""
+        raise NotImplementedError
+
+    def dequantize(self, codes, scale, zero_point, spec) -> np.ndarray:
+        """The real values (float32) the codes stand for."""
+        raise NotImplementedError
+
+    def packed_bits(self, spec) -> float:
+        """Bits one value takes when packed densely (the size a runtime that packs this format would store)."""
+        return float(spec.bits)
+
+
+def register(cls: type[Format]) -> type[Format]:
+    """Class decorator: make the format ``cls.name`` available by name."""
+    if not cls.name:
+        raise SpecError(f"format class {cls.__name__} has no name")
+    if cls.name in _FORMATS:
+        raise SpecError(f"a number format named {cls.name!r} is registered twice")
+    _FORMATS[cls.name] = cls()
+    return cls
+
+
+def available() -> tuple[str, ...]:
+    """The registered format names."""
+    return tuple(_FORMATS)
+
+
+def get(name: str) -> Format:
+    """The format called ``name``; an unknown name lists the formats."""
+    if name not in _FORMATS:
+        raise SpecError(f"unknown number format {name!r}; formats: {', '.join(_FORMATS)}")
+    return _FORMATS[name]
