@@ -17,7 +17,7 @@ from lowbit import calib
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table
 from lowbit.calib.run import compare_methods, method_list
-from lowbit.core import WEIGHT_METHODS, QuantSpec
+from lowbit.core import SCALE_KINDS, WEIGHT_METHODS, QuantSpec
 from lowbit.errors import LowbitError
 from lowbit.paths import check_outputs, ranges_path_for
 from lowbit.recipe import PRESETS, REFINEMENTS, available_targets, get_target
@@ -175,6 +175,7 @@ def _recipe(args: argparse.Namespace):
         target=args.target,
         per_channel=args.per_channel,
         weight_method=args.weight_method,
+        scale=args.scale,
         exclude=args.exclude or None,
         exclude_ops=args.exclude_op or None,
         dynamic=getattr(args, "dynamic", False),
@@ -251,7 +252,7 @@ def _image_options(args: argparse.Namespace):
     from lowbit.data import ImageOptions
 
     return ImageOptions(
-        size=args.image_size, resize=args.resize, mean=args.mean, std=args.std, scale=args.scale, bgr=args.bgr,
+        size=args.image_size, resize=args.resize, mean=args.mean, std=args.std, scale=args.pixel_scale, bgr=args.bgr,
         layout=args.layout,
     )  # fmt: skip
 
@@ -385,6 +386,14 @@ def _add_example(commands) -> None:
     ex.set_defaults(func=_cmd_example)
 
 
+def _scale_kind(value: str) -> str:
+    if value not in SCALE_KINDS:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a scale kind ({', '.join(SCALE_KINDS)}); the pixel scale of images is --pixel-scale"
+        )
+    return value
+
+
 def _add_image_args(parser: argparse.ArgumentParser) -> None:
     images = parser.add_argument_group("image folders")
     images.add_argument("--image-size", type=_positive_int, help="crop size (default: the model's input size)")
@@ -395,7 +404,9 @@ def _add_image_args(parser: argparse.ArgumentParser) -> None:
         "--mean", type=_floats, default=(0.0,), help="per-channel mean after scaling, e.g. 0.485,0.456,0.406"
     )
     images.add_argument("--std", type=_floats, default=(1.0,), help="per-channel std, e.g. 0.229,0.224,0.225")
-    images.add_argument("--scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)")
+    images.add_argument(
+        "--pixel-scale", type=float, default=1 / 255, help="pixel scale before normalising (default 1/255)"
+    )
     images.add_argument("--bgr", action="store_true", help="channels in BGR order")
     images.add_argument("--layout", choices=["nchw", "nhwc"], help="input layout (default: from the model)")
 
@@ -445,6 +456,11 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
         "range with the least squared error; admm: the scale fitted to its own codes)",
     )  # fmt: skip
     parser.add_argument(
+        "--scale", type=_scale_kind, metavar="{float,pow2}",
+        help="float (default) or pow2: every scale a power of two, activations, weights and biases (fixed point, "
+        "as DSPs and NPUs want; TensorRT's cache gets the same scales)",
+    )  # fmt: skip
+    parser.add_argument(
         "--exclude",
         action="append",
         default=[],
@@ -467,8 +483,8 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument(
         "--rounding", metavar="METHOD",
-        help="how weights get their int8 codes: gptq (default; least output error on the calibration data) or "
-        "nearest (each weight to its nearest code)",
+        help="how weights get their int8 codes: gptq (default; least output error on the calibration data), "
+        "nearest (each weight to its nearest code) or stochastic (floor(w / s + u), u ~ U[0, 1), seeded)",
     )  # fmt: skip
 
 

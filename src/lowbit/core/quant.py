@@ -202,6 +202,39 @@ def mse_range_per_slice(x, spec: QuantSpec, num_candidates: int = 80, smallest: 
     return best_lo, best_hi
 
 
+def fitted_qparams(x, lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`qparams` of the range ``[lo, hi]`` for the values ``x`` it was fitted to (a weight), laid out as
+    ``spec`` says. With ``scale_kind="pow2"`` each slice (tensor, channel or group) takes, of the two powers of two
+    around its float scale ``s`` (``2^floor(log2 s)`` and ``2^ceil(log2 s)``), the one with the least
+    ``sum((x - fake_quant(x))^2)`` over that slice, instead of always the larger one (which never clips, but
+    can leave the grid up to twice as coarse as the range needs). Other scale kinds: :func:`qparams`.
+
+    >>> w = np.array([[0.9, -0.2, 0.1, 0.05], [1.3, 0.01, -0.02, 0.03]], dtype=np.float32)
+    >>> spec = QuantSpec(bits=4, axis=0, scale_kind="pow2")
+    >>> qparams(-np.abs(w).max(1), np.abs(w).max(1), spec)[0]   # rounded up: 0.9 / 7 -> 1/4, 1.3 / 7 -> 1/4
+    array([0.25, 0.25], dtype=float32)
+    >>> fitted_qparams(w, -np.abs(w).max(1), np.abs(w).max(1), spec)[0]   # row 0 fits 1/8 better (0.9 -> 0.875)
+    array([0.125, 0.25 ], dtype=float32)
+    """
+    if spec.scale_kind != "pow2" or spec.format != "int" or spec.bits == 1:
+        return qparams(lo, hi, spec)
+    up_scale, up_zp = qparams(lo, hi, spec)
+    lo64 = np.minimum(np.asarray(lo, np.float64), 0.0)
+    down_scale = (up_scale / 2).astype(np.float32)
+    if spec.symmetric:
+        down_zp = up_zp
+    else:
+        down_zp = np.clip(np.rint(spec.qmin - lo64 / down_scale.astype(np.float64)), spec.qmin, spec.qmax)
+        down_zp = down_zp.astype(spec.dtype)
+    x = np.asarray(x, dtype=np.float32)
+    errors = []
+    for scale, zp in ((up_scale, up_zp), (down_scale, down_zp)):
+        d = x.astype(np.float64) - fake_quant(x, scale, zp, spec.replace(rounding="nearest"))
+        errors.append(layout.reduce(d * d, spec, "sum"))
+    down = (errors[1] < errors[0]) & (up_scale > _F32_TINY)
+    return np.where(down, down_scale, up_scale).astype(np.float32), np.where(down, down_zp, up_zp).astype(spec.dtype)
+
+
 def _rows(x: np.ndarray, spec: QuantSpec, fill: float = np.nan):
     """``x`` as a float64 matrix with one row per scale of ``spec`` (a short last group padded with ``fill``), and
     ``(back, rows)``: the maps from one value per row to :func:`layout.param_shape` and the other way."""

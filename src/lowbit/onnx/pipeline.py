@@ -27,6 +27,7 @@ import lowbit
 from lowbit import sampling
 from lowbit._io import atomic_write_text
 from lowbit._table import format_table
+from lowbit.core import QuantSpec, qparams
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
 from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
@@ -336,13 +337,17 @@ def _warn_unseen(result: QuantizeResult, full: placement.Plan, built: placement.
 
 
 def _trt_amax(calibrated: Calibrated, plan: placement.Plan, act_ranges) -> dict[str, float]:
-    """Implicit INT8 wants every tensor's symmetric amax; tensors with symmetric Q/DQ ranges keep theirs."""
+    """Implicit INT8 wants every tensor's symmetric amax; tensors with symmetric Q/DQ ranges keep theirs. With
+    power-of-two scales each amax is raised to 127 times a power of two."""
     cals = calibrated.calibrators
     planned = {t: cals[t] for t in plan.calibrated}
     symmetric = act_ranges if plan.activation.symmetric else collect.ranges(planned, symmetric=True)
     others = collect.ranges({t: c for t, c in cals.items() if t not in planned}, symmetric=True)
     amax = {t: r[1] for t, r in others.items()}
     amax.update({t: symmetric[root][1] for part in plan.walk() for t, root in part.activations.items()})
+    if plan.activation.scale_kind == "pow2":  # the cache's scales (amax / 127) are the same powers of two
+        grid = QuantSpec(scale_kind="pow2")
+        amax = {t: float(qparams(-a, a, grid)[0]) * 127.0 for t, a in amax.items()}
     return amax
 
 

@@ -33,6 +33,7 @@ import re
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import onnx
 
 from lowbit.core import QuantSpec
@@ -426,6 +427,8 @@ def _fold_scale(graph: Graph, node: onnx.NodeProto, result: Plan) -> None:
         factor *= first
     elif source not in result.activations:
         return
+    if result.activation.scale_kind == "pow2" and not float(np.log2(factor)).is_integer():
+        return  # the folded scale would not be a power of two: the op stays, in float
     result.scaled[node.output[0]] = (source, factor)
     result.quantized_nodes.append(graph.node_name(node))
 

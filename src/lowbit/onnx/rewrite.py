@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lowbit.core import QuantSpec, dequantize, qparams, quantize, weight_range
+from lowbit.core import QuantSpec, dequantize, fitted_qparams, qparams, quantize, weight_range
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.onnx import controlflow
 from lowbit.onnx.graph import Graph, Names
@@ -57,15 +57,21 @@ def weight_scale(
     options: Mapping[str, Any] | None = None,
     floor: np.ndarray | None = None,
     bits: int = 8,
+    scale_kind: str = "float",
 ) -> np.ndarray:
     """The symmetric signed scale of a weight per channel along ``axis`` (or per tensor): ``amax / 127`` of the
     range ``method`` fits to its values (:func:`lowbit.core.weight_range`: ``minmax`` its own max|w|, ``mse``,
     ``admm`` with ``options``), raised to ``floor`` (per channel or a scalar) where it is smaller
-    (:func:`weight_scale_floors`). Every weight scale of the ONNX front end comes from here."""
-    spec = QuantSpec(bits=bits, axis=axis)
-    scale, _ = qparams(*weight_range(w, spec, method, dict(options or {})), spec)
+    (:func:`weight_scale_floors`). ``scale_kind="pow2"``: the power of two that fits the weight best
+    (:func:`lowbit.core.fitted_qparams`), and a floor rounded up to one. Every weight scale of the ONNX front end
+    comes from here."""
+    spec = QuantSpec(bits=bits, axis=axis, scale_kind=scale_kind)
+    scale, _ = fitted_qparams(w, *weight_range(w, spec, method, dict(options or {})), spec)
     if floor is not None:
-        scale = np.maximum(scale, np.asarray(floor, np.float32).reshape(scale.shape))
+        floor = np.asarray(floor, np.float32).reshape(scale.shape)
+        if scale_kind == "pow2":
+            floor = np.exp2(np.ceil(np.log2(np.maximum(floor, np.finfo(np.float32).tiny)))).astype(np.float32)
+        scale = np.maximum(scale, floor)
     return scale
 
 
@@ -77,7 +83,7 @@ def weight_qparams(
     spec = QuantSpec(bits=bits, axis=axis)
     scale = weight_scale(w, axis, bits=bits) if scale is None else np.asarray(scale, np.float32)
     zp = np.zeros(scale.shape, dtype=spec.dtype)
-    return QParams(scale, zp, axis), quantize(w, scale, zp, spec)
+    return QParams(scale, zp, axis), quantize(w, scale, zp, spec)  # (scale_kind does not change the codes)
 
 
 def weight_scales(
@@ -95,7 +101,8 @@ def weight_scales(
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
         axis = None if axis is None or w.ndim == 0 else axis
-        out[name] = weight_scale(w, axis, method=method, options=options, floor=floors.get(name))
+        kind = plan.activation.scale_kind  # one scale kind for the whole model
+        out[name] = weight_scale(w, axis, method=method, options=options, floor=floors.get(name), scale_kind=kind)
     return out
 
 

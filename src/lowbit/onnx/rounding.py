@@ -6,7 +6,7 @@ A method gathers what it needs in the one calibration pass (:meth:`WeightRoundin
 Adding a method is one class with ``@register("name")``.
 
 >>> available()
-['gptq', 'nearest']
+['gptq', 'nearest', 'stochastic']
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lowbit.core import QuantSpec, quantize
 from lowbit.errors import SpecError
 from lowbit.onnx import gptq
 from lowbit.onnx.graph import Graph
@@ -73,3 +74,26 @@ class GPTQ(WeightRounding):
 
     def codes(self, graph, observers, scales, progress):
         return gptq.codes(graph, [m for _, m in observers], scales, progress=progress)
+
+
+@register("stochastic")
+class Stochastic(WeightRounding):
+    """Stochastic rounding: each weight element takes ``floor(w / s + u)``, u ~ U[0, 1), at its calibrated scale
+    (an unbiased code, where nearest rounding is biased per element); seeded with :attr:`seed` (one generator over
+    the weights in plan order), so a run repeats."""
+
+    seed = 0
+
+    def observers(self, graph, plan, samples):
+        self.axes = dict(plan.weights)  # the codes need each weight's channel axis; nothing to observe
+        return []
+
+    def codes(self, graph, observers, scales, progress):
+        rng = np.random.default_rng(self.seed)
+        out = {}
+        for name, scale in scales.items():
+            w = graph.value(name).astype(np.float32)
+            axis = self.axes.get(name) if np.ndim(scale) else None
+            spec = QuantSpec(axis=axis, rounding="stochastic")
+            out[name] = quantize(w, scale, np.zeros(np.shape(scale), np.int8), spec, rng=rng)
+        return out

@@ -77,6 +77,11 @@ class Settings:
         if dynamic and config.rounding not in (None, "nearest"):
             raise QuantizeError(f"rounding {rounding!r} fits codes to calibration data; dynamic quantization has none")
         bias_correction = not dynamic and config.bias_correction is not False
+        if config.refine is not None and layer.weight.scale == "pow2":
+            raise QuantizeError(
+                f"refine {config.refine!r} searches scales by factors that are not powers of two; it does not "
+                "run with scale 'pow2'"
+            )
         return cls(
             config=replace(config, rounding="nearest" if dynamic else rounding, bias_correction=bias_correction),
             target=target,
@@ -110,11 +115,20 @@ def _check_layer(layer, target: Target) -> None:
             f"the ONNX front end stores int8 symmetric weights per channel or per tensor; got {w.bits}-bit "
             f"{'symmetric' if w.symmetric else 'asymmetric'} weights per {w.granularity}"
         )
+    if w.scale != layer.input.scale:
+        raise QuantizeError(
+            f"the ONNX front end takes one scale kind for the whole model; the recipe's weights have "
+            f"{w.scale!r} scales and its activations {layer.input.scale!r} (--scale sets both)"
+        )
     try:
         check_weight_method(w.method or "minmax", w.method_options)
     except SpecError as exc:
         raise QuantizeError(f"the weight config: {exc}") from None
     if layer.input.dynamic:
+        if w.scale == "pow2":
+            raise QuantizeError(
+                "scale 'pow2' needs static quantization: ONNX Runtime computes dynamic activation scales at run time"
+            )
         if w.method not in (None, "minmax"):
             raise QuantizeError(f"weight method {w.method!r}: dynamic quantization takes each weight's own max|w|")
         return
@@ -208,6 +222,7 @@ def edit(
     fp16_rest: bool | None = None,
     refine: str | None = None,
     weight_method: str | None = None,
+    scale: str | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
     given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer."""
@@ -220,6 +235,8 @@ def edit(
         config = config.with_weight_granularity("channel" if per_channel else "tensor")
     if weight_method is not None:
         config = config.with_weight_method(weight_method)
+    if scale is not None:
+        config = config.with_scale(scale)
     plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
              "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest,
              "refine": refine}  # fmt: skip

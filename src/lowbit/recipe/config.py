@@ -229,6 +229,15 @@ class Config:
 
         return self._map_layers(lambda layer: LayerConfig(layer.input, grained(layer.weight)))
 
+    def with_scale(self, kind: str) -> Config:
+        """A copy whose every quantizer (inputs and weights, overrides included) takes ``kind`` scales:
+        ``"float"``, or ``"pow2"`` (fixed point)."""
+
+        def scaled(q: QuantizerConfig | None) -> QuantizerConfig | None:
+            return q if q is None else replace(q, scale=kind)
+
+        return self._map_layers(lambda layer: LayerConfig(scaled(layer.input), scaled(layer.weight)))
+
     def with_weight_method(self, method: str, options: dict[str, Any] | None = None) -> Config:
         """A copy whose weights take their ranges by ``method`` with ``options`` (None: the current ones if the
         method stays, else none)."""

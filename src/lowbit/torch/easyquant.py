@@ -306,6 +306,12 @@ def easyquant(
         raise CalibrationError(f"EasyQuant needs alternations >= 1, got {alternations}")
     factors = grid(points, low, high)
     found = _chosen(model, names)
+    kinds = {n: (m.input_quantizer.spec.scale_kind, m.weight_quantizer.spec.scale_kind) for n, m in found.items()}
+    pow2 = [n for n, k in kinds.items() if "pow2" in k]
+    if pow2:
+        raise CalibrationError(
+            f"refine='easyquant' searches scales by factors that are not powers of two; {pow2[0]} has scale='pow2'"
+        )
     batches = list(calib)
     if not found:
         return {}

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from lowbit import calib
-from lowbit.core import QuantSpec, layout, qparams, weight_range
+from lowbit.core import QuantSpec, fitted_qparams, layout, qparams, weight_range
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch import formats
 
@@ -57,9 +57,10 @@ def _ratio(calibrated: torch.Tensor, observed: torch.Tensor) -> torch.Tensor:
     return torch.where(usable, calibrated / torch.where(usable, observed, torch.ones_like(observed)), 1.0)
 
 
-def _round_ste(v: torch.Tensor) -> torch.Tensor:
-    """Round half to even forward, identity backward."""
-    return v + (torch.round(v) - v).detach()
+def _round_ste(v: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
+    """Round half to even (or ``floor(v + u)``, u ~ U[0, 1), when ``stochastic``) forward, identity backward."""
+    rounded = torch.floor(v + torch.rand_like(v)) if stochastic else torch.round(v)
+    return v + (rounded - v).detach()
 
 
 def _grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
@@ -91,14 +92,20 @@ def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch
 
 
 def fake_quant(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, grad_factor: float = 1.0
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    spec: QuantSpec,
+    grad_factor: float = 1.0,
+    stochastic: bool = False,
 ) -> torch.Tensor:
     """``(clamp(round(x / scale) + zero_point, qmin, qmax) - zero_point) * scale`` with straight-through rounding;
     ``scale`` and ``zero_point`` in :func:`~lowbit.core.layout.param_shape` (``grad_factor`` scales the gradient
-    that reaches ``scale``, as LSQ does)."""
+    that reaches ``scale``, as LSQ does). ``stochastic``: round ``floor(x / scale + u)``, u ~ U[0, 1) (unbiased:
+    its mean is ``x / scale``), drawn from torch's generator."""
     s = param_view(_grad_scale(scale, grad_factor) if grad_factor != 1.0 else scale, x.shape, spec)
     z = param_view(zero_point, x.shape, spec).to(x.dtype)
-    q = torch.clamp(_round_ste(x / s) + z, spec.qmin, spec.qmax)
+    q = torch.clamp(_round_ste(x / s, stochastic) + z, spec.qmin, spec.qmax)
     return (q - z) * s
 
 
@@ -166,10 +173,15 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(0))  # float: it takes part in the float fake quantization
         # A weight's integer codes chosen by GPTQ (lowbit.torch.rounding) at the current scale; empty: nearest rounding
         self.register_buffer("codes", torch.zeros(0, dtype=torch.int32))
-        if learn_scale:
+        # A learned power-of-two scale is learned as its exponent (LSQ on log2 s, rounded straight-through); the
+        # scale buffer then holds 2^round(log2_scale), what evaluation and export use.
+        self.learns_exponent = learn_scale and spec.scale_kind == "pow2"
+        if learn_scale and not self.learns_exponent:
             self.scale = nn.Parameter(torch.zeros(0))
         else:
             self.register_buffer("scale", torch.zeros(0))
+        if self.learns_exponent:
+            self.log2_scale = nn.Parameter(torch.zeros(0))
 
     # -- state ------------------------------------------------------------------------------------------------
     @property
@@ -200,12 +212,17 @@ class TensorQuantizer(nn.Module):
 
     def set_range(self, lo, hi) -> None:
         """Fix the scale and zero point from a real range (floats, or arrays of the parameter shape)."""
-        scale, zp = qparams(lo, hi, self.spec)
+        self.set_qparams(*qparams(lo, hi, self.spec))
+
+    def set_qparams(self, scale: np.ndarray, zp: np.ndarray) -> None:
+        """Fix the scale and zero point (arrays of the parameter shape)."""
         device = self.scale.device
         self.clear_codes()  # they were chosen at the old scale
         with torch.no_grad():
             self.scale.data = torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(np.shape(scale))
             self.zero_point.data = torch.as_tensor(zp.astype(np.float32), device=device).reshape(np.shape(zp))
+            if self.learns_exponent:
+                self.log2_scale.data = torch.log2(self.scale.data.clone())
 
     @property
     def has_codes(self) -> bool:
@@ -233,42 +250,47 @@ class TensorQuantizer(nn.Module):
         """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A quantizer
         whose method is ``admm`` (per tensor, channel or group) or ``mse`` (per channel or group) takes the range
         :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
-        ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator)."""
+        ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator). With
+        power-of-two scales each slice takes the power of two that fits ``x`` best
+        (:func:`lowbit.core.fitted_qparams`)."""
+        if self.scale.device != x.device:
+            self.to(x.device)
+        values = x.detach().float().cpu().numpy()
         if self.method == "admm" or (self.method == "mse" and self.spec.axis is not None):
-            if self.scale.device != x.device:
-                self.to(x.device)
             try:
-                lo, hi = weight_range(x.detach().float().cpu().numpy(), self.spec, self.method, self.method_options)
+                lo, hi = weight_range(values, self.spec, self.method, self.method_options)
             except SpecError as exc:
                 raise CalibrationError(f"{self._describe()}: {exc}") from None
-            self.set_range(lo, hi)
-            self._calibrator, self._lo, self._hi = None, None, None
-            self.mode = "quantize"
         else:
             self.mode = "calibrate"
             with torch.no_grad():
                 self(x)
-            self.load_calibration()
+            lo, hi = self._calibrated_range()
+        self.set_qparams(*fitted_qparams(values, lo, hi, self.spec))
+        self._calibrator, self._lo, self._hi = None, None, None
+        self.mode = "quantize"
         self._weight_ratio = None
         if self.is_weight:
             self._weight_ratio = self._clip_ratio(x.detach().float())
 
     def load_calibration(self) -> None:
         """Turn the statistics gathered in ``"calibrate"`` mode into the scale, and switch to ``"quantize"``."""
+        self.set_range(*self._calibrated_range())
+        self._calibrator, self._lo, self._hi = None, None, None
+        self.mode = "quantize"
+
+    def _calibrated_range(self):
+        """The range ``(lo, hi)`` the statistics gathered in ``"calibrate"`` mode choose."""
         if self._calibrator is not None:
             if self._calibrator.num_batches == 0:
                 raise CalibrationError(f"{self._describe()}: calibration saw no data")
-            lo, hi = self._calibrator.compute()
-        elif self._lo is not None:
-            lo, hi = self._lo, self._hi
-        else:
-            raise CalibrationError(
-                f"{self._describe()}: no calibration data reached this quantizer; run the model on calibration "
-                "batches in 'calibrate' mode first (lowbit.torch.quantize does), or check that the layer is used"
-            )
-        self.set_range(lo, hi)
-        self._calibrator, self._lo, self._hi = None, None, None
-        self.mode = "quantize"
+            return self._calibrator.compute()
+        if self._lo is not None:
+            return self._lo, self._hi
+        raise CalibrationError(
+            f"{self._describe()}: no calibration data reached this quantizer; run the model on calibration "
+            "batches in 'calibrate' mode first (lowbit.torch.quantize does), or check that the layer is used"
+        )
 
     def _describe(self) -> str:
         return f"quantizer {self.name!r}" if self.name else "quantizer"
@@ -389,14 +411,18 @@ class TensorQuantizer(nn.Module):
         elif self.training and self.observe_steps > 0:
             self._follow(x)
             self.observe_steps -= 1
+        factor, scale = 1.0, self.scale
+        if self.learns_exponent:  # LSQ on the exponent: s = 2^round(log2_scale), the rounding straight-through
+            scale = torch.exp2(_round_ste(self.log2_scale))
+            with torch.no_grad():
+                self.scale.data = scale.detach().clone()
+        elif self.learn_scale:  # a step of the optimizer may push a learned scale to zero or below
+            scale = scale.clamp_min(_MIN_SCALE)
         if torch.onnx.is_in_onnx_export():
             return self._export(x)
-        factor, scale = 1.0, self.scale
-        if self.learn_scale:  # a step of the optimizer may push a learned scale to zero or below
-            scale = scale.clamp_min(_MIN_SCALE)
-            if self.training:
-                per_scale = x.numel() / max(self.scale.numel(), 1)
-                factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+        if self.learn_scale and self.training:
+            per_scale = x.numel() / max(self.scale.numel(), 1)
+            factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
         if self.training and not self.clip_warned and self.observe_steps == 0:  # a following range is not judged
             if self.training_steps % CLIP_CHECK_EVERY == 0:
                 self._check_clipping(x, scale)
@@ -408,7 +434,8 @@ class TensorQuantizer(nn.Module):
         :mod:`lowbit.torch.formats`)."""
         if self.spec.format != "int":
             return formats.get(self.spec.format).fake_quant(x, scale, zero_point, self.spec, factor)
-        return fake_quant(x, scale, zero_point, self.spec, factor)
+        stochastic = self.training and self.spec.rounding == "stochastic"  # evaluation and export: nearest
+        return fake_quant(x, scale, zero_point, self.spec, factor, stochastic)
 
     def _check_clipping(self, x: torch.Tensor, scale: torch.Tensor) -> None:
         """Warn (once) if more than :data:`CLIP_WARN_FRACTION` of ``x`` lies outside the grid."""
@@ -477,7 +504,7 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The scale's shape is only known after calibration: take the saved one.
-        for key in ("scale", "zero_point", "codes"):
+        for key in ("scale", "zero_point", "codes", "log2_scale"):
             if prefix + key in state_dict:
                 getattr(self, key).data = torch.empty_like(state_dict[prefix + key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

@@ -79,7 +79,8 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
     finally:
         for q, spec, scale, zero_point, codes in saved:
             q.spec = spec
-            q.scale.data, q.zero_point.data, q.codes = scale, zero_point, codes
+            q.set_qparams(scale.cpu().numpy(), zero_point.cpu().numpy())  # a learned exponent follows the scale
+            q.codes = codes
 
 
 def quantized_weights(layer: nn.Module) -> list[TensorQuantizer]:
