@@ -1,6 +1,7 @@
 """NumPy-only quantization numerics: :class:`QuantSpec` and pure functions over arrays."""
 
 from lowbit.core import formats
+from lowbit.core.formats import fp8  # noqa: F401  (registers fp8_e4m3 and fp8_e5m2)
 from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
 from lowbit.core.quant import (
     ADMM_STARTS,
