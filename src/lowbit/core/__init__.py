@@ -48,3 +48,6 @@ __all__ = [
     "reduce",
     "weight_range",
 ]
+
+# After lowbit.core.quant, so that the registry lists int first.
+from lowbit.core.formats import fp8  # noqa: F401  (registers fp8_e4m3 and fp8_e5m2)

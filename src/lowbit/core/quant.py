@@ -287,6 +287,8 @@ def admm_range_per_slice(x, spec: QuantSpec, *, start=None, weights=None, max_ro
     >>> (hi / np.abs(w).max(axis=1)).round(2)
     array([0.74, 0.73, 0.62])
     """
+    if spec.format != "int":
+        raise SpecError(f"ADMM fits a scale to integer codes; format {spec.format!r} takes another method (max, mse)")
     x = np.asarray(x, dtype=np.float64)
     m, back, rows = _rows(x, spec)
     pad = np.isnan(m)

@@ -110,6 +110,12 @@ def _check_layer(layer, target: Target) -> None:
             "the default layer config needs both an input and a weight config"
         )
     w = layer.weight
+    formats = [q.format for q in (layer.input, w) if q.format != "int"]
+    if formats:  # FP8 Q/DQ is written by lowbit.torch's export only, so far
+        raise QuantizeError(
+            f"format {formats[0]!r}: the ONNX front end builds integer Q/DQ only; quantize the PyTorch model "
+            "(lowbit.torch.quantize with preset 'fp8', then lowbit.torch.export_onnx)"
+        )
     if w.bits != 8 or w.granularity == "group" or not w.symmetric or not w.signed:
         raise QuantizeError(
             f"the ONNX front end stores int8 symmetric weights per channel or per tensor; got {w.bits}-bit "

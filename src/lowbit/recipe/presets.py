@@ -36,6 +36,19 @@ PRESETS: dict[str, Config] = {
 PRESETS["dynamic"] = PRESETS["int8_dynamic"]
 
 
+def _fp8(name: str) -> Config:
+    """FP8 (Hopper/Blackwell, TensorRT): weights per output channel, activations per tensor calibrated by max (as
+    NVIDIA does; measured in benchmarks/fp8_bench.py), scale = amax / 448 (E4M3) or / 57344 (E5M2); weights round
+    to nearest (GPTQ chooses integer codes)."""
+    act = QuantizerConfig(format=name, method="minmax")
+    return Config(LayerConfig(act, QuantizerConfig(format=name, granularity="channel")), rounding="nearest")
+
+
+PRESETS["fp8_e4m3"] = _fp8("fp8_e4m3")
+PRESETS["fp8_e5m2"] = _fp8("fp8_e5m2")
+PRESETS["fp8"] = PRESETS["fp8_e4m3"]
+
+
 def preset(name: str) -> Config:
     """The preset called ``name``."""
     if name not in PRESETS:

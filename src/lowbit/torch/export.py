@@ -14,6 +14,10 @@ per-group quantizers need it.
 The output path is checked first (that a file can be created there), before any tracing; the example inputs are
 run through the model before the export; the file is written atomically (a temporary file renamed into place) and
 checked with ``onnx.checker``: a failure leaves no half-written file.
+
+FP8 quantizers (``format="fp8_e4m3"`` / ``"fp8_e5m2"``) export as QuantizeLinear/DequantizeLinear with a
+FLOAT8E4M3FN / FLOAT8E5M2 zero point (opset 19+, the default opset of a model that has one), their weights stored as
+FLOAT8 initializers (one byte each), computed by ONNX's own saturating QuantizeLinear.
 """
 
 from __future__ import annotations
@@ -32,12 +36,14 @@ import torch
 from torch import nn
 
 from lowbit._io import atomic_open
+from lowbit.core.formats.fp8 import FP8_FORMATS
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.paths import check_outputs
 from lowbit.torch.config import RECIPE_ATTRIBUTE
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 DEFAULT_OPSET = 17
+FP8_OPSET = 19  # the first with FLOAT8 QuantizeLinear/DequantizeLinear, and the default for a model with FP8
 TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest; later opsets are reached with onnx's version converter
 MAX_OPSET = 21
 
@@ -126,6 +132,10 @@ def _prune(model_proto) -> None:
 def _quantize(node, w: np.ndarray, s: np.ndarray, z: np.ndarray) -> np.ndarray:
     """ONNX QuantizeLinear of a constant: ``clip(rint(w / s) + z)`` in z's integer type (half to even), per
     tensor, per axis or in blocks (``block_size``, opset 21)."""
+    if z.dtype.name.startswith("float8"):  # FP8 weights: ONNX's own saturating cast, which lowbit.core matches
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(node).run(None, dict(zip(node.input, (w, s, z), strict=True)))[0]
     attrs = {a.name: a.i for a in node.attribute}
     axis = attrs.get("axis", 1) % max(w.ndim, 1)
     block = attrs.get("block_size", 0)
@@ -191,6 +201,20 @@ def _limits(dtype) -> tuple[int, int]:
     return int(info.min), int(info.max)
 
 
+def _resolve_opset(opset: int | None, specs: dict) -> int:
+    """The opset asked for (default 17, or 19 when a quantizer is FP8), checked against what the quantizers need."""
+    fp8 = [name[: -len(".scale")] for name, spec in specs.items() if spec.format in FP8_FORMATS]
+    opset = (FP8_OPSET if fp8 else DEFAULT_OPSET) if opset is None else opset
+    if not 13 <= opset <= MAX_OPSET:
+        raise SpecError(f"opset must be 13 (per-channel QuantizeLinear) to {MAX_OPSET}, got {opset}")
+    if fp8 and opset < FP8_OPSET:
+        raise SpecError(
+            f"opset={opset}: {len(fp8)} quantizer(s) are FP8 ({fp8[0]}, ...), whose QuantizeLinear ONNX has from "
+            f"opset {FP8_OPSET} on; export with opset={FP8_OPSET} or later"
+        )
+    return opset
+
+
 def _off_cpu(model: nn.Module, args: tuple[Any, ...]) -> bool:
     tensors = itertools.chain(model.parameters(), model.buffers(), (a for a in args if isinstance(a, torch.Tensor)))
     return any(t.device.type != "cpu" for t in tensors)
@@ -220,7 +244,7 @@ def export_onnx(
     example_inputs: torch.Tensor | tuple[Any, ...],
     path: str | os.PathLike,
     *,
-    opset: int = DEFAULT_OPSET,
+    opset: int | None = None,
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
@@ -230,20 +254,19 @@ def export_onnx(
     ``example_inputs``: a tensor or a tuple of positional inputs (inputs that the model cannot run on raise
     :class:`~lowbit.errors.SpecError`; a ``path`` where no file can be written, :class:`~lowbit.paths.PathError`,
     both before any tracing). ``opset``: 13 to 21 (21: INT4 weights and
-    per-group weights, see the module docstring). ``dynamic_batch``: the first axis of every input and output is
-    named ``batch`` so that any batch size runs. A model on a GPU is traced from a CPU copy of it and left where it
-    is.
+    per-group weights, see the module docstring; FP8 needs 19+); default 17, or 19 with FP8 quantizers.
+    ``dynamic_batch``: the first axis of every input and output is named ``batch`` so that any batch size runs.
+    A model on a GPU is traced from a CPU copy of it and left where it is.
     """
     import onnx
 
-    if not 13 <= opset <= MAX_OPSET:
-        raise SpecError(f"opset must be 13 (per-channel QuantizeLinear) to {MAX_OPSET}, got {opset}")
-    _check_ready(model)
     specs = {
         f"{name}.scale": q.spec
         for name, q in model.named_modules()
         if isinstance(q, TensorQuantizer) and q.mode == "quantize"
     }
+    opset = _resolve_opset(opset, specs)
+    _check_ready(model)
     grouped = [name[: -len(".scale")] for name, spec in specs.items() if spec.group_size is not None]
     if grouped and opset < 21:
         raise SpecError(

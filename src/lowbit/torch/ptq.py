@@ -213,6 +213,7 @@ def quantize(
     _check_bn_stats(bn_stats)
     method = weight_rounding.get(rounding or cfg.rounding or "nearest")
     calib = _check_call(model, cfg, calib, method, inplace)
+    _check_formats(cfg, method.name)
     if not cfg.residual_adds:
         _check_layers(model, cfg)
     if not inplace:
@@ -269,6 +270,16 @@ def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inpl
     if cfg.residual_adds and inplace:
         raise SpecError("residual_adds returns a new torch.fx.GraphModule: it cannot quantize in place (inplace=False)")
     return calib
+
+
+def _check_formats(cfg: Config, rounding: str) -> None:
+    """Weight roundings (GPTQ, AdaRound) choose integer codes: weights in another number format (FP8) round to
+    nearest."""
+    layers = [cfg.default, *(layer for _, layer in cfg.overrides)]
+    formats = [lc.weight.format for lc in layers if lc is not None and lc.weight is not None]
+    other = [f for f in formats if f != "int"]
+    if other and rounding != "nearest":
+        raise SpecError(f"rounding={rounding!r} chooses integer codes; {other[0]} weights round to nearest only")
 
 
 def _swap_layers(model: nn.Module, cfg: Config) -> None:

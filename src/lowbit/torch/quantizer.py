@@ -37,6 +37,7 @@ from torch import nn
 
 from lowbit import calib
 from lowbit.core import QuantSpec, fitted_qparams, layout, qparams, weight_range
+from lowbit.core.formats import fp8 as core_fp8
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch import formats
 
@@ -89,6 +90,15 @@ def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch
         dims[axis] = shape[axis]
         return param.reshape(dims)
     return param.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
+
+
+def grid_limits(spec: QuantSpec) -> tuple[float, float]:
+    """The lowest and highest value ``x / scale + zero_point`` may take on the grid of ``spec``: ``(qmin, qmax)``
+    for integers, ``(-max, max)`` for FP8 (448 or 57344), whose scale is ``amax / max``."""
+    if spec.format in core_fp8.FP8_FORMATS:
+        top = core_fp8.fp8_max(spec.format)
+        return -top, top
+    return spec.qmin, spec.qmax
 
 
 def fake_quant(
@@ -201,7 +211,11 @@ class TensorQuantizer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        parts = [f"{s.bits}-bit", "signed" if s.signed else "unsigned", "symmetric" if s.symmetric else "asymmetric"]
+        parts = [
+            s.format if s.format != "int" else f"{s.bits}-bit",
+            "signed" if s.signed else "unsigned",
+            "symmetric" if s.symmetric else "asymmetric",
+        ]
         parts.append(s.granularity if s.axis is not None else "per-tensor")
         if s.axis is not None:
             parts[-1] = f"per-{s.granularity} axis={s.axis}" + (f" group={s.group_size}" if s.group_size else "")
@@ -235,6 +249,10 @@ class TensorQuantizer(nn.Module):
         (:meth:`set_range`) and by training, which changes the weight they were chosen for."""
         if not self.is_weight or not self.calibrated or self.dynamic:
             raise CalibrationError(f"{self._describe()}: only a calibrated weight quantizer takes codes")
+        if self.spec.format != "int":
+            raise CalibrationError(
+                f"{self._describe()}: codes are integers; format {self.spec.format!r} rounds to nearest"
+            )
         c = torch.as_tensor(codes)
         if bool(((c < self.spec.qmin) | (c > self.spec.qmax)).any()):
             raise CalibrationError(
@@ -319,7 +337,8 @@ class TensorQuantizer(nn.Module):
         m = self.momentum
         old_scale, old_zp = self.scale.detach().cpu().numpy(), self.zero_point.cpu().numpy()
         if self.spec.symmetric:
-            amax = (1 - m) * old_scale * (self.spec.qmax - old_zp) + m * np.maximum(np.abs(lo), np.abs(hi))
+            top = grid_limits(self.spec)[1]
+            amax = (1 - m) * old_scale * (top - old_zp) + m * np.maximum(np.abs(lo), np.abs(hi))
             self.set_range(-amax, amax)
             return
         old_lo = (self.spec.qmin - old_zp) * old_scale
@@ -368,8 +387,9 @@ class TensorQuantizer(nn.Module):
         """The real range ``(lo, hi)`` the scale and zero point stand for, in the parameter shape; for a symmetric
         spec ``(-amax, amax)``, the range :func:`lowbit.core.qparams` gives this scale from."""
         s, z = self.scale.detach(), self.zero_point
-        hi = (self.spec.qmax - z) * s
-        return (-hi if self.spec.symmetric else (self.spec.qmin - z) * s), hi
+        qlo, qhi = grid_limits(self.spec)
+        hi = (qhi - z) * s
+        return (-hi if self.spec.symmetric else (qlo - z) * s), hi
 
     def _clip_ratio(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantizer's range (lo, hi) as fractions of ``w``'s per-slice min and max."""
@@ -422,7 +442,7 @@ class TensorQuantizer(nn.Module):
             return self._export(x)
         if self.learn_scale and self.training:
             per_scale = x.numel() / max(self.scale.numel(), 1)
-            factor = 1.0 / math.sqrt(per_scale * max(self.spec.qmax, 1))
+            factor = 1.0 / math.sqrt(per_scale * max(grid_limits(self.spec)[1], 1))
         if self.training and not self.clip_warned and self.observe_steps == 0:  # a following range is not judged
             if self.training_steps % CLIP_CHECK_EVERY == 0:
                 self._check_clipping(x, scale)
@@ -443,10 +463,11 @@ class TensorQuantizer(nn.Module):
         with torch.no_grad():
             s, z = param_view(scale.detach(), x.shape, spec), param_view(self.zero_point, x.shape, spec)
             codes = torch.round(x.detach() / s) + z
-            share = float(((codes < spec.qmin) | (codes > spec.qmax)).float().mean())
+            qlo, qhi = grid_limits(spec)
+            share = float(((codes < qlo) | (codes > qhi)).float().mean())
             if not share > CLIP_WARN_FRACTION:
                 return
-            lo, hi = float(((spec.qmin - z) * s).min()), float(((spec.qmax - z) * s).max())
+            lo, hi = float(((qlo - z) * s).min()), float(((qhi - z) * s).max())
             x_lo, x_hi = float(x.min()), float(x.max())
         self.clip_warned = True
         if self.is_weight:
