@@ -146,8 +146,8 @@ class TensorQuantizer(nn.Module):
         name: str = "",
     ):
         super().__init__()
-        if spec.bits == 1:
-            raise CalibrationError("TensorQuantizer quantizes to 2..16 bits; binarization is lowbit.core.binarize")
+        if learn_scale and formats.scales_itself(spec):
+            raise SpecError("learn_scale: binary and ternary weights take their scale from the weight at every step")
         self.spec = spec
         self.method, self.method_options = method, dict(method_options or {})
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
@@ -233,7 +233,13 @@ class TensorQuantizer(nn.Module):
         """Fix the scale from ``x`` alone (a weight: no data needed), and switch to ``"quantize"``. A quantizer
         whose method is ``admm`` (per tensor, channel or group) or ``mse`` (per channel or group) takes the range
         :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
-        ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator)."""
+        ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator).
+        Binary and ternary weights have nothing to calibrate: their scale is the weight's own at every forward."""
+        if self.is_weight and formats.scales_itself(self.spec):
+            self.mode = "quantize"
+            with torch.no_grad():
+                self(x)
+            return
         if self.method == "admm" or (self.method == "mse" and self.spec.axis is not None):
             if self.scale.device != x.device:
                 self.to(x.device)
@@ -368,6 +374,8 @@ class TensorQuantizer(nn.Module):
             s = torch.as_tensor(scale, device=x.device)
             z = torch.as_tensor(zp.astype(np.float32), device=x.device)
             return self._fake_quant(x, s, z, 1.0)
+        if self.is_weight and formats.scales_itself(self.spec):
+            return self._self_scaled(x)
         if not self.calibrated:
             raise CalibrationError(
                 f"{self._describe()} has no scale yet: calibrate it (lowbit.torch.quantize with calib=...) "
@@ -402,6 +410,17 @@ class TensorQuantizer(nn.Module):
                 self._check_clipping(x, scale)
             self.training_steps += 1
         return self._fake_quant(x, scale, self.zero_point, factor)
+
+    def _self_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary and ternary weights (:mod:`lowbit.torch.formats`): the scale is taken from the weight at every
+        forward and kept in :attr:`scale`, where the layer's bias grid and the export read it."""
+        fmt = formats.for_spec(self.spec)
+        if torch.onnx.is_in_onnx_export():
+            return fmt.export(x, self.scale, self.zero_point, self.spec)
+        scale = fmt.tensor_scale(x, self.spec)
+        with torch.no_grad():
+            self.scale.data, self.zero_point.data = scale, torch.zeros_like(scale)
+        return fmt.fake_quant(x, scale, self.zero_point, self.spec, 1.0)
 
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, factor: float):
         """Fake quantization in this quantizer's number format (uniform integers here, others by
