@@ -121,3 +121,24 @@ def test_two_bit_lsq_learns_its_scale():
     assert wq.scale.grad is not None and bool(wq.scale.grad.abs().sum() > 0)
     torch.optim.SGD([wq.scale], lr=0.1).step()
     assert not torch.equal(before, wq.scale.detach())
+
+
+@pytest.mark.parametrize("name", ["w1a8", "w2a8", "ternary_a8", "w4a8_log2"])
+def test_presets_round_trip_and_keep_the_ends_at_int8(name, tmp_path):
+    from lowbit.recipe import load, preset, save
+
+    assert load(save(preset(name), tmp_path / "r.json")) == preset(name)
+    q = lt.quantize(_model(), name, calib=_batches(), progress=False)
+    bits = [q[i].weight_quantizer.spec.bits for i in (0, 2, 5)]
+    low = lt.preset(name).default.weight.bits
+    assert bits == ([8, low, 8] if name != "w4a8_log2" else [4, 4, 4])
+
+
+def test_packed_weight_bytes_counts_bits_times_weights():
+    from lowbit.torch.size import packed_weight_bytes
+
+    q = lt.quantize(_model(), "w1a8", calib=_batches(), progress=False)
+    size = packed_weight_bytes(q)
+    assert size["binary"] == 8 * 8 * 9 / 8 and size["int8"] == 8 * 3 * 9 + 4 * 512
+    assert size["scales"] == 4 * (8 + 8 + 4) and size["float"] == 4 * (8 + 8 + 4)
+    assert size["total"] == size["codes"] + size["scales"] + size["float"]
