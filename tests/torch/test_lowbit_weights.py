@@ -142,3 +142,14 @@ def test_packed_weight_bytes_counts_bits_times_weights():
     assert size["binary"] == 8 * 8 * 9 / 8 and size["int8"] == 8 * 3 * 9 + 4 * 512
     assert size["scales"] == 4 * (8 + 8 + 4) and size["float"] == 4 * (8 + 8 + 4)
     assert size["total"] == size["codes"] + size["scales"] + size["float"]
+
+
+@pytest.mark.parametrize("name", ["w1a8", "ternary_a8"])
+def test_qat_with_batchnorm_kept_training(name):
+    from tests.torch.models import batches, convnet
+
+    q = lt.quantize(convnet(), name, calib=batches(), qat=True, progress=False).train()
+    q(batches()[0]).sum().backward()
+    layer = q[3]  # the depthwise conv, neither first nor last: low-bit weights, its BatchNorm kept
+    wq = layer.weight_quantizer
+    assert wq.spec.bits in (1, 2) and wq.scale.shape == (8,) and layer.weight.grad is not None
