@@ -1,6 +1,7 @@
 """NumPy-only quantization numerics: :class:`QuantSpec` and pure functions over arrays."""
 
 from lowbit.core import formats
+from lowbit.core.formats import log2, ternary  # noqa: F401  (each registers its format)
 from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
 from lowbit.core.quant import (
     ADMM_STARTS,

@@ -155,6 +155,8 @@ def qparams_from_tensor(x, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
     array([1.  , 0.25], dtype=float32)
     """
     x = np.asarray(x)
+    if spec.format != "int" and formats.get(spec.format).scale_from_tensor:
+        return formats.get(spec.format).tensor_qparams(x, spec)
     if spec.bits == 1:
         scale = binary_scale(x, spec)
         return scale, np.zeros(scale.shape, dtype=spec.dtype)

@@ -92,10 +92,22 @@ class QuantizerConfig:
             raise SpecError(f"rounding must be one of {', '.join(ROUNDINGS)}, got {self.rounding!r}")
         if not isinstance(self.method_options, dict):
             raise SpecError(f"method_options must be a dict of calibrator options, got {self.method_options!r}")
+        if self.learn_scale and self.scales_itself:
+            raise SpecError("learn_scale: binary and ternary weights take their scale from the weight at every step")
         if (self.signed is None) != (self.symmetric is None):
             raise SpecError("signed and symmetric are None together (the target's activation grid) or both given")
         if not self.follows_target:
             self.spec(1)  # validates the rest
+
+    @property
+    def scales_itself(self) -> bool:
+        """Binary (``bits=1``, mean|w|) and ternary weights: the scale is the weight's own at every step."""
+        return self.bits == 1 if self.format == "int" else number_formats.get(self.format).scale_from_tensor
+
+    @property
+    def weights_only(self) -> bool:
+        """A format for constant weights only (binary, ternary, log2)."""
+        return self.scales_itself or (self.format != "int" and number_formats.get(self.format).weights_only)
 
     @property
     def follows_target(self) -> bool:
@@ -133,6 +145,11 @@ class LayerConfig:
     input: QuantizerConfig | None = QuantizerConfig()
     weight: QuantizerConfig | None = QuantizerConfig(granularity="channel")
 
+    def __post_init__(self) -> None:
+        if self.input is not None and self.input.weights_only:
+            kind = "bits=1" if self.input.format == "int" else f"format={self.input.format!r}"
+            raise SpecError(f"input QuantizerConfig({kind}) is for weights only: quantize activations with int8")
+
     def on_target(self, target: Target) -> LayerConfig:
         return LayerConfig(None if self.input is None else self.input.on_target(target), self.weight)
 
@@ -165,6 +182,10 @@ class Config:
         skip input with the layer input's config (TensorRT's rule); the quantized model is then a
         ``torch.fx.GraphModule`` whose adds are ``lowbit.torch.Add`` layers named after the module that wrote them
         (``layer1.0.add``), which overrides can match.
+    keep_ends_8bit: the first and the last quantized layer with a weight (in the order the model defines its
+        modules) keep int8 per-channel weights whatever ``default`` and ``overrides`` say (their inputs as
+        configured), as the binary/ternary/2-bit literature does; the front end resolves it into two overrides
+        once it knows the layers (PyTorch: :func:`lowbit.torch.ends.resolve_ends`).
     """
 
     default: LayerConfig = LayerConfig()
@@ -178,6 +199,7 @@ class Config:
     refine: str | None = None
     fp16_rest: bool = False
     weight_only_rnn: bool = False
+    keep_ends_8bit: bool = False
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -187,7 +209,7 @@ class Config:
         object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
         if self.rounding is not None and not isinstance(self.rounding, str):
             raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
-        for name in ("residual_adds", "fp16_rest", "weight_only_rnn"):
+        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):
@@ -207,7 +229,9 @@ class Config:
         """A copy whose every static quantizer learns its scale (LSQ) in QAT, overrides included."""
 
         def learned(q: QuantizerConfig | None) -> QuantizerConfig | None:
-            return q if q is None or q.dynamic else replace(q, learn_scale=on)
+            if q is None or q.dynamic or q.scales_itself:
+                return q
+            return replace(q, learn_scale=on)
 
         return self._map_layers(lambda layer: LayerConfig(learned(layer.input), learned(layer.weight)))
 

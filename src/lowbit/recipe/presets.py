@@ -32,6 +32,18 @@ PRESETS: dict[str, Config] = {
             QuantizerConfig(bits=4, granularity="channel"),
         )
     ),
+    # Binary, 2-bit and ternary weights, int8 activations; the first and last weighted layers keep int8 weights
+    # (Config.keep_ends_8bit), as the literature does. Meant for QAT (lowbit.torch.quantize(..., qat=True)).
+    "w1a8": Config(LayerConfig(_TARGET_ACT, QuantizerConfig(bits=1, granularity="channel")), keep_ends_8bit=True),
+    "w2a8": Config(
+        LayerConfig(_TARGET_ACT, QuantizerConfig(bits=2, granularity="channel", method="mse")), keep_ends_8bit=True
+    ),
+    "ternary_a8": Config(
+        LayerConfig(_TARGET_ACT, QuantizerConfig(bits=2, format="ternary", granularity="channel")),
+        keep_ends_8bit=True,
+    ),
+    # 4-bit logarithmic weights (signed powers of two times a per-channel scale), int8 activations.
+    "w4a8_log2": Config(LayerConfig(_TARGET_ACT, QuantizerConfig(bits=4, format="log2", granularity="channel"))),
 }
 PRESETS["dynamic"] = PRESETS["int8_dynamic"]
 

@@ -38,6 +38,7 @@ from lowbit.torch.residual import trace_residual_adds
 from lowbit.torch.rounding.adaround import adaround
 from lowbit.torch.rounding.gptq import gptq
 from lowbit.torch.sensitivity import analyze, apply_mixed, mixed_config
+from lowbit.torch.size import packed_weight_bytes
 
 __all__ = [
     "MODULE_MAP",
@@ -69,6 +70,7 @@ __all__ = [
     "freeze_bn_stats",
     "gptq",
     "mixed_config",
+    "packed_weight_bytes",
     "preset",
     "quantize",
     "quantizers",

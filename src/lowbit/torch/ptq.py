@@ -35,6 +35,7 @@ from lowbit.recipe import Config, to_dict
 from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import RECIPE_ATTRIBUTE, resolve
 from lowbit.torch.easyquant import easyquant
+from lowbit.torch.ends import resolve_ends
 from lowbit.torch.fold import fold_batchnorm, set_submodule
 from lowbit.torch.layers import MODULE_MAP
 from lowbit.torch.qat import batch_statistics, prepare_conv_bn
@@ -216,6 +217,7 @@ def quantize(
     _check_formats(cfg, method.name)
     if not cfg.residual_adds:
         _check_layers(model, cfg)
+    cfg = resolve_ends(model, cfg)
     if not inplace:
         model = copy.deepcopy(model)
     model.eval()

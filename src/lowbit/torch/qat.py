@@ -30,6 +30,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
+from lowbit.core.formats import scales_itself
 from lowbit.recipe import Config
 from lowbit.torch.fold import fold_batchnorm, folded, set_submodule
 from lowbit.torch.layers import QuantConv1d, QuantConv2d, QuantConv3d
@@ -54,8 +55,8 @@ class _ConvBn:
         super().calibrate_weight()
         q = self.weight_quantizer
         self._calibration = None
-        if not self.weight_float and q.calibrated and not q.dynamic:
-            with torch.no_grad():
+        if not self.weight_float and q.calibrated and not q.dynamic and not scales_itself(q.spec):  # binary, ternary
+            with torch.no_grad():  # take their scale from the folded weight itself: nothing to follow
                 f, _ = folded(self.bn, None)
                 self._calibration = (f.detach().clone(), *q.real_range())
 

@@ -37,7 +37,7 @@ from torch import nn
 
 from lowbit import calib
 from lowbit.core import QuantSpec, fitted_qparams, layout, qparams, weight_range
-from lowbit.core.formats import fp8 as core_fp8
+from lowbit.core.formats import limits as grid_limits
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch import formats
 
@@ -90,15 +90,6 @@ def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch
         dims[axis] = shape[axis]
         return param.reshape(dims)
     return param.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
-
-
-def grid_limits(spec: QuantSpec) -> tuple[float, float]:
-    """The lowest and highest value ``x / scale + zero_point`` may take on the grid of ``spec``: ``(qmin, qmax)``
-    for integers, ``(-max, max)`` for FP8 (448 or 57344), whose scale is ``amax / max``."""
-    if spec.format in core_fp8.FP8_FORMATS:
-        top = core_fp8.fp8_max(spec.format)
-        return -top, top
-    return spec.qmin, spec.qmax
 
 
 def fake_quant(
@@ -163,8 +154,8 @@ class TensorQuantizer(nn.Module):
         name: str = "",
     ):
         super().__init__()
-        if spec.bits == 1:
-            raise CalibrationError("TensorQuantizer quantizes to 2..16 bits; binarization is lowbit.core.binarize")
+        if learn_scale and formats.scales_itself(spec):
+            raise SpecError("learn_scale: binary and ternary weights take their scale from the weight at every step")
         self.spec = spec
         self.method, self.method_options = method, dict(method_options or {})
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
@@ -270,9 +261,15 @@ class TensorQuantizer(nn.Module):
         :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
         ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator). With
         power-of-two scales each slice takes the power of two that fits ``x`` best
-        (:func:`lowbit.core.fitted_qparams`)."""
+        (:func:`lowbit.core.fitted_qparams`). Binary and ternary weights have nothing to calibrate: their scale is
+        the weight's own at every forward."""
         if self.scale.device != x.device:
             self.to(x.device)
+        if self.is_weight and formats.scales_itself(self.spec):
+            self.mode = "quantize"
+            with torch.no_grad():
+                self(x)
+            return
         values = x.detach().float().cpu().numpy()
         if self.method == "admm" or (self.method == "mse" and self.spec.axis is not None):
             try:
@@ -410,6 +407,8 @@ class TensorQuantizer(nn.Module):
             s = torch.as_tensor(scale, device=x.device)
             z = torch.as_tensor(zp.astype(np.float32), device=x.device)
             return self._fake_quant(x, s, z, 1.0)
+        if self.is_weight and formats.scales_itself(self.spec):
+            return self._self_scaled(x)
         if not self.calibrated:
             raise CalibrationError(
                 f"{self._describe()} has no scale yet: calibrate it (lowbit.torch.quantize with calib=...) "
@@ -448,6 +447,17 @@ class TensorQuantizer(nn.Module):
                 self._check_clipping(x, scale)
             self.training_steps += 1
         return self._fake_quant(x, scale, self.zero_point, factor)
+
+    def _self_scaled(self, x: torch.Tensor) -> torch.Tensor:
+        """Binary and ternary weights (:mod:`lowbit.torch.formats`): the scale is taken from the weight at every
+        forward and kept in :attr:`scale`, where the layer's bias grid and the export read it."""
+        fmt = formats.for_spec(self.spec)
+        if torch.onnx.is_in_onnx_export():
+            return fmt.export(x, self.scale, self.zero_point, self.spec)
+        scale = fmt.tensor_scale(x, self.spec)
+        with torch.no_grad():
+            self.scale.data, self.zero_point.data = scale, torch.zeros_like(scale)
+        return fmt.fake_quant(x, scale, self.zero_point, self.spec, 1.0)
 
     def _fake_quant(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, factor: float):
         """Fake quantization in this quantizer's number format (uniform integers here, others by

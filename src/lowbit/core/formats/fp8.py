@@ -85,6 +85,9 @@ class _FP8(formats.Format):
         scale = np.where(scale > 0, np.maximum(scale, _F32_TINY), 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, dtype=np.uint8)
 
+    def limits(self, spec) -> tuple[float, float]:
+        return -self.max_value, self.max_value
+
     def encode(self, v) -> np.ndarray:
         """The codes of the float32 values ``v`` (no scale): nearest, ties to the even code, saturating."""
         v = np.asarray(v, dtype=np.float32)

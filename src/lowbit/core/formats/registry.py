@@ -23,6 +23,8 @@ class Format:
 
     name: ClassVar[str] = ""
     summary: ClassVar[str] = ""  # one line: the codes and the values they stand for
+    weights_only: ClassVar[bool] = False  # a format for constant weights (its codes depend on the whole tensor)
+    scale_from_tensor: ClassVar[bool] = False  # the scale is a statistic of the tensor itself, not of a range
 
     def check(self, spec) -> None:
         """A SpecError naming the first field of ``spec`` this format cannot honour (none by default)."""
@@ -39,6 +41,16 @@ class Format:
         """The real values (float32) the codes stand for."""
         raise NotImplementedError
 
+    def tensor_qparams(self, x, spec) -> tuple[np.ndarray, np.ndarray]:
+        """Scale and zero point from ``x`` itself, for a format whose scale is a statistic of the tensor
+        (:attr:`scale_from_tensor`); :func:`lowbit.core.qparams_from_tensor` calls it."""
+        raise NotImplementedError
+
+    def limits(self, spec) -> tuple[float, float]:
+        """The lowest and highest value ``x / scale + zero_point`` may take on this format's grid:
+        ``(spec.qmin, spec.qmax)`` by default (integer codes)."""
+        return float(spec.qmin), float(spec.qmax)
+
     def packed_bits(self, spec) -> float:
         """Bits one value takes when packed densely (the size a runtime that packs this format would store)."""
         return float(spec.bits)
@@ -54,9 +66,30 @@ def register(cls: type[Format]) -> type[Format]:
     return cls
 
 
+def limits(spec) -> tuple[float, float]:
+    """The lowest and highest value ``x / scale + zero_point`` may take on the grid of ``spec``: ``(qmin, qmax)``
+    for integers, ``(-max, max)`` for FP8 (448 or 57344), whose scale is ``amax / max``."""
+    if spec.format == "int":
+        return float(spec.qmin), float(spec.qmax)
+    return get(spec.format).limits(spec)
+
+
+def scales_itself(spec) -> bool:
+    """Whether ``spec``'s scale comes from the tensor it quantizes at every use (binarization, ``bits=1`` of
+    ``int``: mean|x|; ternary) rather than from a calibrated range."""
+    if spec.format == "int":
+        return spec.bits == 1
+    return get(spec.format).scale_from_tensor
+
+
+def weights_only(spec) -> bool:
+    """Whether ``spec`` quantizes constant weights only (binary, ternary, log2): refused on activations."""
+    return scales_itself(spec) or (spec.format != "int" and get(spec.format).weights_only)
+
+
 def available() -> tuple[str, ...]:
-    """The registered format names."""
-    return tuple(_FORMATS)
+    """The registered format names, ``int`` first, the others in alphabetical order."""
+    return tuple(sorted(_FORMATS, key=lambda name: (name != "int", name)))
 
 
 def get(name: str) -> Format:

@@ -31,6 +31,11 @@ class TorchFormat:
         gradient that reaches a learned ``scale`` (LSQ)."""
         raise NotImplementedError
 
+    def tensor_scale(self, x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+        """The scale a format whose scale is the tensor's own statistic (binary, ternary) takes from ``x``, in
+        :func:`~lowbit.core.layout.param_shape`."""
+        raise NotImplementedError
+
     def export(self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         """The traced form of the fake quantization (ONNX nodes written by ``torch.onnx.export``)."""
         raise SpecError(f"number format {self.name!r} has no ONNX export yet")
