@@ -46,6 +46,8 @@ PRESETS: dict[str, Config] = {
     "w4a8_log2": Config(LayerConfig(_TARGET_ACT, QuantizerConfig(bits=4, format="log2", granularity="channel"))),
 }
 PRESETS["dynamic"] = PRESETS["int8_dynamic"]
+# Fixed point: every scale (activations, weights, biases) a power of two, for DSPs and NPUs without multipliers.
+PRESETS["int8_pow2"] = _INT8.with_scale("pow2")
 
 
 def _fp8(name: str) -> Config:
