@@ -44,6 +44,36 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
             "1-bit quantization is binarization: its scale is mean|x| of the data, not a function of a "
             "range; use binary_scale(x, spec)"
         )
+    lo, hi = checked_range(lo, hi)
+    if spec.symmetric:
+        half = (1 << (spec.bits - 1)) - 1
+        scale = np.maximum(np.abs(lo), np.abs(hi)) / half
+    else:
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scale = (hi - lo) / (spec.qmax - spec.qmin)
+    if spec.scale_kind == "pow2":
+        scale = pow2_ceil(scale)
+    scale = np.where(scale > 0, np.maximum(scale, _F32_TINY), 1.0).astype(np.float32)
+    if spec.symmetric:
+        zp = np.full(scale.shape, 0 if spec.signed else 1 << (spec.bits - 1), dtype=np.float64)
+    else:
+        zp = np.clip(np.rint(spec.qmin - lo / scale.astype(np.float64)), spec.qmin, spec.qmax)
+    return scale, np.asarray(zp).astype(spec.dtype)
+
+
+def pow2_ceil(scale) -> np.ndarray:
+    """Each positive scale rounded up to a power of two, ``2^ceil(log2 s)`` (a zero scale stays 0).
+
+    >>> pow2_ceil(np.array([0.3, 0.25, 0.0]))
+    array([0.5 , 0.25, 0.  ])
+    """
+    scale = np.asarray(scale, dtype=np.float64)
+    return np.where(scale > 0, np.exp2(np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))), 0.0)
+
+
+def checked_range(lo, hi) -> tuple[np.ndarray, np.ndarray]:
+    """``(lo, hi)`` as float64 arrays, or a SpecError if their shapes differ, a bound is NaN or Inf, or a lo
+    exceeds its hi."""
     lo = np.asarray(lo, dtype=np.float64)
     hi = np.asarray(hi, dtype=np.float64)
     if lo.shape != hi.shape:
@@ -52,20 +82,7 @@ def qparams(lo, hi, spec: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
         raise SpecError("the range [lo, hi] contains NaN or Inf: calibrate on finite data")
     if np.any(lo > hi):
         raise SpecError("every lo must be <= hi in the range [lo, hi]")
-    if spec.symmetric:
-        half = (1 << (spec.bits - 1)) - 1
-        scale = np.maximum(np.abs(lo), np.abs(hi)) / half
-    else:
-        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scale = (hi - lo) / (spec.qmax - spec.qmin)
-    if spec.scale_kind == "pow2":
-        scale = np.where(scale > 0, np.exp2(np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))), 0.0)
-    scale = np.where(scale > 0, np.maximum(scale, _F32_TINY), 1.0).astype(np.float32)
-    if spec.symmetric:
-        zp = np.full(scale.shape, 0 if spec.signed else 1 << (spec.bits - 1), dtype=np.float64)
-    else:
-        zp = np.clip(np.rint(spec.qmin - lo / scale.astype(np.float64)), spec.qmin, spec.qmax)
-    return scale, np.asarray(zp).astype(spec.dtype)
+    return lo, hi
 
 
 def quantize(x, scale, zero_point, spec: QuantSpec, *, rng: np.random.Generator | None = None) -> np.ndarray:

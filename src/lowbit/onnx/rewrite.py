@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from lowbit.core import QuantSpec, dequantize, fitted_qparams, qparams, quantize, weight_range
+from lowbit.core import QuantSpec, dequantize, fitted_qparams, pow2_ceil, qparams, quantize, weight_range
 from lowbit.errors import CalibrationError, FormatError
 from lowbit.onnx import controlflow
 from lowbit.onnx.graph import Graph, Names
@@ -70,7 +70,7 @@ def weight_scale(
     if floor is not None:
         floor = np.asarray(floor, np.float32).reshape(scale.shape)
         if scale_kind == "pow2":
-            floor = np.exp2(np.ceil(np.log2(np.maximum(floor, np.finfo(np.float32).tiny)))).astype(np.float32)
+            floor = pow2_ceil(floor).astype(np.float32)
         scale = np.maximum(scale, floor)
     return scale
 

@@ -40,6 +40,8 @@ from lowbit.core import QuantSpec, fitted_qparams, layout, qparams, weight_range
 from lowbit.core.formats import limits as grid_limits
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.torch import formats
+from lowbit.torch.formats.common import grad_scale
+from lowbit.torch.formats.common import view as param_view
 
 MODES = ("calibrate", "quantize", "disabled")
 _MIN_SCALE = 1e-12
@@ -64,11 +66,6 @@ def _round_ste(v: torch.Tensor, stochastic: bool = False) -> torch.Tensor:
     return v + (rounded - v).detach()
 
 
-def _grad_scale(t: torch.Tensor, factor: float) -> torch.Tensor:
-    """``t`` forward, its gradient times ``factor`` backward."""
-    return t * factor + (t - t * factor).detach()
-
-
 @contextlib.contextmanager
 def evaluating(model: nn.Module) -> Iterator[nn.Module]:
     """Run the body with ``model`` in eval mode; it goes back to the mode it was in, whatever happens."""
@@ -78,18 +75,6 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
         yield model
     finally:
         model.train(was_training)
-
-
-def param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
-    """A scale or zero point of :func:`lowbit.core.layout.param_shape` expanded to broadcast against ``shape``."""
-    if spec.axis is None:
-        return param.reshape(())
-    axis = layout.normalize_axis(spec.axis, len(shape))
-    if spec.group_size is None:
-        dims = [1] * len(shape)
-        dims[axis] = shape[axis]
-        return param.reshape(dims)
-    return param.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
 
 
 def fake_quant(
@@ -104,7 +89,7 @@ def fake_quant(
     ``scale`` and ``zero_point`` in :func:`~lowbit.core.layout.param_shape` (``grad_factor`` scales the gradient
     that reaches ``scale``, as LSQ does). ``stochastic``: round ``floor(x / scale + u)``, u ~ U[0, 1) (unbiased:
     its mean is ``x / scale``), drawn from torch's generator."""
-    s = param_view(_grad_scale(scale, grad_factor) if grad_factor != 1.0 else scale, x.shape, spec)
+    s = param_view(grad_scale(scale, grad_factor), x.shape, spec)
     z = param_view(zero_point, x.shape, spec).to(x.dtype)
     q = torch.clamp(_round_ste(x / s, stochastic) + z, spec.qmin, spec.qmax)
     return (q - z) * s

@@ -22,6 +22,7 @@ import numpy as np
 
 from lowbit.core import layout
 from lowbit.core.formats import registry as formats
+from lowbit.core.quant import checked_range, pow2_ceil
 from lowbit.errors import SpecError
 
 _F32_TINY = float(np.finfo(np.float32).tiny)
@@ -73,15 +74,10 @@ class _FP8(formats.Format):
     def qparams(self, lo, hi, spec):
         """``scale = max(|lo|, |hi|) / max_value`` (rounded up to a power of two for ``scale_kind="pow2"``; 1 for
         a zero range), zero point 0 (uint8 bit pattern of +0.0)."""
-        lo = np.asarray(lo, dtype=np.float64)
-        hi = np.asarray(hi, dtype=np.float64)
-        if lo.shape != hi.shape:
-            raise SpecError(f"lo and hi must have the same shape, got {lo.shape} and {hi.shape}")
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            raise SpecError("the range [lo, hi] contains NaN or Inf: calibrate on finite data")
+        lo, hi = checked_range(lo, hi)
         scale = np.maximum(np.abs(lo), np.abs(hi)) / self.max_value
         if spec.scale_kind == "pow2":
-            scale = np.where(scale > 0, np.exp2(np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))), 0.0)
+            scale = pow2_ceil(scale)
         scale = np.where(scale > 0, np.maximum(scale, _F32_TINY), 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, dtype=np.uint8)
 

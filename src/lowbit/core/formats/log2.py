@@ -34,6 +34,7 @@ import numpy as np
 
 from lowbit.core import layout
 from lowbit.core.formats import registry
+from lowbit.core.quant import pow2_ceil
 from lowbit.errors import SpecError
 
 DOMAINS = {"linear": 0.75, "log": float(np.sqrt(0.5))}  # mantissa of r (frexp's, in [0.5, 1)) above which 2^(e+1)
@@ -85,7 +86,7 @@ class Log2Format(registry.Format):
     def qparams(self, lo, hi, spec):
         scale = np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
         if spec.scale_kind == "pow2":
-            scale = np.where(scale > 0, np.exp2(np.ceil(np.log2(np.where(scale > 0, scale, 1.0)))), 0.0)
+            scale = pow2_ceil(scale)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
         return scale, np.zeros(scale.shape, dtype=np.int8)
 
