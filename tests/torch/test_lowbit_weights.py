@@ -101,6 +101,21 @@ def test_export_stores_int8_codes(tmp_path):
     assert len(weights) == 3 and all(t.dtype == np.int8 and set(np.unique(t)) <= {-1, 0, 1} for t in weights)
 
 
+def test_two_bit_weights_are_int2_from_opset_25_and_run_the_same(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    q, x = _quantized("int2"), _batches()[0]
+    kinds = {}
+    for opset in (21, 25):
+        path = lt.export_onnx(q, x, tmp_path / f"w2_{opset}.onnx", opset=opset)
+        kinds[opset] = {i.data_type for i in onnx.load(str(path)).graph.initializer}
+        got = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": x.numpy()})[0]
+        np.testing.assert_allclose(got, q(x).detach().numpy(), atol=1e-5)
+    int2 = onnx.TensorProto.INT2
+    assert int2 in kinds[25] and int2 not in kinds[21]
+
+
 def test_activations_and_learned_scales_refused():
     with pytest.raises(SpecError, match=r"bits=1.*weights only"):
         LayerConfig(QuantizerConfig(bits=1), None)

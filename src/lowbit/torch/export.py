@@ -9,7 +9,9 @@ weights are clipped to their grid before their codes are stored.
 
 ``opset=21`` (reached from the TorchScript exporter's opset 20 with onnx's version converter) stores 4-bit weights
 as INT4 (an eighth of the float size) and writes per-group weights as blocked DequantizeLinear (``block_size``);
-per-group quantizers need it.
+per-group quantizers need it. ``opset=25`` also stores 2-bit uniform weights as INT2 (a sixteenth; ONNX Runtime 1.32
+loads and runs them). Binary and ternary weights travel as int8 codes at any opset
+(:func:`lowbit.torch.packed_weight_bytes` says what they take packed).
 
 The output path is checked first (that a file can be created there), before any tracing; the example inputs are
 run through the model before the export; the file is written atomically (a temporary file renamed into place) and
@@ -45,7 +47,8 @@ from lowbit.torch.quantizer import TensorQuantizer, evaluating
 DEFAULT_OPSET = 17
 FP8_OPSET = 19  # the first with FLOAT8 QuantizeLinear/DequantizeLinear, and the default for a model with FP8
 TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest; later opsets are reached with onnx's version converter
-MAX_OPSET = 21
+MAX_OPSET = 25
+NARROW_INTS = {4: 21, 2: 25}  # weight bits -> the opset from which ONNX stores them as INT4/UINT4, INT2/UINT2
 
 
 def _check_ready(model: nn.Module) -> None:
@@ -161,8 +164,9 @@ def _set_block_sizes(model_proto, specs: dict) -> None:
                 node.attribute.append(onnx.helper.make_attribute("block_size", spec.group_size))
 
 
-def _use_int4(model_proto, specs: dict) -> None:
-    """4-bit weights as INT4/UINT4 DequantizeLinear of INT4 codes (opset 21): half the bytes of int8.
+def _use_narrow_ints(model_proto, specs: dict, opset: int) -> None:
+    """4-bit weights as INT4/UINT4 DequantizeLinear of INT4 codes (opset 21 on: half the bytes of int8), 2-bit
+    uniform weights as INT2/UINT2 (opset 25 on: a quarter), as :data:`NARROW_INTS` says.
 
     4-bit activations keep int8 Q/DQ after a Clip to their 4-bit grid (the same values): ONNX Runtime 1.31's int4
     QuantizeLinear wraps values beyond the range around instead of saturating them (seen: a ReLU output of 4.8 at
@@ -174,12 +178,15 @@ def _use_int4(model_proto, specs: dict) -> None:
     constants = {n.output[0]: n for n in g.node if n.op_type == "Constant"}
     converted: dict[str, str] = {}
 
-    def int4(name: str, signed: bool) -> str:
+    kinds = {(4, True): TensorProto.INT4, (4, False): TensorProto.UINT4}
+    kinds.update({(2, True): TensorProto.INT2, (2, False): TensorProto.UINT2})
+
+    def narrow(name: str, bits: int, signed: bool) -> str:
         if name not in converted:
             source = inits[name] if name in inits else constants[name].attribute[0].t
             values = numpy_helper.to_array(source).astype(np.int32)
-            new = f"{name}_int4" if signed else f"{name}_uint4"
-            kind = TensorProto.INT4 if signed else TensorProto.UINT4
+            new = f"{name}_{'' if signed else 'u'}int{bits}"
+            kind = kinds[bits, signed]
             g.initializer.append(helper.make_tensor(new, kind, values.shape, values.flatten().tolist()))
             converted[name] = new
         return converted[name]
@@ -188,10 +195,12 @@ def _use_int4(model_proto, specs: dict) -> None:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.input[1] not in specs:
             continue
         spec = specs[node.input[1]]
-        if spec.bits != 4 or len(node.input) < 3 or node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+        if spec.format != "int" or opset < NARROW_INTS.get(spec.bits, MAX_OPSET + 1):
             continue
-        node.input[0] = int4(node.input[0], spec.signed)  # the weight's codes
-        node.input[2] = int4(node.input[2], spec.signed)
+        if len(node.input) < 3 or node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+            continue
+        node.input[0] = narrow(node.input[0], spec.bits, spec.signed)  # the weight's codes
+        node.input[2] = narrow(node.input[2], spec.bits, spec.signed)
     if converted:
         del g.value_info[:]  # shape inference's records still say int8
 
@@ -253,8 +262,8 @@ def export_onnx(
 
     ``example_inputs``: a tensor or a tuple of positional inputs (inputs that the model cannot run on raise
     :class:`~lowbit.errors.SpecError`; a ``path`` where no file can be written, :class:`~lowbit.paths.PathError`,
-    both before any tracing). ``opset``: 13 to 21 (21: INT4 weights and
-    per-group weights, see the module docstring; FP8 needs 19+); default 17, or 19 with FP8 quantizers.
+    both before any tracing). ``opset``: 13 to 25 (21: INT4 weights and per-group weights, 25: INT2 weights, see
+    the module docstring; FP8 needs 19+); default 17, or 19 with FP8 quantizers.
     ``dynamic_batch``: the first axis of every input and output is named ``batch`` so that any batch size runs.
     A model on a GPU is traced from a CPU copy of it and left where it is.
     """
@@ -309,8 +318,8 @@ def export_onnx(
         proto = version_converter.convert_version(proto, opset)
     _set_block_sizes(proto, specs)
     _fold_weight_quantizers(proto)
-    if opset >= 21:
-        _use_int4(proto, specs)
+    if opset >= min(NARROW_INTS.values()):
+        _use_narrow_ints(proto, specs, opset)
     _prune(proto)
     _record_recipe(model, proto)
     onnx.checker.check_model(proto)
