@@ -200,3 +200,18 @@ def test_mixed_precision_search_runs_on_fp8(tmp_path):
     loose = Budget(OutputMetric("relerr", feeds), 1.0)  # the whole FP8 model meets it
     result = quantize(path, tmp_path / "q2.onnx", calib, "fp8", budget=loose, options=QUIET)
     assert not result.mixed.kept and fp8.uses_fp8(onnx.load(str(tmp_path / "q2.onnx")))
+
+
+def test_analyze_measures_the_fp8_build(tmp_path):
+    from lowbit.onnx.analyze import Reporting, analyze
+
+    path = models.save(models.convnet(), tmp_path / "m.onnx")
+    calib = models.calib_data(tmp_path / "c.npz", (3, 16, 16))
+    kinds = {}
+    for name in ("fp8", "int8_trt"):
+        a = analyze(path, calib, name, options=Options(progress=False), report=Reporting(samples=16, profile=False))
+        assert {r.name for r in a.layers} >= {"conv1", "conv2", "fc"} and a.output_error.sqnr_db > 20
+        kinds[name] = {w.layer: w.per_tensor_sqnr_db for w in a.weights}
+    # the weights' SQNR is FP8's (~31 dB whatever the range), not int8's
+    assert kinds["fp8"].keys() == kinds["int8_trt"].keys() and kinds["fp8"] != kinds["int8_trt"]
+    assert all(25 < v < 40 for v in kinds["fp8"].values())
