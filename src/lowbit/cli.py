@@ -176,6 +176,7 @@ def _recipe(args: argparse.Namespace):
         per_channel=args.per_channel,
         weight_method=args.weight_method,
         scale=args.scale,
+        format=getattr(args, "format", None),
         exclude=args.exclude or None,
         exclude_ops=args.exclude_op or None,
         dynamic=getattr(args, "dynamic", False),
@@ -241,6 +242,10 @@ def _print_quantized(result, args_batch: int) -> None:
     print(f"wrote ranges to {result.ranges_path}")
     if result.trt_cache is not None:
         print(f"wrote TensorRT calibration cache to {result.trt_cache}")
+    if result.format != "int":
+        from lowbit.onnx.fp8 import ORT_ADVICE  # (onnx is optional: only quantize's results come here)
+
+        print(f"note: {ORT_ADVICE}")
     print(f"done in {result.seconds:.1f} s")
 
 
@@ -459,6 +464,13 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
         "--scale", type=_scale_kind, metavar="{float,pow2}",
         help="float (default) or pow2: every scale a power of two, activations, weights and biases (fixed point, "
         "as DSPs and NPUs want; TensorRT's cache gets the same scales)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--format", metavar="{int8,fp8,fp8_e4m3,fp8_e5m2}",
+        help="number format of activations and weights: int8 (default) or fp8 (E4M3FN; fp8_e5m2 for E5M2): "
+        "FLOAT8 Q/DQ at opset 19, scale = amax / 448 (or 57344), weights stored as FP8, biases float, weights "
+        "rounded to nearest; laid out for TensorRT (--target trt, the default for FP8) or qdq. ONNX Runtime's CPU "
+        "only emulates FP8 and must run it with ORT_ENABLE_BASIC graph optimizations",
     )  # fmt: skip
     parser.add_argument(
         "--exclude",

@@ -114,10 +114,11 @@ def _sqnr(w: np.ndarray, spec: QuantSpec) -> float:
     return MAX_SQNR_DB if noise <= 0 else 10 * math.log10(max(signal, 1e-300) / noise)
 
 
-def weight_report(layer: str, name: str, w: np.ndarray, axis: int, depthwise: bool) -> WeightReport:
-    """Per-tensor vs per-channel (along ``axis``) int8 SQNR of weight ``w``; its channel ranges where poor."""
+def weight_report(layer: str, name: str, w: np.ndarray, axis: int, depthwise: bool, fmt: str = "int") -> WeightReport:
+    """Per-tensor vs per-channel (along ``axis``) SQNR of weight ``w`` in 8 bits of format ``fmt`` (int8, or an
+    FP8 format); its channel ranges where poor."""
     w = np.asarray(w, np.float32)
-    per_tensor, per_channel = _sqnr(w, QuantSpec()), _sqnr(w, QuantSpec(axis=axis))
+    per_tensor, per_channel = _sqnr(w, QuantSpec(format=fmt)), _sqnr(w, QuantSpec(axis=axis, format=fmt))
     report = WeightReport(layer, name, depthwise, per_tensor, per_channel, per_channel - per_tensor > POOR_GAP_DB)
     if report.poor:
         moved = np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1)

@@ -24,6 +24,7 @@ from onnx import version_converter
 from lowbit._io import atomic_open
 from lowbit.data import whole_chunk
 from lowbit.errors import FormatError
+from lowbit.onnx.fp8 import uses_fp8
 from lowbit.onnx.graph import subgraphs
 
 # Per-axis QuantizeLinear/DequantizeLinear (per-channel weights) exist from opset 13 on.
@@ -112,15 +113,34 @@ def load_error(exc: Exception, advice: str) -> FormatError:
     return FormatError(f"ONNX Runtime {ort.__version__} cannot load the model: {message}. {advice}")
 
 
-def session(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session over an in-memory model; a clear error when ORT cannot load it."""
+def session_options(model: onnx.ModelProto, *, optimize: bool = True, threads: int = 0) -> ort.SessionOptions:
+    """The options every ONNX Runtime session lowbit opens on a model takes: graph optimizations all on (as
+    deployed), none with ``optimize=False``, and at most ORT_ENABLE_BASIC on a model with FLOAT8 tensors
+    (:func:`lowbit.onnx.fp8.uses_fp8`): ONNX Runtime's CPU computes FP8 Q/DQ wrongly with ORT_ENABLE_ALL.
+    ``threads``: intra-op threads (0: ORT's default)."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads:
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    elif uses_fp8(model):
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    return options
+
+
+def session(
+    model: onnx.ModelProto | str | os.PathLike, *, optimize: bool = True, threads: int = 0
+) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session over a model (in memory, or the file at a path) with
+    :func:`session_options`; a clear error when ORT cannot load it."""
+    path = None if isinstance(model, onnx.ModelProto) else Path(model)
+    if path is not None:
+        model = onnx.load(str(path), load_external_data=False)  # what session_options reads is in the graph
+    options = session_options(model, optimize=optimize, threads=threads)
     try:
+        if path is not None:
+            return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         if not is_large(model):
             return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
         with _tempdir() as tmp:

@@ -30,7 +30,7 @@ from lowbit._table import format_table
 from lowbit.core import QuantSpec, qparams
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
-from lowbit.onnx import collect, compare, fp16, placement, rewrite, stages
+from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, stages
 from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.model import file_size, save_model, session
@@ -75,13 +75,15 @@ class QuantizeResult:
     untimed: dict[int, str] = field(default_factory=dict)  # batch -> why its latency was not measured
     fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
     refinement: str = ""  # what the recipe's refinement did (easyquant), in a line
+    format: str = "int"  # of activations and weights: "int" (int8), "fp8_e4m3", "fp8_e5m2"
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
         rows = []
+        labels = {"fp32": "FP32", "int8": fp8.label(self.format)}  # "int8": the quantized model, whatever its format
         for name in ("fp32", "int8"):
             lat = self.latency.get(name, {})
-            row = [name.upper(), f"{self.sizes.get(name, 0) / 1e6:.2f} MB"]
+            row = [labels[name], f"{self.sizes.get(name, 0) / 1e6:.2f} MB"]
             row += ["-" if lat.get(b) is None else f"{lat[b]:.2f} ms" for b in (1, 8)]
             rows.append(row)
         if self.sizes.get("fp32") and self.sizes.get("int8"):
@@ -89,13 +91,15 @@ class QuantizeResult:
             speed = [self.latency.get("fp32", {}).get(b) and self.latency.get("int8", {}).get(b) for b in (1, 8)]
             speed_cells = [_speedup(self.latency["fp32"][b], self.latency["int8"][b]) if ok else "-"
                            for b, ok in zip((1, 8), speed, strict=True)]  # fmt: skip
-            rows.append(["INT8 / FP32", f"x{ratio:.3f}", *speed_cells])
+            rows.append([f"{labels['int8']} / FP32", f"x{ratio:.3f}", *speed_cells])
         text = format_table(["model", "file size", "latency b=1", "latency b=8"], rows, "lrrr")
         if self.latency and not get_target(self.target).timed_on_ort:
             text += (
                 f"\n(latency on ONNX Runtime CPU; a --target {self.target} model is laid out for "
                 f"{get_target(self.target).runtime}, not for this)"
             )
+        if fp8.is_fp8(self.format):
+            text += "\n(ONNX Runtime's CPU emulates FP8: float kernels between casts; timed at ORT_ENABLE_BASIC)"
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"
         if self.agreement is not None:
@@ -218,12 +222,15 @@ class _Job:
         data = stages.open_data(model, calib, eval_data, options)
         target = DEFAULT_TARGET if settings.dynamic else settings.target.name
         result = QuantizeResult(output, ranges_path, target, settings.method, settings.dynamic, [], [])
-        result.batch_size, result.fused = model.batch, dict(model.fused)
+        result.batch_size, result.fused, result.format = model.batch, dict(model.fused), settings.format
         return cls(settings, options, budget, model, data, result)
 
 
 def _check_options(settings: Settings, options: Options, budget: Budget | None, calib: Any) -> None:
     """The options that contradict each other, each named, before any work."""
+    if fp8.is_fp8(settings.format) and options.trt_cache is not None:
+        raise QuantizeError(f"--trt-cache writes INT8 scales (amax / 127) for implicit INT8; --format "
+                            f"{settings.format} is explicit FP8 Q/DQ only (drop --trt-cache)")  # fmt: skip
     if settings.dynamic and options.trt_cache is not None:
         raise QuantizeError("--trt-cache needs static calibration; it cannot be combined with --dynamic")
     if budget is not None and settings.dynamic:

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper
 
 from lowbit.onnx.graph import Graph
+from lowbit.onnx.model import session as model_session
 
 UNARY = frozenset(
     "Relu Clip Sigmoid Tanh Erf Exp Log Neg Abs Sqrt Reciprocal HardSigmoid HardSwish LeakyRelu Elu Selu Celu "
@@ -81,10 +81,7 @@ class Region:
 
 def run_function(model: onnx.ModelProto, values: np.ndarray) -> np.ndarray:
     """The one output of ``model`` (one input) on ``values``; shaped like ``values``."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    session = model_session(model, optimize=False)
     out = session.run(None, {session.get_inputs()[0].name: np.asarray(values, np.float32)})[0]
     return np.broadcast_to(out, np.shape(values)) if out.size == np.size(values) else out
 

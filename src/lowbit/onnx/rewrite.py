@@ -18,7 +18,7 @@ from onnx import helper
 
 from lowbit.core import QuantSpec, dequantize, fitted_qparams, pow2_ceil, qparams, quantize, weight_range
 from lowbit.errors import CalibrationError, FormatError
-from lowbit.onnx import controlflow
+from lowbit.onnx import controlflow, fp8
 from lowbit.onnx.graph import Graph, Names
 from lowbit.onnx.placement import Plan
 
@@ -58,14 +58,16 @@ def weight_scale(
     floor: np.ndarray | None = None,
     bits: int = 8,
     scale_kind: str = "float",
+    fmt: str = "int",
 ) -> np.ndarray:
     """The symmetric signed scale of a weight per channel along ``axis`` (or per tensor): ``amax / 127`` of the
     range ``method`` fits to its values (:func:`lowbit.core.weight_range`: ``minmax`` its own max|w|, ``mse``,
     ``admm`` with ``options``), raised to ``floor`` (per channel or a scalar) where it is smaller
     (:func:`weight_scale_floors`). ``scale_kind="pow2"``: the power of two that fits the weight best
-    (:func:`lowbit.core.fitted_qparams`), and a floor rounded up to one. Every weight scale of the ONNX front end
-    comes from here."""
-    spec = QuantSpec(bits=bits, axis=axis, scale_kind=scale_kind)
+    (:func:`lowbit.core.fitted_qparams`), and a floor rounded up to one. ``fmt="fp8_e4m3"`` / ``"fp8_e5m2"``:
+    ``amax / 448`` / ``amax / 57344`` (:mod:`lowbit.onnx.fp8`). Every weight scale of the ONNX front end comes
+    from here."""
+    spec = QuantSpec(bits=bits, axis=axis, scale_kind=scale_kind, format=fmt)
     scale, _ = fitted_qparams(w, *weight_range(w, spec, method, dict(options or {})), spec)
     if floor is not None:
         floor = np.asarray(floor, np.float32).reshape(scale.shape)
@@ -76,13 +78,13 @@ def weight_scale(
 
 
 def weight_qparams(
-    w: np.ndarray, axis: int | None, bits: int = 8, scale: np.ndarray | None = None
+    w: np.ndarray, axis: int | None, bits: int = 8, scale: np.ndarray | None = None, fmt: str = "int"
 ) -> tuple[QParams, np.ndarray]:
     """Symmetric signed per-channel (or per-tensor) parameters of a weight at ``scale`` (default: its own max|w|,
-    :func:`weight_scale`), and its nearest integer codes."""
-    spec = QuantSpec(bits=bits, axis=axis)
-    scale = weight_scale(w, axis, bits=bits) if scale is None else np.asarray(scale, np.float32)
-    zp = np.zeros(scale.shape, dtype=spec.dtype)
+    :func:`weight_scale`), and its nearest codes (integers; FP8: the uint8 bit patterns, zero point +0.0)."""
+    spec = QuantSpec(bits=bits, axis=axis, format=fmt)
+    scale = weight_scale(w, axis, bits=bits, fmt=fmt) if scale is None else np.asarray(scale, np.float32)
+    zp = np.zeros(scale.shape, dtype=spec.dtype if fmt == "int" else np.uint8)
     return QParams(scale, zp, axis), quantize(w, scale, zp, spec)  # (scale_kind does not change the codes)
 
 
@@ -101,8 +103,10 @@ def weight_scales(
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
         axis = None if axis is None or w.ndim == 0 else axis
-        kind = plan.activation.scale_kind  # one scale kind for the whole model
-        out[name] = weight_scale(w, axis, method=method, options=options, floor=floors.get(name), scale_kind=kind)
+        kind, fmt = plan.activation.scale_kind, plan.activation.format  # one of each for the whole model
+        out[name] = weight_scale(
+            w, axis, method=method, options=options, floor=floors.get(name), scale_kind=kind, fmt=fmt
+        )
     return out
 
 
@@ -144,7 +148,8 @@ def _plan_weights(
     scales = scales or {}
     for name, axis in plan.weights.items():
         w = graph.value(name).astype(np.float32)
-        p, q = weight_qparams(w, None if axis is None or w.ndim == 0 else axis, scale=scales.get(name))
+        axis = None if axis is None or w.ndim == 0 else axis
+        p, q = weight_qparams(w, axis, scale=scales.get(name), fmt=plan.activation.format)
         if codes is not None and name in codes:
             if codes[name].shape != q.shape:
                 raise ValueError(f"codes for {name!r} have shape {codes[name].shape}, the weight {q.shape}")
@@ -158,9 +163,11 @@ def dequantized_weights(
     codes: Mapping[str, np.ndarray] | None = None,
     scales: Mapping[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """The value every weight of ``plan`` takes after int8 quantization, as the quantized model computes it."""
+    """The value every weight of ``plan`` takes after quantization (int8 or FP8), as the quantized model computes
+    it."""
+    fmt = plan.activation.format
     return {
-        name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis))
+        name: dequantize(q, p.scale, p.zero_point, QuantSpec(axis=p.axis, format=fmt))
         for name, p, q in _plan_weights(Graph(model), plan, codes, scales)
     }
 
@@ -186,7 +193,7 @@ def insert_qdq(
     if scales is None:
         scales = weight_scales(graph, plan, weight_scale_floors(graph, plan, act))
     _apply(graph, plan, act, codes, scales, taken)
-    _ensure_opset(out, 13)
+    _ensure_opset(out, fp8.OPSET if fp8.is_fp8(plan.activation.format) else 13)
     return out
 
 
@@ -202,12 +209,12 @@ def _rewrite_bodies(out: onnx.ModelProto, view: Graph, plan: Plan, ranges, taken
 
 def _apply(graph: Graph, plan: Plan, act, codes, scales, taken: set[str]) -> None:
     """Write ``plan`` into the graph ``graph`` indexes (the main graph or a body), in place."""
-    rewrite = _Rewrite(graph.proto, graph)
+    rewrite = _Rewrite(graph.proto, graph, plan.activation.format)
     rewrite.names.used |= taken
     weights = {}
     for name, p, q in _plan_weights(graph, plan, codes, scales):
         weights[name] = p
-        rewrite.dequantized_constant(name, q, p)
+        rewrite.dequantized_constant(name, q, p, rewrite.fmt)
     rewrite.biases(plan, act, weights)
     rewrite.elementwise_constants(plan)
     rewrite.activations(act)
@@ -220,8 +227,9 @@ def _apply(graph: Graph, plan: Plan, act, codes, scales, taken: set[str]) -> Non
 class _Rewrite:
     """The new nodes and initializers of :func:`insert_qdq`, gathered, then wired into the graph."""
 
-    def __init__(self, g: onnx.GraphProto, graph: Graph):
+    def __init__(self, g: onnx.GraphProto, graph: Graph, fmt: str = "int"):
         self.g, self.graph, self.names = g, graph, Names(g)
+        self.fmt = fmt  # of activations and weights: FP8 codes and zero points are stored as FLOAT8
         self.head: list[onnx.NodeProto] = []  # DequantizeLinear of constants: before every node
         self.new_inits: list[onnx.TensorProto] = []
         self.replaced: set[str] = set()
@@ -233,10 +241,11 @@ class _Rewrite:
     def init(self, base: str, array: np.ndarray) -> str:
         return self.names.initializer(base, array, self.new_inits)
 
-    def dequantized_constant(self, name: str, q: np.ndarray, p: QParams) -> None:
-        """Store constant ``name`` as the integers ``q`` behind a DequantizeLinear that gives its old name."""
-        inputs = [self.init(f"{name}_quantized", q), self.init(f"{name}_scale", p.scale),
-                  self.init(f"{name}_zero_point", p.zero_point)]  # fmt: skip
+    def dequantized_constant(self, name: str, q: np.ndarray, p: QParams, fmt: str = "int") -> None:
+        """Store constant ``name`` as the codes ``q`` of format ``fmt`` (integers, or FLOAT8 for FP8) behind a
+        DequantizeLinear that gives its old name."""
+        inputs = [self.init(f"{name}_quantized", fp8.stored(q, fmt)), self.init(f"{name}_scale", p.scale),
+                  self.init(f"{name}_zero_point", fp8.stored(p.zero_point, fmt))]  # fmt: skip
         attrs = {"axis": p.axis} if p.axis is not None and np.ndim(p.scale) > 0 else {}
         dq = self.names.new(f"{name}_DequantizeLinear")
         self.head.append(helper.make_node("DequantizeLinear", inputs, [name], name=dq, **attrs))
@@ -273,7 +282,7 @@ class _Rewrite:
             if id(p) not in param_names:
                 param_names[id(p)] = (
                     self.init(f"{tensor}_scale", p.scale),
-                    self.init(f"{tensor}_zero_point", p.zero_point),
+                    self.init(f"{tensor}_zero_point", fp8.stored(p.zero_point, self.fmt)),
                 )
             scale_name, zp_name = param_names[id(p)]
             if tensor in self.graph.inputs:

@@ -60,8 +60,8 @@ def layer_sensitivity(
 
 
 def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
-    """Per-tensor vs per-channel int8 SQNR of every weight of ``plan`` that has output channels (whatever the
-    plan chose for it), worst per tensor first."""
+    """Per-tensor vs per-channel SQNR (in the plan's format: int8 or FP8) of every weight of ``plan`` that has
+    output channels (whatever the plan chose for it), worst per tensor first."""
     out, seen = [], set()
     for node in graph.nodes:
         rule = rule_for(node)
@@ -78,6 +78,6 @@ def weight_reports(graph: Graph, plan: placement.Plan) -> list[WeightReport]:
                 continue
             groups = attribute(node, "group", 1)
             depthwise = node.op_type == "Conv" and groups > 1 and groups == w.shape[0]
-            report = weight_report(graph.node_name(node), name, w, axis, depthwise)
+            report = weight_report(graph.node_name(node), name, w, axis, depthwise, plan.activation.format)
             out.append(report)
     return sorted(out, key=lambda r: r.per_tensor_sqnr_db)

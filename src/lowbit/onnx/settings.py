@@ -18,11 +18,16 @@ from typing import Any
 from lowbit.core import QuantSpec, check_weight_method
 from lowbit.errors import LowbitError, SpecError
 from lowbit.onnx import rounding as weight_rounding
+from lowbit.onnx.fp8 import is_fp8
 from lowbit.recipe import Config, Target, as_config, get_target, preset, resolve
 
 DEFAULT_TARGET = "ort"  # the target of a recipe that names none
+FP8_TARGET = "trt"  # ... and of an FP8 recipe: FP8 runs on TensorRT (ONNX Runtime's CPU only emulates it)
 DEFAULT_ROUNDING = "gptq"
 HOLDOUT = 64  # samples kept apart for the float vs quantized comparison when no evaluation data is given
+
+
+FORMAT_PRESETS = ("int8", "fp8", "fp8_e4m3", "fp8_e5m2")  # --format: each the preset of that name
 
 
 class QuantizeError(LowbitError, ValueError):
@@ -51,11 +56,18 @@ class Settings:
     def dynamic(self) -> bool:
         return self.method is None
 
+    @property
+    def format(self) -> str:
+        """The number format of activations and weights alike (``"int"``, ``"fp8_e4m3"``, ``"fp8_e5m2"``)."""
+        return self.activation.format
+
     @classmethod
     def of(cls, config: str | Config) -> Settings:
         """The settings of ``config`` (a preset name or a Config), or a QuantizeError naming what the ONNX front
         end cannot build."""
-        config = resolve(as_config(config), DEFAULT_TARGET)
+        config = as_config(config)
+        fp8 = is_fp8(_format_of(config.default))
+        config = resolve(config, FP8_TARGET if fp8 else DEFAULT_TARGET)
         target = get_target(config.target)
         layer = config.default
         _check_layer(layer, target)
@@ -72,8 +84,10 @@ class Settings:
             raise QuantizeError("residual_adds is for PyTorch models; for ONNX use target 'trt' (it quantizes skips)")
         dynamic = layer.input.dynamic
         activation = QuantSpec(signed=True, symmetric=True) if dynamic else layer.input.spec(None)
-        rounding = config.rounding or DEFAULT_ROUNDING
+        rounding = config.rounding or ("nearest" if fp8 else DEFAULT_ROUNDING)
         weight_rounding.get(rounding)
+        if fp8:
+            _check_fp8(config, rounding)
         if dynamic and config.rounding not in (None, "nearest"):
             raise QuantizeError(f"rounding {rounding!r} fits codes to calibration data; dynamic quantization has none")
         bias_correction = not dynamic and config.bias_correction is not False
@@ -103,6 +117,26 @@ def _glob_regex(glob: str) -> str:
     return "^" + fnmatch.translate(glob)
 
 
+def _format_of(layer) -> str:
+    """The format of a layer config's quantizers (``"int"`` when it has none)."""
+    given = [q.format for q in (layer.input, layer.weight) if q is not None] if layer is not None else []
+    return next((f for f in given if f != "int"), "int")
+
+
+def _check_fp8(config: Config, rounding: str) -> None:
+    """Refuse what an FP8 build (:mod:`lowbit.onnx.fp8`) does not do, each in one line that names the option."""
+    fmt = config.default.input.format
+    if rounding != "nearest":
+        raise QuantizeError(
+            f"rounding {rounding!r} (--rounding) chooses integer weight codes; --format {fmt} rounds weights to "
+            "the nearest FP8 value (drop --rounding)"
+        )
+    if config.refine is not None:
+        raise QuantizeError(
+            f"refine {config.refine!r} (--refine) searches integer-grid scales; it does not run with --format {fmt}"
+        )
+
+
 def _check_layer(layer, target: Target) -> None:
     if layer is None or layer.input is None or layer.weight is None:
         raise QuantizeError(
@@ -110,12 +144,23 @@ def _check_layer(layer, target: Target) -> None:
             "the default layer config needs both an input and a weight config"
         )
     w = layer.weight
-    formats = [q.format for q in (layer.input, w) if q.format != "int"]
-    if formats:  # FP8 Q/DQ is written by lowbit.torch's export only, so far
+    if layer.input.format != w.format:
         raise QuantizeError(
-            f"format {formats[0]!r}: the ONNX front end builds integer Q/DQ only; quantize the PyTorch model "
-            "(lowbit.torch.quantize with preset 'fp8', then lowbit.torch.export_onnx)"
+            f"the ONNX front end takes one number format for the whole model; the recipe's weights are "
+            f"{w.format!r} and its activations {layer.input.format!r} (--format sets both)"
         )
+    if w.format != "int" and not is_fp8(w.format):
+        raise QuantizeError(f"format {w.format!r}: the ONNX front end builds int8 and FP8 (fp8_e4m3, fp8_e5m2) only")
+    if is_fp8(w.format):
+        if layer.input.dynamic:
+            raise QuantizeError(f"format {w.format!r} needs static quantization (drop --dynamic): ONNX Runtime's "
+                                "dynamic quantization is integer")  # fmt: skip
+        if not target.float8:
+            raise QuantizeError(
+                f"--format {w.format} --target {target.name}: that layout is made for {target.runtime}, which has "
+                "no FP8 kernels; FP8 Q/DQ are laid out for TensorRT (--target trt, the default for FP8) or for a "
+                "runtime that fuses Q/DQ itself (--target qdq)"
+            )
     if w.bits != 8 or w.granularity == "group" or not w.symmetric or not w.signed:
         raise QuantizeError(
             f"the ONNX front end stores int8 symmetric weights per channel or per tensor; got {w.bits}-bit "
@@ -229,9 +274,19 @@ def edit(
     refine: str | None = None,
     weight_method: str | None = None,
     scale: str | None = None,
+    format: str | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
-    given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer."""
+    given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer,
+    ``format`` (a preset named after a format: ``int8``, ``fp8``, ``fp8_e4m3``, ``fp8_e5m2``) from that preset's
+    layer and its weight rounding (FP8: nearest), the other options applied over it."""
+    if format is not None:
+        if format not in FORMAT_PRESETS:
+            raise QuantizeError(f"unknown format {format!r} (--format); formats: {', '.join(FORMAT_PRESETS)}")
+        if dynamic and format != "int8":
+            raise QuantizeError(f"--format {format} needs static quantization: drop --dynamic")
+        chosen = preset(format)
+        config = replace(config, default=chosen.default, rounding=chosen.rounding)
     if dynamic:
         config = replace(config, default=preset("int8_dynamic").default)
     if method is not None or method_options is not None:

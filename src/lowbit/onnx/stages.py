@@ -17,7 +17,7 @@ import onnx
 from tqdm.auto import tqdm
 
 from lowbit.data import FeedSource, InputSpec, open_feeds
-from lowbit.onnx import activations, controlflow, easyquant, mixed, placement
+from lowbit.onnx import activations, controlflow, easyquant, fp8, mixed, placement
 from lowbit.onnx.calibration import Calibrated, calibrate_model
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import batch_size_for, free_batch, input_specs, load_model, preprocess
@@ -42,9 +42,10 @@ class Model:
 def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
     """Load and preprocess the model at ``path``, rewrite its decomposed activations as single ops and, for a
     target that runs them best so, lower those on integer paths to integer ops (:mod:`lowbit.onnx.activations`);
-    a recipe exclusion that names nothing in it is an error."""
+    a recipe exclusion that names nothing in it is an error. An FP8 recipe first raises the model to opset 19
+    (FLOAT8 Q/DQ; :func:`lowbit.onnx.fp8.raised`)."""
     original = load_model(path)
-    float_model = preprocess(original)
+    float_model = preprocess(fp8.raised(original, settings.format) if fp8.is_fp8(settings.format) else original)
     lowering = not settings.dynamic and settings.target.integer_activations
     fused = activations.fuse(float_model, lowering)
     if lowering:

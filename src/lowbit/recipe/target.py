@@ -35,6 +35,9 @@ class Target:
     integer_activations: activations that the runtime has no integer kernel for (HardSwish, HardSigmoid) are
         written as the integer ops it has (an Add whose quantizer clips, a Mul, a scale folded into a
         DequantizeLinear: ``lowbit.onnx.activations.lower``) where their input arrives as integers.
+    float8: the layout also serves FP8 (FLOAT8 Q/DQ, ``--format fp8``): the runtime builds FP8 from explicit Q/DQ
+        (TensorRT on Hopper). Not ``ort``: ONNX Runtime's CPU has no FP8 kernels, and its layout is made for
+        its integer kernels (int32 biases, Relu absorbed by a zero point, integer elementwise ops).
     """
 
     name: str
@@ -48,6 +51,7 @@ class Target:
     int8_tables: bool = False
     timed_on_ort: bool = True
     integer_activations: bool = False
+    float8: bool = False
 
     def check_activation(self, spec: QuantSpec) -> None:
         """Refuse an activation grid this runtime cannot run."""

@@ -18,5 +18,6 @@ QDQ = register_target(
         placement="every-op",
         fixed_activation=True,
         timed_on_ort=False,
+        float8=True,
     )
 )

@@ -17,5 +17,6 @@ TRT = register_target(
         placement="compute-inputs",
         fixed_activation=True,
         timed_on_ort=False,
+        float8=True,
     )
 )
