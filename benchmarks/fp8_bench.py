@@ -58,12 +58,12 @@ CONFIGS = {  # label -> (preset, activation method or None for the preset's own)
 }
 
 
-def _ort(path: Path, x: np.ndarray, y: np.ndarray, basic: bool = False) -> tuple[float, float]:
+def _ort(path: Path, x: np.ndarray, y: np.ndarray, no_opt: bool = False) -> tuple[float, float]:
     """Top-1 of the ONNX model at ``path`` in ONNX Runtime (CPU) and its median latency (ms) for 64 images;
-    ``basic``: graph optimizations up to ORT_ENABLE_BASIC only."""
+    ``no_opt``: no graph optimization (ORT_DISABLE_ALL), as an FP8 model must run on ONNX Runtime 1.32's CPU."""
     so = ort.SessionOptions()
-    if basic:
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    if no_opt:
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     out = np.concatenate([sess.run(None, {"input": x[i : i + 1000]})[0] for i in range(0, len(x), 1000)])
     return float((out.argmax(1) == y).mean()), median_ms(sess, {"input": x[:64]}, runs=20, warmup=3)
@@ -98,7 +98,7 @@ def bench(name: str, work: Path, test_images: int, calib_images: int) -> dict:
         seconds = time.perf_counter() - t0
         path = lt.export_onnx(q, example, work / f"{name}_{preset}_{method}.onnx")
         fp8 = preset.startswith("fp8")
-        top1, ms = _ort(path, x_test, y_test, basic=fp8)
+        top1, ms = _ort(path, x_test, y_test, no_opt=fp8)
         rows[label] = {"top1": evaluate(q, x_test, y_test), "onnx_top1": top1, "ort_ms": ms,
                        "size_mb": path.stat().st_size / 1e6, "quantize_s": seconds}  # fmt: skip
         if fp8:  # ONNX Runtime's default (all graph optimizations)
@@ -123,8 +123,8 @@ def _recipe(row):
 
 
 def _run(path: Path, feeds: list[dict]) -> np.ndarray:
-    """The first output of the model at ``path`` on each feed, through lowbit's session (an FP8 model at
-    ORT_ENABLE_BASIC, as it must run)."""
+    """The first output of the model at ``path`` on each feed, through lowbit's session (an FP8 model with no
+    graph optimization, as it must run)."""
     sess = session(path)
     return np.concatenate([sess.run(None, f)[0] for f in feeds])
 
@@ -199,7 +199,8 @@ def render_onnx(results: dict) -> str:
              "front end's defaults (mse ranges, GPTQ, bias correction) for ONNX Runtime (`--target ort`) and for "
              "TensorRT (`--target trt`, the like-for-like layout). Latency: ONNX Runtime "
              f"{ort.__version__} CPU, median of 10 runs at batch 8, on {machine().get('cpu', 'this CPU')}, FP8 at "
-             "ORT_ENABLE_BASIC (its default, ORT_ENABLE_ALL, computes FP8 Q/DQ wrongly), on a shared, loaded machine: "
+             "ORT_DISABLE_ALL (its default, ORT_ENABLE_ALL, computes FP8 Q/DQ wrongly, ORT_ENABLE_BASIC E5M2), on a "
+             "shared, loaded machine: "
              "rough figures. ONNX Runtime's CPU has no "
              "FP8 kernels: the FP8 latency is emulation (casts around float kernels), not FP8 speed; a `--target "
              "trt` layout is for TensorRT, not for ORT's integer kernels either.", ""]  # fmt: skip
@@ -238,7 +239,8 @@ def render(results: dict) -> str:
              f"{ort.__version__} CPU; latency: median of 20 runs, batch 64, on {machine().get('cpu', 'this CPU')}. "
              "ONNX Runtime's CPU has no FP8 kernels: FP8 Q/DQ stays as casts around float kernels (no fusion), so its "
              "latency is emulation, not what FP8 hardware (Hopper, Blackwell with TensorRT) runs. FP8 rows run with "
-             "graph optimizations up to ORT_ENABLE_BASIC: with ONNX Runtime's default (all optimizations) its CPU "
+             "no graph optimization (ORT_DISABLE_ALL; at ORT_ENABLE_BASIC E5M2 still comes out wrong): with ONNX "
+             "Runtime's default (all optimizations) its CPU "
              "QDQ transformers mis-handle FLOAT8 Q/DQ (wrong outputs, or a Clip+QuantizeLinear fusion that refuses "
              "a FLOAT8 zero point at load); the column 'all optimizations' shows what they give.", ""]  # fmt: skip
     for name, res in results.get("models", {}).items():

@@ -470,7 +470,7 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
         help="number format of activations and weights: int8 (default) or fp8 (E4M3FN; fp8_e5m2 for E5M2): "
         "FLOAT8 Q/DQ at opset 19, scale = amax / 448 (or 57344), weights stored as FP8, biases float, weights "
         "rounded to nearest; laid out for TensorRT (--target trt, the default for FP8) or qdq. ONNX Runtime's CPU "
-        "only emulates FP8 and must run it with ORT_ENABLE_BASIC graph optimizations",
+        "only emulates FP8 and must run it with graph optimizations off (ORT_DISABLE_ALL)",
     )  # fmt: skip
     parser.add_argument(
         "--exclude",

@@ -13,7 +13,7 @@ kernels), and TensorRT's FP8 keeps biases in higher precision. FLOAT8 Q/DQ needs
 ONNX Runtime's CPU has no FP8 kernels: it emulates (float kernels between casts to and from float8), and
 ONNX Runtime 1.32 computes FP8 Q/DQ models wrongly with its default graph optimizations (ORT_ENABLE_ALL: wrong
 outputs, or a failed Clip + QuantizeLinear fusion with a FLOAT8 zero point). Every session lowbit opens on a
-model that :func:`uses_fp8` runs with ORT_ENABLE_BASIC (:func:`lowbit.onnx.model.session_options`), and users
+model that :func:`uses_fp8` runs with ORT_DISABLE_ALL (:func:`lowbit.onnx.model.session_options`), and users
 must do the same (:data:`ORT_ADVICE`).
 """
 
@@ -40,8 +40,9 @@ _FLOAT8 = {
 }
 ORT_ADVICE = (
     "run the FP8 model in ONNX Runtime with sess_options.graph_optimization_level = "
-    "onnxruntime.GraphOptimizationLevel.ORT_ENABLE_BASIC: ONNX Runtime's CPU computes FLOAT8 Q/DQ wrongly with "
-    "its default ORT_ENABLE_ALL, and it has no FP8 kernels (it emulates: no speed-up; TensorRT on Hopper runs FP8)"
+    "onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL: ONNX Runtime 1.32's CPU computes FLOAT8 Q/DQ wrongly "
+    "with its default ORT_ENABLE_ALL (and E5M2 with ORT_ENABLE_BASIC too), and it has no FP8 kernels (it "
+    "emulates: no speed-up; TensorRT on Hopper runs FP8)"
 )
 
 

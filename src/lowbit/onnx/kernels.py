@@ -151,11 +151,11 @@ def profile(
     model: onnx.ModelProto | str | Path, feed: Mapping[str, np.ndarray], runs: int = 10, warmup: int = 3
 ) -> Profile:
     """Run ``model`` ``warmup`` + ``runs`` times on ``feed`` under ONNX Runtime's profiler, with its graph
-    optimizations on (as deployed; an FP8 model up to ORT_ENABLE_BASIC: :func:`lowbit.onnx.model.session_options`),
+    optimizations on (as deployed; an FP8 model with none: :func:`lowbit.onnx.model.session_options`),
     and read what ran in the last ``runs``."""
     with tempfile.TemporaryDirectory(prefix="lowbit-profile-") as tmp:
         loaded = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
-        options = session_options(loaded)  # an FP8 model at ORT_ENABLE_BASIC, as it must run
+        options = session_options(loaded)  # an FP8 model with no graph optimization, as it must run
         options.enable_profiling = True
         options.profile_file_prefix = str(Path(tmp) / "profile")
         if isinstance(model, onnx.ModelProto):

@@ -99,7 +99,7 @@ class QuantizeResult:
                 f"{get_target(self.target).runtime}, not for this)"
             )
         if fp8.is_fp8(self.format):
-            text += "\n(ONNX Runtime's CPU emulates FP8: float kernels between casts; timed at ORT_ENABLE_BASIC)"
+            text += "\n(ONNX Runtime's CPU emulates FP8: float kernels between casts; no graph optimization)"
         for b, why in self.untimed.items():
             text += f"\n(- at batch {b}: {why})"
         if self.agreement is not None:
