@@ -59,12 +59,18 @@ def _pow2_weights_only():
     return replace(preset("int8"), default=replace(layer, weight=replace(layer.weight, scale="pow2")))
 
 
+def _stochastic_in_training():
+    layer = preset("int8").default
+    return replace(preset("int8"), default=replace(layer, weight=replace(layer.weight, rounding="stochastic")))
+
+
 @pytest.mark.parametrize(
     "make, message",
     [
         (lambda: edit(preset("int8"), scale="pow2", refine="easyquant"), "refine 'easyquant' searches scales by"),
         (lambda: edit(preset("int8"), scale="pow2", dynamic=True), "scale 'pow2' needs static quantization"),
         (_pow2_weights_only, "one scale kind for the whole model"),
+        (_stochastic_in_training, "the ONNX front end draws weight codes so with --rounding stochastic"),
     ],
 )
 def test_what_pow2_cannot_do_is_a_one_line_error(make, message):

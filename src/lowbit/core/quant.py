@@ -205,6 +205,7 @@ def mse_range_per_slice(x, spec: QuantSpec, num_candidates: int = 80, smallest: 
     (True, True)
     """
     x = np.asarray(x, dtype=np.float32)
+    spec = spec.replace(rounding="nearest")  # the search compares ranges, not draws of a noise
     lo, hi = layout.reduce(x, spec, "min"), layout.reduce(x, spec, "max")
     best_lo, best_hi, best = lo, hi, None
     for f in np.linspace(1.0, smallest, num_candidates):

@@ -99,6 +99,8 @@ class QuantSpec:
             raise SpecError(
                 "QuantSpec.bits=1 is binarization (sign(x) * mean|x|): it needs signed=True and symmetric=True"
             )
+        if self.bits == 1 and self.scale_kind != "float":
+            raise SpecError("QuantSpec.bits=1 is binarization, whose scale is mean|x|: it needs scale_kind='float'")
 
     @property
     def qmin(self) -> int:

@@ -144,6 +144,11 @@ def _check_layer(layer, target: Target) -> None:
             "the default layer config needs both an input and a weight config"
         )
     w = layer.weight
+    if "stochastic" in (w.rounding, layer.input.rounding):
+        raise QuantizeError(
+            "QuantizerConfig(rounding='stochastic') is stochastic rounding in QAT's training steps (lowbit.torch); "
+            "the ONNX front end draws weight codes so with --rounding stochastic (Config.rounding)"
+        )
     if layer.input.format != w.format:
         raise QuantizeError(
             f"the ONNX front end takes one number format for the whole model; the recipe's weights are "

@@ -102,12 +102,12 @@ class QuantizerConfig:
     @property
     def scales_itself(self) -> bool:
         """Binary (``bits=1``, mean|w|) and ternary weights: the scale is the weight's own at every step."""
-        return self.bits == 1 if self.format == "int" else number_formats.get(self.format).scale_from_tensor
+        return number_formats.scales_itself(self)
 
     @property
     def weights_only(self) -> bool:
         """A format for constant weights only (binary, ternary, log2)."""
-        return self.scales_itself or (self.format != "int" and number_formats.get(self.format).weights_only)
+        return number_formats.weights_only(self)
 
     @property
     def follows_target(self) -> bool:

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from lowbit.core.formats import scales_itself
 from lowbit.errors import CalibrationError
 from lowbit.torch.layers import QuantMixin
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
@@ -96,6 +97,8 @@ def refinable(module: nn.Module) -> bool:
     if type(module)._weight_to_quantize is not QuantMixin._weight_to_quantize:  # e.g. a conv with its BN (QAT)
         return False
     q = module.weight_quantizer
+    if q.spec.format != "int" or scales_itself(q.spec):  # its scales are a float grid's (or the weight's own)
+        return False
     return q.mode == "quantize" and q.calibrated and not q.dynamic
 
 

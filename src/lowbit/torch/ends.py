@@ -16,7 +16,12 @@ from torch import nn
 from lowbit.recipe import Config, QuantizerConfig
 from lowbit.torch.layers import MODULE_MAP, Add
 
-ENDS_WEIGHT = QuantizerConfig(granularity="channel")  # int8 per output channel, the int8 preset's weights
+
+def int8_weight(weight: QuantizerConfig) -> QuantizerConfig:
+    """``weight`` as int8 per output channel (the int8 preset's weights), its scale kind and LSQ kept."""
+    learn = weight.learn_scale and not weight.scales_itself
+    return replace(weight, bits=8, format="int", granularity="channel", group_size=None, method="minmax",
+                   method_options={}, rounding="nearest", learn_scale=learn)  # fmt: skip
 
 
 def _exact(name: str) -> str:
@@ -40,5 +45,6 @@ def resolve_ends(model: nn.Module, config: Config) -> Config:
         return config
     names = weighted_layers(model, config)
     for name in dict.fromkeys(names[:1] + names[-1:]):
-        config = config.override(_exact(name), replace(config.for_layer(name), weight=ENDS_WEIGHT))
+        layer = config.for_layer(name)
+        config = config.override(_exact(name), replace(layer, weight=int8_weight(layer.weight)))
     return config

@@ -278,8 +278,8 @@ def _check_formats(cfg: Config, rounding: str) -> None:
     """Weight roundings (GPTQ, AdaRound) choose integer codes: weights in another number format (FP8) round to
     nearest."""
     layers = [cfg.default, *(layer for _, layer in cfg.overrides)]
-    formats = [lc.weight.format for lc in layers if lc is not None and lc.weight is not None]
-    other = [f for f in formats if f != "int"]
+    weights = [lc.weight for lc in layers if lc is not None and lc.weight is not None]
+    other = [w.format if w.format != "int" else "binary" for w in weights if w.format != "int" or w.scales_itself]
     if other and rounding != "nearest":
         raise SpecError(f"rounding={rounding!r} chooses integer codes; {other[0]} weights round to nearest only")
 

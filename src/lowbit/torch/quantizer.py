@@ -141,6 +141,8 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         if learn_scale and formats.scales_itself(spec):
             raise SpecError("learn_scale: binary and ternary weights take their scale from the weight at every step")
+        if spec.group_size is not None and formats.scales_itself(spec):
+            raise SpecError("binary and ternary weights are per channel or per tensor in lowbit.torch, not per group")
         self.spec = spec
         self.method, self.method_options = method, dict(method_options or {})
         self.dynamic, self.learn_scale, self.name = dynamic, learn_scale, name
@@ -225,6 +227,8 @@ class TensorQuantizer(nn.Module):
         (:meth:`set_range`) and by training, which changes the weight they were chosen for."""
         if not self.is_weight or not self.calibrated or self.dynamic:
             raise CalibrationError(f"{self._describe()}: only a calibrated weight quantizer takes codes")
+        if self.spec.format != "int" or formats.scales_itself(self.spec):
+            raise CalibrationError(f"{self._describe()}: its {self.spec.format} weights have no integer codes to set")
         if self.spec.format != "int":
             raise CalibrationError(
                 f"{self._describe()}: codes are integers; format {self.spec.format!r} rounds to nearest"
@@ -520,7 +524,12 @@ class TensorQuantizer(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # The scale's shape is only known after calibration: take the saved one.
+        saved_exponent = state_dict.get(prefix + "log2_scale")
+        if self.learns_exponent and saved_exponent is None and prefix + "scale" in state_dict:
+            state_dict[prefix + "log2_scale"] = torch.log2(state_dict[prefix + "scale"])  # from a float-scale model
+        elif not self.learns_exponent and saved_exponent is not None:
+            del state_dict[prefix + "log2_scale"]  # a learned power of two into a fixed one: its scale says it all
         for key in ("scale", "zero_point", "codes", "log2_scale"):
-            if prefix + key in state_dict:
+            if prefix + key in state_dict and hasattr(self, key):
                 getattr(self, key).data = torch.empty_like(state_dict[prefix + key])
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)

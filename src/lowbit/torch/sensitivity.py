@@ -55,9 +55,18 @@ from lowbit.errors import CalibrationError, SpecError
 from lowbit.recipe import Config
 from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import resolve
+from lowbit.torch.ends import int8_weight
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 from lowbit.torch.runner import run_batch
-from lowbit.torch.switches import kept_float, only, own_quantizers, quantized_layers, quantized_weights, wider_weights
+from lowbit.torch.switches import (
+    int_spec,
+    kept_float,
+    only,
+    own_quantizers,
+    quantized_layers,
+    quantized_weights,
+    wider_weights,
+)
 
 MODES = ("float", "bits")
 MINIMIZE = ("layers", "size")
@@ -332,7 +341,7 @@ def _widen_or_float(model: nn.Module, names: Iterable[str], kind: str) -> None:
         if kind == "bits":
             qs = quantized_weights(layer)
             for q in qs:
-                q.spec = replace(q.spec, bits=8)
+                q.spec = int_spec(q.spec)
             if qs:
                 layer.calibrate_weight()
         else:
@@ -364,7 +373,7 @@ def mixed_config(config: str | Config, result: MixedResult) -> Config:
         if result.kind == "float" or layer is None:
             config = config.override(glob.escape(name), None)
         elif layer.weight is not None:
-            config = config.override(glob.escape(name), replace(layer, weight=replace(layer.weight, bits=8)))
+            config = config.override(glob.escape(name), replace(layer, weight=int8_weight(layer.weight)))
     return config
 
 

@@ -47,8 +47,9 @@ def packed_weight_bytes(model: nn.Module) -> dict[str, float]:
         out["codes"] += codes
         out[_label(q.spec)] = out.get(_label(q.spec), 0.0) + codes
         out["scales"] += 4 * q.scale.numel()
-    for p in model.parameters():
-        if id(p) not in counted and not any(p is q.scale for q in model.modules() if isinstance(q, TensorQuantizer)):
+    quantizer_params = {id(p) for q in model.modules() if isinstance(q, TensorQuantizer) for p in q.parameters()}
+    for p in model.parameters():  # a learned scale (or its exponent) is a scale, counted above, not a float weight
+        if id(p) not in counted and id(p) not in quantizer_params:
             out["float"] += 4 * p.numel()
     out["total"] = out["codes"] + out["scales"] + out["float"]
     return out

@@ -9,6 +9,7 @@ from dataclasses import replace
 
 from torch import nn
 
+from lowbit.core import QuantSpec
 from lowbit.torch.quantizer import TensorQuantizer
 
 
@@ -73,7 +74,7 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
                 continue
             for q in qs:
                 saved.append((q, q.spec, q.scale.data, q.zero_point.data, q.codes.data))
-                q.spec = replace(q.spec, bits=bits)
+                q.spec = int_spec(q.spec, bits)
             layer.calibrate_weight()
         yield
     finally:
@@ -81,6 +82,12 @@ def wider_weights(model: nn.Module, names: Iterable[str], bits: int = 8, layers=
             q.spec = spec
             q.set_qparams(scale.cpu().numpy(), zero_point.cpu().numpy())  # a learned exponent follows the scale
             q.codes = codes
+
+
+def int_spec(spec: QuantSpec, bits: int = 8) -> QuantSpec:
+    """``spec`` as uniform integers of ``bits`` rounded to nearest (a widened layer leaves FP8, log2, ternary or
+    binary for int8; its scale kind and layout stay)."""
+    return replace(spec, bits=bits, format="int", rounding="nearest")
 
 
 def quantized_weights(layer: nn.Module) -> list[TensorQuantizer]:

@@ -34,7 +34,7 @@ import numpy as np
 
 from lowbit.core import layout
 from lowbit.core.formats import registry
-from lowbit.core.quant import pow2_ceil
+from lowbit.core.quant import checked_range, pow2_ceil
 from lowbit.errors import SpecError
 
 DOMAINS = {"linear": 0.75, "log": float(np.sqrt(0.5))}  # mantissa of r (frexp's, in [0.5, 1)) above which 2^(e+1)
@@ -83,8 +83,12 @@ class Log2Format(registry.Format):
         if spec.rounding != "nearest":
             raise SpecError("format 'log2' rounds to the nearest power of two: rounding must be 'nearest'")
 
+    def limits(self, spec) -> tuple[float, float]:
+        return -1.0, 1.0  # |x| / scale <= 1: the scale is max|w|, the largest code's value
+
     def qparams(self, lo, hi, spec):
-        scale = np.maximum(np.abs(np.asarray(lo, np.float64)), np.abs(np.asarray(hi, np.float64)))
+        lo, hi = checked_range(lo, hi)
+        scale = np.maximum(np.abs(lo), np.abs(hi))
         if spec.scale_kind == "pow2":
             scale = pow2_ceil(scale)
         scale = np.where(scale > 0, scale, 1.0).astype(np.float32)

@@ -75,7 +75,8 @@ def limits(spec) -> tuple[float, float]:
 
 
 def scales_itself(spec) -> bool:
-    """Whether ``spec``'s scale comes from the tensor it quantizes at every use (binarization, ``bits=1`` of
+    """Whether ``spec``'s (a QuantSpec's, or anything with ``format`` and ``bits``: a QuantizerConfig's) scale
+    comes from the tensor it quantizes at every use (binarization, ``bits=1`` of
     ``int``: mean|x|; ternary) rather than from a calibrated range."""
     if spec.format == "int":
         return spec.bits == 1
@@ -83,7 +84,8 @@ def scales_itself(spec) -> bool:
 
 
 def weights_only(spec) -> bool:
-    """Whether ``spec`` quantizes constant weights only (binary, ternary, log2): refused on activations."""
+    """Whether ``spec`` (with ``format`` and ``bits``) quantizes constant weights only (binary, ternary, log2):
+    refused on activations."""
     return scales_itself(spec) or (spec.format != "int" and get(spec.format).weights_only)
 
 

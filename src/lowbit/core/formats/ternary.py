@@ -58,8 +58,13 @@ class TernaryFormat(registry.Format):
     def check(self, spec) -> None:
         if spec.bits != 2:
             raise SpecError(f"format 'ternary' stores its 3 codes in 2 bits: it needs bits=2, got bits={spec.bits}")
-        if not (spec.signed and spec.symmetric):
-            raise SpecError("format 'ternary' is symmetric: it needs signed=True and symmetric=True")
+        if not (spec.signed and spec.symmetric) or spec.narrow_range:
+            raise SpecError("format 'ternary' is symmetric: it needs signed=True, symmetric=True, narrow_range=False")
+        if spec.rounding != "nearest" or spec.scale_kind != "float":
+            raise SpecError(
+                "format 'ternary' codes by a threshold at a float scale (TWN): it needs rounding='nearest' and "
+                "scale_kind='float'"
+            )
 
     def qparams(self, lo, hi, spec):
         raise SpecError(

@@ -17,21 +17,10 @@ import torch
 
 from lowbit.core import QuantSpec
 from lowbit.core.formats import fp8 as core_fp8
+from lowbit.torch.formats.common import grad_scale, view
 from lowbit.torch.formats.registry import TorchFormat, register
 
 DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
-
-
-def _param_view(param: torch.Tensor, shape: torch.Size, spec: QuantSpec) -> torch.Tensor:
-    """A scale of :func:`lowbit.core.layout.param_shape` expanded to broadcast against ``shape``."""
-    if spec.axis is None:
-        return param.reshape(())
-    axis = spec.axis % len(shape)
-    if spec.group_size is None:
-        dims = [1] * len(shape)
-        dims[axis] = shape[axis]
-        return param.reshape(dims)
-    return param.repeat_interleave(spec.group_size, dim=axis).narrow(axis, 0, shape[axis])
 
 
 def round_fp8(v: torch.Tensor, name: str) -> torch.Tensor:
@@ -45,7 +34,7 @@ class _FP8QDQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, scale, spec: QuantSpec):
-        return round_fp8(x / _param_view(scale, x.shape, spec), spec.format) * _param_view(scale, x.shape, spec)
+        return round_fp8(x / view(scale, x.shape, spec), spec.format) * view(scale, x.shape, spec)
 
     @staticmethod
     def symbolic(g, x, scale, spec: QuantSpec):
@@ -59,8 +48,7 @@ class _FP8QDQ(torch.autograd.Function):
 class _FP8Format(TorchFormat):
     def fake_quant(self, x, scale, zero_point, spec, grad_factor):
         """``fp8(clamp(x / s)) * s``, rounding straight through, LSQ's gradient for ``s`` (see the module)."""
-        s = scale * grad_factor + (scale - scale * grad_factor).detach() if grad_factor != 1.0 else scale
-        s = _param_view(s, x.shape, spec)
+        s = view(grad_scale(scale, grad_factor), x.shape, spec)
         top = core_fp8.fp8_max(spec.format)
         v = torch.clamp(x / s, -top, top)
         q = v + (round_fp8(v.detach(), spec.format) - v).detach()

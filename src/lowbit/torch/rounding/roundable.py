@@ -12,6 +12,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from lowbit.core.formats import scales_itself
 from lowbit.errors import CalibrationError
 from lowbit.torch.layers import QuantMixin
 
@@ -25,6 +26,8 @@ def roundable(module: nn.Module) -> bool:
     if isinstance(module, nn.Conv1d | nn.Conv2d) and module.padding_mode != "zeros":
         return False
     q = module.weight_quantizer
+    if q.spec.format != "int" or scales_itself(q.spec):  # FP8, log2; binary: no integer codes to choose
+        return False
     return q.mode == "quantize" and q.calibrated and not q.dynamic
 
 
