@@ -29,7 +29,7 @@ from lowbit.errors import SpecError
 from lowbit.recipe.config import Config, LayerConfig, QuantizerConfig
 from lowbit.recipe.presets import preset
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: quantizers have format, scale and rounding; Config has keep_ends_8bit (1 still reads)
 VERSION_KEY = "lowbit_recipe"
 _LAYER_KEYS = ("input", "weight")
 

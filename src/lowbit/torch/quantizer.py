@@ -249,8 +249,8 @@ class TensorQuantizer(nn.Module):
         whose method is ``admm`` (per tensor, channel or group) or ``mse`` (per channel or group) takes the range
         :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
         ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator). With
-        power-of-two scales each slice takes the power of two that fits ``x`` best
-        (:func:`lowbit.core.fitted_qparams`). Binary and ternary weights have nothing to calibrate: their scale is
+        power-of-two scales each slice of an integer format takes the power of two that fits ``x`` best
+        (:func:`lowbit.core.fitted_qparams`; FP8 and log2 round theirs up). Binary and ternary weights have nothing to calibrate: their scale is
         the weight's own at every forward."""
         if self.scale.device != x.device:
             self.to(x.device)

@@ -516,5 +516,8 @@ def _weight_reports(layers: dict[str, nn.Module]) -> list:
         axis = 1 if isinstance(layer, nn.ConvTranspose2d) else 0
         groups = getattr(layer, "groups", 1)
         depthwise = isinstance(layer, nn.Conv2d) and groups > 1 and groups == w.shape[0]
-        weights.append(weight_report(name, f"{name}.weight", _np(w.detach()), axis, depthwise))
+        q = getattr(layer, "weight_quantizer", None)
+        fp8 = q is not None and q.spec.format != "int" and q.spec.bits == 8
+        fmt = q.spec.format if fp8 else "int"  # FP8 weights on their own grid; the others as int8
+        weights.append(weight_report(name, f"{name}.weight", _np(w.detach()), axis, depthwise, fmt))
     return sorted(weights, key=lambda r: r.per_tensor_sqnr_db)
