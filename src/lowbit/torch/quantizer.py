@@ -228,10 +228,9 @@ class TensorQuantizer(nn.Module):
         if not self.is_weight or not self.calibrated or self.dynamic:
             raise CalibrationError(f"{self._describe()}: only a calibrated weight quantizer takes codes")
         if self.spec.format != "int" or formats.scales_itself(self.spec):
-            raise CalibrationError(f"{self._describe()}: its {self.spec.format} weights have no integer codes to set")
-        if self.spec.format != "int":
+            kind = "binary" if self.spec.format == "int" else repr(self.spec.format)
             raise CalibrationError(
-                f"{self._describe()}: codes are integers; format {self.spec.format!r} rounds to nearest"
+                f"{self._describe()}: codes are integers on a calibrated grid; format {kind} rounds to nearest"
             )
         c = torch.as_tensor(codes)
         if bool(((c < self.spec.qmin) | (c > self.spec.qmax)).any()):
@@ -250,8 +249,8 @@ class TensorQuantizer(nn.Module):
         :func:`lowbit.core.weight_range` fits to each slice of ``x`` (``method_options``: admm's ``start``,
         ``percentile``, ``max_rounds``; mse's ``num_candidates``), the others min/max (or their calibrator). With
         power-of-two scales each slice of an integer format takes the power of two that fits ``x`` best
-        (:func:`lowbit.core.fitted_qparams`; FP8 and log2 round theirs up). Binary and ternary weights have nothing to calibrate: their scale is
-        the weight's own at every forward."""
+        (:func:`lowbit.core.fitted_qparams`; FP8 and log2 round theirs up). Binary and ternary weights have nothing
+        to calibrate: their scale is the weight's own at every forward."""
         if self.scale.device != x.device:
             self.to(x.device)
         if self.is_weight and formats.scales_itself(self.spec):
