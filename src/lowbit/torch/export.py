@@ -38,14 +38,13 @@ import torch
 from torch import nn
 
 from lowbit._io import atomic_open
-from lowbit.core.formats.fp8 import FP8_FORMATS
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.paths import check_outputs
+from lowbit.torch import formats
 from lowbit.torch.config import RECIPE_ATTRIBUTE
 from lowbit.torch.quantizer import TensorQuantizer, evaluating
 
 DEFAULT_OPSET = 17
-FP8_OPSET = 19  # the first with FLOAT8 QuantizeLinear/DequantizeLinear, and the default for a model with FP8
 TRACE_MAX_OPSET = 20  # the TorchScript exporter's newest; later opsets are reached with onnx's version converter
 MAX_OPSET = 25
 NARROW_INTS = {4: 21, 2: 25}  # weight bits -> the opset from which ONNX stores them as INT4/UINT4, INT2/UINT2
@@ -211,15 +210,20 @@ def _limits(dtype) -> tuple[int, int]:
 
 
 def _resolve_opset(opset: int | None, specs: dict) -> int:
-    """The opset asked for (default 17, or 19 when a quantizer is FP8), checked against what the quantizers need."""
-    fp8 = [name[: -len(".scale")] for name, spec in specs.items() if spec.format in FP8_FORMATS]
-    opset = (FP8_OPSET if fp8 else DEFAULT_OPSET) if opset is None else opset
+    """The opset asked for (default 17, or the newest a quantizer's format needs: 19 for FP8), checked against what
+    the quantizers' formats need (:attr:`lowbit.torch.formats.TorchFormat.min_opset`)."""
+    needs = {name[: -len(".scale")]: (spec, formats.for_spec(spec)) for name, spec in specs.items()}
+    needs = {name: (spec.format, fmt.min_opset) for name, (spec, fmt) in needs.items() if fmt is not None}
+    least = max((n for _, n in needs.values()), default=13)
+    opset = max(DEFAULT_OPSET, least) if opset is None else opset
     if not 13 <= opset <= MAX_OPSET:
         raise SpecError(f"opset must be 13 (per-channel QuantizeLinear) to {MAX_OPSET}, got {opset}")
-    if fp8 and opset < FP8_OPSET:
+    short = [(name, fmt, n) for name, (fmt, n) in needs.items() if n > opset]
+    if short:
+        name, fmt, n = short[0]
         raise SpecError(
-            f"opset={opset}: {len(fp8)} quantizer(s) are FP8 ({fp8[0]}, ...), whose QuantizeLinear ONNX has from "
-            f"opset {FP8_OPSET} on; export with opset={FP8_OPSET} or later"
+            f"opset={opset}: {len(short)} quantizer(s) need a newer opset ({name}: format {fmt!r}, whose Q/DQ ONNX "
+            f"has from opset {n} on); export with opset={least} or later"
         )
     return opset
 

@@ -19,12 +19,6 @@ from lowbit.core import formats
 from lowbit.torch.quantizer import TensorQuantizer
 
 
-def _label(spec) -> str:
-    if spec.format == "int":
-        return "binary" if spec.bits == 1 else f"int{spec.bits}"
-    return spec.format if spec.format == "ternary" else f"{spec.format}_{spec.bits}"
-
-
 def _quantized_weights(model: nn.Module):
     for m in model.modules():
         if isinstance(getattr(m, "weight_quantizer", None), TensorQuantizer):
@@ -45,7 +39,7 @@ def packed_weight_bytes(model: nn.Module) -> dict[str, float]:
         counted.add(id(q.scale))
         codes = weight.numel() * formats.get(q.spec.format).packed_bits(q.spec) / 8
         out["codes"] += codes
-        out[_label(q.spec)] = out.get(_label(q.spec), 0.0) + codes
+        out[formats.label(q.spec)] = out.get(formats.label(q.spec), 0.0) + codes
         out["scales"] += 4 * q.scale.numel()
     quantizer_params = {id(p) for q in model.modules() if isinstance(q, TensorQuantizer) for p in q.parameters()}
     for p in model.parameters():  # a learned scale (or its exponent) is a scale, counted above, not a float weight

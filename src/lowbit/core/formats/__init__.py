@@ -2,6 +2,15 @@
 integers (``int``) live in :mod:`lowbit.core.quant`; :mod:`lowbit.core` imports every format file, so that each
 registers itself."""
 
-from lowbit.core.formats.registry import Format, available, get, limits, register, scales_itself, weights_only
+from lowbit.core.formats.registry import (
+    Format,
+    available,
+    get,
+    label,
+    limits,
+    register,
+    scales_itself,
+    weights_only,
+)
 
-__all__ = ["Format", "available", "get", "limits", "register", "scales_itself", "weights_only"]
+__all__ = ["Format", "available", "get", "label", "limits", "register", "scales_itself", "weights_only"]

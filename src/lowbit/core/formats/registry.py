@@ -46,6 +46,10 @@ class Format:
         (:attr:`scale_from_tensor`); :func:`lowbit.core.qparams_from_tensor` calls it."""
         raise NotImplementedError
 
+    def label(self, spec) -> str:
+        """A short name of ``spec`` in this format for tables (``log2_4``, ``fp8_e4m3_8``)."""
+        return f"{self.name}_{spec.bits}"
+
     def limits(self, spec) -> tuple[float, float]:
         """The lowest and highest value ``x / scale + zero_point`` may take on this format's grid:
         ``(spec.qmin, spec.qmax)`` by default (integer codes)."""
@@ -64,6 +68,13 @@ def register(cls: type[Format]) -> type[Format]:
         raise SpecError(f"a number format named {cls.name!r} is registered twice")
     _FORMATS[cls.name] = cls()
     return cls
+
+
+def label(spec) -> str:
+    """A short name of ``spec``'s format for tables: ``int8``, ``int4``, ``binary``, ``ternary``, ``log2_4``."""
+    if spec.format == "int":
+        return "binary" if spec.bits == 1 else f"int{spec.bits}"
+    return get(spec.format).label(spec)
 
 
 def limits(spec) -> tuple[float, float]:

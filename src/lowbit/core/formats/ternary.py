@@ -72,6 +72,9 @@ class TernaryFormat(registry.Format):
             "use lowbit.core.qparams_from_tensor(w, spec)"
         )
 
+    def label(self, spec) -> str:
+        return self.name  # always 2 bits
+
     def tensor_qparams(self, x, spec):
         scale = ternary_scale(x, spec)
         return scale, np.zeros(scale.shape, dtype=np.int8)

@@ -46,6 +46,8 @@ class _FP8QDQ(torch.autograd.Function):
 
 
 class _FP8Format(TorchFormat):
+    min_opset = 19  # FLOAT8 QuantizeLinear / DequantizeLinear
+
     def fake_quant(self, x, scale, zero_point, spec, grad_factor):
         """``fp8(clamp(x / s)) * s``, rounding straight through, LSQ's gradient for ``s`` (see the module)."""
         s = view(grad_scale(scale, grad_factor), x.shape, spec)

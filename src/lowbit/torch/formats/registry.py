@@ -22,6 +22,7 @@ class TorchFormat:
     """One number format in PyTorch. Subclasses set :attr:`name` (a :mod:`lowbit.core.formats` name)."""
 
     name: ClassVar[str] = ""
+    min_opset: ClassVar[int] = 13  # the first ONNX opset whose Q/DQ (or other nodes) its exported form needs
 
     def fake_quant(
         self, x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, spec: QuantSpec, grad_factor: float
