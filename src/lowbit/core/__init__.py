@@ -1,7 +1,7 @@
 """NumPy-only quantization numerics: :class:`QuantSpec` and pure functions over arrays."""
 
 from lowbit.core import formats
-from lowbit.core.formats import log2, ternary  # noqa: F401  (each registers its format)
+from lowbit.core.formats import fp8, log2, ternary  # noqa: F401  (each registers its format)
 from lowbit.core.layout import broadcast, normalize_axis, param_shape, reduce
 from lowbit.core.quant import (
     ADMM_STARTS,
@@ -51,6 +51,3 @@ __all__ = [
     "reduce",
     "weight_range",
 ]
-
-# After lowbit.core.quant, so that the registry lists int first.
-from lowbit.core.formats import fp8  # noqa: F401  (registers fp8_e4m3 and fp8_e5m2)

@@ -155,6 +155,9 @@ class IntFormat(formats.Format):
     def dequantize(self, codes, scale, zero_point, spec: QuantSpec):
         return dequantize(codes, scale, zero_point, spec)
 
+    def label(self, spec: QuantSpec) -> str:
+        return "binary" if spec.bits == 1 else f"int{spec.bits}"
+
 
 def binary_scale(x, spec: QuantSpec) -> np.ndarray:
     """The scale of 1-bit binarization: mean|x| per tensor, channel or group, as float32."""

@@ -72,16 +72,12 @@ def register(cls: type[Format]) -> type[Format]:
 
 def label(spec) -> str:
     """A short name of ``spec``'s format for tables: ``int8``, ``int4``, ``binary``, ``ternary``, ``log2_4``."""
-    if spec.format == "int":
-        return "binary" if spec.bits == 1 else f"int{spec.bits}"
     return get(spec.format).label(spec)
 
 
 def limits(spec) -> tuple[float, float]:
     """The lowest and highest value ``x / scale + zero_point`` may take on the grid of ``spec``: ``(qmin, qmax)``
     for integers, ``(-max, max)`` for FP8 (448 or 57344), whose scale is ``amax / max``."""
-    if spec.format == "int":
-        return float(spec.qmin), float(spec.qmax)
     return get(spec.format).limits(spec)
 
 
@@ -108,5 +104,5 @@ def available() -> tuple[str, ...]:
 def get(name: str) -> Format:
     """The format called ``name``; an unknown name lists the formats."""
     if name not in _FORMATS:
-        raise SpecError(f"unknown number format {name!r}; formats: {', '.join(_FORMATS)}")
+        raise SpecError(f"unknown number format {name!r}; formats: {', '.join(available())}")
     return _FORMATS[name]
