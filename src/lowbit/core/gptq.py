@@ -12,6 +12,8 @@ Both front ends use :func:`round_matrix`: :mod:`lowbit.onnx.gptq` (weights of an
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 DAMP = 0.01  # added to H's diagonal, as a fraction of its mean, so that H^-1 exists
@@ -27,12 +29,15 @@ def round_matrix(
     qmax: int,
     h: np.ndarray,
     damp: float = DAMP,
+    act_order: bool = False,
 ) -> np.ndarray | None:
     """GPTQ's integer codes of ``w`` (groups, rows, columns): a row per output unit, a column per input feature.
 
     ``scale`` and ``zero_point`` broadcast to ``w``'s shape (per tensor, per row, or per column group: each column
     is rounded at its own scale); codes are ``clip(round(w / scale) + zero_point, qmin, qmax)`` as plain rounding,
     with ``w`` updated column by column. ``h`` (groups, columns, columns) is the second moment of the input rows.
+    ``act_order``: round the columns in order of decreasing ``diag(h)`` (the inputs with the most energy first,
+    while the most columns are left to absorb their error); the scales stay those given ("static groups").
     Returns the codes as float64 (groups, rows, columns), or None when ``h`` cannot be inverted. A column that
     never saw data (a dead input) keeps its nearest code: nothing flows through it."""
     W = np.array(w, dtype=np.float64)
@@ -40,9 +45,50 @@ def round_matrix(
         raise ValueError(
             f"w must be (groups, rows, columns) and h (groups, columns, columns); got {W.shape} and {h.shape}"
         )
-    s = np.broadcast_to(np.asarray(scale, np.float64), W.shape)
-    z = np.broadcast_to(np.asarray(zero_point, np.float64), W.shape)
+    s = np.array(np.broadcast_to(np.asarray(scale, np.float64), W.shape))
+    z = np.array(np.broadcast_to(np.asarray(zero_point, np.float64), W.shape))
     H = np.array(h, dtype=np.float64)
+    order = _act_order(H) if act_order else None
+    if order is not None:
+        W, s, z, H = W[:, :, order], s[:, :, order], z[:, :, order], H[:, order][:, :, order]
+    Q = _round(W, s, z, qmin, qmax, H, damp)
+    if Q is None or order is None:
+        return Q
+    out = np.empty_like(Q)
+    out[:, :, order] = Q
+    return out
+
+
+Fit = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+def round_groups(
+    w: np.ndarray, group_size: int, fit: Fit, qmin: int, qmax: int, h: np.ndarray, damp: float = DAMP
+) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """GPTQ with per-group scales fitted as it goes (the GPTQ paper's grouping): when rounding reaches the first
+    column of a group of ``group_size`` columns, ``fit(block)`` (block: (groups, rows, group_size) of the weights
+    *as updated so far*) gives that group's scale and zero point, each (groups, rows, 1), so each group's grid
+    fits the weights it will round. Returns ``(codes, scale, zero_point)``, the latter two (groups, rows,
+    columns / group_size); None when ``h`` cannot be inverted. ``columns`` must be a multiple of ``group_size``."""
+    W = np.array(w, dtype=np.float64)
+    if W.shape[2] % group_size:
+        raise ValueError(f"{W.shape[2]} columns are not a whole number of groups of {group_size}")
+    s, z = np.zeros_like(W), np.zeros_like(W)
+    Q = _round(W, s, z, qmin, qmax, np.array(h, dtype=np.float64), damp, fit, group_size)
+    if Q is None:
+        return None
+    return Q, s[:, :, ::group_size].copy(), z[:, :, ::group_size].copy()
+
+
+def _act_order(H: np.ndarray) -> np.ndarray:
+    """One column order for all groups of ``H``: decreasing diagonal summed over groups (stable)."""
+    d = np.einsum("gii->i", H)
+    return np.argsort(-d, kind="stable")
+
+
+def _round(W, s, z, qmin, qmax, H, damp, fit: Fit | None = None, group_size: int = 0):
+    """GPTQ's column loop with lazy batch updates (blocks of :data:`BLOCK` columns) on ``W`` in place; ``s``
+    and ``z`` are per element, filled group by group from ``fit`` when it is given."""
     D = W.shape[2]
     idx = np.arange(D)
     diag = H[:, idx, idx]
@@ -61,6 +107,11 @@ def round_matrix(
         err = np.zeros_like(block)
         for j in range(i2 - i1):
             c = i1 + j
+            if fit is not None and c % group_size == 0:
+                current = np.concatenate([block[:, :, j:], W[:, :, i2:]], axis=2)[:, :, :group_size]
+                gs, gz = fit(current)
+                s[:, :, c : c + group_size] = gs
+                z[:, :, c : c + group_size] = gz
             col = block[:, :, j]
             q = np.clip(np.rint(col / s[:, :, c]) + z[:, :, c], qmin, qmax)
             Q[:, :, c] = q
