@@ -46,10 +46,13 @@ def test_an_unresolved_activation_has_no_spec():
         (lambda: QuantizerConfig(scale="pow3"), "scale must be one of float, pow2"),
         (lambda: QuantizerConfig(rounding="up"), "rounding must be one of nearest, stochastic"),
         (lambda: preset("int9"), "unknown quantization preset 'int9'; presets: int8, "),
+        (lambda: Config(smoothquant=1.5), "smoothquant must be alpha, a number in [0, 1]"),
+        (lambda: Config(smoothquant="auto"), "smoothquant must be alpha.*or 'search'; got 'auto'"),
+        (lambda: Config(act_order="yes"), "act_order must be true or false"),
     ],
 )
 def test_bad_values_are_one_line_errors_that_name_the_field(make, message):
-    with pytest.raises(SpecError, match=message.replace("(", r"\(")):
+    with pytest.raises(SpecError, match=message.replace("(", r"\(").replace("[", r"\[")):
         make()
 
 

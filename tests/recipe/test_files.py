@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lowbit.errors import SpecError
-from lowbit.recipe import FORMAT_VERSION, PRESETS, LayerConfig, from_dict, load, preset, save, to_dict
+from lowbit.recipe import FORMAT_VERSION, PRESETS, Config, LayerConfig, from_dict, load, preset, save, to_dict
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
@@ -90,3 +90,11 @@ def test_a_yaml_recipe_without_pyyaml_says_what_to_install(tmp_path, monkeypatch
     path.write_text("preset: int8\n")
     with pytest.raises(SpecError, match=r"r\.yaml: reading or writing a YAML recipe needs PyYAML: pip install"):
         load(path)
+
+
+def test_smoothquant_and_act_order_round_trip_and_a_version_2_recipe_still_reads():
+    config = Config(smoothquant=0.6, act_order=True, rounding="gptq")
+    assert from_dict(to_dict(config)) == config
+    assert from_dict(to_dict(Config(smoothquant="search"))).smoothquant == "search"
+    old = from_dict({"lowbit_recipe": 2, "preset": "w4a16_group128", "rounding": "gptq"})
+    assert old.smoothquant is None and old.act_order is False and old.default.input is None

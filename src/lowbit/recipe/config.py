@@ -186,6 +186,12 @@ class Config:
         modules) keep int8 per-channel weights whatever ``default`` and ``overrides`` say (their inputs as
         configured), as the binary/ternary/2-bit literature does; the front end resolves it into two overrides
         once it knows the layers (PyTorch: :func:`lowbit.torch.ends.resolve_ends`).
+    act_order: GPTQ rounds each layer's input columns in order of decreasing second moment (the inputs with the
+        most energy first) instead of their natural order; the group scales stay those of plain rounding.
+    smoothquant: SmoothQuant (Xiao et al. 2022) before static quantization: each MatMul/Gemm input is divided per
+        channel by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and its weight rows multiplied by it (folded
+        into the op that writes the input where it can be). A number is ``alpha`` in [0, 1] (0.5 is the
+        paper's); ``"search"`` picks ``alpha`` per layer for the least output error; None: off.
     """
 
     default: LayerConfig = LayerConfig()
@@ -200,6 +206,8 @@ class Config:
     fp16_rest: bool = False
     weight_only_rnn: bool = False
     keep_ends_8bit: bool = False
+    act_order: bool = False
+    smoothquant: float | str | None = None
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -209,11 +217,12 @@ class Config:
         object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
         if self.rounding is not None and not isinstance(self.rounding, str):
             raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
-        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit"):
+        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit", "act_order"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):
             raise SpecError(f"bias_correction must be true, false or None, got {self.bias_correction!r}")
+        _check_smoothquant(self.smoothquant)
         if self.refine is not None and self.refine not in REFINEMENTS:
             raise SpecError(f"unknown refinement {self.refine!r}; refinements: {', '.join(REFINEMENTS)} (or None)")
 
@@ -293,6 +302,13 @@ class Config:
         """Whether no layer needs calibration data (every quantized input is dynamic or float)."""
         layers = [self.default, *(layer for _, layer in self.overrides)]
         return all(layer is None or layer.input is None or layer.input.dynamic for layer in layers)
+
+
+def _check_smoothquant(value: Any) -> None:
+    if value is None or value == "search":
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+        raise SpecError(f"smoothquant must be alpha, a number in [0, 1] (0.5 is usual), or 'search'; got {value!r}")
 
 
 def resolve(config: Config, default_target: str) -> Config:
