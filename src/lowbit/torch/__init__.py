@@ -18,6 +18,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from lowbit.recipe import PRESETS, Config, LayerConfig, QuantizerConfig, preset
+from lowbit.torch.distributed import shard
 from lowbit.torch.easyquant import easyquant
 from lowbit.torch.export import export_onnx
 from lowbit.torch.fold import fold_batchnorm
@@ -74,5 +75,6 @@ __all__ = [
     "preset",
     "quantize",
     "quantizers",
+    "shard",
     "trace_residual_adds",
 ]

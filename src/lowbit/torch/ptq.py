@@ -32,6 +32,7 @@ from torch import nn
 
 from lowbit.errors import CalibrationError, SpecError
 from lowbit.recipe import Config, to_dict
+from lowbit.torch import distributed
 from lowbit.torch import rounding as weight_rounding
 from lowbit.torch.config import RECIPE_ATTRIBUTE, resolve
 from lowbit.torch.easyquant import easyquant
@@ -150,7 +151,8 @@ def calibrate(
         q.mode = "calibrate"
     normalising = batch_statistics(model) if bn_stats == "batch" else contextlib.nullcontext()
     with torch.no_grad(), normalising:
-        count = run_data(model, calib, "calibrating", progress, batches)
+        count = run_data(model, calib, "calibrating", progress and distributed.is_main(), batches)
+    distributed.merge_calibration(static)  # under torch.distributed: every rank gets every rank's statistics
     unused = []
     for q in static:
         if q.mode == "disabled":  # it switched itself off (an Add of non-tensors)

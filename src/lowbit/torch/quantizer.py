@@ -282,6 +282,42 @@ class TensorQuantizer(nn.Module):
         self._calibrator, self._lo, self._hi = None, None, None
         self.mode = "quantize"
 
+    def calibration_state(self) -> dict[str, Any] | None:
+        """The statistics gathered so far in ``"calibrate"`` mode, as plain data (None: none yet): the calibrator's
+        :meth:`~lowbit.calib.Calibrator.state_dict`, or the per-slice running min/max. Another process's
+        quantizer folds them in with :meth:`merge_calibration_state` (:mod:`lowbit.torch.distributed`)."""
+        if self._calibrator is not None:
+            return {"calibrator": self._calibrator.state_dict()}
+        if self._lo is not None:
+            return {"lo": np.array(self._lo), "hi": np.array(self._hi)}
+        return None
+
+    def merge_calibration_state(self, state: dict[str, Any] | None) -> None:
+        """Fold in the statistics ``state`` (:meth:`calibration_state` of a quantizer like this one, on other
+        data): histograms add, minima and maxima take the min and max."""
+        if state is None:
+            return
+        if "calibrator" in state:
+            if self._calibrator is None:
+                self._calibrator = self._new_calibrator()
+                self._calibrator.load_state_dict(state["calibrator"])
+            else:
+                other = self._new_calibrator()
+                other.load_state_dict(state["calibrator"])
+                self._calibrator.merge(other)
+            return
+        lo, hi = np.asarray(state["lo"]), np.asarray(state["hi"])
+        self._lo = lo if self._lo is None else np.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else np.maximum(self._hi, hi)
+
+    def clear_calibration(self) -> None:
+        """Forget the statistics gathered in ``"calibrate"`` mode (the scale stays as it is)."""
+        self._calibrator, self._lo, self._hi = None, None, None
+
+    def _new_calibrator(self) -> calib.Calibrator:
+        options = calib.grid_options(self.method, self.spec, self.method_options)
+        return calib.create(self.method, tensor=self.name or None, **options)
+
     def _calibrated_range(self):
         """The range ``(lo, hi)`` the statistics gathered in ``"calibrate"`` mode choose."""
         if self._calibrator is not None:
@@ -307,8 +343,7 @@ class TensorQuantizer(nn.Module):
         a = x.detach().float().cpu().numpy()
         if self.spec.axis is None:
             if self._calibrator is None:
-                options = calib.grid_options(self.method, self.spec, self.method_options)
-                self._calibrator = calib.create(self.method, tensor=self.name or None, **options)
+                self._calibrator = self._new_calibrator()
             self._calibrator.update(a)
             return
         lo, hi = self._slice_minmax(a)
