@@ -46,19 +46,68 @@ SCRIPT = textwrap.dedent(
 )
 
 
+# QAT: W4A8 with learned scales and activation ranges that follow the data for the first steps; each rank trains
+# DDP on its half of every batch. The same script with one process (no DDP) is the reference.
+QAT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    import torch.distributed as dist
+    import lowbit.torch as lt
+    from torch import nn
+    from torch.nn.parallel import DistributedDataParallel
+    from tests.torch import models
+
+    out = sys.argv[1]
+    distributed = "RANK" in __import__("os").environ
+    if distributed:
+        dist.init_process_group("gloo")
+    rank, size = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 14 * 14, 4))
+    data = models.batches(4, batch=8, seed=5)
+    target = [torch.randn(8, 4, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    cfg = lt.preset("w4a8").with_learned_scales()
+    q = lt.quantize(model, cfg, calib=list(lt.shard(data[:2])), progress=False)
+    for qz in lt.quantizers(q).values():
+        if not qz.is_weight:
+            qz.observe_steps = 2
+    q.train()
+    net = DistributedDataParallel(q) if distributed else q
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    per = 8 // size
+    for x, y in zip(data, target):
+        mine = slice(rank * per, (rank + 1) * per)
+        loss = nn.functional.mse_loss(net(x[mine]), y[mine])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    if rank == 0:
+        torch.save(q.state_dict(), out)
+    if distributed:
+        dist.destroy_process_group()
+    """
+)
+
+
 def _data() -> list[torch.Tensor]:
     return [b * (1 + i) for i, b in enumerate(models.batches(6, seed=3))]  # as SCRIPT's: the shards differ
 
 
-def _torchrun(tmp_path: Path, methods: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
-    script = tmp_path / "calibrate.py"
-    script.write_text(SCRIPT)
+def _run(tmp_path: Path, source: str, *args: str, ranks: int = 2) -> None:
+    """``source`` as a script on ``ranks`` processes under torchrun (1: a plain Python process)."""
+    script = tmp_path / "script.py"
+    script.write_text(source)
     path = os.pathsep.join([str(ROOT), str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
     env = {**os.environ, "PYTHONPATH": path, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           str(script), str(tmp_path), ",".join(methods)]  # fmt: skip
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    launcher = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks)] if ranks > 1 else []
+    done = subprocess.run([sys.executable, *launcher, str(script), *args], env=env, capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def _torchrun(tmp_path: Path, methods: tuple[str, ...]) -> list[dict[str, np.ndarray]]:
+    _run(tmp_path, SCRIPT, str(tmp_path), ",".join(methods))
     return [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
 
 
@@ -105,3 +154,13 @@ def test_a_quantizer_folds_in_another_quantizers_statistics_as_if_it_had_seen_th
     both.load_calibration()
     assert torch.equal(a.scale, both.scale)
     assert lt.TensorQuantizer(QuantSpec(bits=8)).calibration_state() is None
+
+
+def test_a_qat_step_on_two_ddp_ranks_equals_a_step_on_one_process_with_the_global_batch(tmp_path):
+    _run(tmp_path, QAT_SCRIPT, str(tmp_path / "two.pt"))
+    _run(tmp_path, QAT_SCRIPT, str(tmp_path / "one.pt"), ranks=1)
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    assert two.keys() == one.keys()
+    for k in one:
+        torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(k.endswith("input_quantizer.scale") for k in one)  # the learned activation scales are compared

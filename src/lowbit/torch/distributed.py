@@ -20,6 +20,11 @@ minmax, percentile, entropy, mse and admm (per-channel minima and maxima too). E
 average depends on the order of the batches; it is merged as the min/max of the ranks' averages, which is not
 what one process would compute.
 
+In quantization-aware training under DistributedDataParallel, the quantizers stay in step by themselves: a
+learned scale is a parameter whose gradient DDP averages (its LSQ gradient scale counts the global batch), and an
+activation range that follows the data (``observe_steps``) follows the min/max of the global batch
+(:func:`lowbit.torch.ranks.global_minmax`), so a step on W ranks of B / W samples equals a step on one of B.
+
 Weight ranges need no merge: every rank holds the same weights. GPTQ's second moments (:func:`reduce_moment`) are
 summed across ranks (all_reduce), equal to one process's up to float64 rounding of the summation order.
 Outside a process group (or in a group of one) every function here does nothing.
@@ -35,16 +40,7 @@ import torch.distributed as dist
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer
-
-
-def world_size() -> int:
-    """The number of ranks of the default process group (1 outside one)."""
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def rank() -> int:
-    """This process's rank in the default process group (0 outside one)."""
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+from lowbit.torch.ranks import rank, world_size
 
 
 def is_main() -> bool:

@@ -39,7 +39,7 @@ from lowbit import calib
 from lowbit.core import QuantSpec, fitted_qparams, layout, qparams, weight_range
 from lowbit.core.formats import limits as grid_limits
 from lowbit.errors import CalibrationError, SpecError
-from lowbit.torch import formats
+from lowbit.torch import formats, ranks
 from lowbit.torch.formats.common import grad_scale
 from lowbit.torch.formats.common import view as param_view
 
@@ -353,7 +353,7 @@ class TensorQuantizer(nn.Module):
     def _follow(self, x: torch.Tensor) -> None:
         """One EMA step of the range towards this batch's min/max (QAT before the observers freeze)."""
         a = x.detach().float().cpu().numpy()
-        lo, hi = self._slice_minmax(a)
+        lo, hi = ranks.global_minmax(*self._slice_minmax(a), x.device)  # DDP: the global batch's
         m = self.momentum
         old_scale, old_zp = self.scale.detach().cpu().numpy(), self.zero_point.cpu().numpy()
         if self.spec.symmetric:
@@ -463,7 +463,8 @@ class TensorQuantizer(nn.Module):
         if torch.onnx.is_in_onnx_export():
             return self._export(x)
         if self.learn_scale and self.training:
-            per_scale = x.numel() / max(self.scale.numel(), 1)
+            # LSQ's gradient scale counts the values per scale; under DDP an activation's are the global batch's
+            per_scale = x.numel() * (1 if self.is_weight else ranks.world_size()) / max(self.scale.numel(), 1)
             factor = 1.0 / math.sqrt(per_scale * max(grid_limits(self.spec)[1], 1))
         if self.training and not self.clip_warned and self.observe_steps == 0:  # a following range is not judged
             if self.training_steps % CLIP_CHECK_EVERY == 0:
