@@ -19,6 +19,7 @@ random subset of rows (patches, tokens) of each batch, so its cost does not grow
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,11 +28,16 @@ from tqdm.auto import tqdm
 
 from lowbit.core import gptq as core_gptq
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
+from lowbit.onnx.collect import collect
 from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
 from lowbit.onnx.rewrite import weight_qparams
 
 ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
+# Bytes of second moments (float64 sums, columns^2 * 8 per layer input) gathered at once: past it, the layers are
+# split over several passes over the calibration data (:func:`passes`), each rounded and dropped before the next,
+# so any width works in bounded memory. 512 MB holds one 8,192-input H; a model whose H all fit runs one pass.
+HESSIAN_BUDGET = 512 * 2**20
 MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
 QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
 
@@ -271,3 +277,86 @@ def codes(
         if q is not None:
             out[layer.weight] = q
     return out
+
+
+def rows_key(layer: Layer) -> tuple[str, str]:
+    """Layers with the same key see the same input rows, so they share one ``H``: a MatMul and a Gemm without
+    transA read the rows of their input tensor as they are (a transformer's Q, K and V projections, one ``H``);
+    a convolution's patches and a transposed Gemm input are the layer's own."""
+    node = layer.node
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attributes(node).get("transA", 0)):
+        return layer.x, ""
+    return layer.x, node.output[0]
+
+
+def hessian_bytes(layer: Layer) -> int:
+    """Bytes of one layer's running ``sum(r r^T)``: (groups, columns, columns) float64."""
+    g, _, c = layer.matrix_shape
+    return 8 * g * c * c
+
+
+def passes(layers: list[Layer], budget: int = HESSIAN_BUDGET) -> list[list[Layer]]:
+    """``layers`` split into passes over the data whose second moments (one per :func:`rows_key`) take at most
+    ``budget`` bytes together, in graph order, as few passes as that order allows; a single ``H`` larger than
+    the budget gets a pass of its own (it cannot be split)."""
+    out: list[list[Layer]] = []
+    keys: list[set] = []
+    used = 0
+    for layer in layers:
+        key, cost = rows_key(layer), hessian_bytes(layer)
+        if out and key in keys[-1]:
+            out[-1].append(layer)
+            continue
+        if not out or used + cost > budget:
+            out.append([])
+            keys.append(set())
+            used = 0
+        out[-1].append(layer)
+        keys[-1].add(key)
+        used += cost
+    return out
+
+
+@dataclass
+class Pass:
+    """One pass's second moments, by :func:`rows_key`, and the bytes they took."""
+
+    layers: list[Layer]
+    moments: dict[tuple[str, str], SecondMoment]
+    index: int
+    count: int
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.moment.sum.nbytes for m in self.moments.values() if m.moment.sum is not None)
+
+    def hessian(self, layer: Layer) -> tuple[np.ndarray, int] | None:
+        """``(H, rows seen)`` of ``layer``'s input (None: it saw no data)."""
+        m = self.moments[rows_key(layer)]
+        return None if m.moment.sum is None else (m.value, m.count)
+
+
+def gather(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    *,
+    budget: int = HESSIAN_BUDGET,
+    total: int | None = None,
+    progress: bool = True,
+) -> Iterator[Pass]:
+    """The second moments of ``layers``' inputs, pass by pass (:func:`passes`): each pass runs ``model`` over
+    ``feeds()`` (a fresh iterable of feed dicts each time) and yields its :class:`Pass`; round its layers before
+    asking for the next, which drops it, so at most ``budget`` bytes of ``H`` (or one larger ``H``) are held."""
+    split = passes(layers, budget)
+    for i, group in enumerate(split):
+        moments: dict[tuple[str, str], SecondMoment] = {}
+        for layer in group:
+            moments.setdefault(rows_key(layer), SecondMoment(layer))
+        observers: dict[str, list] = {}
+        for m in moments.values():
+            observers.setdefault(m.layer.x, []).append(m)
+        if len(split) > 1 and progress:
+            tqdm.write(f"GPTQ second moments: pass {i + 1} of {len(split)} ({len(group)} layers)")
+        collect(model, [], feeds(), method="minmax", total=total, progress=progress, observers=observers)
+        yield Pass(group, moments, i, len(split))
