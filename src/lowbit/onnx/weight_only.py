@@ -229,7 +229,7 @@ def round_weights(
                 found = step.hessian(g_layer)
                 if found is None or found[1] < ROWS_PER_COLUMN * g_layer.matrix_shape[2]:
                     continue
-                blocks = fit_gptq(linear.matrix(graph), found[0], wo)
+                blocks = fit_gptq(linear.matrix(graph), found[0][0], wo)  # a MatMul/Gemm has one group
                 if blocks is not None:
                     out.blocks[linear.weight] = blocks
                     out.gptq_layers += 1
