@@ -235,7 +235,8 @@ def _print_quantized(result, args_batch: int) -> None:
         name = "GPTQ" if result.rounding == "gptq" else result.rounding
         print(f"{name} rounding on {_count(result.rounded_layers, 'layer')}")
     if result.hessian_passes:
-        print(f"GPTQ second moments: {result.hessian_passes} pass{'' if result.hessian_passes == 1 else 'es'} over the data, at most "
+        passes = f"{result.hessian_passes} pass{'' if result.hessian_passes == 1 else 'es'}"
+        print(f"GPTQ second moments: {passes} over the data, at most "
               f"{result.peak_hessian_bytes / 2**20:.1f} MiB held at once")  # fmt: skip
     if result.refinement:
         print(result.refinement)
@@ -528,10 +529,18 @@ def _add_weight_only_args(parser: argparse.ArgumentParser) -> None:
     w.add_argument("--group-size", type=_positive_int, metavar="N",
                    help="weights per scale along the input axis: a power of two >= 16 (default 128; int8 for "
                    "trt/qdq: per output channel)")  # fmt: skip
-    w.add_argument("--asymmetric", action="store_const", const=True,
-                   help="a zero point per block (uint codes); default symmetric (TensorRT takes symmetric only)")
-    w.add_argument("--act-order", action="store_const", const=True,
-                   help="GPTQ rounds the input columns in order of decreasing second moment (static group scales)")
+    w.add_argument(
+        "--asymmetric",
+        action="store_const",
+        const=True,
+        help="a zero point per block (uint codes); default symmetric (TensorRT takes symmetric only)",
+    )
+    w.add_argument(
+        "--act-order",
+        action="store_const",
+        const=True,
+        help="GPTQ rounds the input columns in order of decreasing second moment (static group scales)",
+    )
     w.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0,1,2,3,4}",
                    help="MatMulNBits' compute type for the activations: 0 (default) the kernel's float, 4 int8 "
                    "(ONNX Runtime quantizes them per block at run time: faster on CPUs with VNNI)")  # fmt: skip

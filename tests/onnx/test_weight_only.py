@@ -68,7 +68,7 @@ def test_ort_writes_matmulnbits_and_leaves_every_other_op(attention, tmp_path, r
 
 
 def test_trt_writes_blocked_int4_dequantize_at_opset_21(attention, tmp_path):
-    path, calib, model, feeds = attention
+    path, _, model, feeds = attention
     out = tmp_path / "trt.onnx"
     quantize(path, out, None, _config(target="trt"), options=QUIET)
     q = onnx.load(str(out))
@@ -145,7 +145,7 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs(group, act_order):
 
 
 def test_a_small_memory_budget_splits_the_passes_and_gives_the_same_codes(attention):
-    path, calib, model, feeds = attention
+    _, _, model, feeds = attention
     graph = Graph(model)
     layers, _ = linears(graph, Settings.of(_config()))
     g_layers = [layer.layer(graph) for layer in layers]

@@ -11,9 +11,8 @@ from onnx.reference import ReferenceEvaluator
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.matmulnbits import check_block_size, pack
 from lowbit.onnx.model import session
-from lowbit.onnx.settings import WeightOnly
+from lowbit.onnx.settings import Settings, WeightOnly
 from lowbit.onnx.weight_only import fit, linears, write
-from lowbit.onnx.settings import Settings
 from lowbit.recipe import Config, LayerConfig, QuantizerConfig
 
 

@@ -207,5 +207,7 @@ def calibrate_model(
     result.scales = rewrite.weight_scales(graph, full, floors, settings.weight_method, settings.weight_options)
     if refine is not None:
         refine(result)
-    result.codes = rounding.codes(graph, moments, result.scales, progress)
+    # more passes over the data for what did not fit the first (GPTQ's second moments), if it can be read again
+    again = None if iter(batches) is batches else (float_model if run_model is None else run_model, lambda: batches)
+    result.codes = rounding.codes(graph, moments, result.scales, progress, rerun=again)
     return result

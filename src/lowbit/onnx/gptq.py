@@ -38,7 +38,6 @@ ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of th
 # split over several passes over the calibration data (:func:`passes`), each rounded and dropped before the next,
 # so any width works in bounded memory. 512 MB holds one 8,192-input H; a model whose H all fit runs one pass.
 HESSIAN_BUDGET = 512 * 2**20
-MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
 QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
 
 
@@ -212,9 +211,9 @@ class SecondMoment:
 
 def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
     """The quantized Conv, Gemm and MatMul nodes of ``plan`` whose weight is a constant of ``plan``: Conv and Gemm
-    weights as their second input, MatMul weights as a 2-D second input (x @ W). Left out: layers with more than
-    :data:`MAX_COLUMNS` input features per group, and Gemm layers with too few ``samples`` of calibration data
-    (one row per sample; see :func:`codes`)."""
+    weights as their second input, MatMul weights as a 2-D second input (x @ W), of any width (their second
+    moments are gathered in passes under a memory budget: :func:`passes`). Left out: Gemm layers with too few
+    ``samples`` of calibration data (one row per sample; see :func:`codes`)."""
     quantized = set(plan.quantized_nodes)
     out = []
     for node in graph.nodes:
@@ -231,9 +230,7 @@ def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
             continue
         layer = Layer(node, node.input[0], node.input[1], plan.weights[node.input[1]], tuple(w.shape))
         columns = layer.matrix_shape[2]
-        if columns > MAX_COLUMNS or (
-            node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns
-        ):
+        if node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns:
             continue
         out.append(layer)
     return out
@@ -317,14 +314,60 @@ def passes(layers: list[Layer], budget: int = HESSIAN_BUDGET) -> list[list[Layer
     return out
 
 
+def single_readers(layers: list[Layer]) -> list[Layer]:
+    """``layers`` without those whose weight another layer also reads: one weight has one set of codes, and GPTQ
+    fits codes to one layer's input (such weights keep nearest rounding)."""
+    readers: dict[str, int] = {}
+    for layer in layers:
+        readers[layer.weight] = readers.get(layer.weight, 0) + 1
+    return [layer for layer in layers if readers[layer.weight] == 1]
+
+
+@dataclass
+class Shared:
+    """One layer's view of a :class:`SecondMoment` it shares with the layers that read the same rows (what
+    :func:`codes` reads: ``layer``, ``moment``, ``count``, ``value``)."""
+
+    layer: Layer
+    source: SecondMoment
+
+    @property
+    def moment(self) -> core_gptq.SecondMoment:
+        return self.source.moment
+
+    @property
+    def count(self) -> int:
+        return self.source.count
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.source.value
+
+
 @dataclass
 class Pass:
-    """One pass's second moments, by :func:`rows_key`, and the bytes they took."""
+    """One pass's second moments, by :func:`rows_key`; ``index`` of ``count`` passes."""
 
     layers: list[Layer]
     moments: dict[tuple[str, str], SecondMoment]
-    index: int
-    count: int
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def start(cls, layers: list[Layer], index: int = 0, count: int = 1) -> Pass:
+        """Empty second moments for ``layers``, one per :func:`rows_key`."""
+        moments: dict[tuple[str, str], SecondMoment] = {}
+        for layer in layers:
+            moments.setdefault(rows_key(layer), SecondMoment(layer))
+        return cls(layers, moments, index, count)
+
+    def observers(self) -> list[tuple[str, SecondMoment]]:
+        """``(tensor, observer)`` pairs to feed in a pass over the data."""
+        return [(m.layer.x, m) for m in self.moments.values()]
+
+    def views(self) -> list[Shared]:
+        """Every layer with its second moment, as :func:`codes` takes them."""
+        return [Shared(layer, self.moments[rows_key(layer)]) for layer in self.layers]
 
     @property
     def bytes(self) -> int:
@@ -350,13 +393,11 @@ def gather(
     asking for the next, which drops it, so at most ``budget`` bytes of ``H`` (or one larger ``H``) are held."""
     split = passes(layers, budget)
     for i, group in enumerate(split):
-        moments: dict[tuple[str, str], SecondMoment] = {}
-        for layer in group:
-            moments.setdefault(rows_key(layer), SecondMoment(layer))
+        step = Pass.start(group, i, len(split))
         observers: dict[str, list] = {}
-        for m in moments.values():
-            observers.setdefault(m.layer.x, []).append(m)
+        for x, m in step.observers():
+            observers.setdefault(x, []).append(m)
         if len(split) > 1 and progress:
             tqdm.write(f"GPTQ second moments: pass {i + 1} of {len(split)} ({len(group)} layers)")
         collect(model, [], feeds(), method="minmax", total=total, progress=progress, observers=observers)
-        yield Pass(group, moments, i, len(split))
+        yield step

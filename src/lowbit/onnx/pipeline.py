@@ -284,7 +284,9 @@ def _quantize_weight_only(job: _Job) -> tuple[onnx.ModelProto, dict]:
     prepared = weight_only.prepare(model.float_model, settings)
     layers, skipped = weight_only.linears(Graph(prepared), settings)
     if not layers:
-        raise QuantizeError("nothing to quantize: no MatMul or Gemm with a constant 2-D weight is left after exclusions")
+        raise QuantizeError(
+            "nothing to quantize: no MatMul or Gemm with a constant 2-D weight is left after exclusions"
+        )
     t0 = time.perf_counter()
     rounded = weight_only.round_weights(prepared, layers, wo, rounding, feeds, total=total, progress=options.progress)
     result.calibration_seconds = time.perf_counter() - t0

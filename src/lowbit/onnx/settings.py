@@ -68,7 +68,9 @@ class WeightOnly:
             try:
                 check_block_size(w.group_size)
             except ValueError as exc:
-                raise QuantizeError(f"--group-size {w.group_size}: {exc} (MatMulNBits' rule; 32, 64, 128 are usual)")
+                raise QuantizeError(
+                    f"--group-size {w.group_size}: {exc} (MatMulNBits' rule; 32, 64, 128 are usual)"
+                ) from None
         elif w.granularity == "tensor" or target.weight_only == "matmulnbits":
             raise QuantizeError(f"--target {target.name} stores weight-only weights in blocks along the input axis: "
                                 "give --group-size (128 is usual)")  # fmt: skip
@@ -177,7 +179,6 @@ class Settings:
             exclude_ops=config.exclude_ops,
             float_globs=tuple(globs),
         )
-
 
     @classmethod
     def _weight_only(cls, config: Config, target: Target) -> Settings:
@@ -433,6 +434,7 @@ def _weight_only_config(config: Config, kind: str | None, group_size: int | None
         layout = get_target(target or config.target or DEFAULT_TARGET).weight_only
         group_size = None if bits == 8 and layout == "dequantize" else DEFAULT_GROUP
     symmetric = not asymmetric if asymmetric is not None else (base.symmetric if base is not None else True)
-    weight = QuantizerConfig(bits=bits, symmetric=symmetric, signed=symmetric,
-                             granularity="channel" if group_size is None else "group", group_size=group_size)  # fmt: skip
+    granularity = "channel" if group_size is None else "group"
+    weight = QuantizerConfig(bits=bits, symmetric=symmetric, signed=symmetric, granularity=granularity,
+                             group_size=group_size)  # fmt: skip
     return replace(config, default=LayerConfig(None, weight), overrides=())

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 from tqdm.auto import tqdm
 
 from lowbit.core import QuantSpec, qparams, qparams_from_tensor, quantize
@@ -213,14 +213,10 @@ def round_weights(
     :data:`lowbit.core.gptq.ROWS_PER_COLUMN` input rows per column, ``H`` not invertible) keeps nearest codes."""
     graph = Graph(model)
     out = Rounded()
-    readers: dict[str, int] = {}
-    for layer in layers:
-        readers[layer.weight] = readers.get(layer.weight, 0) + 1
-    chosen = [layer for layer in layers if readers[layer.weight] == 1] if rounding == "gptq" else []
-    by_node = {id(layer.node): layer for layer in chosen}
+    chosen = gptq.single_readers([layer.layer(graph) for layer in layers]) if rounding == "gptq" else []
+    by_node = {id(layer.node): layer for layer in layers}
     if chosen:
-        passes = gptq.gather(model, [layer.layer(graph) for layer in chosen], feeds, budget=budget, total=total,
-                             progress=progress)  # fmt: skip
+        passes = gptq.gather(model, chosen, feeds, budget=budget, total=total, progress=progress)
         for step in passes:
             out.passes = step.count
             out.peak_hessian_bytes = max(out.peak_hessian_bytes, step.bytes)
