@@ -47,7 +47,7 @@ LOWBIT = {
     "INT4 GPTQ g128 sym": ("int4", 128, False, "gptq", False, 0),
     "INT4 GPTQ g128 asym": ("int4", 128, True, "gptq", False, 0),
     "INT4 GPTQ g128 sym act-order": ("int4", 128, False, "gptq", True, 0),
-    "INT4 GPTQ g32 sym, accuracy_level 4": ("int4", 32, False, "gptq", False, 4),
+    "INT4 RTN g32 sym, accuracy_level 4": ("int4", 32, False, "nearest", False, 4),
     "INT8 RTN g128 sym": ("int8", 128, False, "nearest", False, 0),
     "INT8 GPTQ g128 sym": ("int8", 128, False, "gptq", False, 0),
 }

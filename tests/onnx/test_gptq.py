@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 
 from lowbit.errors import SpecError
-from lowbit.onnx import Options, gptq, placement, rewrite, rounding
+from lowbit.onnx import Options, gptq, placement, rewrite
 from lowbit.onnx.collect import collect
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.rounding import GPTQ
 from lowbit.onnx.settings import edit
 from lowbit.recipe import preset
 from tests.onnx import models
@@ -196,7 +197,7 @@ def _int8_codes(model, feeds, budget):
     pass's moments fed as the calibration pass feeds them, the rest gathered by more passes over ``feeds``."""
     graph = Graph(model)
     plan = placement.plan(graph, "ort")
-    method = rounding.GPTQ()
+    method = GPTQ()
     method.budget = budget
     observers = method.observers(graph, plan, None)
     seen: dict[str, list] = {}
@@ -204,7 +205,8 @@ def _int8_codes(model, feeds, budget):
         seen.setdefault(x, []).append(m)
     collect(model, [], feeds, observers=seen, progress=False)
     scales = {layer.weight: None for group in method.passes for layer in group}
-    codes = method.codes(graph, observers, scales, progress=False, rerun=(model, lambda: feeds))
+    method.rerun = (model, lambda: feeds)
+    codes = method.codes(graph, observers, scales, progress=False)
     return codes, method
 
 

@@ -208,6 +208,7 @@ def calibrate_model(
     if refine is not None:
         refine(result)
     # more passes over the data for what did not fit the first (GPTQ's second moments), if it can be read again
-    again = None if iter(batches) is batches else (float_model if run_model is None else run_model, lambda: batches)
-    result.codes = rounding.codes(graph, moments, result.scales, progress, rerun=again)
+    if iter(batches) is not batches:
+        rounding.rerun = (float_model if run_model is None else run_model, lambda: batches)
+    result.codes = rounding.codes(graph, moments, result.scales, progress)
     return result

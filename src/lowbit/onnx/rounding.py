@@ -34,10 +34,12 @@ class WeightRounding:
         """``(tensor, observer)`` pairs to feed in the calibration pass; ``samples``: calibration samples, if known."""
         return []
 
-    def codes(self, graph: Graph, observers: list, scales: dict[str, np.ndarray], progress: bool,
-              rerun: Rerun | None = None) -> dict:  # fmt: skip
-        """The int8 codes of the weights this method chose at their ``scales``, by weight name. ``rerun``: the
-        model and a function that gives the calibration batches again, for a method that needs more passes."""
+    # The model and a function that gives the calibration batches again (set before :meth:`codes` when the
+    # batches can be read again), for a method that needs more passes over the data than the calibration pass.
+    rerun: Rerun | None = None
+
+    def codes(self, graph: Graph, observers: list, scales: dict[str, np.ndarray], progress: bool) -> dict:
+        """The int8 codes of the weights this method chose at their ``scales``, by weight name."""
         return {}
 
 
@@ -84,12 +86,12 @@ class GPTQ(WeightRounding):
         self.peak_bytes = 0
         return self.first.observers()
 
-    def codes(self, graph, observers, scales, progress, rerun=None):
+    def codes(self, graph, observers, scales, progress):
         out = gptq.codes(graph, self.first.views(), scales, progress=progress)
         self.peak_bytes = self.first.bytes
         rest = [layer for group in self.passes[1:] for layer in group]
-        if rest and rerun is not None:
-            model, feeds = rerun
+        if rest and self.rerun is not None:
+            model, feeds = self.rerun
             for step in gptq.gather(model, rest, feeds, budget=self.budget, progress=progress):
                 out.update(gptq.codes(graph, step.views(), scales, progress=progress))
                 self.peak_bytes = max(self.peak_bytes, step.bytes)
@@ -108,7 +110,7 @@ class Stochastic(WeightRounding):
         self.axes = dict(plan.weights)  # the codes need each weight's channel axis; nothing to observe
         return []
 
-    def codes(self, graph, observers, scales, progress, rerun=None):
+    def codes(self, graph, observers, scales, progress):
         rng = np.random.default_rng(self.seed)
         out = {}
         for name, scale in scales.items():
