@@ -16,7 +16,7 @@ from lowbit.onnx.gptq import passes
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import session
 from lowbit.onnx.settings import QuantizeError, Settings, WeightOnly, edit
-from lowbit.onnx.weight_only import linears, round_weights
+from lowbit.onnx.weight_only import fit, fit_gptq, linears, round_weights
 from lowbit.recipe import Config, LayerConfig, QuantizerConfig, preset
 from tests.onnx import models
 
@@ -217,3 +217,20 @@ def test_cli_weight_only_with_calibration_prints_the_comparison(attention, tmp_p
     assert "INT4 weight-only / FP32" in text and "cosine" in text
     assert "GPTQ second moments: 1 pass over the data" in text
     assert out.exists() and (tmp_path / "o.ranges.json").exists()
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gptq_pads_a_last_short_group_with_dead_columns(symmetric):
+    """K = 40 in groups of 16: GPTQ rounds 48 columns, the 8 padded ones dead (no input), and keeps 40 codes whose
+    output error is below nearest rounding's; the asymmetric grid keeps its zero points in range."""
+    rng = np.random.default_rng(5)
+    k, n = 40, 8
+    w = rng.standard_normal((n, k))
+    x = _correlated(2048, k, 3).astype(np.float64)
+    h = x.T @ x / len(x)
+    wo = WeightOnly(4, 16, symmetric, "matmulnbits", "gptq", False)
+    blocks = fit_gptq(w, h, wo)
+    assert blocks.codes.shape == (n, k) and blocks.scale.shape == (n, 3)
+    assert blocks.codes.max() <= 15 and (symmetric or blocks.zero_point.max() <= 15)
+    errors = [np.mean((x @ (b.dequantize() - w.T)) ** 2) for b in (fit(w, wo), blocks)]
+    assert errors[1] < 0.5 * errors[0]
