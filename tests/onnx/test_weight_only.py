@@ -234,3 +234,16 @@ def test_gptq_pads_a_last_short_group_with_dead_columns(symmetric):
     assert blocks.codes.max() <= 15 and (symmetric or blocks.zero_point.max() <= 15)
     errors = [np.mean((x @ (b.dequantize() - w.T)) ** 2) for b in (fit(w, wo), blocks)]
     assert errors[1] < 0.5 * errors[0]
+
+
+def test_mse_ranges_lower_the_weight_error_of_nearest_rounding():
+    w = np.random.default_rng(6).standard_normal((16, 256))  # Gaussian: clipping the tails pays at 4 bits
+    errors = {}
+    for method in ("minmax", "mse"):
+        blocks = fit(w, WeightOnly(4, 64, True, "matmulnbits", "nearest", False, method))
+        errors[method] = np.mean((blocks.dequantize().T - w) ** 2)
+    assert errors["mse"] < 0.9 * errors["minmax"]
+    config = edit(preset("int8"), weight_only="int4", weight_method="mse")
+    assert Settings.of(config).weight_only.method == "mse"
+    with pytest.raises(QuantizeError, match="fits each block's range by minmax or mse"):
+        Settings.of(edit(preset("int8"), weight_only="int4", weight_method="admm"))

@@ -36,6 +36,7 @@ class QuantizeError(LowbitError, ValueError):
 
 
 WEIGHT_ONLY_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ONLY_METHODS = ("minmax", "mse")  # how a block's range is fitted (lowbit.core.weight_range)
 WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # --weight-only
 DEFAULT_GROUP = 128  # --weight-only without --group-size: blocks of 128 (int8 for a dequantize layout: per channel)
 ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level
@@ -45,9 +46,10 @@ ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level
 class WeightOnly:
     """Weight-only quantization (a recipe whose layers have a weight config and no input config): MatMul/Gemm
     weights stored as ``bits``-bit codes in blocks of ``group_size`` inputs (None: one scale per output channel),
-    ``symmetric`` or with zero points, written as the target's ``layout`` (:mod:`lowbit.onnx.matmulnbits`);
-    ``rounding`` ``"nearest"`` or ``"gptq"`` (None: GPTQ when calibration data is given, else nearest), GPTQ's
-    columns in ``act_order``. Activations stay float."""
+    ``symmetric`` or with zero points, each block's range its own min/max or, with ``method="mse"``, the shrunk
+    range of least squared error (:func:`lowbit.core.weight_range`), written as the target's ``layout``
+    (:mod:`lowbit.onnx.matmulnbits`); ``rounding`` ``"nearest"`` or ``"gptq"`` (None: GPTQ when calibration
+    data is given, else nearest), GPTQ's columns in ``act_order``. Activations stay float."""
 
     bits: int
     group_size: int | None
@@ -55,6 +57,7 @@ class WeightOnly:
     layout: str
     rounding: str | None
     act_order: bool
+    method: str = "minmax"
 
     @classmethod
     def of(cls, config: Config, target: Target) -> WeightOnly:
@@ -78,9 +81,10 @@ class WeightOnly:
         if target.symmetric_weights and not symmetric:
             raise QuantizeError(f"--asymmetric: {target.runtime} takes symmetric weights only (zero point 0); drop "
                                 "--asymmetric, or use --target ort or qdq")  # fmt: skip
-        if w.method not in (None, "minmax") or w.scale != "float" or w.narrow_range:
-            raise QuantizeError("weight-only quantization takes each block's own max|w| (minmax) on a float scale; "
-                                "drop --weight-method and --scale")  # fmt: skip
+        if w.method not in WEIGHT_ONLY_METHODS or w.scale != "float" or w.narrow_range:
+            raise QuantizeError(f"weight-only quantization fits each block's range by "
+                                f"{' or '.join(WEIGHT_ONLY_METHODS)} (--weight-method) on a float scale; got "
+                                f"--weight-method {w.method}, --scale {w.scale}")  # fmt: skip
         if config.rounding is not None and config.rounding not in WEIGHT_ONLY_ROUNDINGS:
             raise QuantizeError(f"--rounding {config.rounding}: weight-only quantization rounds by "
                                 f"{' or '.join(WEIGHT_ONLY_ROUNDINGS)}")  # fmt: skip
@@ -95,7 +99,7 @@ class WeightOnly:
                 raise QuantizeError(f"override {pattern!r}: weight-only quantization treats every layer alike; an "
                                     "override can only keep layers in float (None)")  # fmt: skip
         group = w.group_size if w.granularity == "group" else None
-        return cls(w.bits, group, symmetric, target.weight_only, config.rounding, config.act_order)
+        return cls(w.bits, group, symmetric, target.weight_only, config.rounding, config.act_order, w.method)
 
 
 @dataclass(frozen=True)
@@ -435,6 +439,8 @@ def _weight_only_config(config: Config, kind: str | None, group_size: int | None
         group_size = None if bits == 8 and layout == "dequantize" else DEFAULT_GROUP
     symmetric = not asymmetric if asymmetric is not None else (base.symmetric if base is not None else True)
     granularity = "channel" if group_size is None else "group"
+    method = (base or (layer.weight if layer is not None and layer.weight is not None else None) or
+              QuantizerConfig()).method  # fmt: skip
     weight = QuantizerConfig(bits=bits, symmetric=symmetric, signed=symmetric, granularity=granularity,
-                             group_size=group_size)  # fmt: skip
+                             group_size=group_size, method=method)  # fmt: skip
     return replace(config, default=LayerConfig(None, weight), overrides=())

@@ -24,14 +24,14 @@ kernel has no column permutation, so the codes stay in natural column order).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import onnx
 from onnx import helper
 from tqdm.auto import tqdm
 
-from lowbit.core import QuantSpec, qparams, qparams_from_tensor, quantize
+from lowbit.core import QuantSpec, qparams, quantize, weight_range
 from lowbit.core.gptq import ROWS_PER_COLUMN, round_groups, round_matrix
 from lowbit.onnx import gptq
 from lowbit.onnx.graph import Graph, Names, attributes
@@ -74,7 +74,7 @@ class Linear:
 def describe(wo: WeightOnly, accuracy_level: int = 0) -> str:
     """The layout in words: ``int4 symmetric, blocks of 128, MatMulNBits (accuracy_level 0)``."""
     grid = "per output channel" if wo.group_size is None else f"blocks of {wo.group_size}"
-    kind = "symmetric" if wo.symmetric else "asymmetric"
+    kind = ("symmetric" if wo.symmetric else "asymmetric") + (f" {wo.method} ranges" if wo.method != "minmax" else "")
     where = f"MatMulNBits (accuracy_level {accuracy_level})" if wo.layout == "matmulnbits" else "DequantizeLinear"
     return f"int{wo.bits} {kind}, {grid}, {where}"
 
@@ -130,10 +130,16 @@ def spec(wo: WeightOnly) -> QuantSpec:
                      else 1, group_size=wo.group_size)  # fmt: skip
 
 
+def block_qparams(w: np.ndarray, wo: WeightOnly, s: QuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of each block (or row) of ``w`` as ``s`` lays them out, from its range by
+    ``wo.method`` (min/max, or the shrunk range of least squared error)."""
+    return qparams(*weight_range(w, s, wo.method), s)
+
+
 def fit(w: np.ndarray, wo: WeightOnly) -> Blocks:
     """Nearest rounding of ``w`` (N, K) in blocks (see the module doc)."""
     s = spec(wo)
-    scale, zero_point = qparams_from_tensor(w, s)
+    scale, zero_point = block_qparams(w, wo, s)
     q = quantize(w, scale, zero_point, s)
     if wo.group_size is None:
         scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
@@ -156,7 +162,7 @@ def fit_gptq(w: np.ndarray, h: np.ndarray, wo: WeightOnly) -> Blocks | None:
     s = spec(wo)
     qmin, qmax = s.qmin, s.qmax
     if wo.group_size is None:
-        scale, zero_point = qparams_from_tensor(w, s)
+        scale, zero_point = block_qparams(w, wo, s)
         scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
         q = round_matrix(w[None], scale[None], zero_point[None].astype(np.float64), qmin, qmax, h[None],
                          act_order=wo.act_order)  # fmt: skip
@@ -168,15 +174,17 @@ def fit_gptq(w: np.ndarray, h: np.ndarray, wo: WeightOnly) -> Blocks | None:
     hp = np.zeros((padded, padded))
     hp[:k, :k] = h
     if wo.act_order:
-        scale, zero_point = qparams_from_tensor(wp, s)
+        scale, zero_point = block_qparams(wp, wo, s)
         per_column = np.repeat(np.arange(padded // g), g)
         q = round_matrix(wp[None], scale[None][:, :, per_column], zero_point[None][:, :, per_column].astype(
             np.float64), qmin, qmax, hp[None], act_order=True)  # fmt: skip
         return None if q is None else _blocks(q[0, :, :k], scale, zero_point, wo, k)
 
+    rows = spec(replace(wo, group_size=None))  # one scale per row of a (rows, group_size) block
+
     def group_fit(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        sc, zp = qparams(block.min(axis=2, keepdims=True), block.max(axis=2, keepdims=True), s)
-        return sc.astype(np.float64), zp.astype(np.float64)
+        sc, zp = block_qparams(block[0], wo, rows)
+        return sc.astype(np.float64).reshape(1, -1, 1), zp.astype(np.float64).reshape(1, -1, 1)
 
     fitted = round_groups(wp[None], g, group_fit, qmin, qmax, hp[None])
     if fitted is None:
