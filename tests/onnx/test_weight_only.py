@@ -247,3 +247,9 @@ def test_mse_ranges_lower_the_weight_error_of_nearest_rounding():
     assert Settings.of(config).weight_only.method == "mse"
     with pytest.raises(QuantizeError, match="fits each block's range by minmax or mse"):
         Settings.of(edit(preset("int8"), weight_only="int4", weight_method="admm"))
+
+
+@pytest.mark.parametrize(("extra", "flag"), [({"dynamic": True}, "--dynamic"), ({"format": "fp8"}, "--format fp8")])
+def test_weight_only_with_activation_quantization_flags_is_an_error(extra, flag):
+    with pytest.raises(QuantizeError, match=f"--weight-only keeps activations float; {flag} quantizes them"):
+        edit(preset("int8"), weight_only="int4", **extra)

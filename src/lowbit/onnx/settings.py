@@ -407,6 +407,9 @@ def edit(
         config = config.with_weight_method(weight_method)
     if scale is not None:
         config = config.with_scale(scale)
+    if weight_only is not None and (dynamic or format not in (None, "int8")):
+        flag = "--dynamic" if dynamic else f"--format {format}"
+        raise QuantizeError(f"--weight-only keeps activations float; {flag} quantizes them: drop one of the two")
     if weight_only is not None or group_size is not None or asymmetric is not None:
         config = _weight_only_config(config, weight_only, group_size, asymmetric, target)
     if act_order is not None:
