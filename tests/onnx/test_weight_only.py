@@ -253,3 +253,10 @@ def test_mse_ranges_lower_the_weight_error_of_nearest_rounding():
 def test_weight_only_with_activation_quantization_flags_is_an_error(extra, flag):
     with pytest.raises(QuantizeError, match=f"--weight-only keeps activations float; {flag} quantizes them"):
         edit(preset("int8"), weight_only="int4", **extra)
+
+
+def test_only_constant_weights_are_reported_as_kept_in_float(attention):
+    model = attention[2]
+    graph = Graph(model)
+    layers, skipped = linears(graph, Settings.of(edit(preset("int8"), weight_only="int4", exclude=["^up_matmul$"])))
+    assert len(layers) == 5 and skipped == ["up_matmul"]  # not the scores/context MatMuls of two activations

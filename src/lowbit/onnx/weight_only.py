@@ -86,14 +86,17 @@ def prepare(model: onnx.ModelProto, settings: Settings) -> onnx.ModelProto:
 
 
 def linears(graph: Graph, settings: Settings) -> tuple[list[Linear], list[str]]:
-    """The MatMul/Gemm nodes whose weights are quantized, and the names of those left in float (excluded, or a
-    form this does not rewrite: a non-constant or non-2-D weight, Gemm with transA, a non-float32 weight)."""
+    """The MatMul/Gemm nodes whose weights are quantized, and the names of those with a constant weight left in
+    float (excluded, or a form this does not rewrite: a non-2-D or non-float32 weight, Gemm with transA or a
+    (M, N) C). A MatMul of two activations has no weight and is neither."""
     excluded = exclusion(settings.exclude, settings.exclude_ops)
     out, skipped = [], []
     for node in graph.nodes:
         if node.op_type not in ("MatMul", "Gemm"):
             continue
         linear = _linear(graph, node)
+        if linear is None and not (len(node.input) > 1 and graph.is_constant(node.input[1])):
+            continue  # activation x activation (attention scores): no weight to quantize
         if linear is None or excluded(graph, node):
             skipped.append(graph.node_name(node))
         else:
