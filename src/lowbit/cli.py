@@ -152,6 +152,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         compare=not args.no_compare,
         progress=not args.quiet,
         trt_cache=args.trt_cache,
+        accuracy_level=args.accuracy_level,
     )
     result = quantize(args.model, args.output, args.calib, config, eval_data=_eval_data(args), budget=budget,
                       options=options)  # fmt: skip
@@ -185,6 +186,10 @@ def _recipe(args: argparse.Namespace):
         rounding=args.rounding,
         refine=args.refine,
         fp16_rest=getattr(args, "fp16_rest", None),
+        weight_only=getattr(args, "weight_only", None),
+        group_size=getattr(args, "group_size", None),
+        asymmetric=getattr(args, "asymmetric", None),
+        act_order=getattr(args, "act_order", None),
     )
     if args.option:
         method = Settings.of(config).method
@@ -210,6 +215,7 @@ def _budget(args: argparse.Namespace, dynamic: bool):
 
 def _print_quantized(result, args_batch: int) -> None:
     kind = "dynamic (run-time activation scales)" if result.dynamic else f"static, {result.method} calibration"
+    kind = result.weight_only or kind
     others = len(result.quantized_nodes) - result.layers
     also = f"; with the {others} nodes that follow them, {len(result.quantized_nodes)} nodes" if others > 0 else ""
     print(f"quantized {_count(result.layers, 'layer')} for {result.target} ({kind}{also})")
@@ -228,6 +234,10 @@ def _print_quantized(result, args_batch: int) -> None:
     if result.rounded_layers:
         name = "GPTQ" if result.rounding == "gptq" else result.rounding
         print(f"{name} rounding on {_count(result.rounded_layers, 'layer')}")
+    if result.hessian_passes:
+        passes = f"{result.hessian_passes} pass{'' if result.hessian_passes == 1 else 'es'}"
+        print(f"GPTQ second moments: {passes} over the data, at most "
+              f"{result.peak_hessian_bytes / 2**20:.1f} MiB held at once")  # fmt: skip
     if result.refinement:
         print(result.refinement)
     if result.bias_corrections:
@@ -507,6 +517,35 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_weight_only_args(parser: argparse.ArgumentParser) -> None:
+    """Weight-only quantization: MatMul/Gemm weights to int4/int8, activations in float."""
+    w = parser.add_argument_group("weight-only")
+    w.add_argument(
+        "--weight-only", choices=["int4", "int8"],
+        help="quantize MatMul/Gemm weights only, activations stay float: com.microsoft MatMulNBits for --target ort "
+        "(ONNX Runtime's CPU/GPU kernel), blocked DequantizeLinear (opset 21) for trt/qdq; rounding gptq with "
+        "--calib, else nearest (no data needed)",
+    )  # fmt: skip
+    w.add_argument("--group-size", type=_positive_int, metavar="N",
+                   help="weights per scale along the input axis: a power of two >= 16 (default 128; int8 for "
+                   "trt/qdq: per output channel)")  # fmt: skip
+    w.add_argument(
+        "--asymmetric",
+        action="store_const",
+        const=True,
+        help="a zero point per block (uint codes); default symmetric (TensorRT takes symmetric only)",
+    )
+    w.add_argument(
+        "--act-order",
+        action="store_const",
+        const=True,
+        help="GPTQ rounds the input columns in order of decreasing second moment (static group scales)",
+    )
+    w.add_argument("--accuracy-level", type=int, default=0, choices=range(5), metavar="{0,1,2,3,4}",
+                   help="MatMulNBits' compute type for the activations: 0 (default) the kernel's float, 4 int8 "
+                   "(ONNX Runtime quantizes them per block at run time: faster on CPUs with VNNI)")  # fmt: skip
+
+
 def _add_run_args(parser: argparse.ArgumentParser) -> None:
     """How the data is run (batch size, sample bound, image preprocessing), the accuracy budget, and -q: the
     options ``quantize`` and ``analyze`` share besides the static ones."""
@@ -549,6 +588,7 @@ def _add_quantize(commands) -> None:
         help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
+    _add_weight_only_args(q)
     q.add_argument(
         "--eval", help="held-out data for the FP32 vs INT8 comparison (default: 64 samples held out of --calib)"
     )

@@ -11,8 +11,11 @@ import pytest
 
 from lowbit.errors import SpecError
 from lowbit.onnx import Options, gptq, placement, rewrite
+from lowbit.onnx.collect import collect
 from lowbit.onnx.graph import Graph
+from lowbit.onnx.model import preprocess
 from lowbit.onnx.pipeline import quantize
+from lowbit.onnx.rounding import GPTQ
 from lowbit.onnx.settings import edit
 from lowbit.recipe import preset
 from tests.onnx import models
@@ -187,3 +190,43 @@ def test_gptq_codes_show_a_bar_per_layer(capsys):
     assert capsys.readouterr().err == ""
     gptq.codes(graph, [moment])
     assert "GPTQ rounding" in capsys.readouterr().err
+
+
+def _int8_codes(model, feeds, budget):
+    """The int8 path's GPTQ codes of ``model`` (rounding.GPTQ at ``budget`` bytes of second moments): the first
+    pass's moments fed as the calibration pass feeds them, the rest gathered by more passes over ``feeds``."""
+    graph = Graph(model)
+    plan = placement.plan(graph, "ort")
+    method = GPTQ()
+    method.budget = budget
+    observers = method.observers(graph, plan, None)
+    seen: dict[str, list] = {}
+    for x, m in observers:
+        seen.setdefault(x, []).append(m)
+    collect(model, [], feeds, observers=seen, progress=False)
+    scales = {layer.weight: None for group in method.passes for layer in group}
+    method.rerun = (model, lambda: feeds)
+    codes = method.codes(graph, observers, scales, progress=False)
+    return codes, method
+
+
+def test_the_int8_path_gathers_what_does_not_fit_the_budget_in_more_passes_with_the_same_codes():
+    model = preprocess(models.attention_block(hidden=32))  # shapes inferred: every activation's type known
+    data = models.attention_feeds(n=96, tokens=12, hidden=32)
+    feeds = [{k: v[i : i + 16] for k, v in data.items()} for i in range(0, 96, 16)]
+    one, method_one = _int8_codes(model, feeds, gptq.HESSIAN_BUDGET)
+    split, method_split = _int8_codes(model, feeds, 8 * 32 * 32)
+    assert len(method_one.passes) == 1 and len(method_split.passes) == 4
+    assert method_split.peak_bytes == 8 * 128 * 128 < method_one.peak_bytes
+    assert set(one) == set(split) and len(one) == 6  # q, k, v, o, up and down (1,152 rows for 128 inputs)
+    for name in one:
+        np.testing.assert_array_equal(one[name], split[name])
+
+
+def test_layers_of_any_width_are_gptq_layers():
+    """No cap on the number of inputs (4,096 before the budgeted passes)."""
+    w = np.zeros((4100, 2), np.float32)
+    graph = Graph(models.single_layer("MatMul", w, ("N", 4100))[0])
+    (layer,) = gptq.layers(graph, placement.plan(graph, "ort"))
+    assert gptq.hessian_bytes(layer) == 8 * 4100 * 4100 < gptq.HESSIAN_BUDGET
+    assert [len(p) for p in gptq.passes([layer, layer], budget=gptq.hessian_bytes(layer))] == [2]  # one shared H

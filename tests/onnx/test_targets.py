@@ -17,7 +17,7 @@ from lowbit.onnx import Budget, Options, placement, quantize
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import preprocess
 from lowbit.onnx.settings import QuantizeError, Settings
-from lowbit.recipe import LayerConfig, QuantizerConfig, preset, save
+from lowbit.recipe import Config, LayerConfig, QuantizerConfig, preset, save
 from tests.onnx import models
 
 QUIET = Options(compare=False, progress=False)
@@ -84,7 +84,10 @@ def test_ort_runs_int8_symmetric_activations_when_the_recipe_asks(files):
     ("config", "message"),
     [
         (preset("w4a8"), "int8 symmetric weights per channel or per tensor; got 4-bit"),
-        (preset("w4a16_group128"), "weight-only INT4 is not built yet"),
+        (
+            Config(LayerConfig(None, QuantizerConfig(bits=2, granularity="group", group_size=128))),
+            "weight-only quantization stores int4 or int8 weights",
+        ),
         (replace(preset("w8a8_asym"), target="trt"), "target 'trt' takes int8 symmetric activations only"),
         (preset("int8").override("conv1", LayerConfig()), "an override can only keep layers in float"),
         (preset("int8").with_residual_adds(), "residual_adds is for PyTorch models"),

@@ -99,8 +99,9 @@ def analyze(
                   {"model": Path(model), "calib": calib, "eval_data": eval_data})  # fmt: skip
     if calib is None:
         raise AnalyzeError("the analysis calibrates the model as quantize would: give calibration data (--calib)")
-    if settings.dynamic:
-        raise AnalyzeError("the analysis measures static quantization; a dynamic recipe has no ranges to analyse")
+    if settings.dynamic or settings.weight_only is not None:
+        kind = "a dynamic" if settings.dynamic else "a weight-only"
+        raise AnalyzeError(f"the analysis measures static quantization; {kind} recipe has no ranges to analyse")
     loaded = stages.open_model(Path(model), settings, options.batch_size)
     data = stages.open_data(loaded, calib, eval_data, options)
     full = _check_plan(loaded, settings, report.extract)

@@ -207,5 +207,8 @@ def calibrate_model(
     result.scales = rewrite.weight_scales(graph, full, floors, settings.weight_method, settings.weight_options)
     if refine is not None:
         refine(result)
+    # more passes over the data for what did not fit the first (GPTQ's second moments), if it can be read again
+    if iter(batches) is not batches:
+        rounding.rerun = (float_model if run_model is None else run_model, lambda: batches)
     result.codes = rounding.codes(graph, moments, result.scales, progress)
     return result

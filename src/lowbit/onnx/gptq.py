@@ -19,6 +19,7 @@ random subset of rows (patches, tokens) of each batch, so its cost does not grow
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,12 +28,16 @@ from tqdm.auto import tqdm
 
 from lowbit.core import gptq as core_gptq
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, round_matrix
+from lowbit.onnx.collect import collect
 from lowbit.onnx.graph import Graph, attributes
 from lowbit.onnx.placement import Plan
 from lowbit.onnx.rewrite import weight_qparams
 
 ROWS_PER_BATCH = 512  # rows of H sampled from each calibration batch (all of them when there are fewer)
-MAX_COLUMNS = 4096  # wider layers keep nearest rounding: H would take over 128 MB
+# Bytes of second moments (float64 sums, columns^2 * 8 per layer input) gathered at once: past it, the layers are
+# split over several passes over the calibration data (:func:`passes`), each rounded and dropped before the next,
+# so any width works in bounded memory. 512 MB holds one 8,192-input H; a model whose H all fit runs one pass.
+HESSIAN_BUDGET = 512 * 2**20
 QMAX = 127  # codes in [-127, 127]: symmetric, as TensorRT's weights
 
 
@@ -206,9 +211,9 @@ class SecondMoment:
 
 def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
     """The quantized Conv, Gemm and MatMul nodes of ``plan`` whose weight is a constant of ``plan``: Conv and Gemm
-    weights as their second input, MatMul weights as a 2-D second input (x @ W). Left out: layers with more than
-    :data:`MAX_COLUMNS` input features per group, and Gemm layers with too few ``samples`` of calibration data
-    (one row per sample; see :func:`codes`)."""
+    weights as their second input, MatMul weights as a 2-D second input (x @ W), of any width (their second
+    moments are gathered in passes under a memory budget: :func:`passes`). Left out: Gemm layers with too few
+    ``samples`` of calibration data (one row per sample; see :func:`codes`)."""
     quantized = set(plan.quantized_nodes)
     out = []
     for node in graph.nodes:
@@ -225,9 +230,7 @@ def layers(graph: Graph, plan: Plan, samples: int | None = None) -> list[Layer]:
             continue
         layer = Layer(node, node.input[0], node.input[1], plan.weights[node.input[1]], tuple(w.shape))
         columns = layer.matrix_shape[2]
-        if columns > MAX_COLUMNS or (
-            node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns
-        ):
+        if node.op_type == "Gemm" and samples is not None and samples < ROWS_PER_COLUMN * columns:
             continue
         out.append(layer)
     return out
@@ -271,3 +274,130 @@ def codes(
         if q is not None:
             out[layer.weight] = q
     return out
+
+
+def rows_key(layer: Layer) -> tuple[str, str]:
+    """Layers with the same key see the same input rows, so they share one ``H``: a MatMul and a Gemm without
+    transA read the rows of their input tensor as they are (a transformer's Q, K and V projections, one ``H``);
+    a convolution's patches and a transposed Gemm input are the layer's own."""
+    node = layer.node
+    if node.op_type == "MatMul" or (node.op_type == "Gemm" and not attributes(node).get("transA", 0)):
+        return layer.x, ""
+    return layer.x, node.output[0]
+
+
+def hessian_bytes(layer: Layer) -> int:
+    """Bytes of one layer's running ``sum(r r^T)``: (groups, columns, columns) float64."""
+    g, _, c = layer.matrix_shape
+    return 8 * g * c * c
+
+
+def passes(layers: list[Layer], budget: int = HESSIAN_BUDGET) -> list[list[Layer]]:
+    """``layers`` split into passes over the data whose second moments (one per :func:`rows_key`) take at most
+    ``budget`` bytes together, in graph order, as few passes as that order allows; a single ``H`` larger than
+    the budget gets a pass of its own (it cannot be split)."""
+    out: list[list[Layer]] = []
+    keys: list[set] = []
+    used = 0
+    for layer in layers:
+        key, cost = rows_key(layer), hessian_bytes(layer)
+        if out and key in keys[-1]:
+            out[-1].append(layer)
+            continue
+        if not out or used + cost > budget:
+            out.append([])
+            keys.append(set())
+            used = 0
+        out[-1].append(layer)
+        keys[-1].add(key)
+        used += cost
+    return out
+
+
+def single_readers(layers: list[Layer]) -> list[Layer]:
+    """``layers`` without those whose weight another layer also reads: one weight has one set of codes, and GPTQ
+    fits codes to one layer's input (such weights keep nearest rounding)."""
+    readers: dict[str, int] = {}
+    for layer in layers:
+        readers[layer.weight] = readers.get(layer.weight, 0) + 1
+    return [layer for layer in layers if readers[layer.weight] == 1]
+
+
+@dataclass
+class Shared:
+    """One layer's view of a :class:`SecondMoment` it shares with the layers that read the same rows (what
+    :func:`codes` reads: ``layer``, ``moment``, ``count``, ``value``)."""
+
+    layer: Layer
+    source: SecondMoment
+
+    @property
+    def moment(self) -> core_gptq.SecondMoment:
+        return self.source.moment
+
+    @property
+    def count(self) -> int:
+        return self.source.count
+
+    @property
+    def value(self) -> np.ndarray:
+        return self.source.value
+
+
+@dataclass
+class Pass:
+    """One pass's second moments, by :func:`rows_key`; ``index`` of ``count`` passes."""
+
+    layers: list[Layer]
+    moments: dict[tuple[str, str], SecondMoment]
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def start(cls, layers: list[Layer], index: int = 0, count: int = 1) -> Pass:
+        """Empty second moments for ``layers``, one per :func:`rows_key`."""
+        moments: dict[tuple[str, str], SecondMoment] = {}
+        for layer in layers:
+            moments.setdefault(rows_key(layer), SecondMoment(layer))
+        return cls(layers, moments, index, count)
+
+    def observers(self) -> list[tuple[str, SecondMoment]]:
+        """``(tensor, observer)`` pairs to feed in a pass over the data."""
+        return [(m.layer.x, m) for m in self.moments.values()]
+
+    def views(self) -> list[Shared]:
+        """Every layer with its second moment, as :func:`codes` takes them."""
+        return [Shared(layer, self.moments[rows_key(layer)]) for layer in self.layers]
+
+    @property
+    def bytes(self) -> int:
+        return sum(m.moment.sum.nbytes for m in self.moments.values() if m.moment.sum is not None)
+
+    def hessian(self, layer: Layer) -> tuple[np.ndarray, int] | None:
+        """``(H, rows seen)`` of ``layer``'s input (None: it saw no data)."""
+        m = self.moments[rows_key(layer)]
+        return None if m.moment.sum is None else (m.value, m.count)
+
+
+def gather(
+    model: onnx.ModelProto,
+    layers: list[Layer],
+    feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]],
+    *,
+    budget: int = HESSIAN_BUDGET,
+    total: int | None = None,
+    progress: bool = True,
+) -> Iterator[Pass]:
+    """The second moments of ``layers``' inputs, pass by pass (:func:`passes`): each pass runs ``model`` over
+    ``feeds()`` (a fresh iterable of feed dicts each time) and yields its :class:`Pass`; round its layers before
+    asking for the next, which drops it, so at most ``budget`` bytes of ``H`` (or one larger ``H``) are held."""
+    split = passes(layers, budget)
+    for i, group in enumerate(split):
+        step = Pass.start(group, i, len(split))
+        observers: dict[str, list] = {}
+        for x, m in step.observers():
+            observers.setdefault(x, []).append(m)
+        if len(split) > 1 and progress:
+            tqdm.write(f"GPTQ second moments: pass {i + 1} of {len(split)} ({len(group)} layers)")
+        collect(model, [], feeds(), method="minmax", total=total, progress=progress, observers=observers)
+        yield step

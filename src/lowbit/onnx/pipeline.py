@@ -30,9 +30,10 @@ from lowbit._table import format_table
 from lowbit.core import QuantSpec, qparams
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
-from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, stages
+from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, stages, weight_only
 from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
+from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, save_model, session
 from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
 from lowbit.paths import check_outputs, ranges_path_for
@@ -76,11 +77,19 @@ class QuantizeResult:
     fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
     refinement: str = ""  # what the recipe's refinement did (easyquant), in a line
     format: str = "int"  # of activations and weights: "int" (int8), "fp8_e4m3", "fp8_e5m2"
+    weight_only: str = ""  # weight-only quantization, in words ("int4 symmetric, blocks of 128, MatMulNBits")
+    hessian_passes: int = 0  # passes over the calibration data that gathered GPTQ's second moments
+    peak_hessian_bytes: int = 0  # the most bytes of those second moments held at once
+
+    @property
+    def label(self) -> str:
+        """The quantized model's name in tables: "INT8", "FP8 E4M3", "INT4 weight-only", ..."""
+        return f"{self.weight_only.split()[0].upper()} weight-only" if self.weight_only else fp8.label(self.format)
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
         rows = []
-        labels = {"fp32": "FP32", "int8": fp8.label(self.format)}  # "int8": the quantized model, whatever its format
+        labels = {"fp32": "FP32", "int8": self.label}  # "int8": the quantized model, whatever its format
         for name in ("fp32", "int8"):
             lat = self.latency.get(name, {})
             row = [labels[name], f"{self.sizes.get(name, 0) / 1e6:.2f} MB"]
@@ -187,7 +196,10 @@ def quantize(
     t_start = time.perf_counter()
     settings = Settings.of(config)
     job = _Job.open(Path(model), Path(output), calib, eval_data, settings, options, budget)
-    quantized, record = _quantize_dynamic(job) if settings.dynamic else _quantize_static(job)
+    if settings.weight_only is not None:
+        quantized, record = _quantize_weight_only(job)
+    else:
+        quantized, record = _quantize_dynamic(job) if settings.dynamic else _quantize_static(job)
     if settings.config.fp16_rest:
         quantized, job.result.fp16_nodes = fp16.convert(quantized)
     quant_sess = _write(job, quantized, record)
@@ -221,13 +233,17 @@ class _Job:
         model = stages.open_model(model_path, settings, options.batch_size)
         data = stages.open_data(model, calib, eval_data, options)
         target = DEFAULT_TARGET if settings.dynamic else settings.target.name
-        result = QuantizeResult(output, ranges_path, target, settings.method, settings.dynamic, [], [])
+        method = "weight-only" if settings.weight_only is not None else settings.method
+        result = QuantizeResult(output, ranges_path, target, method, settings.dynamic, [], [])
         result.batch_size, result.fused, result.format = model.batch, dict(model.fused), settings.format
         return cls(settings, options, budget, model, data, result)
 
 
 def _check_options(settings: Settings, options: Options, budget: Budget | None, calib: Any) -> None:
     """The options that contradict each other, each named, before any work."""
+    if settings.weight_only is not None:
+        _check_weight_only(settings, options, budget, calib)
+        return
     if fp8.is_fp8(settings.format) and options.trt_cache is not None:
         raise QuantizeError(f"--trt-cache writes INT8 scales (amax / 127) for implicit INT8; --format "
                             f"{settings.format} is explicit FP8 Q/DQ only (drop --trt-cache)")  # fmt: skip
@@ -239,6 +255,52 @@ def _check_options(settings: Settings, options: Options, budget: Budget | None, 
         )
     if not settings.dynamic and calib is None:
         raise QuantizeError("static quantization needs calibration data (--calib); or use --dynamic")
+
+
+def _check_weight_only(settings: Settings, options: Options, budget: Budget | None, calib: Any) -> None:
+    if options.trt_cache is not None:
+        raise QuantizeError("--trt-cache writes activation scales; weight-only quantization has none (drop it)")
+    if budget is not None:
+        raise QuantizeError("automatic mixed precision (--max-drop) searches static quantization, not weight-only")
+    if settings.weight_only.rounding == "gptq" and calib is None:
+        raise QuantizeError("GPTQ rounding fits the codes to calibration data: give --calib, or --rounding nearest")
+
+
+def _quantize_weight_only(job: _Job) -> tuple[onnx.ModelProto, dict]:
+    """Weight-only quantization (:mod:`lowbit.onnx.weight_only`): prepare the float model, round the weights
+    (GPTQ when there is calibration data, unless the recipe says nearest), write MatMulNBits or DequantizeLinear."""
+    settings, options, result, model = job.settings, job.options, job.result, job.model
+    wo = settings.weight_only
+    rounding = wo.rounding or ("gptq" if job.data.calib is not None else "nearest")
+    feeds, total = None, None
+    if job.data.calib is not None:
+        wanted_holdout = options.compare and job.data.eval is None
+        chosen = sampling.split(job.data.calib, options.max_samples, HOLDOUT if wanted_holdout else 0)
+        job.held = chosen.held
+        result.held_out_samples = chosen.held.num_samples if chosen.held is not None else 0
+        result.samples_note = chosen.describe() if rounding == "gptq" else ""
+        result.calibration_samples = chosen.calib.num_samples or 0
+        feeds, total = (lambda: chosen.calib.batches(model.batch)), len(chosen.calib.batches(model.batch)) or None
+    prepared = weight_only.prepare(model.float_model, settings)
+    layers, skipped = weight_only.linears(Graph(prepared), settings)
+    if not layers:
+        raise QuantizeError(
+            "nothing to quantize: no MatMul or Gemm with a constant 2-D weight is left after exclusions"
+        )
+    t0 = time.perf_counter()
+    rounded = weight_only.round_weights(prepared, layers, wo, rounding, feeds, total=total, progress=options.progress)
+    result.calibration_seconds = time.perf_counter() - t0
+    quantized = weight_only.write(prepared, layers, rounded.blocks, wo, options.accuracy_level)
+    result.quantized_nodes = [job.model.graph.node_name(layer.node) for layer in layers]
+    result.excluded_nodes, result.layers = skipped, len(layers)
+    result.rounding, result.rounded_layers = rounding, rounded.gptq_layers
+    result.hessian_passes, result.peak_hessian_bytes = rounded.passes, rounded.peak_hessian_bytes
+    result.weight_only = weight_only.describe(wo, options.accuracy_level)
+    result.batch_size = result.calibration_batch = model.batch
+    record = {"weight_only": {"bits": wo.bits, "group_size": wo.group_size, "symmetric": wo.symmetric,
+                              "layout": wo.layout, "rounding": rounding, "act_order": wo.act_order,
+                              "accuracy_level": options.accuracy_level}}  # fmt: skip
+    return quantized, record
 
 
 def _quantize_dynamic(job: _Job) -> tuple[onnx.ModelProto, dict]:

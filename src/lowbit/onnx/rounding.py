@@ -11,15 +11,18 @@ Adding a method is one class with ``@register("name")``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 
 import numpy as np
+import onnx
 
 from lowbit.core import QuantSpec, quantize
 from lowbit.errors import SpecError
 from lowbit.onnx import gptq
 from lowbit.onnx.graph import Graph
 from lowbit.onnx.placement import Plan
+
+Rerun = tuple[onnx.ModelProto, Callable[[], Iterable[Mapping[str, np.ndarray]]]]
 
 
 class WeightRounding:
@@ -30,6 +33,10 @@ class WeightRounding:
     def observers(self, graph: Graph, plan: Plan, samples: int | None) -> list[tuple[str, object]]:
         """``(tensor, observer)`` pairs to feed in the calibration pass; ``samples``: calibration samples, if known."""
         return []
+
+    # The model and a function that gives the calibration batches again (set before :meth:`codes` when the
+    # batches can be read again), for a method that needs more passes over the data than the calibration pass.
+    rerun: Rerun | None = None
 
     def codes(self, graph: Graph, observers: list, scales: dict[str, np.ndarray], progress: bool) -> dict:
         """The int8 codes of the weights this method chose at their ``scales``, by weight name."""
@@ -67,13 +74,28 @@ register("nearest")(WeightRounding)
 @register("gptq")
 class GPTQ(WeightRounding):
     """GPTQ (Frantar et al. 2022): each weight's codes for the least output error on the calibration data, from
-    the second moment of its layer's input (:mod:`lowbit.onnx.gptq`)."""
+    the second moment of its layer's input (:mod:`lowbit.onnx.gptq`). The second moments that fit
+    :attr:`budget` bytes are gathered in the calibration pass; the others in more passes over the data
+    (:func:`lowbit.onnx.gptq.gather`), when the calibration batches can be read again."""
+
+    budget = gptq.HESSIAN_BUDGET
 
     def observers(self, graph, plan, samples):
-        return [(m.layer.x, m) for m in (gptq.SecondMoment(x) for x in gptq.layers(graph, plan, samples))]
+        self.passes = gptq.passes(gptq.single_readers(gptq.layers(graph, plan, samples)), self.budget)
+        self.first = gptq.Pass.start(self.passes[0] if self.passes else [])
+        self.peak_bytes = 0
+        return self.first.observers()
 
     def codes(self, graph, observers, scales, progress):
-        return gptq.codes(graph, [m for _, m in observers], scales, progress=progress)
+        out = gptq.codes(graph, self.first.views(), scales, progress=progress)
+        self.peak_bytes = self.first.bytes
+        rest = [layer for group in self.passes[1:] for layer in group]
+        if rest and self.rerun is not None:
+            model, feeds = self.rerun
+            for step in gptq.gather(model, rest, feeds, budget=self.budget, progress=progress):
+                out.update(gptq.codes(graph, step.views(), scales, progress=progress))
+                self.peak_bytes = max(self.peak_bytes, step.bytes)
+        return out
 
 
 @register("stochastic")

@@ -19,7 +19,8 @@ from lowbit.core import QuantSpec, check_weight_method
 from lowbit.errors import LowbitError, SpecError
 from lowbit.onnx import rounding as weight_rounding
 from lowbit.onnx.fp8 import is_fp8
-from lowbit.recipe import Config, Target, as_config, get_target, preset, resolve
+from lowbit.onnx.matmulnbits import BITS, check_block_size
+from lowbit.recipe import Config, LayerConfig, QuantizerConfig, Target, as_config, get_target, preset, resolve
 
 DEFAULT_TARGET = "ort"  # the target of a recipe that names none
 FP8_TARGET = "trt"  # ... and of an FP8 recipe: FP8 runs on TensorRT (ONNX Runtime's CPU only emulates it)
@@ -32,6 +33,73 @@ FORMAT_PRESETS = ("int8", "fp8", "fp8_e4m3", "fp8_e5m2")  # --format: each the p
 
 class QuantizeError(LowbitError, ValueError):
     """Options that do not fit together or a model that cannot be quantized as asked."""
+
+
+WEIGHT_ONLY_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ONLY_METHODS = ("minmax", "mse")  # how a block's range is fitted (lowbit.core.weight_range)
+WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # --weight-only
+DEFAULT_GROUP = 128  # --weight-only without --group-size: blocks of 128 (int8 for a dequantize layout: per channel)
+ACCURACY_LEVELS = (0, 1, 2, 3, 4)  # MatMulNBits' accuracy_level
+
+
+@dataclass(frozen=True)
+class WeightOnly:
+    """Weight-only quantization (a recipe whose layers have a weight config and no input config): MatMul/Gemm
+    weights stored as ``bits``-bit codes in blocks of ``group_size`` inputs (None: one scale per output channel),
+    ``symmetric`` or with zero points, each block's range its own min/max or, with ``method="mse"``, the shrunk
+    range of least squared error (:func:`lowbit.core.weight_range`), written as the target's ``layout``
+    (:mod:`lowbit.onnx.matmulnbits`); ``rounding`` ``"nearest"`` or ``"gptq"`` (None: GPTQ when calibration
+    data is given, else nearest), GPTQ's columns in ``act_order``. Activations stay float."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    layout: str
+    rounding: str | None
+    act_order: bool
+    method: str = "minmax"
+
+    @classmethod
+    def of(cls, config: Config, target: Target) -> WeightOnly:
+        """The weight-only settings of ``config`` (resolved for ``target``), or a QuantizeError naming the option
+        that does not fit."""
+        w = config.default.weight
+        if w.format != "int" or w.bits not in BITS:
+            raise QuantizeError(f"weight-only quantization stores int4 or int8 weights (--weight-only int4|int8); "
+                                f"the recipe's weights are {w.bits}-bit {w.format}")  # fmt: skip
+        if w.granularity == "group":
+            try:
+                check_block_size(w.group_size)
+            except ValueError as exc:
+                raise QuantizeError(
+                    f"--group-size {w.group_size}: {exc} (MatMulNBits' rule; 32, 64, 128 are usual)"
+                ) from None
+        elif w.granularity == "tensor" or target.weight_only == "matmulnbits":
+            raise QuantizeError(f"--target {target.name} stores weight-only weights in blocks along the input axis: "
+                                "give --group-size (128 is usual)")  # fmt: skip
+        symmetric = bool(w.symmetric)
+        if target.symmetric_weights and not symmetric:
+            raise QuantizeError(f"--asymmetric: {target.runtime} takes symmetric weights only (zero point 0); drop "
+                                "--asymmetric, or use --target ort or qdq")  # fmt: skip
+        if w.method not in WEIGHT_ONLY_METHODS or w.scale != "float" or w.narrow_range:
+            raise QuantizeError(f"weight-only quantization fits each block's range by "
+                                f"{' or '.join(WEIGHT_ONLY_METHODS)} (--weight-method) on a float scale; got "
+                                f"--weight-method {w.method}, --scale {w.scale}")  # fmt: skip
+        if config.rounding is not None and config.rounding not in WEIGHT_ONLY_ROUNDINGS:
+            raise QuantizeError(f"--rounding {config.rounding}: weight-only quantization rounds by "
+                                f"{' or '.join(WEIGHT_ONLY_ROUNDINGS)}")  # fmt: skip
+        if config.act_order and config.rounding == "nearest":
+            raise QuantizeError("--act-order orders GPTQ's columns: drop it, or use --rounding gptq")
+        unused = [flag for flag, on in (("--refine", config.refine), ("--smoothquant", config.smoothquant),
+                  ("--fp16-rest", config.fp16_rest), ("residual_adds", config.residual_adds)) if on]  # fmt: skip
+        if unused:
+            raise QuantizeError(f"{unused[0]} does not apply to weight-only quantization (activations stay float)")
+        for pattern, other in config.overrides:
+            if other is not None:
+                raise QuantizeError(f"override {pattern!r}: weight-only quantization treats every layer alike; an "
+                                    "override can only keep layers in float (None)")  # fmt: skip
+        group = w.group_size if w.granularity == "group" else None
+        return cls(w.bits, group, symmetric, target.weight_only, config.rounding, config.act_order, w.method)
 
 
 @dataclass(frozen=True)
@@ -51,10 +119,12 @@ class Settings:
     exclude: tuple[str, ...]  # regexes over node names, the recipe's and its float-override globs (translated)
     exclude_ops: tuple[str, ...]
     float_globs: tuple[str, ...]  # the globs of the overrides that keep layers in float
+    weight_only: WeightOnly | None = None  # weight-only quantization: activations stay float
 
     @property
     def dynamic(self) -> bool:
-        return self.method is None
+        """Dynamic quantization: activation scales computed at run time (weight-only is not dynamic)."""
+        return self.method is None and self.weight_only is None
 
     @property
     def format(self) -> str:
@@ -70,6 +140,8 @@ class Settings:
         config = resolve(config, FP8_TARGET if fp8 else DEFAULT_TARGET)
         target = get_target(config.target)
         layer = config.default
+        if layer is not None and layer.input is None and layer.weight is not None:
+            return cls._weight_only(config, target)
         _check_layer(layer, target)
         globs = []
         for pattern, other in config.overrides:
@@ -112,6 +184,27 @@ class Settings:
             float_globs=tuple(globs),
         )
 
+    @classmethod
+    def _weight_only(cls, config: Config, target: Target) -> Settings:
+        wo = WeightOnly.of(config, target)
+        globs = tuple(pattern for pattern, _ in config.overrides)
+        return cls(
+            config=replace(config, bias_correction=False),
+            target=target,
+            activation=QuantSpec(),  # unused: activations stay float
+            method=None,
+            method_options={},
+            per_channel=wo.group_size is None,
+            weight_method="minmax",
+            weight_options={},
+            rounding=wo.rounding or "nearest",
+            bias_correction=False,
+            exclude=config.exclude + tuple(_glob_regex(g) for g in globs),
+            exclude_ops=config.exclude_ops,
+            float_globs=globs,
+            weight_only=wo,
+        )
+
 
 def _glob_regex(glob: str) -> str:
     return "^" + fnmatch.translate(glob)
@@ -140,8 +233,8 @@ def _check_fp8(config: Config, rounding: str) -> None:
 def _check_layer(layer, target: Target) -> None:
     if layer is None or layer.input is None or layer.weight is None:
         raise QuantizeError(
-            "the ONNX front end quantizes activations and weights together (weight-only INT4 is not built yet); "
-            "the default layer config needs both an input and a weight config"
+            "the ONNX front end quantizes activations and weights together, or weights only (an input config of "
+            "None); the default layer config needs a weight config"
         )
     w = layer.weight
     if "stochastic" in (w.rounding, layer.input.rounding):
@@ -199,7 +292,10 @@ def _check_layer(layer, target: Target) -> None:
 class Options:
     """How a run goes: ``batch_size`` samples per ONNX Runtime run, at most ``max_samples`` calibration samples,
     ``image_options`` for image folders (:class:`lowbit.data.ImageOptions`), ``compare`` (FP32 vs quantized
-    latency and agreement), ``progress`` bars, and ``trt_cache``: also write TensorRT's calibration cache there."""
+    latency and agreement), ``progress`` bars, and ``trt_cache``: also write TensorRT's calibration cache there.
+    ``accuracy_level``: the compute type ONNX Runtime's MatMulNBits uses for a weight-only model's activations
+    (0 unset: the kernel's default float; 1 fp32, 2 fp16, 3 bf16, 4 int8: activations quantized per block at run
+    time); it chooses a kernel, not the stored weights."""
 
     batch_size: int = 8
     max_samples: int = 512
@@ -207,8 +303,12 @@ class Options:
     compare: bool = True
     progress: bool = True
     trt_cache: Path | None = None
+    accuracy_level: int = 0
 
     def __post_init__(self) -> None:
+        if self.accuracy_level not in ACCURACY_LEVELS:
+            raise QuantizeError(f"--accuracy-level must be one of {', '.join(map(str, ACCURACY_LEVELS))} (MatMulNBits' "
+                                f"compute type), got {self.accuracy_level!r}")  # fmt: skip
         for name in ("max_samples", "batch_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -280,6 +380,10 @@ def edit(
     weight_method: str | None = None,
     scale: str | None = None,
     format: str | None = None,
+    weight_only: str | None = None,
+    group_size: int | None = None,
+    asymmetric: bool | None = None,
+    act_order: bool | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
     given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer,
@@ -303,8 +407,43 @@ def edit(
         config = config.with_weight_method(weight_method)
     if scale is not None:
         config = config.with_scale(scale)
+    if weight_only is not None and (dynamic or format not in (None, "int8")):
+        flag = "--dynamic" if dynamic else f"--format {format}"
+        raise QuantizeError(f"--weight-only keeps activations float; {flag} quantizes them: drop one of the two")
+    if weight_only is not None or group_size is not None or asymmetric is not None:
+        config = _weight_only_config(config, weight_only, group_size, asymmetric, target)
+    if act_order is not None:
+        config = replace(config, act_order=act_order)
     plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
              "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest,
              "refine": refine}  # fmt: skip
     changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
     return replace(config, **changes)
+
+
+def _weight_only_config(config: Config, kind: str | None, group_size: int | None, asymmetric: bool | None,
+                        target: str | None) -> Config:  # fmt: skip
+    """``config`` with weight-only layers as ``--weight-only``, ``--group-size`` and ``--asymmetric`` say, over the
+    recipe's own weight-only layer if it has one (``--config w4a16_group128``). Without a group size: the recipe's,
+    else :data:`DEFAULT_GROUP`; int8 for a target that writes DequantizeLinear is per output channel, as TensorRT
+    stores int8 weights."""
+    layer = config.default
+    base = layer.weight if layer is not None and layer.input is None else None
+    if kind is None and base is None:
+        raise QuantizeError("--group-size and --asymmetric describe weight-only quantization: add --weight-only "
+                            "int4|int8 (or --config w4a16_group128)")  # fmt: skip
+    if kind is not None and kind not in WEIGHT_ONLY_BITS:
+        raise QuantizeError(f"--weight-only {kind}: choose one of {', '.join(WEIGHT_ONLY_BITS)}")
+    bits = WEIGHT_ONLY_BITS[kind] if kind is not None else base.bits
+    if group_size is None and base is not None and base.bits == bits:
+        group_size = base.group_size
+    elif group_size is None:
+        layout = get_target(target or config.target or DEFAULT_TARGET).weight_only
+        group_size = None if bits == 8 and layout == "dequantize" else DEFAULT_GROUP
+    symmetric = not asymmetric if asymmetric is not None else (base.symmetric if base is not None else True)
+    granularity = "channel" if group_size is None else "group"
+    method = (base or (layer.weight if layer is not None and layer.weight is not None else None) or
+              QuantizerConfig()).method  # fmt: skip
+    weight = QuantizerConfig(bits=bits, symmetric=symmetric, signed=symmetric, granularity=granularity,
+                             group_size=group_size, method=method)  # fmt: skip
+    return replace(config, default=LayerConfig(None, weight), overrides=())

@@ -46,8 +46,9 @@ def open_model(path: Path, settings: Settings, batch_size: int) -> Model:
     (FLOAT8 Q/DQ; :func:`lowbit.onnx.fp8.raised`)."""
     original = load_model(path)
     float_model = preprocess(fp8.raised(original, settings.format) if fp8.is_fp8(settings.format) else original)
-    lowering = not settings.dynamic and settings.target.integer_activations
-    fused = activations.fuse(float_model, lowering)
+    lowering = not settings.dynamic and settings.weight_only is None and settings.target.integer_activations
+    # weight-only leaves every op but MatMul/Gemm as it is: no activation is rewritten
+    fused = activations.fuse(float_model, lowering) if settings.weight_only is None else {}
     if lowering:
         activations.lower(float_model)
     controlflow.localize(float_model)  # the weights a body reads become its own, to be quantized there

@@ -38,6 +38,10 @@ class Target:
     float8: the layout also serves FP8 (FLOAT8 Q/DQ, ``--format fp8``): the runtime builds FP8 from explicit Q/DQ
         (TensorRT on Hopper). Not ``ort``: ONNX Runtime's CPU has no FP8 kernels, and its layout is made for
         its integer kernels (int32 biases, Relu absorbed by a zero point, integer elementwise ops).
+    weight_only: how weight-only quantization (no activation quantizer) is written for the runtime:
+        ``"matmulnbits"`` (ONNX Runtime's com.microsoft MatMulNBits kernel) or ``"dequantize"`` (blocked or
+        per-channel DequantizeLinear on integer weights before the float MatMul, opset 21).
+    symmetric_weights: the runtime takes symmetric weights only (TensorRT: zero point 0, INT4 too).
     """
 
     name: str
@@ -52,6 +56,8 @@ class Target:
     timed_on_ort: bool = True
     integer_activations: bool = False
     float8: bool = False
+    weight_only: str = "dequantize"
+    symmetric_weights: bool = False
 
     def check_activation(self, spec: QuantSpec) -> None:
         """Refuse an activation grid this runtime cannot run."""

@@ -18,5 +18,6 @@ ORT = register_target(
         int32_biases=True,
         int8_tables=True,
         integer_activations=True,
+        weight_only="matmulnbits",
     )
 )

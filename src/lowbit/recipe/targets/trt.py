@@ -18,5 +18,6 @@ TRT = register_target(
         fixed_activation=True,
         timed_on_ort=False,
         float8=True,
+        symmetric_weights=True,
     )
 )
