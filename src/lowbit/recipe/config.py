@@ -192,6 +192,9 @@ class Config:
         channel by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and its weight rows multiplied by it (folded
         into the op that writes the input where it can be). A number is ``alpha`` in [0, 1] (0.5 is the
         paper's); ``"search"`` picks ``alpha`` per layer for the least output error; None: off.
+    attention_matmuls: also quantize the inputs of the two matrix products of attention, ``Q K^T`` and
+        ``softmax(.) V``, per tensor with the input config of the attention module's name (PyTorch, Hugging Face
+        ``transformers`` models: :mod:`lowbit.torch.hf`).
     """
 
     default: LayerConfig = LayerConfig()
@@ -208,6 +211,7 @@ class Config:
     keep_ends_8bit: bool = False
     act_order: bool = False
     smoothquant: float | str | None = None
+    attention_matmuls: bool = False
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -217,7 +221,14 @@ class Config:
         object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
         if self.rounding is not None and not isinstance(self.rounding, str):
             raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
-        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit", "act_order"):
+        for name in (
+            "residual_adds",
+            "fp16_rest",
+            "weight_only_rnn",
+            "keep_ends_8bit",
+            "act_order",
+            "attention_matmuls",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):

@@ -261,6 +261,7 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> Path:
     """Write ``model`` (quantized and calibrated) to ``path`` as a Q/DQ ONNX model; returns the path.
 
@@ -269,6 +270,8 @@ def export_onnx(
     both before any tracing). ``opset``: 13 to 25 (21: INT4 weights and per-group weights, 25: INT2 weights, see
     the module docstring; FP8 needs 19+); default 17, or 19 with FP8 quantizers.
     ``dynamic_batch``: the first axis of every input and output is named ``batch`` so that any batch size runs.
+    ``dynamic_axes`` (instead): the named axes of each input and output, ``{"input_ids": {0: "batch", 1:
+    "sequence"}, ...}``, as ``torch.onnx.export`` takes them.
     A model on a GPU is traced from a CPU copy of it and left where it is.
     """
     import onnx
@@ -303,7 +306,8 @@ def export_onnx(
             out = _run_example(model, args)
             n_out = len(out) if isinstance(out, (tuple, list)) else 1
             output_names = output_names or (["output"] if n_out == 1 else [f"output_{i}" for i in range(n_out)])
-            dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]} if dynamic_batch else None
+            if dynamic_axes is None and dynamic_batch:
+                dynamic_axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
             torch.onnx.export(
                 model,
                 args,
@@ -315,7 +319,17 @@ def export_onnx(
                 dynamic_axes=dynamic_axes,
                 do_constant_folding=True,
             )
-    proto = onnx.load_from_string(buffer.getvalue())
+    proto = _finish(onnx.load_from_string(buffer.getvalue()), specs, opset)
+    _record_recipe(model, proto)
+    onnx.checker.check_model(proto)
+    with atomic_open(path, "wb") as f:
+        f.write(proto.SerializeToString())
+    return path
+
+
+def _finish(proto, specs: dict, opset: int):
+    """The traced model at ``opset``, its per-group Q/DQ blocked, its weights stored as integer codes (INT4/INT2
+    where the opset has them), what nothing reads any more dropped."""
     if opset > TRACE_MAX_OPSET:
         from onnx import version_converter
 
@@ -325,11 +339,7 @@ def export_onnx(
     if opset >= min(NARROW_INTS.values()):
         _use_narrow_ints(proto, specs, opset)
     _prune(proto)
-    _record_recipe(model, proto)
-    onnx.checker.check_model(proto)
-    with atomic_open(path, "wb") as f:
-        f.write(proto.SerializeToString())
-    return path
+    return proto
 
 
 def _record_recipe(model: nn.Module, proto) -> None:

@@ -5,7 +5,8 @@ built from it by :meth:`from_float`, which shares nothing with the original. :da
 becomes which; :func:`lowbit.torch.quantize` swaps modules with it explicitly, by name, in their parents.
 
 Weights are quantized per output channel along the axis each layer stores it on (Conv: 0, ConvTranspose: 1,
-Linear: 0), in groups along the input axis (1) for per-group configs.
+Linear: 0; transformers' Conv1D, (in, out): 1), in groups along the input axis (1; ConvTranspose and Conv1D: 0) for
+per-group configs.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from lowbit.torch.config import on_default_grid
 from lowbit.torch.quantizer import TensorQuantizer
 
 
-def _quantizer(cfg: QuantizerConfig | None, axis: int, name: str) -> TensorQuantizer:
+def make_quantizer(cfg: QuantizerConfig | None, axis: int, name: str) -> TensorQuantizer:
+    """The :class:`TensorQuantizer` of ``cfg`` for a tensor whose channel axis is ``axis`` (None: a disabled one,
+    the tensor stays float)."""
     if cfg is None:
         q = TensorQuantizer(QuantizerConfig().spec(None), name=name)
         q.mode = "disabled"
@@ -48,12 +51,12 @@ class QuantMixin:
     weight_quantizer: TensorQuantizer
 
     def _init_quantizers(self, cfg: LayerConfig, name: str) -> None:
-        self.input_quantizer = _quantizer(cfg.input, 1, f"{name}.input")
+        self.input_quantizer = make_quantizer(cfg.input, 1, f"{name}.input")
         w = cfg.weight
         if w is not None and w.dynamic:  # weights are constants: "dynamic" means nothing for them
             w = replace(w, dynamic=False)
         axis = self.GROUP_AXIS if w is not None and w.granularity == "group" else self.WEIGHT_AXIS
-        self.weight_quantizer = _quantizer(w, axis, f"{name}.weight")
+        self.weight_quantizer = make_quantizer(w, axis, f"{name}.weight")
         self.weight_quantizer.is_weight = True
         self.weight_float = w is None
 
@@ -72,10 +75,15 @@ class QuantMixin:
         }
 
     @classmethod
+    def _new(cls, module: nn.Module):
+        """An uninitialised layer shaped like ``module``, on its device and in its dtype."""
+        return cls(**cls._hyper(module), device=module.weight.device, dtype=module.weight.dtype)
+
+    @classmethod
     def from_float(cls, module: nn.Module, cfg: LayerConfig, name: str = ""):
         """A quantized copy of the float layer ``module`` (same weights, on the same device; quantizers
         uncalibrated)."""
-        new = cls(**cls._hyper(module), device=module.weight.device, dtype=module.weight.dtype)
+        new = cls._new(module)
         with torch.no_grad():
             new.weight.copy_(module.weight)
             if module.bias is not None:
@@ -198,7 +206,7 @@ class QuantAdd(Add):
     def from_float(cls, module: Add, cfg: LayerConfig, name: str = "") -> QuantAdd:
         new = cls(module.quantize)
         new.input_quantizers = nn.ModuleList(
-            _quantizer(cfg.input if q else None, 1, f"{name}.input.{i}") for i, q in enumerate(module.quantize)
+            make_quantizer(cfg.input if q else None, 1, f"{name}.input.{i}") for i, q in enumerate(module.quantize)
         )
         new.train(module.training)  # after the quantizers exist: they follow the layer's mode
         return new
@@ -238,8 +246,8 @@ class QuantLSTM(nn.LSTM):
             module.dropout, module.bidirectional, device=module.weight_ih_l0.device, dtype=module.weight_ih_l0.dtype,
         )  # fmt: skip
         new.load_state_dict(module.state_dict())
-        new.input_quantizer = _quantizer(cfg.input, 1, f"{name}.input")
-        new.hidden_quantizer = _quantizer(cfg.input, 1, f"{name}.hidden")
+        new.input_quantizer = make_quantizer(cfg.input, 1, f"{name}.input")
+        new.hidden_quantizer = make_quantizer(cfg.input, 1, f"{name}.hidden")
         w = cfg.weight
         if w is not None and (w.dynamic or w.granularity == "group"):
             w = replace(w, dynamic=False, granularity="channel", group_size=None)
@@ -247,7 +255,7 @@ class QuantLSTM(nn.LSTM):
         new.weight_quantizers = nn.ModuleDict()
         for pname, _ in module.named_parameters():
             if pname.startswith("weight_"):
-                q = _quantizer(w, 0, f"{name}.{pname}")
+                q = make_quantizer(w, 0, f"{name}.{pname}")
                 q.is_weight = True
                 new.weight_quantizers[pname] = q
         new.train(module.training)  # after the quantizers exist: they follow the layer's mode
@@ -318,3 +326,15 @@ MODULE_MAP: dict[type[nn.Module], type[nn.Module]] = {
     nn.LSTM: QuantLSTM,
     Add: QuantAdd,
 }
+
+
+def register(float_type: type[nn.Module]):
+    """Class decorator: :func:`lowbit.torch.quantize` swaps every layer of type ``float_type`` for the decorated
+    ``Quant*`` class (an entry of :data:`MODULE_MAP`), as layer types of optional packages do (transformers'
+    ``Conv1D``: :mod:`lowbit.torch.hf`)."""
+
+    def add(quant_type: type[nn.Module]) -> type[nn.Module]:
+        MODULE_MAP[float_type] = quant_type
+        return quant_type
+
+    return add

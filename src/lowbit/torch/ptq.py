@@ -21,10 +21,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import fnmatch
+import importlib
 import itertools
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -100,8 +102,8 @@ def quantizable_layers(model: nn.Module, config: Config) -> dict[str, nn.Module]
     }
 
 
-def _check_patterns(model: nn.Module, config: Config) -> None:
-    names = [n for n, m in model.named_modules() if type(m) in MODULE_MAP]
+def _check_patterns(model: nn.Module, config: Config, also: Iterable[str] = ()) -> None:
+    names = [n for n, m in model.named_modules() if type(m) in MODULE_MAP] + list(also)
     for pattern, _ in config.overrides:
         if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
             shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
@@ -111,8 +113,10 @@ def _check_patterns(model: nn.Module, config: Config) -> None:
             )
 
 
-def _check_layers(model: nn.Module, config: Config) -> None:
-    _check_patterns(model, config)
+def _check_layers(model: nn.Module, config: Config, also: Iterable[str] = ()) -> None:
+    """Every override pattern matches a quantizable layer (or a name of ``also``: attention modules), and the
+    config quantizes at least one layer."""
+    _check_patterns(model, config, also)
     if not quantizable_layers(model, config):
         kinds = ", ".join(sorted(t.__name__ for t in MODULE_MAP))
         raise SpecError(f"nothing to quantize: the model has no {kinds} layer that the config quantizes")
@@ -217,8 +221,10 @@ def quantize(
     method = weight_rounding.get(rounding or cfg.rounding or "nearest")
     calib = _check_call(model, cfg, calib, method, inplace)
     _check_formats(cfg, method.name)
+    hf = _transformers_support(model, cfg)
+    attention = list(hf.attention_modules(model)) if hf is not None and cfg.attention_matmuls else []
     if not cfg.residual_adds:
-        _check_layers(model, cfg)
+        _check_layers(model, cfg, attention)
     cfg = resolve_ends(model, cfg)
     if not inplace:
         model = copy.deepcopy(model)
@@ -234,6 +240,8 @@ def quantize(
         model = trace_residual_adds(model)
         _check_layers(model, cfg)
     _swap_layers(model, cfg)
+    if hf is not None and cfg.attention_matmuls:
+        hf.quantize_attention(model, cfg)
     if calib is not None and not cfg.dynamic:
         calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
     if cfg.refine == "easyquant":
@@ -274,6 +282,20 @@ def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inpl
     if cfg.residual_adds and inplace:
         raise SpecError("residual_adds returns a new torch.fx.GraphModule: it cannot quantize in place (inplace=False)")
     return calib
+
+
+def _transformers_support(model: nn.Module, cfg: Config) -> ModuleType | None:
+    """:mod:`lowbit.torch.hf` (which registers transformers' layer types) for a model built from transformers'
+    classes, else None: transformers is an optional dependency that takes seconds to import, and such a model has
+    imported it already."""
+    if any(type(m).__module__.startswith("transformers.") for m in model.modules()):
+        return importlib.import_module("lowbit.torch.hf")
+    if cfg.attention_matmuls:
+        raise SpecError(
+            "attention_matmuls quantizes the attention of Hugging Face transformers models; this model has none of "
+            "their modules: set attention_matmuls to False"
+        )
+    return None
 
 
 def _check_formats(cfg: Config, rounding: str) -> None:
