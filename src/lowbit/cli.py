@@ -185,6 +185,7 @@ def _recipe(args: argparse.Namespace):
         rounding=args.rounding,
         refine=args.refine,
         fp16_rest=getattr(args, "fp16_rest", None),
+        smoothquant=getattr(args, "smoothquant", None),
     )
     if args.option:
         method = Settings.of(config).method
@@ -228,6 +229,8 @@ def _print_quantized(result, args_batch: int) -> None:
     if result.rounded_layers:
         name = "GPTQ" if result.rounding == "gptq" else result.rounding
         print(f"{name} rounding on {_count(result.rounded_layers, 'layer')}")
+    if result.smoothing is not None:
+        print(result.smoothing.summary())
     if result.refinement:
         print(result.refinement)
     if result.bias_corrections:
@@ -398,6 +401,18 @@ def _add_example(commands) -> None:
     ex.set_defaults(func=_cmd_example)
 
 
+def _smoothquant(value: str) -> float | str:
+    if value.strip().lower() == "search":
+        return "search"
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = float("nan")
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither alpha in [0, 1] (0.5 is usual) nor 'search'")
+    return alpha
+
+
 def _scale_kind(value: str) -> str:
     if value not in SCALE_KINDS:
         raise argparse.ArgumentTypeError(
@@ -547,6 +562,12 @@ def _add_quantize(commands) -> None:
     q.add_argument(
         "--fp16-rest", action="store_const", const=True,
         help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
+    )  # fmt: skip
+    q.add_argument(
+        "--smoothquant", nargs="?", const=0.5, type=_smoothquant, metavar="ALPHA|search",
+        help="SmoothQuant before calibration: each MatMul/Gemm input divided per channel by "
+        "s = max|X|^ALPHA / max|W|^(1 - ALPHA) (folded into the LayerNorm, Mul or MatMul before it, else one Mul), "
+        "its weight rows multiplied by s; ALPHA 0.5 if not given, or search (per tensor, least W8A8 output error)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
     q.add_argument(

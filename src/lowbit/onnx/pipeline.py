@@ -30,9 +30,10 @@ from lowbit._table import format_table
 from lowbit.core import QuantSpec, qparams
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
-from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, stages
+from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, smoothing, stages
 from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
+from lowbit.onnx.graph import Graph
 from lowbit.onnx.model import file_size, save_model, session
 from lowbit.onnx.settings import DEFAULT_TARGET, HOLDOUT, Budget, Options, QuantizeError, Settings, from_keywords
 from lowbit.paths import check_outputs, ranges_path_for
@@ -76,6 +77,7 @@ class QuantizeResult:
     fused: dict[str, int] = field(default_factory=dict)  # decomposed activations rewritten as one op, by op
     refinement: str = ""  # what the recipe's refinement did (easyquant), in a line
     format: str = "int"  # of activations and weights: "int" (int8), "fp8_e4m3", "fp8_e5m2"
+    smoothing: smoothing.Report | None = None  # what SmoothQuant did, when the recipe asked for it
 
     def table(self) -> str:
         """FP32 vs INT8: file size, latency at batch 1 and 8, and output agreement."""
@@ -107,10 +109,11 @@ class QuantizeResult:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        skip = ("agreement", "mixed")
+        skip = ("agreement", "mixed", "smoothing")
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k not in skip}
         out["agreement"] = None if self.agreement is None else self.agreement.to_dict()
         out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
+        out["smoothing"] = None if self.smoothing is None else self.smoothing.to_dict()
         return out
 
 
@@ -270,6 +273,8 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     result.samples_note = chosen.describe()
     if not chosen.calib.num_samples and chosen.total is not None:
         raise DataError(f"{job.data.calib.description}: no samples left for calibration")
+    if settings.config.smoothquant is not None:
+        result.smoothing = _smooth(job, chosen.calib)
     full = plan_for(model.graph, settings)
     if not full.quantized_nodes and not full.bodies:
         renamed = [path for part in full.walk() for path in part.renamed_bodies]
@@ -297,6 +302,26 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     return quantized, record
 
 
+def _smooth(job: _Job, source) -> smoothing.Report:
+    """SmoothQuant on the calibration samples, before calibration: the float model the later stages quantize
+    becomes the smoothed one (:func:`lowbit.onnx.smoothing.smoothquant`; its float outputs are the same)."""
+    model, settings, options = job.model, job.settings, job.options
+    batch, run_model = stages.calibration_batch(model, options)
+    batches = source.batches(batch)
+    model.float_model, report = smoothing.smoothquant(
+        model.float_model,
+        batches,
+        settings.config.smoothquant,
+        activation=settings.activation,
+        per_channel=settings.per_channel,
+        total=len(batches) or None,
+        progress=options.progress,
+        run_model=run_model,
+    )
+    model.graph = Graph(model.float_model)
+    return report
+
+
 def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[onnx.ModelProto, dict]:
     """Build the model with ``keep_float`` in float, store the target's int8 tables, record the ranges and write
     the TensorRT cache if asked."""
@@ -320,6 +345,8 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
     record = _record(plan, act_ranges, calibrated.scales)
     if calibrated.refinement is not None:
         record["easyquant"] = calibrated.refinement.to_dict()
+    if result.smoothing is not None:
+        record["smoothquant"] = result.smoothing.to_dict()
     if job.options.trt_cache is not None:
         write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
         result.trt_cache = job.options.trt_cache
