@@ -13,10 +13,13 @@ weights by ``s`` and fold ``1 / s`` into the op that writes the tensor where tha
 - an Add of a constant (the decomposed LayerNorm's ``+ beta``, a bias): the constant divided by ``s``, and the fold
   goes on into the op that writes the Add's other input;
 - a MatMul/Gemm with a constant weight: its output columns (and Gemm's bias) divided by ``s``;
+- attention's path back to the value projection (the input of the output projection is
+  ``Reshape(Transpose(probs @ Transpose(Reshape(v))))``): through the head Reshapes and Transposes and into the
+  second operand of ``probs @ v``, so ``1 / s`` lands in v's weight columns and bias;
 
 each tensor on the way read by nothing else (a LayerNorm whose output also feeds a residual Add cannot change).
-Elsewhere one ``Mul(x, 1 / s)`` is inserted before the readers. The model returned is a new one; the input is never
-changed.
+Elsewhere one ``Div(x, s)`` is inserted before the readers (a Div, which stays in float in every
+target). The model returned is a new one; the input is never changed.
 
     smoothed, report = smoothquant(model, batches, 0.5)        # or "search": alpha per tensor on the data
     print(report.summary())
@@ -348,13 +351,21 @@ class _Editor:
         mine.input[index] = self.names.new(name + "_smoothed")
         self.values[mine.input[index]] = new
 
-    def insert_mul(self, site: Site, inverse: np.ndarray) -> None:
-        """``Mul(tensor, 1 / s)`` before the site's readers, placed right before the first of them."""
-        scale = self.names.new(site.tensor + "_smooth_inv")
-        self.values[scale] = inverse.astype(np.float32)
+    def insert_div(self, site: Site, s: np.ndarray) -> None:
+        """``Div(tensor, s)`` before the site's readers, placed right before the first of them, its output typed
+        as the tensor is (what tells the planners it is a float activation)."""
+        scale = self.names.new(site.tensor + "_smooth_scale")
+        self.values[scale] = s.astype(np.float32)
         out = self.names.new(site.tensor + "_smoothed")
-        mul = onnx.helper.make_node("Mul", [site.tensor, scale], [out], name=self.names.new(out))
-        self.inserted.append((min(self.index[id(r.node)] for r in site.readers), mul))
+        div = onnx.helper.make_node("Div", [site.tensor, scale], [out], name=self.names.new(out))
+        self.inserted.append((min(self.index[id(r.node)] for r in site.readers), div))
+        g = self.model.graph
+        info = next((v for v in [*g.value_info, *g.input, *g.output] if v.name == site.tensor), None)
+        if info is not None:
+            typed = onnx.ValueInfoProto()
+            typed.CopyFrom(info)
+            typed.name = out
+            g.value_info.append(typed)
         for reader in site.readers:
             self.model.graph.node[self.index[id(reader.node)]].input[0] = out
 
@@ -375,7 +386,7 @@ Edit = tuple[onnx.NodeProto, int, np.ndarray]  # multiply the node's constant in
 
 def _fold(graph: Graph, editor: _Editor, site: Site, s: np.ndarray) -> str:
     """Divide the tensor by ``s`` in the op that writes it, if that is exact (see the module doc), and say where;
-    else insert a Mul."""
+    else insert a Div."""
     edits: list[Edit] = []
     if not site.others:
         where = _fold_into(graph, site.tensor, s, edits)
@@ -383,17 +394,27 @@ def _fold(graph: Graph, editor: _Editor, site: Site, s: np.ndarray) -> str:
             for node, index, factor in edits:
                 editor.scale(node, index, factor)
             return where
-    editor.insert_mul(site, (1.0 / s).astype(np.float32))
-    return "inserted Mul"
+    # A Div, not a Mul by 1 / s: ONNX Runtime's layout runs a Mul between integer ops as QLinearMul, which would
+    # round the constant 1 / s to 8 bits per tensor (channels with a small 1 / s would read as 0); a Div by a
+    # vector stays in float in every target.
+    editor.insert_div(site, s)
+    return "inserted Div"
 
 
-def _fold_into(graph: Graph, tensor: str, s: np.ndarray, edits: list[Edit]) -> str | None:
-    """Record in ``edits`` the changes that divide ``tensor`` (read only by the site) by ``s`` along its last axis
-    in its producer, and return where; None when the producer cannot take it exactly."""
+def _fold_into(graph: Graph, tensor: str, f: np.ndarray, edits: list[Edit]) -> str | None:
+    """Record in ``edits`` the changes that divide ``tensor`` (read only by the site) by ``f`` in its producer, and
+    return where; None when the producer cannot take it exactly. ``f`` broadcasts against the tensor: ``s`` along
+    its last axis, or laid out per head once the fold has gone back through a Reshape or Transpose."""
     node = graph.producer.get(tensor)
     if node is None or node.domain not in ("", "ai.onnx") or node.output[0] != tensor:
         return None
-    op, name, inverse = node.op_type, graph.node_name(node), (1.0 / s).astype(np.float32)
+    op, name = node.op_type, graph.node_name(node)
+    if op in ("Reshape", "Transpose") or (op == "MatMul" and graph.is_activation(node.input[1])):
+        return _fold_through(graph, node, f, edits)
+    if any(d != 1 for d in f.shape[:-1]):
+        return None
+    s = f.reshape(-1)
+    inverse = (1.0 / s).astype(np.float32)
     if op == "LayerNormalization" and attribute(node, "axis", -1) in (-1, (graph.rank(tensor) or 0) - 1):
         affine = [i for i in (1, 2) if i < len(node.input) and node.input[i]]
         if not all(_per_channel(graph, node.input[i], len(s)) for i in affine):
@@ -424,6 +445,48 @@ def _fold_into(graph: Graph, tensor: str, s: np.ndarray, edits: list[Edit]) -> s
         edits.append((node, 2, inverse))
     edits.append((node, 1, inverse.reshape((1, -1) if reader.axis == 0 else (-1, 1))))
     return f"{op} {name}"
+
+
+def _fold_through(graph: Graph, node: onnx.NodeProto, f: np.ndarray, edits: list[Edit]) -> str | None:
+    """Attention's path back to the value projection: a Transpose divides its input by ``f`` transposed back; a
+    Reshape that splits or merges the last two axes (heads) by ``f`` reshaped; a MatMul of two activations
+    ``A @ B`` (attention . V) by dividing ``B``, when ``f`` is one value along the rows of the product."""
+    op = node.op_type
+    source = node.input[1] if op == "MatMul" else node.input[0]
+    rank = graph.rank(node.output[0])
+    if not graph.is_activation(source) or len(graph.consumers.get(source, [])) != 1 or source in graph.outputs:
+        return None
+    if rank is None or f.ndim > rank:
+        return None
+    f = f.reshape((1,) * (rank - f.ndim) + f.shape)
+    if op == "Transpose":
+        perm = attribute(node, "perm") or list(reversed(range(rank)))
+        g = np.transpose(f, np.argsort(perm))
+    elif op == "MatMul":
+        g = f if rank >= 2 and f.shape[-2] == 1 and graph.rank(source) == rank else None
+    else:
+        g = _reshaped(graph.shapes.get(source), graph.shapes.get(node.output[0]), f)
+    if g is None:
+        return None
+    inner = _fold_into(graph, source, g, edits)
+    return None if inner is None else f"{inner} + {op} {graph.node_name(node)}"
+
+
+def _reshaped(before: tuple | None, after: tuple | None, f: np.ndarray) -> np.ndarray | None:
+    """``f`` (laid out for the Reshape's output ``after``) laid out for its input ``before``, when the Reshape
+    only splits the last axis in two or merges the last two (the leading dimensions the same where known)."""
+    if before is None or after is None or f.ndim != len(after):
+        return None
+    same = lambda a, b: all(x is None or y is None or x == y for x, y in zip(a, b, strict=True))  # noqa: E731
+    if len(before) == len(after) + 1 and same(before[:-2], after[:-1]):  # (..., H, d) -> (..., H * d): merge
+        h, d = before[-2:]
+        if h and d and h * d == after[-1] and all(x == 1 for x in f.shape[:-1]):
+            return np.broadcast_to(f, (*f.shape[:-1], h * d)).reshape((1,) * (len(before) - 2) + (h, d))
+    if len(before) == len(after) - 1 and same(before[:-1], after[:-2]):  # (..., H * d) -> (..., H, d): split
+        h, d = after[-2:]
+        if h and d and h * d == before[-1] and all(x == 1 for x in f.shape[:-2]):
+            return np.broadcast_to(f, (*f.shape[:-2], h, d)).reshape((1,) * (len(before) - 1) + (h * d,))
+    return None
 
 
 def _per_channel(graph: Graph, name: str, k: int) -> bool:
