@@ -11,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 from lowbit.cli import main
+from lowbit.core import QuantSpec, fake_quant, qparams_from_tensor
 from lowbit.core.smoothing import columns_amax, smooth_scales
 from lowbit.onnx import Options, quantize, smoothing
 from lowbit.onnx.model import session
@@ -289,3 +290,23 @@ def test_the_cli_reads_the_flag_and_refuses_a_bad_value(tmp_path, capsys):
     assert "smoothquant: 4 tensors smoothed" in capsys.readouterr().out
     ranges = (tmp_path / "q.ranges.json").read_text()
     assert '"smoothquant": 0.5' in ranges and '"folded": "Mul gelu"' in ranges
+
+
+def test_awq_with_an_int4_group_quantizer_protects_the_salient_channels():
+    """AWQ with INT4 per group of 4 along K: on inputs with two large channels the error after rounding drops,
+    and the weights' scaled rows are the ones of the large channels."""
+    rng = np.random.default_rng(8)
+    model = _model([helper.make_node("MatMul", ["x", "w"], ["y"], "fc")], _weights(rng, "w"))
+    spec = QuantSpec(bits=4, axis=1, group_size=4)
+
+    def int4(w):
+        scale, zero = qparams_from_tensor(w, spec)
+        return fake_quant(w, scale, zero, spec)
+
+    smoothed, report = smoothing.awq(model, _outlier_feeds(8), int4, progress=False)
+    (entry,) = report.entries
+    assert entry.exponent > 0 and entry.error < 0.9 * entry.plain_error
+    w0, w1 = (numpy_helper.to_array(m.graph.initializer[0]) for m in (model, smoothed))
+    ratio = np.abs(w1).max(1) / np.abs(w0).max(1)  # per input channel (the rows of a MatMul's (K, N) weight)
+    assert set(np.argsort(ratio)[-2:]) == {1, 5}
+    _same_outputs(model, smoothed, _outlier_feeds(2))
