@@ -2,6 +2,7 @@
 
     python benchmarks/smoothquant_bench.py            # 512 test sentences, 256 calibration sentences
     python benchmarks/smoothquant_bench.py --quick    # 128 + 64
+    python benchmarks/smoothquant_bench.py --render-only   # the section again from docs/benchmarks/smoothquant.json
 
 `lowbit quantize --target ort|trt` with the front end's defaults (mse ranges, GPTQ, bias correction), without
 SmoothQuant, with `--smoothquant 0.5` and with `--smoothquant search`; the cosine of each sentence embedding to
@@ -14,6 +15,7 @@ Writes the "smoothquant" section of docs/BENCHMARKS.md and docs/benchmarks/smoot
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 import time
@@ -24,7 +26,7 @@ import onnx
 import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, median_ms, write_section
+from _common import DOCS, machine, median_ms, write_section
 from lowbit._table import format_table
 from lowbit.examples import WordPiece, minilm_onnx, sentences
 from lowbit.onnx import Options, quantize
@@ -122,7 +124,12 @@ def render(results: dict) -> str:
              f"defaults (mse ranges, GPTQ, bias correction): cosine of each sentence embedding to FP32's on "
              f"{s['evaluation']} sentences, calibration on {s['calibration']} others. Latency: ONNX Runtime "
              f"{ort.__version__} CPU, median of 10 runs, on {machine().get('cpu', 'this CPU')}, a shared, loaded "
-             "machine: rough figures (a trt layout is for TensorRT, not for ORT's integer kernels).", ""]  # fmt: skip
+             "machine where other sessions ran too: rough figures, which swung up to 4x between rows of one layout "
+             "(a trt layout is for TensorRT, not for ORT's integer kernels). The alpha search scores W8A8 fake "
+             "quantization "
+             "(input per tensor at its min/max, weights per output channel) on 512 sampled rows per tensor; "
+             "ONNX Runtime's SmoothQuant needs neural-compressor 2.x's ONNX adaptor: the registry's 3.x has none, and "
+             "2.6 installed without its dependencies stops at importing cv2.", ""]  # fmt: skip
     table = []
     for k, r in results["rows"].items():
         if "failed" in r:
@@ -131,7 +138,8 @@ def render(results: dict) -> str:
         table.append([k, "-" if k == "FP32" else f"{r['cosine']:.5f}", "-" if k == "FP32" else f"{r['min_cosine']:.4f}",
                       _cell(r, "latency_b1_ms", ".1f"), _cell(r, "latency_b8_ms", ".1f"), f"{r['size_mb']:.1f}",
                       _cell(r, "quantize_s", ".0f")])  # fmt: skip
-    parts += [format_table(["model", "mean cosine", "least cosine", "ms b=1", "ms b=8", "MB", "quantize s"], table)]
+    headers = ["model", "mean cosine", "least cosine", "ms b=1", "ms b=8", "MB", "quantize s"]
+    parts += ["```", format_table(headers, table), "```"]
     notes = [f"- {k}: {r['smoothing']}" for k, r in results["rows"].items() if "smoothing" in r]
     notes += [f"- {k}: did not run ({r['failed']})" for k, r in results["rows"].items() if "failed" in r]
     return "\n".join([*parts, "", *notes, ""])
@@ -141,11 +149,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="128 test and 64 calibration sentences")
     parser.add_argument("--no-write", action="store_true", help="print the table, leave docs/ alone")
+    parser.add_argument("--render-only", action="store_true", help="rewrite the section from the last JSON")
     args = parser.parse_args()
     count, calib_count = (128, 64) if args.quick else (512, 256)
-    with tempfile.TemporaryDirectory() as tmp:
-        results = bench(Path(tmp), count, calib_count)
-    results["machine"] = machine()
+    if args.render_only:
+        results = json.loads((DOCS / "benchmarks" / "smoothquant.json").read_text())
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            results = bench(Path(tmp), count, calib_count)
+        results["machine"] = machine()
     text = render(results)
     print(text)
     if not args.no_write:
