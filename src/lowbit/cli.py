@@ -190,6 +190,7 @@ def _recipe(args: argparse.Namespace):
         group_size=getattr(args, "group_size", None),
         asymmetric=getattr(args, "asymmetric", None),
         act_order=getattr(args, "act_order", None),
+        smoothquant=getattr(args, "smoothquant", None),
     )
     if args.option:
         method = Settings.of(config).method
@@ -238,6 +239,8 @@ def _print_quantized(result, args_batch: int) -> None:
         passes = f"{result.hessian_passes} pass{'' if result.hessian_passes == 1 else 'es'}"
         print(f"GPTQ second moments: {passes} over the data, at most "
               f"{result.peak_hessian_bytes / 2**20:.1f} MiB held at once")  # fmt: skip
+    if result.smoothing is not None:
+        print(result.smoothing.summary())
     if result.refinement:
         print(result.refinement)
     if result.bias_corrections:
@@ -406,6 +409,18 @@ def _add_example(commands) -> None:
     ex.add_argument("name", choices=["mnist", "efficientnet", "minilm"], help="which example")
     ex.add_argument("folder", nargs="?", type=Path, help="where to write it (default ./NAME)")
     ex.set_defaults(func=_cmd_example)
+
+
+def _smoothquant(value: str) -> float | str:
+    if value.strip().lower() == "search":
+        return "search"
+    try:
+        alpha = float(value)
+    except ValueError:
+        alpha = float("nan")
+    if not 0.0 <= alpha <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value!r} is neither alpha in [0, 1] (0.5 is usual) nor 'search'")
+    return alpha
 
 
 def _scale_kind(value: str) -> str:
@@ -586,6 +601,12 @@ def _add_quantize(commands) -> None:
     q.add_argument(
         "--fp16-rest", action="store_const", const=True,
         help="run every node outside the quantizers in FP16 (INT8 + FP16, as TensorRT builds with --fp16)",
+    )  # fmt: skip
+    q.add_argument(
+        "--smoothquant", nargs="?", const=0.5, type=_smoothquant, metavar="ALPHA|search",
+        help="SmoothQuant before calibration: each MatMul/Gemm input divided per channel by "
+        "s = max|X|^ALPHA / max|W|^(1 - ALPHA) (folded into the LayerNorm, Mul or MatMul before it, else one Mul), "
+        "its weight rows multiplied by s; ALPHA 0.5 if not given, or search (per tensor, least W8A8 output error)",
     )  # fmt: skip
     q.add_argument("--trt-cache", type=Path, help="also write a TensorRT calibration cache (implicit INT8)")
     _add_weight_only_args(q)

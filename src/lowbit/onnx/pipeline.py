@@ -30,7 +30,7 @@ from lowbit._table import format_table
 from lowbit.core import QuantSpec, qparams
 from lowbit.data import DataError
 from lowbit.errors import LowbitError
-from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, stages, weight_only
+from lowbit.onnx import collect, compare, fp8, fp16, placement, rewrite, smoothing, stages, weight_only
 from lowbit.onnx.calibration import Calibrated, plan_for, units
 from lowbit.onnx.dynamic import quantize_dynamic
 from lowbit.onnx.graph import Graph
@@ -80,6 +80,7 @@ class QuantizeResult:
     weight_only: str = ""  # weight-only quantization, in words ("int4 symmetric, blocks of 128, MatMulNBits")
     hessian_passes: int = 0  # passes over the calibration data that gathered GPTQ's second moments
     peak_hessian_bytes: int = 0  # the most bytes of those second moments held at once
+    smoothing: smoothing.Report | None = None  # what SmoothQuant did, when the recipe asked for it
 
     @property
     def label(self) -> str:
@@ -116,10 +117,11 @@ class QuantizeResult:
         return text
 
     def to_dict(self) -> dict[str, Any]:
-        skip = ("agreement", "mixed")
+        skip = ("agreement", "mixed", "smoothing")
         out = {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items() if k not in skip}
         out["agreement"] = None if self.agreement is None else self.agreement.to_dict()
         out["mixed"] = None if self.mixed is None else self.mixed.to_dict()
+        out["smoothing"] = None if self.smoothing is None else self.smoothing.to_dict()
         return out
 
 
@@ -332,6 +334,8 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     result.samples_note = chosen.describe()
     if not chosen.calib.num_samples and chosen.total is not None:
         raise DataError(f"{job.data.calib.description}: no samples left for calibration")
+    if settings.config.smoothquant is not None:
+        result.smoothing = _smooth(job, chosen.calib)
     full = plan_for(model.graph, settings)
     if not full.quantized_nodes and not full.bodies:
         renamed = [path for part in full.walk() for path in part.renamed_bodies]
@@ -359,6 +363,26 @@ def _quantize_static(job: _Job) -> tuple[onnx.ModelProto, dict]:
     return quantized, record
 
 
+def _smooth(job: _Job, source) -> smoothing.Report:
+    """SmoothQuant on the calibration samples, before calibration: the float model the later stages quantize
+    becomes the smoothed one (:func:`lowbit.onnx.smoothing.smoothquant`; its float outputs are the same)."""
+    model, settings, options = job.model, job.settings, job.options
+    batch, run_model = stages.calibration_batch(model, options)
+    batches = source.batches(batch)
+    model.float_model, report = smoothing.smoothquant(
+        model.float_model,
+        batches,
+        settings.config.smoothquant,
+        activation=settings.activation,
+        per_channel=settings.per_channel,
+        total=len(batches) or None,
+        progress=options.progress,
+        run_model=run_model,
+    )
+    model.graph = Graph(model.float_model)
+    return report
+
+
 def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[onnx.ModelProto, dict]:
     """Build the model with ``keep_float`` in float, store the target's int8 tables, record the ranges and write
     the TensorRT cache if asked."""
@@ -382,6 +406,8 @@ def _build(job: _Job, calibrated: Calibrated, keep_float: list[str]) -> tuple[on
     record = _record(plan, act_ranges, calibrated.scales)
     if calibrated.refinement is not None:
         record["easyquant"] = calibrated.refinement.to_dict()
+    if result.smoothing is not None:
+        record["smoothquant"] = result.smoothing.to_dict()
     if job.options.trt_cache is not None:
         write_trt_cache(job.options.trt_cache, _trt_amax(calibrated, plan, act_ranges))
         result.trt_cache = job.options.trt_cache

@@ -160,6 +160,9 @@ class Settings:
         weight_rounding.get(rounding)
         if fp8:
             _check_fp8(config, rounding)
+        if dynamic and config.smoothquant is not None:
+            raise QuantizeError("smoothquant (--smoothquant) reads activation statistics from calibration data; "
+                                "dynamic quantization has none (drop one of them)")  # fmt: skip
         if dynamic and config.rounding not in (None, "nearest"):
             raise QuantizeError(f"rounding {rounding!r} fits codes to calibration data; dynamic quantization has none")
         bias_correction = not dynamic and config.bias_correction is not False
@@ -384,6 +387,7 @@ def edit(
     group_size: int | None = None,
     asymmetric: bool | None = None,
     act_order: bool | None = None,
+    smoothquant: float | str | None = None,
 ) -> Config:
     """``config`` with the flat options of the command line (and of the call before recipes) applied: each one
     given (not None) replaces what the recipe says. ``dynamic`` starts from the ``int8_dynamic`` preset's layer,
@@ -416,7 +420,7 @@ def edit(
         config = replace(config, act_order=act_order)
     plain = {"target": target, "exclude": exclude, "exclude_ops": exclude_ops, "weight_only_rnn": weight_only_rnn,
              "bias_correction": bias_correction, "rounding": rounding, "fp16_rest": fp16_rest,
-             "refine": refine}  # fmt: skip
+             "refine": refine, "smoothquant": smoothquant}  # fmt: skip
     changes = {k: (tuple(v) if k.startswith("exclude") else v) for k, v in plain.items() if v is not None}
     return replace(config, **changes)
 
