@@ -528,7 +528,8 @@ def _add_static_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounding", metavar="METHOD",
         help="how weights get their int8 codes: gptq (default; least output error on the calibration data), "
-        "nearest (each weight to its nearest code) or stochastic (floor(w / s + u), u ~ U[0, 1), seeded)",
+        "nearest (each weight to its nearest code) or stochastic (floor(w / s + u), u ~ U[0, 1), seeded); with "
+        "--weight-only also awq (AWQ's per-input-channel scales, then nearest) and awq+gptq",
     )  # fmt: skip
 
 

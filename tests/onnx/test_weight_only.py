@@ -195,7 +195,9 @@ def test_recipes_that_do_not_fit_are_one_line_errors(config, message):
     [
         (["--weight-only", "int4", "--group-size", "48"], "--group-size 48: a block size is a power of two"),
         (["--weight-only", "int4", "--asymmetric", "--target", "trt"], "takes symmetric weights only"),
-        (["--weight-only", "int4", "--rounding", "gptq"], "GPTQ rounding fits the codes to calibration data"),
+        (["--weight-only", "int4", "--rounding", "gptq"], "GPTQ rounding fits the weights to calibration data"),
+        (["--weight-only", "int4", "--rounding", "awq"], "AWQ rounding fits the weights to calibration data"),
+        (["--weight-only", "int4", "--rounding", "awq", "--act-order"], "--act-order orders GPTQ's columns"),
         (["--group-size", "32"], "add --weight-only int4|int8"),
     ],
 )
@@ -260,3 +262,24 @@ def test_only_constant_weights_are_reported_as_kept_in_float(attention):
     graph = Graph(model)
     layers, skipped = linears(graph, Settings.of(edit(preset("int8"), weight_only="int4", exclude=["^up_matmul$"])))
     assert len(layers) == 5 and skipped == ["up_matmul"]  # not the scores/context MatMuls of two activations
+
+
+def test_awq_scales_the_salient_inputs_and_lowers_the_output_error_of_nearest_rounding(tmp_path):
+    model = models.attention_block(hidden=32)
+    feeds = models.attention_feeds(n=64, tokens=12, hidden=32)
+    feeds["x"][..., [3, 17]] *= 30.0  # outlier channels entering q, k, v (after the LayerNorm-free block input)
+    np.savez(tmp_path / "calib.npz", **feeds)
+    path = models.save(model, tmp_path / "att.onnx")
+    x = {k: v[:32] for k, v in feeds.items()}
+    (ref,) = session(model).run(None, x)
+    errors = {}
+    for rounding in ("nearest", "awq", "awq+gptq"):
+        out = tmp_path / f"{rounding}.onnx"
+        result = quantize(path, out, str(tmp_path / "calib.npz"), _config(rounding=rounding), options=QUIET)
+        q = onnx.load(str(out))
+        assert _ops(q)["MatMulNBits"] == 6 and result.rounding == rounding
+        assert (result.smoothing is not None) == rounding.startswith("awq")
+        (y,) = session(q).run(None, x)
+        errors[rounding] = float(np.mean((y - ref) ** 2))
+    assert errors["awq"] < 0.8 * errors["nearest"]
+    assert errors["awq+gptq"] < errors["nearest"]

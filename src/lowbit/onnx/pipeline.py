@@ -264,8 +264,11 @@ def _check_weight_only(settings: Settings, options: Options, budget: Budget | No
         raise QuantizeError("--trt-cache writes activation scales; weight-only quantization has none (drop it)")
     if budget is not None:
         raise QuantizeError("automatic mixed precision (--max-drop) searches static quantization, not weight-only")
-    if settings.weight_only.rounding == "gptq" and calib is None:
-        raise QuantizeError("GPTQ rounding fits the codes to calibration data: give --calib, or --rounding nearest")
+    if settings.weight_only.needs_data and calib is None:
+        name = "AWQ" if settings.weight_only.awq else "GPTQ"
+        raise QuantizeError(
+            f"{name} rounding fits the weights to calibration data: give --calib, or --rounding nearest"
+        )
 
 
 def _quantize_weight_only(job: _Job) -> tuple[onnx.ModelProto, dict]:
@@ -280,17 +283,19 @@ def _quantize_weight_only(job: _Job) -> tuple[onnx.ModelProto, dict]:
         chosen = sampling.split(job.data.calib, options.max_samples, HOLDOUT if wanted_holdout else 0)
         job.held = chosen.held
         result.held_out_samples = chosen.held.num_samples if chosen.held is not None else 0
-        result.samples_note = chosen.describe() if rounding == "gptq" else ""
+        result.samples_note = chosen.describe() if rounding != "nearest" else ""
         result.calibration_samples = chosen.calib.num_samples or 0
         feeds, total = (lambda: chosen.calib.batches(model.batch)), len(chosen.calib.batches(model.batch)) or None
-    prepared = weight_only.prepare(model.float_model, settings)
+    prepared, result.smoothing = weight_only.prepare(model.float_model, wo, feeds, total=total,
+                                                     progress=options.progress)  # fmt: skip
     layers, skipped = weight_only.linears(Graph(prepared), settings)
     if not layers:
         raise QuantizeError(
             "nothing to quantize: no MatMul or Gemm with a constant 2-D weight is left after exclusions"
         )
     t0 = time.perf_counter()
-    rounded = weight_only.round_weights(prepared, layers, wo, rounding, feeds, total=total, progress=options.progress)
+    codes = "gptq" if rounding in ("gptq", "awq+gptq") else "nearest"
+    rounded = weight_only.round_weights(prepared, layers, wo, codes, feeds, total=total, progress=options.progress)
     result.calibration_seconds = time.perf_counter() - t0
     quantized = weight_only.write(prepared, layers, rounded.blocks, wo, options.accuracy_level)
     result.quantized_nodes = [job.model.graph.node_name(layer.node) for layer in layers]

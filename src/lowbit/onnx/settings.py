@@ -35,7 +35,7 @@ class QuantizeError(LowbitError, ValueError):
     """Options that do not fit together or a model that cannot be quantized as asked."""
 
 
-WEIGHT_ONLY_ROUNDINGS = ("nearest", "gptq")
+WEIGHT_ONLY_ROUNDINGS = ("nearest", "gptq", "awq", "awq+gptq")  # awq: AWQ's scales, then nearest
 WEIGHT_ONLY_METHODS = ("minmax", "mse")  # how a block's range is fitted (lowbit.core.weight_range)
 WEIGHT_ONLY_BITS = {"int4": 4, "int8": 8}  # --weight-only
 DEFAULT_GROUP = 128  # --weight-only without --group-size: blocks of 128 (int8 for a dequantize layout: per channel)
@@ -49,7 +49,9 @@ class WeightOnly:
     ``symmetric`` or with zero points, each block's range its own min/max or, with ``method="mse"``, the shrunk
     range of least squared error (:func:`lowbit.core.weight_range`), written as the target's ``layout``
     (:mod:`lowbit.onnx.matmulnbits`); ``rounding`` ``"nearest"`` or ``"gptq"`` (None: GPTQ when calibration
-    data is given, else nearest), GPTQ's columns in ``act_order``. Activations stay float."""
+    data is given, else nearest), or ``"awq"`` / ``"awq+gptq"``: AWQ's per-input-channel scales first
+    (:func:`lowbit.onnx.smoothing.awq`), then nearest or GPTQ codes; GPTQ's columns in ``act_order``.
+    Activations stay float."""
 
     bits: int
     group_size: int | None
@@ -58,6 +60,16 @@ class WeightOnly:
     rounding: str | None
     act_order: bool
     method: str = "minmax"
+
+    @property
+    def awq(self) -> bool:
+        """Whether AWQ scales the float model before its weights are rounded."""
+        return self.rounding in ("awq", "awq+gptq")
+
+    @property
+    def needs_data(self) -> bool:
+        """Whether the rounding reads calibration data (GPTQ's second moments, AWQ's activations)."""
+        return self.rounding not in (None, "nearest")
 
     @classmethod
     def of(cls, config: Config, target: Target) -> WeightOnly:
@@ -88,7 +100,7 @@ class WeightOnly:
         if config.rounding is not None and config.rounding not in WEIGHT_ONLY_ROUNDINGS:
             raise QuantizeError(f"--rounding {config.rounding}: weight-only quantization rounds by "
                                 f"{' or '.join(WEIGHT_ONLY_ROUNDINGS)}")  # fmt: skip
-        if config.act_order and config.rounding == "nearest":
+        if config.act_order and config.rounding in ("nearest", "awq"):
             raise QuantizeError("--act-order orders GPTQ's columns: drop it, or use --rounding gptq")
         unused = [flag for flag, on in (("--refine", config.refine), ("--smoothquant", config.smoothquant),
                   ("--fp16-rest", config.fp16_rest), ("residual_adds", config.residual_adds)) if on]  # fmt: skip

@@ -1,7 +1,8 @@
 """Weight-only quantization of an ONNX model: MatMul and Gemm weights to int4/int8 codes, activations in float.
 
-    prepare (the float model, before any weight is rounded) -> fit codes per layer (nearest, or GPTQ on the
-    calibration data's second moments, pass by pass in bounded memory) -> write (MatMulNBits or DequantizeLinear)
+    prepare (the float model, before any weight is rounded: AWQ's scales) -> fit codes per layer (nearest, or
+    GPTQ on the calibration data's second moments, pass by pass in bounded memory) -> write (MatMulNBits or
+    DequantizeLinear)
 
 Only a MatMul whose second input is a constant 2-D weight ``W`` (K, N) and a Gemm with a constant ``B`` (transB
 handled, alpha folded into the weight, ``beta * C`` kept as MatMulNBits' bias or an Add) are rewritten; every other
@@ -31,9 +32,9 @@ import onnx
 from onnx import helper
 from tqdm.auto import tqdm
 
-from lowbit.core import QuantSpec, qparams, quantize, weight_range
+from lowbit.core import QuantSpec, dequantize, qparams, quantize, weight_range
 from lowbit.core.gptq import ROWS_PER_COLUMN, round_groups, round_matrix
-from lowbit.onnx import gptq
+from lowbit.onnx import gptq, smoothing
 from lowbit.onnx.graph import Graph, Names, attributes
 from lowbit.onnx.matmulnbits import (
     DOMAIN,
@@ -79,10 +80,28 @@ def describe(wo: WeightOnly, accuracy_level: int = 0) -> str:
     return f"int{wo.bits} {kind}, {grid}, {where}"
 
 
-def prepare(model: onnx.ModelProto, settings: Settings) -> onnx.ModelProto:
-    """The float model as its weights will be rounded: the one place where a step that rewrites the float model
-    first (per-input-channel smoothing, AWQ's scales) goes. Today: the model as given."""
-    return model
+def prepare(
+    model: onnx.ModelProto,
+    wo: WeightOnly,
+    feeds: Callable[[], Iterable[Mapping[str, np.ndarray]]] | None = None,
+    *,
+    total: int | None = None,
+    progress: bool = True,
+) -> tuple[onnx.ModelProto, smoothing.Report | None]:
+    """The float model as its weights will be rounded, and what AWQ did: with ``wo.awq``, each MatMul/Gemm input
+    divided per channel by AWQ's scales (folded into the op before it where that is exact) and its weight rows
+    multiplied by them, the scales searched for the least output error after :func:`fake_quant`
+    (:func:`lowbit.onnx.smoothing.awq`, one pass of ``feeds()``); its float outputs are the model's. Otherwise
+    the model as given."""
+    if not wo.awq:
+        return model, None
+    if feeds is None:
+        raise ValueError("AWQ needs calibration feeds")
+
+    def quantize_weight(w: np.ndarray) -> np.ndarray:
+        return fake_quant(w, wo)
+
+    return smoothing.awq(model, feeds(), quantize_weight, total=total, progress=progress)
 
 
 def linears(graph: Graph, settings: Settings) -> tuple[list[Linear], list[str]]:
@@ -147,6 +166,14 @@ def fit(w: np.ndarray, wo: WeightOnly) -> Blocks:
     if wo.group_size is None:
         scale, zero_point = scale.reshape(-1, 1), zero_point.reshape(-1, 1)
     return _blocks(q, scale, zero_point, wo, w.shape[1])
+
+
+def fake_quant(w: np.ndarray, wo: WeightOnly) -> np.ndarray:
+    """``w`` (N, K) rounded to nearest in its blocks and dequantized: ``s (q - z)`` (what AWQ's search scores)."""
+    w = np.asarray(w, np.float32)
+    s = spec(wo)
+    scale, zero_point = block_qparams(w, wo, s)
+    return dequantize(quantize(w, scale, zero_point, s), scale, zero_point, s)
 
 
 def _blocks(q, scale, zero_point, wo: WeightOnly, k: int) -> Blocks:
