@@ -192,6 +192,9 @@ class Config:
         channel by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and its weight rows multiplied by it (folded
         into the op that writes the input where it can be). A number is ``alpha`` in [0, 1] (0.5 is the
         paper's); ``"search"`` picks ``alpha`` per layer for the least output error; None: off.
+    blockwise: GPTQ, AWQ and SmoothQuant (PyTorch) gather their statistics block by block where the model has
+        repeated blocks (its longest ``nn.ModuleList`` of one class), feeding each block the previous one's
+        output: peak memory one block's statistics and activations, not every layer's. False: one pass.
     """
 
     default: LayerConfig = LayerConfig()
@@ -208,6 +211,7 @@ class Config:
     keep_ends_8bit: bool = False
     act_order: bool = False
     smoothquant: float | str | None = None
+    blockwise: bool = True
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -217,7 +221,7 @@ class Config:
         object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
         if self.rounding is not None and not isinstance(self.rounding, str):
             raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
-        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit", "act_order"):
+        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit", "act_order", "blockwise"):
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):

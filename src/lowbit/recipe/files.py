@@ -29,7 +29,8 @@ from lowbit.errors import SpecError
 from lowbit.recipe.config import Config, LayerConfig, QuantizerConfig
 from lowbit.recipe.presets import preset
 
-# 2: quantizers have format, scale and rounding; Config has keep_ends_8bit. 3: Config has act_order and smoothquant.
+# 2: quantizers have format, scale and rounding; Config has keep_ends_8bit. 3: Config has act_order, smoothquant
+# and blockwise.
 FORMAT_VERSION = 3  # older versions still read
 VERSION_KEY = "lowbit_recipe"
 _LAYER_KEYS = ("input", "weight")
