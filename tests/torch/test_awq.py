@@ -129,10 +129,14 @@ def test_awq_scales_are_core_search_on_the_layer_input_and_own_quantizer():
     assert not isinstance(q.blocks[0].q, SmoothedLinear)
 
 
-def test_awq_model_exports_and_runs_in_onnx_runtime_as_in_torch(tmp_path):
-    q = lt.quantize(TinyGPT(), w4(), tokens(4), rounding="awq", progress=False)
+def test_awq_and_smoothquant_models_export_and_run_in_onnx_runtime_as_in_torch(tmp_path):
+    """W4A8 with SmoothQuant and AWQ: LayerNorms folded twice, explicit Muls before o, fc2 and embed."""
+    cfg = Config(
+        LayerConfig(QuantizerConfig(), QuantizerConfig(bits=4, granularity="group", group_size=8)), smoothquant=0.5
+    )
+    q = lt.quantize(TinyGPT(d=16), cfg, tokens(2, t=8), rounding="awq", progress=False)
     assert isinstance(q.blocks[0].o, SmoothedLinear)
-    x = tokens(1, seed=9)[0]
+    x = tokens(1, t=8, seed=9)[0]
     path = lt.export_onnx(q, x, tmp_path / "awq.onnx", opset=21)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]

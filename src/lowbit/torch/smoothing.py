@@ -18,7 +18,6 @@ themselves are chosen by :mod:`lowbit.core.smoothing`.
 
 from __future__ import annotations
 
-import copy
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -222,12 +221,20 @@ def gather(groups: Sequence[Group], data: Data, rows: int = ROWS, seed: int = SE
     return out
 
 
+def fresh(q: TensorQuantizer) -> TensorQuantizer:
+    """An uncalibrated quantizer like ``q`` (spec, method and its options, weight or not), on the CPU: a probe to
+    fit to other values (cheaper than a deep copy, which would also copy the calibration state)."""
+    probe = TensorQuantizer(q.spec, method=q.method, method_options=q.method_options, name=q.name)
+    probe.is_weight = q.is_weight
+    return probe
+
+
 def weight_fake_quant(q: TensorQuantizer) -> Callable[[np.ndarray], np.ndarray]:
     """``w -> `` ``w`` quantized as the weight quantizer ``q`` would quantize it, its range fitted to ``w`` itself
     (same spec, method, granularity, bits): the quantization a smoothed weight will get."""
 
     def quantize(w: np.ndarray) -> np.ndarray:
-        probe = copy.deepcopy(q).cpu()
+        probe = fresh(q)
         t = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
         probe.calibrate_on(t)
         with torch.no_grad():
@@ -240,7 +247,7 @@ def input_fake_quant(q: TensorQuantizer) -> Callable[[np.ndarray], np.ndarray]:
     """``x ->`` ``x`` quantized by a copy of the input quantizer ``q`` calibrated on ``x`` itself (its method)."""
 
     def quantize(x: np.ndarray) -> np.ndarray:
-        probe = copy.deepcopy(q).cpu()
+        probe = fresh(q)
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         probe.mode = "calibrate"
         with torch.no_grad():

@@ -21,7 +21,6 @@ samples), or when ``H`` cannot be inverted.
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -37,6 +36,7 @@ from lowbit.torch.quantizer import param_view
 from lowbit.torch.rounding.patches import as_images, conv_patches, is_pointwise, output_positions
 from lowbit.torch.rounding.registry import register
 from lowbit.torch.rounding.roundable import chosen_layers, groups, weight_matrix
+from lowbit.torch.smoothing import fresh
 
 UNFOLD_VALUES = 1 << 24  # unfolded patches held at once while gathering a convolution's H (64 MB of float32)
 
@@ -83,7 +83,7 @@ def _fit_groups(q) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
     ``q`` (its spec and method) fits to the block's weights as GPTQ has updated them."""
 
     def fit(block: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        probe = copy.deepcopy(q).cpu()
+        probe = fresh(q)
         probe.calibrate_on(torch.from_numpy(np.ascontiguousarray(block[0], dtype=np.float32)))
         return probe.scale.double().numpy()[None], probe.zero_point.double().numpy()[None]
 
