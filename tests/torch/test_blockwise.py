@@ -27,7 +27,7 @@ def test_blocks_are_the_longest_module_list_of_one_class():
     assert find_blocks(models.MLP()) == []
     assert resolve_blocks(TinyGPT(), False) == []
     assert resolve_blocks(TinyGPT(), ["blocks.1"]) == ["blocks.1"]
-    with pytest.raises(CalibrationError, match="blocks: layers.0 is not a submodule"):
+    with pytest.raises(CalibrationError, match=r"blocks: layers\.0 is not a submodule"):
         resolve_blocks(TinyGPT(), ["layers.0"])
 
 

@@ -5,8 +5,9 @@
     lt.export_onnx(qmodel, example, "model_int8.onnx")
 
 Refinements after calibration: ``Config(refine="easyquant")`` (or :func:`easyquant` on a calibrated model) searches
-the scales layer by layer (:mod:`lowbit.torch.easyquant`); ``rounding="gptq"``/``"adaround"`` choose weight codes; ``rounding="awq"`` scales Linear inputs first (AWQ), and
-``Config(smoothquant=0.5)`` smooths activation outliers into the weights before calibration (SmoothQuant).
+the scales layer by layer (:mod:`lowbit.torch.easyquant`); ``rounding="gptq"``/``"adaround"`` choose weight codes;
+``rounding="awq"`` scales Linear inputs first (AWQ), and ``Config(smoothquant=0.5)`` smooths activation outliers
+into the weights before calibration (SmoothQuant).
 
 Needs ``torch`` (``pip install torch==2.13.0`` for the CPU build, then ``pip install "lowbit[torch]"``).
 """
@@ -64,8 +65,8 @@ __all__ = [
     "TensorQuantizer",
     "adaround",
     "analyze",
-    "awq",
     "apply_mixed",
+    "awq",
     "batch_statistics",
     "calibrate",
     "easyquant",

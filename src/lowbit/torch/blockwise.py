@@ -26,8 +26,8 @@ model where it does not hold (a norm between blocks, say) is processed in one pa
 from __future__ import annotations
 
 import warnings
-from contextlib import nullcontext
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,4 +223,3 @@ def in_blocks(
     if rest:
         done += process(rest, whole_model(model, calib, desc, progress))
     return done
-

@@ -157,7 +157,6 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], run_first: Call
         if producer is not None and uses.count[tid] != len(names):  # something else reads it too
             producer = None
         groups.append(Group(names, [layers[n] for n in names], producer))
-    del kept
     return groups
 
 
@@ -365,5 +364,7 @@ def smoothquant(
                 apply_scales(model, g, s)
         return [n for g in groups for n in g.names]
 
-    in_blocks(model, calib, layers, process, blocks=blocks, quantized_inputs=False, desc="SmoothQuant", progress=progress)
+    in_blocks(
+        model, calib, layers, process, blocks=blocks, quantized_inputs=False, desc="SmoothQuant", progress=progress
+    )
     return used

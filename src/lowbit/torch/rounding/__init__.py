@@ -6,8 +6,9 @@ code); ``gptq`` (:mod:`~lowbit.torch.rounding.gptq`) chooses the codes of the Co
 output error on the calibration data; ``adaround`` (:mod:`~lowbit.torch.rounding.adaround`) learns them layer by
 layer on the quantized model's own inputs; ``stochastic`` (:mod:`~lowbit.torch.rounding.stochastic`) draws each
 code ``floor(w / s + u)``, seeded; ``awq`` (:mod:`~lowbit.torch.rounding.awq`) scales the input columns of
-Linear layers by their activations' magnitude before rounding (``awq+gptq``: then GPTQ's codes). GPTQ and AdaRound choose among the layers of
-:mod:`~lowbit.torch.rounding.roundable` and read a convolution's input patches through :mod:`~lowbit.torch.rounding.patches`.
+Linear layers by their activations' magnitude before rounding (``awq+gptq``: then GPTQ's codes). GPTQ and AdaRound
+choose among the layers of :mod:`~lowbit.torch.rounding.roundable` and read a convolution's input patches through
+:mod:`~lowbit.torch.rounding.patches`.
 
 Adding a method is one file here with ``@register("name")`` on its function, imported below.
 

@@ -36,8 +36,16 @@ from lowbit.torch.blockwise import Data, Process, in_blocks
 from lowbit.torch.rounding.gptq import rounder
 from lowbit.torch.rounding.registry import register
 from lowbit.torch.rounding.roundable import named_subset
-from lowbit.torch.smoothing import ROWS, PerMatrix, apply_scales, gather, input_groups, recalibrate_inputs
-from lowbit.torch.smoothing import smoothable, weights
+from lowbit.torch.smoothing import (
+    ROWS,
+    PerMatrix,
+    apply_scales,
+    gather,
+    input_groups,
+    recalibrate_inputs,
+    smoothable,
+    weights,
+)
 
 
 def scaler(model: nn.Module, results: dict[str, float], rows: int = ROWS, grid: int = GRID) -> Process:
