@@ -79,7 +79,7 @@ def _gptq_options(config: Config) -> dict[str, Any]:
     return {**_options(config), "act_order": config.act_order}
 
 
-@register("awq", batches_only=True, options=_options)
+@register("awq", batches_only=True, options=_options, scales_weights=True)
 def awq(
     model: nn.Module,
     calib: Iterable[Any],
@@ -108,7 +108,7 @@ def awq(
     return results
 
 
-@register("awq+gptq", batches_only=True, options=_gptq_options)
+@register("awq+gptq", batches_only=True, options=_gptq_options, scales_weights=True)
 def awq_gptq(
     model: nn.Module,
     calib: Iterable[Any],
