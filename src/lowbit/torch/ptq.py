@@ -194,7 +194,11 @@ def quantize(
     ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the Conv/Linear weights
     for the least output error on ``calib`` (:mod:`lowbit.torch.rounding.gptq`; worth it at 4 bits); ``"adaround"``
     learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.rounding.adaround`; slower,
-    better, and it needs ``calib`` as batches). The config's ``refine="easyquant"`` searches the weight and input
+    better, and it needs ``calib`` as batches); ``"awq"`` (and ``"awq+gptq"``) scales the input columns of Linear
+    layers before rounding (:mod:`lowbit.torch.rounding.awq`). The config's ``smoothquant`` smooths activation
+    outliers into the weights before the input ranges are calibrated (:func:`lowbit.torch.smoothing.smoothquant`);
+    its ``act_order`` and ``blockwise`` reach GPTQ and AWQ (:mod:`lowbit.torch.blockwise`).
+    The config's ``refine="easyquant"`` searches the weight and input
     scales before the rounding (:mod:`lowbit.torch.easyquant`; it needs ``calib`` as batches); the recipe recorded
     on the model (``model.lowbit_recipe``) says so.
     ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
