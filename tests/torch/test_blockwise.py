@@ -58,7 +58,7 @@ def test_gptq_block_by_block_on_float_inputs_gives_the_codes_of_one_pass(act_ord
     q1 = lt.quantize(model, W4, calib, progress=False)
     lt.gptq(q1, calib, blocks=False, act_order=act_order, progress=False)
     q2 = lt.quantize(model, W4, calib, progress=False)
-    lt.gptq(q2, calib, quantized_inputs=False, act_order=act_order, progress=False)
+    lt.gptq(q2, iter(calib), quantized_inputs=False, act_order=act_order, progress=False)  # a one-shot iterator too
     one, blockwise = codes(q1), codes(q2)
     assert len(one) == 12 and one.keys() == blockwise.keys()  # fc2 (64 inputs) saw too few rows for GPTQ
     for name, c in one.items():

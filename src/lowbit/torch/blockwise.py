@@ -26,7 +26,7 @@ model where it does not hold (a norm between blocks, say) is processed in one pa
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -199,6 +199,8 @@ def in_blocks(
     blocks, none of ``layers`` is in one, or the blocks are not a chain. ``quantized_inputs``: the next block's
     inputs come from the block as quantized now (else in float). Returns what the calls of ``process`` returned."""
     names = resolve_blocks(model, blocks)
+    if isinstance(calib, Iterator):  # read more than once below: the batches given are kept
+        calib = list(calib)
     inside = {b: {n: m for n, m in layers.items() if n.startswith(b + ".")} for b in names}
     if not any(inside.values()):
         return process(layers, whole_model(model, calib, desc, progress))
