@@ -153,7 +153,10 @@ def main() -> None:
         f"({rows * d * 4 / 2**20:.0f} MB, twice while a block runs). AWQ keeps per-column statistics and "
         f"{args.awq_rows} sampled rows per group: small either way, so block by block changes its peak little. "
         "GPTQ rounds the layers that saw at least 8 rows per input column; fc2 (4 x d_model inputs) gets fewer "
-        "here and keeps plain rounding, its second moment still gathered (and counted).",
+        "here and keeps plain rounding, its second moment still gathered (and counted). The rest of each peak is "
+        "transient, as traced stage by stage on the --quick model (not itemised here): each batch's float32 "
+        "product and its float64 copy for the widest layer, the rounding's copies of H, per-group float64 weights "
+        "and quantized candidates (AWQ), and memory the allocator keeps after freeing it.",
     ]
     write_section("blockwise", "## Block-by-block calibration: peak memory\n\n" + "\n".join(lines),
                   {"machine": machine(), "args": vars(args), "runs": runs})  # fmt: skip
