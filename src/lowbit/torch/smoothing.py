@@ -18,6 +18,7 @@ themselves are chosen by :mod:`lowbit.core.smoothing`.
 
 from __future__ import annotations
 
+import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -118,27 +119,53 @@ def _foldable(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) and type(module) in (nn.Linear, QuantLinear, SmoothedLinear)
 
 
+class _Seen:
+    """A tensor met in the wiring pass, followed by a weak reference (the pass keeps no activation alive): the
+    layers that read it, the module that wrote it, and how many operations read it (taken when it dies, before
+    its id can be reused)."""
+
+    def __init__(self, t: torch.Tensor, uses: _Uses):
+        self.ref = weakref.ref(t)
+        self.names: list[str] = []
+        self.producer: nn.Module | None = None
+        self.final_uses: int | None = None
+        self.finalizer = weakref.finalize(t, self._died, id(t), uses)
+        self.finalizer.atexit = False
+
+    def _died(self, tid: int, uses: _Uses) -> None:
+        self.final_uses = uses.count[tid]
+
+    def uses(self, uses: _Uses) -> int:
+        t = self.ref()
+        return self.final_uses if t is None else uses.count[id(t)]
+
+
 def input_groups(model: nn.Module, layers: dict[str, nn.Module], run_first: Callable[[], None]) -> list[Group]:
     """The groups of ``layers`` (by name) that read one tensor, in the order they first run, each with its
     producer when ``1 / s`` can be folded there (see the module doc); ``run_first`` runs one float forward."""
-    read: dict[int, list[str]] = {}
-    kept: list[torch.Tensor] = []  # alive, so that no other tensor takes their ids meanwhile
-    made: dict[int, nn.Module] = {}
     uses = _Uses()
+    table: dict[int, _Seen] = {}
+    order: list[_Seen] = []
+
+    def seen(t: torch.Tensor) -> _Seen:
+        e = table.get(id(t))
+        if e is None or e.ref() is not t:  # first met, or a new tensor where a dead one was
+            e = table[id(t)] = _Seen(t, uses)
+            order.append(e)
+        return e
 
     def on_input(name):
         def hook(module, args):
             if args and isinstance(args[0], torch.Tensor):
-                kept.append(args[0])
-                if name not in read.setdefault(id(args[0]), []):
-                    read[id(args[0])].append(name)
+                e = seen(args[0])
+                if name not in e.names:
+                    e.names.append(name)
 
         return hook
 
     def on_output(module, args, out):
         if isinstance(out, torch.Tensor):
-            kept.append(out)
-            made[id(out)] = module
+            seen(out).producer = module
             uses.count[id(out)] = 0  # from here on: an earlier tensor may have had this id
 
     handles = [m.register_forward_pre_hook(on_input(n)) for n, m in layers.items()]
@@ -149,13 +176,13 @@ def input_groups(model: nn.Module, layers: dict[str, nn.Module], run_first: Call
     finally:
         for h in handles:
             h.remove()
-    groups = []
-    for tid, names in read.items():
-        if any(names[0] in g.names for g in groups):  # a layer run twice on other inputs: its first input only
+    groups: list[Group] = []
+    for e in order:
+        e.finalizer.detach()
+        names = e.names
+        if not names or any(names[0] in g.names for g in groups):  # a layer run twice: its first input only
             continue
-        producer = made.get(tid)
-        if producer is not None and uses.count[tid] != len(names):  # something else reads it too
-            producer = None
+        producer = e.producer if e.producer is not None and e.uses(uses) == len(names) else None
         groups.append(Group(names, [layers[n] for n in names], producer))
     return groups
 
