@@ -133,7 +133,8 @@ def main() -> None:
         f"{args.vocab}, {runs[0]['model_mb']:.0f} MB of float32 parameters; {args.samples} calibration sequences "
         f"of {args.seq} tokens ({rows} rows per layer); INT4 weights in groups of 128. Peak = the rounding "
         "process's resident high-water mark above what it held before (the quantized model and the tokens); "
-        "one torch thread, each run in its own process. `python benchmarks/blockwise_bench.py"
+        "one torch thread, each run in its own process (times: a shared 2-core machine, other jobs running; a "
+        "run on the same code took 126 s instead of 67 s for GPTQ in one pass). `python benchmarks/blockwise_bench.py"
         + (" --quick" if args.quick else "")
         + "`.",
         "",
@@ -151,10 +152,11 @@ def main() -> None:
         f"GPTQ in one pass holds every layer's float64 second moment at once ({h_mb:.0f} MB for the blocks here); "
         "block by block it holds one block's, plus the activations entering one block for the calibration set "
         f"({rows * d * 4 / 2**20:.0f} MB, twice while a block runs). AWQ keeps per-column statistics and "
-        f"{args.awq_rows} sampled rows per group: small either way, so block by block changes its peak little. "
+        f"{args.awq_rows} sampled rows per group: small either way, so block by block does not lower its peak "
+        "(it holds the activations entering a block on top, and runs each block twice). "
         "GPTQ rounds the layers that saw at least 8 rows per input column; fc2 (4 x d_model inputs) gets fewer "
         "here and keeps plain rounding, its second moment still gathered (and counted). The rest of each peak is "
-        "transient, as traced stage by stage on the --quick model (not itemised here): each batch's float32 "
+        "transient, as traced stage by stage on smaller models (not itemised here): each batch's float32 "
         "product and its float64 copy for the widest layer, the rounding's copies of H, per-group float64 weights "
         "and quantized candidates (AWQ), and memory the allocator keeps after freeing it.",
     ]
