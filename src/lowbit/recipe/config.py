@@ -195,6 +195,9 @@ class Config:
     attention_matmuls: also quantize the inputs of the two matrix products of attention, ``Q K^T`` and
         ``softmax(.) V``, per tensor with the input config of the attention module's name (PyTorch, Hugging Face
         ``transformers`` models: :mod:`lowbit.torch.hf`).
+    blockwise: GPTQ, AWQ and SmoothQuant (PyTorch) gather their statistics block by block where the model has
+        repeated blocks (its longest ``nn.ModuleList`` of one class), feeding each block the previous one's
+        output: peak memory one block's statistics and activations, not every layer's. False: one pass.
     """
 
     default: LayerConfig = LayerConfig()
@@ -212,6 +215,7 @@ class Config:
     act_order: bool = False
     smoothquant: float | str | None = None
     attention_matmuls: bool = False
+    blockwise: bool = True
 
     def __post_init__(self) -> None:
         if self.target is not None:
@@ -221,14 +225,8 @@ class Config:
         object.__setattr__(self, "overrides", tuple((p, layer) for p, layer in self.overrides))
         if self.rounding is not None and not isinstance(self.rounding, str):
             raise SpecError(f"rounding must be the name of a weight-rounding method, got {self.rounding!r}")
-        for name in (
-            "residual_adds",
-            "fp16_rest",
-            "weight_only_rnn",
-            "keep_ends_8bit",
-            "act_order",
-            "attention_matmuls",
-        ):
+        for name in ("residual_adds", "fp16_rest", "weight_only_rnn", "keep_ends_8bit", "act_order",
+                     "attention_matmuls", "blockwise"):  # fmt: skip
             if not isinstance(getattr(self, name), bool):
                 raise SpecError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.bias_correction is not None and not isinstance(self.bias_correction, bool):

@@ -30,7 +30,7 @@ from lowbit.recipe.config import Config, LayerConfig, QuantizerConfig
 from lowbit.recipe.presets import preset
 
 # 2: quantizers have format, scale and rounding; Config has keep_ends_8bit. 3: Config has act_order and smoothquant.
-# 4: Config has attention_matmuls.
+# 4: Config has attention_matmuls and blockwise.
 FORMAT_VERSION = 4  # older versions still read
 VERSION_KEY = "lowbit_recipe"
 _LAYER_KEYS = ("input", "weight")

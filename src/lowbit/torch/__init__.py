@@ -5,7 +5,9 @@
     lt.export_onnx(qmodel, example, "model_int8.onnx")
 
 Refinements after calibration: ``Config(refine="easyquant")`` (or :func:`easyquant` on a calibrated model) searches
-the scales layer by layer (:mod:`lowbit.torch.easyquant`); ``rounding="gptq"``/``"adaround"`` choose weight codes.
+the scales layer by layer (:mod:`lowbit.torch.easyquant`); ``rounding="gptq"``/``"adaround"`` choose weight codes;
+``rounding="awq"`` scales Linear inputs first (AWQ), and ``Config(smoothquant=0.5)`` smooths activation outliers
+into the weights before calibration (SmoothQuant).
 
 Needs ``torch`` (``pip install torch==2.13.0`` for the CPU build, then ``pip install "lowbit[torch]"``).
 """
@@ -37,9 +39,11 @@ from lowbit.torch.qat import QuantConvBn1d, QuantConvBn2d, QuantConvBn3d, batch_
 from lowbit.torch.quantizer import ClippingWarning, TensorQuantizer, fake_quant
 from lowbit.torch.residual import trace_residual_adds
 from lowbit.torch.rounding.adaround import adaround
+from lowbit.torch.rounding.awq import awq
 from lowbit.torch.rounding.gptq import gptq
 from lowbit.torch.sensitivity import analyze, apply_mixed, mixed_config
 from lowbit.torch.size import packed_weight_bytes
+from lowbit.torch.smoothing import SmoothedLinear, smoothquant
 
 __all__ = [
     "MODULE_MAP",
@@ -58,10 +62,12 @@ __all__ = [
     "QuantConvTranspose2d",
     "QuantLinear",
     "QuantizerConfig",
+    "SmoothedLinear",
     "TensorQuantizer",
     "adaround",
     "analyze",
     "apply_mixed",
+    "awq",
     "batch_statistics",
     "calibrate",
     "easyquant",
@@ -76,5 +82,6 @@ __all__ = [
     "quantize",
     "quantizers",
     "shard",
+    "smoothquant",
     "trace_residual_adds",
 ]

@@ -45,6 +45,7 @@ from lowbit.torch.qat import batch_statistics, prepare_conv_bn
 from lowbit.torch.quantizer import TensorQuantizer
 from lowbit.torch.residual import trace_residual_adds
 from lowbit.torch.runner import Calib, is_loop, run_batch, run_data
+from lowbit.torch.smoothing import smoothquant
 
 BN_STATS = ("running", "batch")
 
@@ -199,7 +200,11 @@ def quantize(
     ``"nearest"`` rounds each weight to its nearest code; ``"gptq"`` chooses the codes of the Conv/Linear weights
     for the least output error on ``calib`` (:mod:`lowbit.torch.rounding.gptq`; worth it at 4 bits); ``"adaround"``
     learns them layer by layer on the quantized model's own inputs (:mod:`lowbit.torch.rounding.adaround`; slower,
-    better, and it needs ``calib`` as batches). The config's ``refine="easyquant"`` searches the weight and input
+    better, and it needs ``calib`` as batches); ``"awq"`` (and ``"awq+gptq"``) scales the input columns of Linear
+    layers before rounding (:mod:`lowbit.torch.rounding.awq`). The config's ``smoothquant`` smooths activation
+    outliers into the weights before the input ranges are calibrated (:func:`lowbit.torch.smoothing.smoothquant`);
+    its ``act_order`` and ``blockwise`` reach GPTQ and AWQ (:mod:`lowbit.torch.blockwise`).
+    The config's ``refine="easyquant"`` searches the weight and input
     scales before the rounding (:mod:`lowbit.torch.easyquant`; it needs ``calib`` as batches); the recipe recorded
     on the model (``model.lowbit_recipe``) says so.
     ``bn_stats``: which statistics the BatchNorms that stay in the model normalise with while the activation ranges
@@ -242,11 +247,13 @@ def quantize(
     _swap_layers(model, cfg)
     if hf is not None and cfg.attention_matmuls:
         hf.quantize_attention(model, cfg)
+    if cfg.smoothquant is not None:  # before the input ranges: they are calibrated on the smoothed inputs
+        smoothquant(model, calib, cfg.smoothquant, blocks=None if cfg.blockwise else False, progress=progress)
     if calib is not None and not cfg.dynamic:
         calibrate(model, calib, progress=progress, batches=batches, bn_stats=bn_stats)
     if cfg.refine == "easyquant":
         easyquant(model, calib, progress=progress)
-    method.apply(model, calib, progress=progress)
+    method.apply(model, calib, progress=progress, **method.options(cfg))
     setattr(model, RECIPE_ATTRIBUTE, to_dict(replace(cfg, rounding=method.name)))
     return model.eval()  # the modules swapped in (quantizers, the Identity of a folded BatchNorm) too
 
@@ -270,7 +277,13 @@ def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inpl
             f"refine={cfg.refine!r} needs calibration batches (a list of inputs), not a forward loop: it runs the "
             "float and the quantized model on the same batches, once per layer"
         )
-    if (method.needs_data or cfg.refine is not None) and isinstance(calib, Iterator):
+    if cfg.smoothquant is not None and (calib is None or cfg.dynamic):
+        raise CalibrationError(
+            "smoothquant needs calibration data (calib=) and statically quantized inputs (a W8A8 config such as "
+            "'int8'): it moves activation outliers into the weights before the input ranges are calibrated"
+        )
+    needs_again = method.needs_data or cfg.refine is not None or cfg.smoothquant is not None
+    if needs_again and isinstance(calib, Iterator):
         calib = list(calib)
     if not isinstance(model, nn.Module):
         raise SpecError(f"model must be a torch.nn.Module, got {type(model).__name__}")

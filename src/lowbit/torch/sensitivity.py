@@ -74,8 +74,9 @@ MINIMIZE = ("layers", "size")
 
 def re_roundings() -> tuple[str, ...]:
     """What a search may round the weights again with, for each model it tries: every registered weight rounding
-    that fits codes to data (:mod:`lowbit.torch.rounding`), sorted."""
-    return tuple(name for name in weight_rounding.available() if weight_rounding.get(name).needs_data)
+    that fits codes to data (:mod:`lowbit.torch.rounding`) without scaling the float weights (AWQ), sorted."""
+    methods = [weight_rounding.get(name) for name in weight_rounding.available()]
+    return tuple(m.name for m in methods if m.needs_data and not m.scales_weights)
 
 
 def _check_rounding(rounding: str | None) -> None:

@@ -17,7 +17,8 @@ from tests.torch import models
 
 
 def test_the_methods_come_from_the_registry_and_the_public_functions_are_theirs():
-    assert rounding.available() == ["adaround", "gptq", "nearest", "stochastic"]
+    assert rounding.available() == ["adaround", "awq", "awq+gptq", "gptq", "nearest", "stochastic"]
+    assert rounding.get("awq").apply is lt.awq and rounding.get("awq").scales_weights
     assert rounding.get("gptq").apply is lt.gptq and rounding.get("adaround").apply is lt.adaround
     assert rounding.get("adaround").batches_only and not rounding.get("gptq").batches_only
     assert not rounding.get("nearest").needs_data and not rounding.get("stochastic").needs_data
@@ -25,7 +26,9 @@ def test_the_methods_come_from_the_registry_and_the_public_functions_are_theirs(
 
 
 def test_an_unknown_name_is_one_line_that_lists_the_names():
-    with pytest.raises(SpecError, match=r"^rounding must be one of adaround, gptq, nearest, stochastic, got 'up'$"):
+    with pytest.raises(
+        SpecError, match=r"^rounding must be one of adaround, awq, awq\+gptq, gptq, nearest, stochastic, got 'up'$"
+    ):
         rounding.get("up")
 
 
