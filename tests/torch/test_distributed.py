@@ -40,6 +40,10 @@ SCRIPT = textwrap.dedent(
         q = lt.quantize(models.convnet(), cfg, calib=mine, progress=False)
         for name, qz in lt.quantizers(q).items():
             scales[f"{method}/{name}"] = qz.scale.detach().numpy()
+    q = lt.quantize(models.convnet(), "w4a8", calib=mine, rounding="gptq", progress=False)
+    for name, qz in lt.quantizers(q).items():
+        if qz.has_codes:
+            scales[f"codes/{name}"] = qz.codes.numpy()
     np.savez(f"{out}/rank{rank}.npz", **scales)
     dist.destroy_process_group()
     """
@@ -124,6 +128,20 @@ def test_two_ranks_calibrate_to_the_scales_of_one_process_on_all_the_data_bit_fo
             expected = qz.scale.detach().numpy()
             for r in ranks:
                 np.testing.assert_array_equal(r[f"{method}/{name}"], expected, err_msg=f"{method} {name}")
+
+
+def test_gptq_on_two_ranks_rounds_with_the_second_moments_of_all_the_data(tmp_path):
+    ranks = _torchrun(tmp_path, ("minmax",))
+    one = lt.quantize(models.convnet(), "w4a8", calib=_data(), rounding="gptq", progress=False)
+    half = lt.quantize(models.convnet(), "w4a8", calib=_data()[:3], rounding="gptq", progress=False)
+    codes = {name: qz.codes.numpy() for name, qz in lt.quantizers(one).items() if qz.has_codes}
+    assert codes and all(f"codes/{name}" in ranks[0] for name in codes)
+    for name, expected in codes.items():
+        np.testing.assert_array_equal(ranks[0][f"codes/{name}"], ranks[1][f"codes/{name}"])  # one H on every rank
+        # H summed over ranks equals one process's up to float64 summation order: the codes agree but for ties
+        assert np.mean(ranks[0][f"codes/{name}"] == expected) > 0.99, name
+    mine = lt.quantizers(half)
+    assert any(not np.array_equal(mine[n].codes.numpy(), codes[n]) for n in codes)  # half the data is not enough
 
 
 def test_calibration_on_half_the_data_differs_so_the_merge_is_what_makes_them_equal():

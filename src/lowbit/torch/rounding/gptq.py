@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 
 from lowbit.core.gptq import DAMP, ROWS_PER_COLUMN, SecondMoment, round_groups, round_matrix
 from lowbit.recipe import Config
+from lowbit.torch import distributed
 from lowbit.torch.blockwise import Data, Process, in_blocks
 from lowbit.torch.quantizer import param_view
 from lowbit.torch.rounding.patches import as_images, conv_patches, is_pointwise, output_positions
@@ -75,6 +76,8 @@ def moments(layers: dict[str, nn.Module], data: Data) -> dict[str, LayerMoment]:
     finally:
         for h in hooks:
             h.remove()
+    for m in found.values():  # under torch.distributed: every rank's rows (a no-op in one process)
+        distributed.reduce_moment(m.moment)
     return found
 
 
