@@ -34,8 +34,9 @@ def _wo(bits, group, symmetric, layout) -> WeightOnly:
     return WeightOnly(bits, group, symmetric, layout, "nearest", False)
 
 
-def _plain_codes(w: np.ndarray, bits: int, group: int, symmetric: bool):
-    """Per output channel n and block b, loop by loop: the scale, zero point and codes of the module doc."""
+def _plain_codes(w: np.ndarray, bits: int, group: int, symmetric: bool, whole_grid: bool = False):
+    """Per output channel n and block b, loop by loop: the scale, zero point and codes of the module doc
+    (``whole_grid``: symmetric MatMulNBits' grid, block_qparams' doc)."""
     k, n = w.shape
     blocks = -(-k // group)
     scale = np.zeros((n, blocks))
@@ -44,7 +45,11 @@ def _plain_codes(w: np.ndarray, bits: int, group: int, symmetric: bool):
     for j in range(n):
         for b in range(blocks):
             v = w[b * group : (b + 1) * group, j].astype(np.float64)
-            if symmetric:
+            if symmetric and whole_grid:  # the extreme value, its sign kept, on the lowest code -2^(b-1)
+                m = v.max() if abs(v.max()) >= abs(v.min()) else v.min()
+                s = np.float32(m / -(2 ** (bits - 1)))
+                z, lo, hi = 2 ** (bits - 1), 0, 2**bits - 1
+            elif symmetric:
                 s = np.float32(max(abs(v.min()), abs(v.max())) / (2 ** (bits - 1) - 1))
                 z, lo, hi = 2 ** (bits - 1), 0, 2**bits - 1
             else:
@@ -105,7 +110,7 @@ def test_matmulnbits_matches_onnxruntime_and_a_plain_decoder(bits, symmetric, k)
     assert {t.name for t in out.graph.initializer}.isdisjoint({"w"})  # the float weight is gone
     decoded, attrs = _decode_matmulnbits(out)
     assert (attrs["K"], attrs["N"], attrs["bits"], attrs["block_size"]) == (k, n, bits, group)
-    scale, zero, codes = _plain_codes(w, bits, group, symmetric)
+    scale, zero, codes = _plain_codes(w, bits, group, symmetric, whole_grid=True)
     np.testing.assert_array_equal(blocks["w"].codes, codes)  # integer codes compare exactly
     np.testing.assert_array_equal(blocks["w"].zero_points(), zero)
     np.testing.assert_allclose(blocks["w"].scale, scale, rtol=1e-6)
@@ -117,7 +122,8 @@ def test_matmulnbits_matches_onnxruntime_and_a_plain_decoder(bits, symmetric, k)
     x = rng.standard_normal((5, k)).astype(np.float32)
     (y,) = session(out).run(None, {"x": x})
     np.testing.assert_allclose(y, x @ expected, rtol=1e-4, atol=1e-4 * np.abs(x @ expected).max())
-    assert np.abs(decoded - w).max() <= blocks["w"].scale.max() * 0.5 + 1e-6  # nearest rounding, nothing clipped
+    # Nearest rounding; symmetric, a value opposite the extreme may clip one step short of it.
+    assert np.abs(decoded - w).max() <= np.abs(blocks["w"].scale).max() * (1.0 if symmetric else 0.5) + 1e-6
 
 
 def test_symmetric_int4_has_no_zero_point_input_and_uses_code_8():
