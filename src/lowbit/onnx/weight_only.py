@@ -156,10 +156,10 @@ def block_qparams(w: np.ndarray, wo: WeightOnly, s: QuantSpec) -> tuple[np.ndarr
     """Scale and zero point of each block (or row) of ``w`` as ``s`` lays them out, from its range by
     ``wo.method`` (min/max, or the shrunk range of least squared error).
 
-    Symmetric MatMulNBits blocks with min/max ranges use the whole signed grid, as ONNX Runtime's own quantizer does: the block's
-    value of largest magnitude ``m`` (with its sign) lands exactly on the lowest code, ``s = m / -2^(b-1)``
-    (a negative scale when ``m > 0``), so 2^b codes are used instead of the 2^b - 1 of ``[-(2^(b-1) - 1),
-    2^(b-1) - 1]``; a value of the other sign and the same magnitude clips one step short."""
+    Symmetric MatMulNBits blocks with min/max ranges use the whole signed grid, as ONNX Runtime's own quantizer
+    does: the block's value of largest magnitude ``m`` (with its sign) lands exactly on the lowest code,
+    ``s = m / -2^(b-1)`` (a negative scale when ``m > 0``), so 2^b codes are used instead of the 2^b - 1 of
+    ``[-(2^(b-1) - 1), 2^(b-1) - 1]``; a value of the other sign and the same magnitude clips one step short."""
     lo, hi = weight_range(w, s, wo.method)
     scale, zero_point = qparams(lo, hi, s)
     if wo.symmetric and wo.layout == "matmulnbits" and wo.method == "minmax":  # (mse's range fits [-7, 7])
