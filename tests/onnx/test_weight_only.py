@@ -180,9 +180,17 @@ def test_the_preset_and_the_flags_build_the_same_recipe():
     [
         (_config(group=48), "--group-size 48: a block size is a power of two"),
         (_config(symmetric=False, target="trt"), "--asymmetric: TensorRT takes symmetric weights only"),
-        (replace(_config(), rounding="stochastic"), "weight-only quantization rounds by nearest or gptq"),
+        (
+            replace(_config(), rounding="stochastic"),
+            "rounds by nearest or gptq or awq or awq\\+gptq",
+        ),
         (replace(_config(), rounding="nearest", act_order=True), "--act-order orders GPTQ's columns"),
         (replace(_config(), smoothquant=0.5), "--smoothquant does not apply to weight-only"),
+        (replace(_config(), keep_ends_8bit=True), "keep_ends_8bit does not apply to weight-only"),
+        (replace(_config(), attention_matmuls=True), "attention_matmuls does not apply to weight-only"),
+        (replace(_config(), bias_correction=True), "bias_correction does not apply to weight-only"),
+        (replace(preset("int8"), act_order=True), "the int8 path rounds in natural order"),
+        (replace(preset("int8"), attention_matmuls=True), "attention_matmuls is for Hugging Face models"),
     ],
 )
 def test_recipes_that_do_not_fit_are_one_line_errors(config, message):
@@ -198,6 +206,7 @@ def test_recipes_that_do_not_fit_are_one_line_errors(config, message):
         (["--weight-only", "int4", "--rounding", "gptq"], "GPTQ rounding fits the weights to calibration data"),
         (["--weight-only", "int4", "--rounding", "awq"], "AWQ rounding fits the weights to calibration data"),
         (["--weight-only", "int4", "--rounding", "awq", "--act-order"], "--act-order orders GPTQ's columns"),
+        (["--weight-only", "int4", "--act-order"], "GPTQ needs calibration data: give --calib"),
         (["--group-size", "32"], "add --weight-only int4|int8"),
     ],
 )
@@ -286,3 +295,9 @@ def test_awq_scales_the_salient_inputs_and_lowers_the_output_error_of_nearest_ro
         errors[rounding] = float(np.mean((y - ref) ** 2))
     assert errors["awq"] < 0.8 * errors["nearest"]
     assert errors["awq+gptq"] < errors["nearest"]
+
+
+def test_weight_only_flags_keep_the_recipes_float_overrides():
+    config = edit(preset("w4a16_group128").override("*lm_head*", None), group_size=64)
+    assert config.overrides == (("*lm_head*", None),) and config.default.weight.group_size == 64
+    assert Settings.of(config).float_globs == ("*lm_head*",)

@@ -246,6 +246,8 @@ def _check_options(settings: Settings, options: Options, budget: Budget | None, 
     if settings.weight_only is not None:
         _check_weight_only(settings, options, budget, calib)
         return
+    if options.accuracy_level:
+        raise QuantizeError("--accuracy-level sets MatMulNBits' compute type: it needs --weight-only")
     if fp8.is_fp8(settings.format) and options.trt_cache is not None:
         raise QuantizeError(f"--trt-cache writes INT8 scales (amax / 127) for implicit INT8; --format "
                             f"{settings.format} is explicit FP8 Q/DQ only (drop --trt-cache)")  # fmt: skip
@@ -260,6 +262,8 @@ def _check_options(settings: Settings, options: Options, budget: Budget | None, 
 
 
 def _check_weight_only(settings: Settings, options: Options, budget: Budget | None, calib: Any) -> None:
+    if settings.weight_only.act_order and calib is None:
+        raise QuantizeError("--act-order orders GPTQ's columns, and GPTQ needs calibration data: give --calib")
     if options.trt_cache is not None:
         raise QuantizeError("--trt-cache writes activation scales; weight-only quantization has none (drop it)")
     if budget is not None:

@@ -103,7 +103,10 @@ class WeightOnly:
         if config.act_order and config.rounding in ("nearest", "awq"):
             raise QuantizeError("--act-order orders GPTQ's columns: drop it, or use --rounding gptq")
         unused = [flag for flag, on in (("--refine", config.refine), ("--smoothquant", config.smoothquant),
-                  ("--fp16-rest", config.fp16_rest), ("residual_adds", config.residual_adds)) if on]  # fmt: skip
+                  ("--fp16-rest", config.fp16_rest), ("residual_adds", config.residual_adds),
+                  ("attention_matmuls", config.attention_matmuls), ("keep_ends_8bit", config.keep_ends_8bit),
+                  ("--weight-only-rnn", config.weight_only_rnn), ("bias_correction", config.bias_correction))
+                  if on]  # fmt: skip
         if unused:
             raise QuantizeError(f"{unused[0]} does not apply to weight-only quantization (activations stay float)")
         for pattern, other in config.overrides:
@@ -166,6 +169,12 @@ class Settings:
                 globs.append(pattern)
         if config.residual_adds:
             raise QuantizeError("residual_adds is for PyTorch models; for ONNX use target 'trt' (it quantizes skips)")
+        if config.attention_matmuls:
+            raise QuantizeError("attention_matmuls is for Hugging Face models in lowbit.torch; the ONNX front end "
+                                "quantizes attention's MatMuls by its target's rules already (drop it)")  # fmt: skip
+        if config.act_order:
+            raise QuantizeError("act_order (--act-order) orders GPTQ's columns in weight-only quantization "
+                                "(--weight-only) and lowbit.torch; the int8 path rounds in natural order")  # fmt: skip
         dynamic = layer.input.dynamic
         activation = QuantSpec(signed=True, symmetric=True) if dynamic else layer.input.spec(None)
         rounding = config.rounding or ("nearest" if fp8 else DEFAULT_ROUNDING)
@@ -462,4 +471,5 @@ def _weight_only_config(config: Config, kind: str | None, group_size: int | None
               QuantizerConfig()).method  # fmt: skip
     weight = QuantizerConfig(bits=bits, symmetric=symmetric, signed=symmetric, granularity=granularity,
                              group_size=group_size, method=method)  # fmt: skip
-    return replace(config, default=LayerConfig(None, weight), overrides=())
+    kept_float = tuple((pattern, other) for pattern, other in config.overrides if other is None)
+    return replace(config, default=LayerConfig(None, weight), overrides=kept_float)  # float overrides stay
