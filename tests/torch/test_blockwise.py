@@ -11,7 +11,7 @@ from torch import nn
 import lowbit.torch as lt
 from lowbit.errors import CalibrationError
 from lowbit.recipe import Config, LayerConfig, QuantizerConfig, preset
-from lowbit.torch.blockwise import capture_inputs, find_blocks, in_blocks, resolve_blocks, whole_model
+from lowbit.torch.blockwise import capture_inputs, find_blocks, in_blocks, resolve_blocks, whole_model, without_cache
 from tests.torch import models
 from tests.torch.transformer_models import TinyGPT, tokens
 
@@ -124,3 +124,25 @@ def test_whole_model_data_runs_a_forward_loop_too():
     whole_model(model, lambda m: [m(x) for x in calib], "test", False).run()
     hook.remove()
     assert len(seen) == 2
+
+
+def test_a_transformers_decoder_with_padding_runs_block_by_block_without_its_cache():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=50)  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 50, (3, 12))
+    mask = torch.ones(3, 12, dtype=torch.long)
+    mask[1, 7:] = 0  # padded: a cache shared across calls would not fit the next batch
+    calib = [{"input_ids": ids, "attention_mask": mask}, {"input_ids": ids[:, :9], "attention_mask": mask[:, :9]}]
+    cfg = lt.preset("w4a16_group128").override("*", lt.LayerConfig(None, lt.QuantizerConfig(
+        bits=4, granularity="group", group_size=16)))  # fmt: skip
+    q = lt.quantize(model, cfg, calib=calib, rounding="gptq", progress=False)
+    with torch.no_grad():
+        a, b = model(**calib[0]).logits, q(**calib[0]).logits
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.95
+    args, kwargs = without_cache(
+        (torch.ones(1), transformers.DynamicCache()), {"past_key_values": 1, "use_cache": True}
+    )
+    assert args[1] is None and kwargs == {"past_key_values": None, "use_cache": False}

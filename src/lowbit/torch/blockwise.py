@@ -116,7 +116,7 @@ def capture_inputs(model: nn.Module, block: nn.Module, calib: Any, progress: boo
     loop = is_loop(calib)
 
     def grab(module, args, kwargs):
-        captured.append((args, kwargs))
+        captured.append(without_cache(args, kwargs))
         if not loop:
             raise _Stop
 
@@ -138,12 +138,41 @@ def capture_inputs(model: nn.Module, block: nn.Module, calib: Any, progress: boo
     return captured
 
 
+CACHE_KEYWORDS = ("past_key_value", "past_key_values", "layer_past")
+
+
+def _is_cache(value: Any) -> bool:
+    return type(value).__name__.endswith("Cache")  # transformers' DynamicCache, StaticCache, ...
+
+
+def without_cache(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A block's inputs with no key/value cache: a decoder block of ``transformers`` is called with the model's
+    cache, which each call would append to (stale keys and values, and memory growing with every run of the
+    block); block by block, every call must see only its own batch."""
+    args = tuple(None if _is_cache(a) else a for a in args)
+    kwargs = {k: (None if k in CACHE_KEYWORDS or _is_cache(v) else v) for k, v in kwargs.items()}
+    if "use_cache" in kwargs:
+        kwargs["use_cache"] = False
+    return args, kwargs
+
+
 def _hidden(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
+def call_block(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``block(*args, **kwargs)``; a failure is a one-line error that says how to go on."""
+    try:
+        return block(*args, **kwargs)
+    except Exception as exc:
+        raise CalibrationError(
+            f"running the block {type(block).__name__} on its captured inputs failed ({type(exc).__name__}: {exc}); "
+            "set Config.blockwise to False to gather the statistics in one pass through the whole model"
+        ) from exc
+
+
 def _advance(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict]:
-    return (_hidden(block(*args, **kwargs)), *args[1:]), kwargs
+    return (_hidden(call_block(block, args, kwargs)), *args[1:]), kwargs
 
 
 def is_chain(model: nn.Module, names: list[str], first: tuple[tuple[Any, ...], dict[str, Any]], batch: Any) -> bool:
@@ -178,7 +207,7 @@ def _block_data(model: nn.Module, block: nn.Module, inputs: Inputs) -> Data:
     def run_on(items: Inputs) -> None:
         with evaluating(model), torch.no_grad(), only(model, []):
             for args, kwargs in items:
-                block(*args, **kwargs)
+                call_block(block, args, kwargs)
 
     return Data(lambda: run_on(inputs), lambda: run_on(inputs[:1]))
 
