@@ -33,7 +33,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lowbit.torch as lt
@@ -79,7 +78,7 @@ def worker_qat(out: Path, epochs: float) -> None:
     t0 = time.perf_counter()
     q = lt.quantize(model, lt.preset("w4a4").with_learned_scales(), calib=list(lt.shard(calib)), qat=True,
                     progress=False)  # fmt: skip
-    net = DistributedDataParallel(q) if size > 1 else q
+    net = lt.ddp(q) if size > 1 else q
     decay = [p for p in net.parameters() if p.ndim > 1 and p.requires_grad]
     rest = [p for p in net.parameters() if p.ndim <= 1 and p.requires_grad]
     opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],

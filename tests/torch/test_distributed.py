@@ -27,6 +27,7 @@ SCRIPT = textwrap.dedent(
     import numpy as np
     import torch.distributed as dist
     import lowbit.torch as lt
+    from lowbit.errors import CalibrationError
     from tests.torch import models
 
     out, methods = sys.argv[1], sys.argv[2].split(",")
@@ -44,6 +45,10 @@ SCRIPT = textwrap.dedent(
     for name, qz in lt.quantizers(q).items():
         if qz.has_codes:
             scales[f"codes/{name}"] = qz.codes.numpy()
+    try:
+        lt.quantize(models.convnet(), "w4a8", calib=mine, rounding="adaround", progress=False)
+    except CalibrationError as exc:
+        scales["refused"] = np.array(str(exc))
     np.savez(f"{out}/rank{rank}.npz", **scales)
     dist.destroy_process_group()
     """
@@ -59,7 +64,6 @@ QAT_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     import lowbit.torch as lt
     from torch import nn
-    from torch.nn.parallel import DistributedDataParallel
     from tests.torch import models
 
     out = sys.argv[1]
@@ -77,7 +81,7 @@ QAT_SCRIPT = textwrap.dedent(
         if not qz.is_weight:
             qz.observe_steps = 2
     q.train()
-    net = DistributedDataParallel(q) if distributed else q
+    net = lt.ddp(q) if distributed else q
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     per = 8 // size
     for x, y in zip(data, target):
@@ -136,6 +140,7 @@ def test_gptq_on_two_ranks_rounds_with_the_second_moments_of_all_the_data(tmp_pa
     half = lt.quantize(models.convnet(), "w4a8", calib=_data()[:3], rounding="gptq", progress=False)
     codes = {name: qz.codes.numpy() for name, qz in lt.quantizers(one).items() if qz.has_codes}
     assert codes and all(f"codes/{name}" in ranks[0] for name in codes)
+    assert "rounding='adaround' searches on samples of the data" in str(ranks[0]["refused"])
     for name, expected in codes.items():
         np.testing.assert_array_equal(ranks[0][f"codes/{name}"], ranks[1][f"codes/{name}"])  # one H on every rank
         # H summed over ranks equals one process's up to float64 summation order: the codes agree but for ties

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     ) from exc
 
 from lowbit.recipe import PRESETS, Config, LayerConfig, QuantizerConfig, preset
-from lowbit.torch.distributed import shard
+from lowbit.torch.distributed import ddp, shard
 from lowbit.torch.easyquant import easyquant
 from lowbit.torch.export import export_onnx
 from lowbit.torch.fold import fold_batchnorm
@@ -70,6 +70,7 @@ __all__ = [
     "awq",
     "batch_statistics",
     "calibrate",
+    "ddp",
     "easyquant",
     "export_onnx",
     "fake_quant",

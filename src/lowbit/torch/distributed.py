@@ -6,6 +6,8 @@ Run the same script on every rank, each with its own shard of the calibration da
 
     # calibrate.py
     import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
     import lowbit.torch as lt
     dist.init_process_group("gloo")                      # "nccl" on GPUs
     qmodel = lt.quantize(model, "int8", calib=lt.shard(batches))   # every rank: the same scales
@@ -20,13 +22,17 @@ minmax, percentile, entropy, mse and admm (per-channel minima and maxima too). E
 average depends on the order of the batches; it is merged as the min/max of the ranks' averages, which is not
 what one process would compute.
 
-In quantization-aware training under DistributedDataParallel, the quantizers stay in step by themselves: a
-learned scale is a parameter whose gradient DDP averages (its LSQ gradient scale counts the global batch), and an
-activation range that follows the data (``observe_steps``) follows the min/max of the global batch
-(:func:`lowbit.torch.ranks.global_minmax`), so a step on W ranks of B / W samples equals a step on one of B.
+Quantization-aware training: wrap the quantized model with :func:`ddp` (DistributedDataParallel, with its
+quantizers told that each rank sees a shard of the global batch). A learned scale is a parameter whose gradient
+DDP averages (its LSQ gradient scale then counts the global batch), and an activation range that follows the data
+(``observe_steps``) follows the min/max of the global batch (:func:`lowbit.torch.ranks.global_minmax`), so a step
+on W ranks of B / W samples equals a step on one of B. Without :func:`ddp` the quantizers stay per process (no
+collective in a forward: a forward on one rank alone cannot hang).
 
 Weight ranges need no merge: every rank holds the same weights. GPTQ's second moments (:func:`reduce_moment`) are
-summed across ranks (all_reduce), equal to one process's up to float64 rounding of the summation order.
+summed across ranks (all_reduce), equal to one process's up to float64 rounding of the summation order. The
+methods that search on samples of the data (AWQ, SmoothQuant, AdaRound, EasyQuant) are refused in a group of
+several ranks (:func:`check_methods`): each rank would choose from its own shard and the ranks would differ.
 Outside a process group (or in a group of one) every function here does nothing.
 """
 
@@ -37,6 +43,8 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from lowbit.errors import CalibrationError
 from lowbit.torch.quantizer import TensorQuantizer
@@ -64,6 +72,30 @@ def shard(batches: Iterable[Any]) -> Iterator[Any]:
     for i, batch in enumerate(batches):
         if i % size == me:
             yield batch
+
+
+def ddp(model: nn.Module, **options: Any) -> DistributedDataParallel:
+    """``DistributedDataParallel(model, **options)`` for QAT, with every quantizer of ``model`` following the
+    global batch (see the module doc). Call it in a process group, after :func:`lowbit.torch.quantize`."""
+    if world_size() == 1:
+        raise CalibrationError("lowbit.torch.ddp wraps a model for several ranks: call dist.init_process_group first")
+    for q in model.modules():
+        if isinstance(q, TensorQuantizer):
+            q.data_parallel = True
+    return DistributedDataParallel(model, **options)
+
+
+def check_methods(smoothing: bool, rounding: str, refine: str | None) -> None:
+    """A one-line error for a method that cannot run across several ranks (see the module doc)."""
+    if world_size() == 1:
+        return
+    named = [n for n, on in (("smoothquant", smoothing), (f"rounding={rounding!r}", rounding in
+             ("awq", "awq+gptq", "adaround")), (f"refine={refine!r}", refine is not None)) if on]  # fmt: skip
+    if named:
+        raise CalibrationError(
+            f"{named[0]} searches on samples of the data, which each of the {world_size()} ranks would choose from "
+            "its own shard: run it in one process (nearest and gptq round the same on every rank)"
+        )
 
 
 def merge_calibration(quantizers: Sequence[TensorQuantizer]) -> None:

@@ -226,6 +226,7 @@ def quantize(
     method = weight_rounding.get(rounding or cfg.rounding or "nearest")
     calib = _check_call(model, cfg, calib, method, inplace)
     _check_formats(cfg, method.name)
+    distributed.check_methods(cfg.smoothquant is not None, method.name, cfg.refine)
     hf = _transformers_support(model, cfg)
     attention = list(hf.attention_modules(model)) if hf is not None and cfg.attention_matmuls else []
     if not cfg.residual_adds:

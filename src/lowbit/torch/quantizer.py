@@ -154,6 +154,8 @@ class TensorQuantizer(nn.Module):
         self.observe_steps = 0
         self.momentum = 0.1
         self.training_steps = 0  # forwards in training mode, quantized
+        # Set by lowbit.torch.ddp: each rank sees a shard of the global batch, and ranges and LSQ count all of it
+        self.data_parallel = False
         self.clip_warned = False
         self._calibrator: calib.Calibrator | None = None
         self._lo: np.ndarray | None = None  # per-slice running min/max of non-histogram calibration
@@ -353,7 +355,9 @@ class TensorQuantizer(nn.Module):
     def _follow(self, x: torch.Tensor) -> None:
         """One EMA step of the range towards this batch's min/max (QAT before the observers freeze)."""
         a = x.detach().float().cpu().numpy()
-        lo, hi = ranks.global_minmax(*self._slice_minmax(a), x.device)  # DDP: the global batch's
+        lo, hi = self._slice_minmax(a)
+        if self.data_parallel:  # under DDP (lowbit.torch.ddp): the global batch's
+            lo, hi = ranks.global_minmax(lo, hi, x.device)
         m = self.momentum
         old_scale, old_zp = self.scale.detach().cpu().numpy(), self.zero_point.cpu().numpy()
         if self.spec.symmetric:
@@ -464,7 +468,8 @@ class TensorQuantizer(nn.Module):
             return self._export(x)
         if self.learn_scale and self.training:
             # LSQ's gradient scale counts the values per scale; under DDP an activation's are the global batch's
-            per_scale = x.numel() * (1 if self.is_weight else ranks.world_size()) / max(self.scale.numel(), 1)
+            shards = ranks.world_size() if self.data_parallel and not self.is_weight else 1
+            per_scale = x.numel() * shards / max(self.scale.numel(), 1)
             factor = 1.0 / math.sqrt(per_scale * max(grid_limits(self.spec)[1], 1))
         if self.training and not self.clip_warned and self.observe_steps == 0:  # a following range is not judged
             if self.training_steps % CLIP_CHECK_EVERY == 0:
