@@ -225,8 +225,6 @@ def quantize(
     _check_bn_stats(bn_stats)
     method = weight_rounding.get(rounding or cfg.rounding or "nearest")
     calib = _check_call(model, cfg, calib, method, inplace)
-    _check_formats(cfg, method.name)
-    distributed.check_methods(cfg.smoothquant is not None, method.name, cfg.refine)
     hf = _transformers_support(model, cfg)
     attention = list(hf.attention_modules(model)) if hf is not None and cfg.attention_matmuls else []
     if not cfg.residual_adds:
@@ -262,6 +260,8 @@ def quantize(
 def _check_call(model: nn.Module, cfg: Config, calib: Calib | None, method, inplace: bool) -> Calib | None:
     """Refuse what cannot work together, before any work; a one-shot iterator becomes a list when the rounding
     or the refine stage reads the batches again."""
+    _check_formats(cfg, method.name)
+    distributed.check_methods(cfg.smoothquant is not None, method.name, cfg.refine)
     if method.needs_data and calib is None:
         raise CalibrationError(f"rounding={method.name!r} needs calibration data (calib=): it fits codes to the inputs")
     if method.batches_only and is_loop(calib):
