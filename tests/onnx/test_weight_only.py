@@ -301,3 +301,20 @@ def test_weight_only_flags_keep_the_recipes_float_overrides():
     config = edit(preset("w4a16_group128").override("*lm_head*", None), group_size=64)
     assert config.overrides == (("*lm_head*", None),) and config.default.weight.group_size == 64
     assert Settings.of(config).float_globs == ("*lm_head*",)
+
+
+def test_awq_leaves_the_inputs_of_layers_kept_in_float_alone(tmp_path):
+    model = models.attention_block(hidden=32)
+    feeds = models.attention_feeds(n=32, tokens=12, hidden=32)
+    np.savez(tmp_path / "calib.npz", **feeds)
+    path = models.save(model, tmp_path / "att.onnx")
+    config = replace(_config(rounding="awq"), exclude=("q_matmul|k_matmul|v_matmul",))
+    result = quantize(path, tmp_path / "o.onnx", str(tmp_path / "calib.npz"), config, options=QUIET)
+    q = onnx.load(str(tmp_path / "o.onnx"))
+    assert _ops(q)["MatMulNBits"] == 3 and result.smoothing is not None
+    smoothed = {e.tensor for e in result.smoothing.entries}
+    assert "x" not in smoothed and smoothed  # q, k, v read x: excluded, so x is not scaled
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == "q_w")),
+        numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "q_w")),
+    )

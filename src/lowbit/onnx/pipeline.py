@@ -290,8 +290,9 @@ def _quantize_weight_only(job: _Job) -> tuple[onnx.ModelProto, dict]:
         result.samples_note = chosen.describe() if rounding != "nearest" else ""
         result.calibration_samples = chosen.calib.num_samples or 0
         feeds, total = (lambda: chosen.calib.batches(model.batch)), len(chosen.calib.batches(model.batch)) or None
+    chosen_weights = {layer.weight for layer in weight_only.linears(model.graph, settings)[0]}
     prepared, result.smoothing = weight_only.prepare(model.float_model, wo, feeds, total=total,
-                                                     progress=options.progress)  # fmt: skip
+                                                     progress=options.progress, only=chosen_weights)  # fmt: skip
     layers, skipped = weight_only.linears(Graph(prepared), settings)
     if not layers:
         raise QuantizeError(

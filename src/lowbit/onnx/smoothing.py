@@ -27,7 +27,7 @@ target). The model returned is a new one; the input is never changed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -282,13 +282,15 @@ def smooth(
     total: int | None = None,
     progress: bool = True,
     run_model: onnx.ModelProto | None = None,
+    only: Collection[str] | None = None,
 ) -> tuple[onnx.ModelProto, Report]:
-    """Smooth every tensor of :func:`sites` with the scales ``choose(weights, sample)`` gives (weights as (outputs,
+    """Smooth every tensor of :func:`sites` (read by a weight named in ``only``, when given: the weights that
+    will be quantized) with the scales ``choose(weights, sample)`` gives (weights as (outputs,
     K) rows, the tensor's :class:`RowSample`), after one streaming pass of ``feeds`` through ``run_model`` (default:
     ``model``; a copy with a free batch dimension runs larger batches). Returns a new model and a :class:`Report`."""
     typed = _typed(model)
     graph = Graph(typed)
-    found = sites(graph)
+    found = [s for s in sites(graph) if only is None or any(r.weight in only for r in s.readers)]
     samples = {site.tensor: RowSample(rows, SEED + i) for i, site in enumerate(found)}
     if found:
         observers = {t: [s] for t, s in samples.items()}

@@ -24,7 +24,7 @@ kernel has no column permutation, so the codes stay in natural column order).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -87,12 +87,13 @@ def prepare(
     *,
     total: int | None = None,
     progress: bool = True,
+    only: Collection[str] | None = None,
 ) -> tuple[onnx.ModelProto, smoothing.Report | None]:
     """The float model as its weights will be rounded, and what AWQ did: with ``wo.awq``, each MatMul/Gemm input
     divided per channel by AWQ's scales (folded into the op before it where that is exact) and its weight rows
     multiplied by them, the scales searched for the least output error after :func:`fake_quant`
-    (:func:`lowbit.onnx.smoothing.awq`, one pass of ``feeds()``); its float outputs are the model's. Otherwise
-    the model as given."""
+    (:func:`lowbit.onnx.smoothing.awq`, one pass of ``feeds()``; only the inputs of the weights named in ``only``,
+    when given: those that will be quantized); its float outputs are the model's. Otherwise the model as given."""
     if not wo.awq:
         return model, None
     if feeds is None:
@@ -101,7 +102,7 @@ def prepare(
     def quantize_weight(w: np.ndarray) -> np.ndarray:
         return fake_quant(w, wo)
 
-    return smoothing.awq(model, feeds(), quantize_weight, total=total, progress=progress)
+    return smoothing.awq(model, feeds(), quantize_weight, total=total, progress=progress, only=only)
 
 
 def linears(graph: Graph, settings: Settings) -> tuple[list[Linear], list[str]]:
