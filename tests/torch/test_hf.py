@@ -265,3 +265,10 @@ def test_attention_matmuls_is_recorded_and_refused_where_it_cannot_work(bert_int
     assert [n for n, m in q.named_modules() if isinstance(m, AttentionQuantizers)] == [
         f"encoder.layer.1.attention.self.{ATTRIBUTE}"
     ]
+
+
+def test_awq_says_which_conv1d_layers_it_cannot_scale():
+    model = _gpt2()
+    ids = [torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(0))]
+    with pytest.warns(UserWarning, match=r"AWQ scales the inputs of nn.Linear layers only; \d+ other .*c_attn"):
+        lt.quantize(model, "w4a16_group128", calib=ids, rounding="awq", progress=False)

@@ -18,6 +18,7 @@ themselves are chosen by :mod:`lowbit.core.smoothing`.
 
 from __future__ import annotations
 
+import warnings
 import weakref
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -75,6 +76,20 @@ def smoothable(module: nn.Module, *, static_input: bool = False) -> bool:
     if q.spec.format != "int" or scales_itself(q.spec) or q.dynamic or q.mode != "quantize" or not q.calibrated:
         return False
     return not static_input or (module.input_quantizer.mode != "disabled" and not module.input_quantizer.dynamic)
+
+
+def warn_unsmoothed(model: nn.Module, what: str) -> None:
+    """Warn about the layers with a 2-D weight that are not Linear layers (transformers' Conv1D, GPT-2's): their
+    inputs are not scaled by ``what`` (AWQ, SmoothQuant), which is silently weaker on such models otherwise."""
+    skipped = [f"{n} ({type(m).__name__})" for n, m in model.named_modules()
+               if hasattr(m, "weight_quantizer") and not isinstance(m, QuantLinear)
+               and getattr(m, "weight", None) is not None and m.weight.dim() == 2]  # fmt: skip
+    if skipped:
+        warnings.warn(
+            f"{what} scales the inputs of nn.Linear layers only; {len(skipped)} other layer(s) with a 2-D weight keep "
+            f"plain rounding: {', '.join(skipped[:3])}{', ...' if len(skipped) > 3 else ''}",
+            stacklevel=3,
+        )
 
 
 @dataclass
@@ -374,6 +389,7 @@ def smoothquant(
     has repeated blocks (``blocks``: :func:`lowbit.torch.blockwise.in_blocks`; the float function does not change,
     so each block's inputs are those of the float model). Returns the alpha used per group, by its first layer."""
     layers = {n: m for n, m in model.named_modules() if smoothable(m, static_input=True)}
+    warn_unsmoothed(model, "SmoothQuant")
     used: dict[str, float] = {}
 
     def process(part: dict[str, nn.Module], data: Data) -> list[str]:

@@ -44,6 +44,7 @@ from lowbit.torch.smoothing import (
     input_groups,
     recalibrate_inputs,
     smoothable,
+    warn_unsmoothed,
     weights,
 )
 
@@ -67,6 +68,7 @@ def scaler(model: nn.Module, results: dict[str, float], rows: int = ROWS, grid: 
 
 def _layers(model: nn.Module, names: Iterable[str] | None) -> dict[str, nn.Module]:
     found = {n: m for n, m in model.named_modules() if smoothable(m)}
+    warn_unsmoothed(model, "AWQ")
     kind = "a QuantLinear with a calibrated static integer weight quantizer"
     return named_subset(found, names, "AWQ cannot scale", kind, "Scalable")
 
